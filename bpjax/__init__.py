@@ -1,0 +1,68 @@
+"""bpjax: neural networks as pure functions, with a hand-written layerwise backward pass.
+
+Public names are re-exported here explicitly. The layer convention is documented in
+``bpjax.layers``; the loss convention in ``bpjax.losses``.
+"""
+
+from bpjax import initializers, losses
+from bpjax.grad import (
+    GradCheckResult,
+    as_custom_vjp,
+    check_grads,
+    grad_agreement,
+    value_and_grad,
+)
+from bpjax.layers import (
+    Layer,
+    activation,
+    dense,
+    dropout,
+    elu,
+    flatten,
+    gelu,
+    identity,
+    leaky_relu,
+    log_softmax,
+    mlp,
+    relu,
+    serial,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    swish,
+    tanh,
+)
+from bpjax.losses import Loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradCheckResult",
+    "Layer",
+    "Loss",
+    "activation",
+    "as_custom_vjp",
+    "check_grads",
+    "dense",
+    "dropout",
+    "elu",
+    "flatten",
+    "gelu",
+    "grad_agreement",
+    "identity",
+    "initializers",
+    "leaky_relu",
+    "log_softmax",
+    "losses",
+    "mlp",
+    "relu",
+    "serial",
+    "sigmoid",
+    "silu",
+    "softmax",
+    "softplus",
+    "swish",
+    "tanh",
+    "value_and_grad",
+]

@@ -1,0 +1,471 @@
+"""The `Dataset` record and the preprocessing every loader shares.
+
+Convention (the whole ``bpjax.data`` package):
+
+* features ``x_*``: floating (float32 by default), shape ``[n, *input_shape]``. Image data is
+  ``[n, height, width, channels]`` (channels-last) when not flattened, ``[n, h * w * c]`` when
+  flattened (the default).
+* classification labels ``y_*``: int32 ``[n]`` in ``[0, n_classes)``.
+* regression targets ``y_*``: floating ``[n, k]`` with ``k >= 1`` (always 2-D).
+* the validation split is carved from the training data, never from the test data, and every
+  preprocessing statistic (min/max, mean/std) comes from the final training split only (after
+  the validation split is carved and ``limit_train`` is applied).
+* every split is a seeded selection that keeps the source order; classification splits are
+  stratified (each class keeps its share, up to rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import numpy.typing as npt
+
+TASKS = ("classification", "regression")
+SCALES = ("none", "unit", "standardize")
+
+# Features whose training std is below this are only centred, not divided: dividing by a tiny
+# std would blow up test values that differ from the (constant) training value.
+_MIN_STD = 1e-8
+
+# Independent random streams per purpose, so that e.g. the test split and the validation split
+# drawn from the same ``seed`` are not the same permutation.
+GENERATE, TEST_SPLIT, VAL_SPLIT, LIMIT_TRAIN = range(4)
+
+
+def rng_for(seed: int, purpose: int) -> np.random.Generator:
+    """Returns the random generator for one purpose (``GENERATE``, ``VAL_SPLIT``, ...)."""
+    return np.random.default_rng([int(seed), purpose])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """One dataset, split into train / validation / test and preprocessed.
+
+    Attributes:
+        name: the dataset's name, e.g. ``"mnist"``.
+        x_train: features ``[n_train, *input_shape]``, floating.
+        y_train: labels int32 ``[n_train]`` (classification) or targets ``[n_train, k]``.
+        x_val: features ``[n_val, *input_shape]`` (``n_val`` may be 0), carved from train data.
+        y_val: labels / targets of the validation split.
+        x_test: features ``[n_test, *input_shape]``.
+        y_test: labels / targets of the test split.
+        task: ``"classification"`` or ``"regression"``.
+        n_classes: number of classes, ``None`` for regression.
+        input_shape: per-example feature shape, e.g. ``(784,)`` or ``(28, 28, 1)``.
+        target_scale: for regression with standardized targets, ``(mean, std)`` each ``[k]``, the
+            training statistics the targets were standardized with: ``raw = y * std + mean``.
+            ``None`` when the targets are as loaded.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: str
+    n_classes: int | None
+    input_shape: tuple[int, ...]
+    target_scale: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if (self.task == "classification") != (self.n_classes is not None):
+            raise ValueError(
+                f"n_classes must be set for classification and None for regression; got task "
+                f"{self.task!r} with n_classes={self.n_classes!r}"
+            )
+        for split, x, y in self._splits():
+            check_split(split, x, y, task=self.task, n_classes=self.n_classes)
+            if x.shape[1:] != tuple(self.input_shape):
+                raise ValueError(
+                    f"x_{split} has per-example shape {x.shape[1:]}, expected input_shape "
+                    f"{tuple(self.input_shape)}"
+                )
+            if not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(f"x_{split} must be floating, got {x.dtype}")
+            if self.task == "classification" and y.dtype != np.int32:
+                raise ValueError(f"y_{split} must be int32 labels, got {y.dtype}")
+            if self.task == "regression" and (y.ndim != 2 or y.shape[1] != self.y_train.shape[1]):
+                raise ValueError(
+                    f"y_{split} must be [n, {self.y_train.shape[-1]}] targets, got {y.shape}"
+                )
+
+    def _splits(self) -> tuple[tuple[str, np.ndarray, np.ndarray], ...]:
+        return (
+            ("train", self.x_train, self.y_train),
+            ("val", self.x_val, self.y_val),
+            ("test", self.x_test, self.y_test),
+        )
+
+    @property
+    def n_outputs(self) -> int:
+        """Width of the model's output: ``n_classes``, or ``k`` for ``[n, k]`` targets."""
+        if self.n_classes is not None:
+            return self.n_classes
+        return int(self.y_train.shape[-1])
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples."""
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_val(self) -> int:
+        """Number of validation examples (may be 0)."""
+        return int(self.x_val.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        """Number of test examples."""
+        return int(self.x_test.shape[0])
+
+    def summary(self) -> str:
+        """Returns a one-line description: task, shapes, split sizes and feature range."""
+        if self.task == "classification":
+            kind = f"classification, {self.n_classes} classes"
+        else:
+            kind = f"regression, {self.n_outputs} target(s)"
+            if self.target_scale is not None:
+                kind += " (standardized)"
+        x_range = ""
+        if self.n_train:
+            x_range = f" in [{self.x_train.min():.3g}, {self.x_train.max():.3g}]"
+        return (
+            f"{self.name}: {kind}; input {tuple(self.input_shape)} {self.x_train.dtype}{x_range}; "
+            f"train {self.n_train}, val {self.n_val}, test {self.n_test}"
+        )
+
+
+def check_split(
+    split: str, x: np.ndarray, y: np.ndarray, *, task: str, n_classes: int | None
+) -> None:
+    """Raises a ValueError naming ``split`` if ``x`` / ``y`` break the package convention.
+
+    Checks: matching lengths, numeric finite features, and for classification 1-D integer labels
+    in ``[0, n_classes)``; for regression 1-D or 2-D finite targets.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"`` (used in messages).
+        x: features ``[n, ...]``.
+        y: labels ``[n]`` or targets ``[n]`` / ``[n, k]``.
+        task: ``"classification"`` or ``"regression"``.
+        n_classes: number of classes (classification), else ignored.
+    """
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"x_{split} and y_{split} must have a leading example axis")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{split} split: x_{split} has {x.shape[0]} examples but y_{split} has {y.shape[0]}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise ValueError(f"x_{split} must be numeric, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.inexact):
+        n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+        if n_bad:
+            raise ValueError(
+                f"x_{split} contains {n_bad} non-finite value(s) (NaN or Inf) out of {x.size}"
+            )
+    if task == "classification":
+        if y.ndim != 1:
+            raise ValueError(f"y_{split} must be 1-D class labels [n], got shape {y.shape}")
+        if not is_integer_valued(y):
+            example = y[~_integral_mask(y)][:1]
+            raise ValueError(
+                f"classification needs integer class labels, but y_{split} has dtype {y.dtype}"
+                + (f" with non-integer values (e.g. {example[0]!r})" if example.size else "")
+            )
+        if y.size and n_classes is not None:
+            lo, hi = y.min(), y.max()
+            if lo < 0 or hi >= n_classes:
+                raise ValueError(
+                    f"y_{split} has labels outside [0, {n_classes}): min {lo}, max {hi}"
+                )
+    elif task == "regression":
+        if y.ndim not in (1, 2):
+            raise ValueError(f"y_{split} must be targets [n] or [n, k], got shape {y.shape}")
+        if not np.issubdtype(y.dtype, np.number):
+            raise ValueError(f"y_{split} must be numeric targets, got dtype {y.dtype}")
+        if np.issubdtype(y.dtype, np.inexact):
+            n_bad = y.size - int(np.count_nonzero(np.isfinite(y)))
+            if n_bad:
+                raise ValueError(f"y_{split} contains {n_bad} non-finite target value(s)")
+    else:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _integral_mask(y: np.ndarray) -> np.ndarray:
+    if np.issubdtype(y.dtype, np.floating):
+        return np.isfinite(y) & (np.floor(y) == y)
+    return np.full(y.shape, np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_)
+
+
+def is_integer_valued(y: np.ndarray) -> bool:
+    """Whether ``y`` holds integers: an integer / bool dtype, or floats that are all integral."""
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        return True
+    return bool(np.issubdtype(y.dtype, np.floating) and _integral_mask(y).all())
+
+
+def resolve_size(size: int | float, n: int, *, what: str) -> int:
+    """Turns a count or a fraction of ``n`` into a count in ``[0, n)``.
+
+    Args:
+        size: an int count, or a float fraction in ``[0, 1)``.
+        n: the number of examples the size is taken from.
+        what: the option's name, for messages (e.g. ``"val_size"``).
+
+    Returns:
+        The count; at least one example is always left over.
+    """
+    if isinstance(size, bool) or not isinstance(size, int | float | np.integer | np.floating):
+        raise ValueError(f"{what} must be an int count or a float fraction, got {size!r}")
+    if isinstance(size, float | np.floating):
+        if not 0.0 <= size < 1.0:
+            raise ValueError(f"{what} as a fraction must be in [0, 1), got {size}")
+        count = round(float(size) * n)
+    else:
+        count = int(size)
+    if not 0 <= count < max(n, 1):
+        raise ValueError(
+            f"{what}={size} takes {count} of {n} examples; it must leave at least one behind"
+        )
+    return count
+
+
+def split_indices(
+    n: int, k: int, *, rng: np.random.Generator, labels: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``range(n)`` into ``k`` taken indices and the rest, at random.
+
+    With ``labels``, the split is stratified: each class gives ``k * n_c / n`` examples, rounded
+    so the total is exactly ``k`` (largest remainders first, ties broken at random).
+
+    Args:
+        n: number of examples.
+        k: how many to take, ``0 <= k <= n``.
+        rng: the random generator.
+        labels: optional class labels ``[n]`` to stratify on.
+
+    Returns:
+        ``(taken, rest)``: sorted int index arrays ``[k]`` and ``[n - k]``.
+    """
+    if labels is None or k in (0, n):
+        taken = rng.permutation(n)[:k]
+    else:
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        quota = k * counts / n
+        alloc = np.floor(quota).astype(np.int64)
+        order = np.lexsort((rng.random(counts.size), alloc - quota))  # largest remainder first
+        alloc[order[: k - int(alloc.sum())]] += 1
+        taken = np.concatenate(
+            [rng.permutation(np.flatnonzero(inverse == c))[: alloc[c]] for c in range(counts.size)]
+        )
+    mask = np.zeros(n, dtype=bool)
+    mask[taken] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def split_test(
+    x: np.ndarray, y: np.ndarray, *, test_size: int | float, seed: int, stratify: bool
+) -> dict[str, np.ndarray]:
+    """Splits ``(x, y)`` into train and test parts at random (stratified on ``y`` if asked).
+
+    Args:
+        x: features ``[n, ...]``.
+        y: labels ``[n]`` or targets ``[n, ...]``.
+        test_size: int count or float fraction of ``n`` for the test split.
+        seed: seeds the split.
+        stratify: keep each class's share in both parts.
+
+    Returns:
+        ``{"x_train", "y_train", "x_test", "y_test"}``.
+    """
+    k = resolve_size(test_size, len(x), what="test_size")
+    if k == 0:
+        raise ValueError("test_size must leave at least one test example, got 0")
+    test, train = split_indices(
+        len(x), k, rng=rng_for(seed, TEST_SPLIT), labels=y if stratify else None
+    )
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
+
+
+def build(
+    name: str,
+    *,
+    x_train: npt.ArrayLike,
+    y_train: npt.ArrayLike,
+    x_test: npt.ArrayLike,
+    y_test: npt.ArrayLike,
+    x_val: npt.ArrayLike | None = None,
+    y_val: npt.ArrayLike | None = None,
+    task: str,
+    n_classes: int | None = None,
+    val_size: int | float | None,
+    scale: str,
+    flatten: bool,
+    seed: int,
+    limit_train: int | None,
+    dtype: npt.DTypeLike,
+    image: bool = False,
+    per_feature: bool = True,
+    standardize_targets: bool = False,
+) -> Dataset:
+    """Validates raw splits, carves validation data, preprocesses, and returns a `Dataset`.
+
+    Steps, in order: validate every given split; choose the validation split (the given one when
+    ``val_size`` is None, else carve ``val_size`` from train, after merging a given validation
+    split back into train); subsample train to ``limit_train``; reshape; scale features with
+    training statistics; cast.
+
+    Args:
+        name: the dataset's name.
+        x_train: raw training features ``[n, ...]``.
+        y_train: raw training labels ``[n]`` or targets ``[n]`` / ``[n, k]``.
+        x_test: raw test features.
+        y_test: raw test labels / targets.
+        x_val: optional raw validation features (``y_val`` must come with it).
+        y_val: optional raw validation labels / targets.
+        task: ``"classification"`` or ``"regression"``.
+        n_classes: number of classes; inferred as ``max label + 1`` when None (classification).
+        val_size: int count or float fraction of train to carve as validation (0: empty). None
+            keeps the given ``x_val`` / ``y_val`` (and is an error without them).
+        scale: ``"none"``, ``"unit"`` (min-max to [0, 1] with training min / max) or
+            ``"standardize"`` (training mean / std; features with std < 1e-8 are only centred).
+        flatten: flatten each example to 1-D. Otherwise image data ``[n, h, w]`` gets a channel
+            axis ``[n, h, w, 1]``.
+        seed: seeds the validation split and the ``limit_train`` subset.
+        limit_train: keep a random (stratified) subset of this many training examples (all of
+            them if there are fewer); None keeps all.
+        dtype: floating dtype of features (and regression targets).
+        image: the examples are images ``[h, w]`` or ``[h, w, c]``.
+        per_feature: scaling statistics per feature (tabular data) or one global value (images,
+            where per-pixel statistics would distort border pixels).
+        standardize_targets: regression only: standardize targets with training mean / std and
+            store them in ``Dataset.target_scale``.
+
+    Returns:
+        The preprocessed `Dataset`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if (x_val is None) != (y_val is None):
+        raise ValueError("x_val and y_val must be given together")
+
+    splits = {"train": (x_train, y_train), "test": (x_test, y_test)}
+    if x_val is not None:
+        splits["val"] = (x_val, y_val)
+    splits = {s: (np.asarray(x), np.asarray(y)) for s, (x, y) in splits.items()}
+    if task == "classification" and n_classes is None:
+        for s, (x, y) in splits.items():
+            check_split(s, x, y, task=task, n_classes=None)
+        n_classes = int(max((y.max() for _, y in splits.values() if y.size), default=-1)) + 1
+    if task == "regression":
+        n_classes = None
+    for s, (x, y) in splits.items():
+        check_split(s, x, y, task=task, n_classes=n_classes)
+    shapes = {s: x.shape[1:] for s, (x, _) in splits.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"per-example feature shapes differ between splits: {shapes}")
+    if task == "regression":
+        widths = {s: (y.shape[1] if y.ndim == 2 else 1) for s, (_, y) in splits.items()}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"target widths differ between splits: {widths}")
+
+    x_train, y_train = splits["train"]
+    x_test, y_test = splits["test"]
+    stratify = task == "classification"
+    if val_size is None:
+        if "val" not in splits:
+            raise ValueError(f"{name}: val_size=None needs a given validation split")
+        x_val, y_val = splits["val"]
+    else:
+        if "val" in splits:
+            x_train = np.concatenate([x_train, splits["val"][0]])
+            y_train = np.concatenate([y_train, splits["val"][1]])
+        k = resolve_size(val_size, len(x_train), what="val_size")
+        val_idx, train_idx = split_indices(
+            len(x_train), k, rng=rng_for(seed, VAL_SPLIT), labels=y_train if stratify else None
+        )
+        x_val, y_val = x_train[val_idx], y_train[val_idx]
+        x_train, y_train = x_train[train_idx], y_train[train_idx]
+
+    if limit_train is not None:
+        if isinstance(limit_train, bool) or int(limit_train) < 1:
+            raise ValueError(f"limit_train must be a positive int or None, got {limit_train!r}")
+        if limit_train < len(x_train):
+            keep, _ = split_indices(
+                len(x_train),
+                int(limit_train),
+                rng=rng_for(seed, LIMIT_TRAIN),
+                labels=y_train if stratify else None,
+            )
+            x_train, y_train = x_train[keep], y_train[keep]
+
+    xs = [_reshape(x, flatten=flatten, image=image) for x in (x_train, x_val, x_test)]
+    xs = [x.astype(dtype, copy=False) for x in xs]
+    if scale != "none":
+        xs = _scale(xs, scale=scale, per_feature=per_feature, dtype=dtype)
+
+    target_scale = None
+    if task == "classification":
+        ys = [y.astype(np.int32) for y in (y_train, y_val, y_test)]
+    else:
+        ys = [y.reshape(len(y), -1).astype(dtype) for y in (y_train, y_val, y_test)]
+        if standardize_targets:
+            mean, std = _stats(ys[0], "standardize", per_feature=True)
+            mean, std = mean.astype(dtype), std.astype(dtype)
+            ys = [(y - mean) / std for y in ys]
+            target_scale = (mean, std)
+    arrays = [a for pair in zip(xs, ys, strict=True) for a in pair]
+    for a in arrays:
+        a.flags.writeable = False
+    return Dataset(
+        name,
+        *arrays,
+        task=task,
+        n_classes=n_classes,
+        input_shape=tuple(int(d) for d in xs[0].shape[1:]),
+        target_scale=target_scale,
+    )
+
+
+def _reshape(x: np.ndarray, *, flatten: bool, image: bool) -> np.ndarray:
+    if x.ndim == 1:
+        return x.reshape(-1, 1)
+    if flatten:
+        return x.reshape(len(x), int(np.prod(x.shape[1:])))  # not -1: n may be 0
+    if image and x.ndim == 3:
+        return x[..., None]
+    return x
+
+
+def _stats(x: np.ndarray, scale: str, *, per_feature: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Returns ``(shift, divisor)`` in float64 so that ``(x - shift) / divisor`` is scaled."""
+    axis = 0 if per_feature else None
+    if x.shape[0] == 0:
+        raise ValueError("cannot compute scaling statistics of an empty training split")
+    if scale == "unit":
+        lo = np.min(x, axis=axis).astype(np.float64)
+        span = np.max(x, axis=axis).astype(np.float64) - lo
+        return lo, np.where(span > 0, span, 1.0)
+    mean = np.mean(x, axis=axis, dtype=np.float64)
+    std = np.std(x, axis=axis, dtype=np.float64)
+    return mean, np.where(std < _MIN_STD, 1.0, std)
+
+
+def _scale(
+    xs: list[np.ndarray], *, scale: str, per_feature: bool, dtype: np.dtype
+) -> list[np.ndarray]:
+    """Scales every split with the statistics of the first (training) split."""
+    shift, divisor = _stats(xs[0], scale, per_feature=per_feature)
+    shift, divisor = np.asarray(shift, dtype), np.asarray(divisor, dtype)
+    return [(x - shift) / divisor for x in xs]

@@ -1,0 +1,487 @@
+"""Gradients from one place, by hand or by autodiff, and the checks that compare them.
+
+* ``value_and_grad(net, loss, mode=...)`` is the only source of gradients for training:
+  ``mode="manual"`` runs the forward pass with caches, the loss backward and the layerwise
+  backward pass; ``mode="autodiff"`` is ``jax.value_and_grad`` of the same forward. Both return
+  ``f(params, x, target, *, key=None) -> (value, grads)`` and are jit- and vmap-able.
+* ``check_grads`` is the witness: per layer and per leaf it compares each layer's hand-written
+  backward with ``jax.vjp`` of that layer's forward (same upstream gradient, so a wrong layer is
+  *named*), the whole manual gradient with autodiff, and both with a central finite difference.
+* ``grad_agreement`` is the cheap, jittable per-layer signal logged during training.
+* ``as_custom_vjp`` registers the manual backward with ``jax.custom_vjp`` so ``jax.grad`` through
+  the network runs the hand-written pass and composes with every JAX transformation.
+
+The relative error of two arrays is ``||a - b|| / max(||a||, ||b||, tiny)`` and their cosine is
+``<a, b> / (||a|| ||b||)`` (1 when both are zero).
+"""
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpjax import losses as losses_lib
+from bpjax.layers import Layer, split_keys
+from bpjax.losses import Loss
+
+__all__ = [
+    "MODES",
+    "GradCheckResult",
+    "GradCheckRow",
+    "GradCheckWarning",
+    "as_custom_vjp",
+    "check_grads",
+    "cosine_similarity",
+    "default_tolerances",
+    "grad_agreement",
+    "relative_error",
+    "value_and_grad",
+]
+
+MODES = ("manual", "autodiff")
+_TINY = 1e-30
+
+
+def _resolve_loss(loss: Loss | str) -> Loss:
+    if isinstance(loss, str):
+        return losses_lib.get(loss)
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a bpjax.losses.Loss or a loss name, got {type(loss)}")
+    return loss
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+def value_and_grad(
+    net: Layer, loss: Loss | str, *, mode: str = "manual", with_output: bool = False
+) -> Callable:
+    """Returns ``f(params, x, target, *, key=None) -> (value, grads)``.
+
+    Args:
+      net: the network Layer.
+      loss: a ``bpjax.losses.Loss`` or its name.
+      mode: ``"manual"`` (forward with caches, then the hand-written layerwise backward) or
+        ``"autodiff"`` (``jax.value_and_grad`` of the forward pass).
+      with_output: if True, ``f`` returns ``((value, y), grads)`` with the network output ``y``
+        (e.g. for training accuracy without a second forward pass).
+
+    The function is pure: jit it, or vmap it over ``(None, 0, 0)`` for per-example gradients
+    (each example is then a batch of one, so the per-example gradients average to the batch
+    gradient of a mean loss). ``key`` enables dropout (training mode); None is evaluation mode.
+    """
+    _check_mode(mode)
+    loss = _resolve_loss(loss)
+
+    if mode == "manual":
+
+        def f(params, x, target, *, key=None):
+            y, cache = net.forward(params, x, key=key)
+            value, loss_cache = loss.forward(y, target)
+            grads, _ = net.backward(params, cache, loss.backward(loss_cache))
+            return ((value, y), grads) if with_output else (value, grads)
+
+    else:
+
+        def f(params, x, target, *, key=None):
+            def objective(p):
+                y, _ = net.forward(p, x, key=key)
+                return loss.forward(y, target)[0], y
+
+            (value, y), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return ((value, y), grads) if with_output else (value, grads)
+
+    return f
+
+
+def as_custom_vjp(net: Layer) -> Callable:
+    """Returns ``apply(params, x, *, key=None) -> y`` whose VJP is the hand-written backward.
+
+    ``jax.grad``/``jax.vjp``/``jax.jacrev`` through ``apply`` run ``net.backward`` instead of
+    differentiating ``net.forward``, so the manual pass composes with JAX transformations (jit,
+    vmap, grad of a user-defined loss, ...). The key, if given, gets no cotangent.
+    """
+
+    @jax.custom_vjp
+    def apply(params, x):
+        return net.forward(params, x)[0]
+
+    def apply_fwd(params, x):
+        y, cache = net.forward(params, x)
+        return y, (params, cache)
+
+    def apply_bwd(residuals, dy):
+        params, cache = residuals
+        return net.backward(params, cache, dy)
+
+    apply.defvjp(apply_fwd, apply_bwd)
+
+    @jax.custom_vjp
+    def apply_with_key(params, x, key):
+        return net.forward(params, x, key=key)[0]
+
+    def apply_with_key_fwd(params, x, key):
+        y, cache = net.forward(params, x, key=key)
+        return y, (params, cache)
+
+    def apply_with_key_bwd(residuals, dy):
+        params, cache = residuals
+        grads, dx = net.backward(params, cache, dy)
+        return grads, dx, None
+
+    apply_with_key.defvjp(apply_with_key_fwd, apply_with_key_bwd)
+
+    def f(params, x, *, key=None):
+        if key is None:
+            return apply(params, x)
+        return apply_with_key(params, x, key)
+
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# agreement metrics (jittable)
+
+
+def _upcast(x: jax.Array) -> jax.Array:
+    """Computes metrics in at least float32, so bfloat16 gradients don't overflow a norm."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _sum_over_leaves(fn: Callable, *trees: Any) -> jax.Array:
+    leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+    return sum((jnp.sum(fn(*map(_upcast, xs))) for xs in zip(*leaves)), jnp.float32(0))
+
+
+def relative_error(a: Any, b: Any) -> jax.Array:
+    """``||a - b|| / max(||a||, ||b||, tiny)`` over all leaves of two pytrees."""
+    diff = jnp.sqrt(_sum_over_leaves(lambda x, y: jnp.square(x - y), a, b))
+    norm_a = jnp.sqrt(_sum_over_leaves(jnp.square, a))
+    norm_b = jnp.sqrt(_sum_over_leaves(jnp.square, b))
+    return diff / jnp.maximum(jnp.maximum(norm_a, norm_b), _TINY)
+
+
+def cosine_similarity(a: Any, b: Any) -> jax.Array:
+    """``<a, b> / (||a|| ||b||)`` over all leaves of two pytrees; 1 when both are zero."""
+    dot = _sum_over_leaves(lambda x, y: x * y, a, b)
+    norm_a = jnp.sqrt(_sum_over_leaves(jnp.square, a))
+    norm_b = jnp.sqrt(_sum_over_leaves(jnp.square, b))
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    return jnp.where(both_zero, 1.0, dot / jnp.maximum(norm_a * norm_b, _TINY))
+
+
+def grad_agreement(manual: Any, autodiff: Any) -> dict[str, jax.Array]:
+    """Per-layer relative error and cosine of two gradient trees (jittable training signal).
+
+    Args:
+      manual, autodiff: gradient trees of the same structure; if they are tuples (the params of
+        ``serial``), one entry per layer, else the whole tree counts as one layer. Layers without
+        parameters are skipped.
+
+    Returns:
+      ``{"layer{i}/rel_err": ..., "layer{i}/cosine": ..., "total/rel_err": ...,
+      "total/cosine": ...}`` as scalar arrays.
+    """
+    per_layer = manual if isinstance(manual, tuple) else (manual,)
+    per_layer_auto = autodiff if isinstance(autodiff, tuple) else (autodiff,)
+    out = {}
+    for i, (m, a) in enumerate(zip(per_layer, per_layer_auto)):
+        if not jax.tree_util.tree_leaves(m):
+            continue
+        out[f"layer{i}/rel_err"] = relative_error(m, a)
+        out[f"layer{i}/cosine"] = cosine_similarity(m, a)
+    out["total/rel_err"] = relative_error(manual, autodiff)
+    out["total/cosine"] = cosine_similarity(manual, autodiff)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# check_grads
+
+
+class GradCheckWarning(UserWarning):
+    """Gradient checking at a precision too low for tight agreement (e.g. float32)."""
+
+
+def default_tolerances(dtype: Any) -> dict[str, float]:
+    """Relative tolerances and finite-difference step for gradient checks in ``dtype``.
+
+    ``rtol`` bounds manual-vs-autodiff relative error; ``fd_rtol`` bounds the finite-difference
+    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return {"rtol": 1e-10, "fd_rtol": 1e-6, "eps": 1e-6}
+    if dtype == jnp.float32:
+        return {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-2}
+    if dtype == jnp.float16:
+        return {"rtol": 1e-2, "fd_rtol": 3e-1, "eps": 1e-1}
+    if dtype == jnp.bfloat16:
+        return {"rtol": 5e-2, "fd_rtol": 3e-1, "eps": 1e-1}
+    raise ValueError(f"gradient checks need floating-point params, got {dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheckRow:
+    """One comparison of a hand-written gradient with its reference.
+
+    ``check`` is ``"loss"`` (loss backward vs jax.grad of the loss), ``"layer"`` (a layer's
+    backward vs jax.vjp of that layer's forward, same upstream gradient), ``"total"`` (the
+    whole manual gradient vs jax.grad) or ``"fd"`` (directional derivative vs a central finite
+    difference; ``max_abs_err`` is then |fd - <g, v>| and ``cosine`` is NaN).
+    """
+
+    check: str
+    layer: int | None
+    layer_name: str
+    leaf: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    rel_err: float
+    cosine: float
+    tol: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheckResult:
+    """The outcome of ``check_grads``: rows in backward-pass order, then totals, then FD."""
+
+    rows: tuple[GradCheckRow, ...]
+    dtype: str
+    rtol: float
+    fd_rtol: float
+    eps: float
+    value: float
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    @property
+    def failures(self) -> tuple[GradCheckRow, ...]:
+        return tuple(row for row in self.rows if not row.passed)
+
+    @property
+    def first_failure(self) -> GradCheckRow | None:
+        """The first failing row in backward-pass order: where the backward first goes wrong."""
+        return next(iter(self.failures), None)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Rows as plain dicts (for CSV/JSON)."""
+        return [
+            {**dataclasses.asdict(row), "shape": "x".join(map(str, row.shape)) or "scalar"}
+            for row in self.rows
+        ]
+
+    def raise_if_failed(self) -> "GradCheckResult":
+        if not self.passed:
+            raise AssertionError(str(self))
+        return self
+
+    def __str__(self) -> str:
+        header = ("check", "layer", "leaf", "shape", "max_abs_err", "rel_err", "cosine", "ok")
+        lines = [header]
+        for r in self.rows:
+            layer = r.layer_name if r.layer is None else f"{r.layer}:{r.layer_name}"
+            lines.append(
+                (
+                    r.check,
+                    layer,
+                    r.leaf,
+                    "x".join(map(str, r.shape)) or "()",
+                    f"{r.max_abs_err:.2e}",
+                    f"{r.rel_err:.2e}",
+                    "-" if math.isnan(r.cosine) else f"{r.cosine:.8f}",
+                    "ok" if r.passed else "FAIL",
+                )
+            )
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
+        first = self.first_failure
+        if first is None:
+            verdict = f"PASSED: {len(self.rows)} checks"
+        else:
+            where = first.layer_name if first.layer is None else f"layer {first.layer}"
+            verdict = (
+                f"FAILED: {len(self.failures)} of {len(self.rows)} checks; the backward first "
+                f"goes wrong at {where} ({first.layer_name}, {first.check} check of {first.leaf})"
+            )
+        return (
+            f"gradient check ({self.dtype}, rtol={self.rtol:g}, fd_rtol={self.fd_rtol:g}, "
+            f"eps={self.eps:g}, loss={self.value:.6g})\n{text}\n{verdict}"
+        )
+
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts) or "value"
+
+
+def _compare(
+    check: str, layer: int | None, layer_name: str, leaf: str, a: Any, b: Any, tol: float
+) -> GradCheckRow:
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    max_abs = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+    norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    rel = float(np.linalg.norm(a64 - b64)) / max(norm_a, norm_b, _TINY)
+    cos = 1.0 if norm_a == norm_b == 0 else float(np.vdot(a64, b64)) / max(norm_a * norm_b, _TINY)
+    finite = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)))
+    return GradCheckRow(
+        check, layer, layer_name, leaf, a64.shape, max_abs, rel, cos, tol, finite and rel <= tol
+    )
+
+
+def _compare_trees(check, layer, layer_name, a, b, tol, prefix=()) -> list[GradCheckRow]:
+    paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    if tree_a != tree_b:
+        raise ValueError(f"{layer_name}: gradient tree {tree_a} does not match {tree_b}")
+    return [
+        _compare(check, layer, layer_name, _leaf_name(prefix + path), leaf_a, leaf_b, tol)
+        for (path, leaf_a), leaf_b in zip(paths_a, leaves_b)
+    ]
+
+
+def _finite_difference_row(
+    objective: Callable, params: Any, grads: Any, eps: float, fd_rtol: float, seed: int
+) -> GradCheckRow:
+    """Compares ``<grads, v>`` with ``(L(p + eps v) - L(p - eps v)) / 2 eps`` for a unit ``v``.
+
+    Runs in at least float32 (a bfloat16 difference quotient is noise); the allowance for
+    rounding is ``10 * machine_eps * |L| / eps``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    fd_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    direction = [jax.random.normal(k, leaf.shape, fd_dtype) for k, leaf in zip(keys, leaves)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in direction))
+    direction = [d / norm for d in direction]
+
+    def shifted(step):
+        return jax.tree_util.tree_unflatten(
+            treedef, [leaf.astype(fd_dtype) + step * d for leaf, d in zip(leaves, direction)]
+        )
+
+    value = float(objective(shifted(0.0)))
+    fd = (float(objective(shifted(eps))) - float(objective(shifted(-eps)))) / (2 * eps)
+    directional = sum(
+        float(np.vdot(np.asarray(g, np.float64), np.asarray(d, np.float64)))
+        for g, d in zip(jax.tree_util.tree_leaves(grads), direction)
+    )
+    rounding = float(jnp.finfo(fd_dtype).eps) * abs(value) / eps
+    abs_err = abs(fd - directional)
+    rel = abs_err / max(abs(fd), abs(directional), _TINY)
+    ok = math.isfinite(fd) and abs_err <= fd_rtol * max(abs(fd), abs(directional)) + 10 * rounding
+    return GradCheckRow(
+        "fd", None, "network", "directional", (), abs_err, rel, math.nan, fd_rtol, ok
+    )
+
+
+def check_grads(
+    net: Layer,
+    loss: Loss | str,
+    params: Any,
+    x: jax.Array,
+    target: jax.Array,
+    *,
+    key: jax.Array | None = None,
+    rtol: float | None = None,
+    fd_rtol: float | None = None,
+    eps: float | None = None,
+    seed: int = 0,
+    warn: bool = True,
+) -> GradCheckResult:
+    """Checks the hand-written backward pass per layer and per leaf.
+
+    Three witnesses, each reported with max abs error, relative error and cosine:
+
+    1. per layer, in backward order: the layer's ``backward`` vs ``jax.vjp`` of the layer's
+       ``forward`` at the same input and the same upstream gradient ``dy`` (the manual one), for
+       every parameter leaf and for ``dx`` — so a wrong layer is named, not only a wrong total;
+       the loss's own backward is checked first, against ``jax.grad``;
+    2. the whole manual gradient vs ``jax.value_and_grad`` of the network and loss;
+    3. a central finite difference ``(L(p + eps v) - L(p - eps v)) / 2 eps`` along a random unit
+       direction ``v`` vs ``<g, v>`` for the manual gradient.
+
+    Matmul precision is pinned to ``"highest"`` while checking (GPUs default to TF32 and TPUs to
+    bfloat16 for float32 matmuls). Tolerances and step follow the params' dtype
+    (``default_tolerances``); checking below float64 warns (``GradCheckWarning``).
+
+    Args:
+      net: the network; if it has ``sublayers`` (``serial``), each is checked on its own.
+      loss: a ``bpjax.losses.Loss`` or its name.
+      params, x, target: where to check.
+      key: dropout key (training mode); the same draws are used by every witness.
+      rtol, fd_rtol, eps: override the dtype's defaults.
+      seed: seed of the finite-difference direction.
+      warn: warn when checking in a precision below float64.
+
+    Returns:
+      A ``GradCheckResult``: ``print`` it for a table; ``.passed``, ``.first_failure``.
+    """
+    loss = _resolve_loss(loss)
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("check_grads: the network has no parameters to check")
+    dtype = jnp.result_type(*leaves)
+    tols = default_tolerances(dtype)
+    rtol = tols["rtol"] if rtol is None else rtol
+    fd_rtol = tols["fd_rtol"] if fd_rtol is None else fd_rtol
+    eps = tols["eps"] if eps is None else eps
+    if warn and jnp.dtype(dtype) != jnp.float64:
+        warnings.warn(
+            f"check_grads in {jnp.dtype(dtype).name}: agreement is only checked to rtol={rtol:g}; "
+            "enable jax_enable_x64 and cast params and inputs to float64 for a tight check",
+            GradCheckWarning,
+            stacklevel=2,
+        )
+    layers = net.sublayers or (net,)
+    layer_params = params if net.sublayers else (params,)
+    layer_keys = split_keys(key, len(layers)) if net.sublayers else [key]
+
+    def objective(p):
+        return loss.forward(net.forward(p, x, key=key)[0], target)[0]
+
+    with jax.default_matmul_precision("highest"):
+        rows: list[GradCheckRow] = []
+        # 1. loss, then each layer in backward order, fed the manual upstream gradient.
+        inputs, caches = [x], []
+        for layer, p, k in zip(layers, layer_params, layer_keys):
+            y, cache = layer.forward(p, inputs[-1], key=k)
+            inputs.append(y)
+            caches.append(cache)
+        value, loss_cache = loss.forward(inputs[-1], target)
+        dy = loss.backward(loss_cache)
+        dy_ref = jax.grad(lambda pred: loss.forward(pred, target)[0])(inputs[-1])
+        rows.append(_compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
+        for i in reversed(range(len(layers))):
+            layer, p, k = layers[i], layer_params[i], layer_keys[i]
+            grads, dx = layer.backward(p, caches[i], dy)
+            _, vjp = jax.vjp(lambda p_, x_, f=layer.forward, k=k: f(p_, x_, key=k)[0], p, inputs[i])
+            grads_ref, dx_ref = vjp(dy)
+            rows += _compare_trees("layer", i, layer.name, grads, grads_ref, rtol)
+            rows.append(_compare("layer", i, layer.name, "dx", dx, dx_ref, rtol))
+            dy = dx
+        # 2. the whole manual gradient vs autodiff.
+        _, grads_manual = value_and_grad(net, loss, mode="manual")(params, x, target, key=key)
+        _, grads_auto = jax.value_and_grad(objective)(params)
+        for i, layer in enumerate(layers):
+            g_m = grads_manual[i] if net.sublayers else grads_manual
+            g_a = grads_auto[i] if net.sublayers else grads_auto
+            rows += _compare_trees("total", i, layer.name, g_m, g_a, rtol)
+        # 3. central finite difference along a random unit direction.
+        rows.append(_finite_difference_row(objective, params, grads_manual, eps, fd_rtol, seed))
+    return GradCheckResult(tuple(rows), jnp.dtype(dtype).name, rtol, fd_rtol, eps, float(value))

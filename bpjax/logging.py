@@ -1,0 +1,230 @@
+"""TensorBoard logging through tensorboardX, and a no-op logger with the same interface.
+
+Convention: a logger writes one TensorBoard *run*: every event file lives directly in its
+``logdir``, including the HParams record (tensorboardX's ``SummaryWriter.add_hparams`` and
+``add_scalars`` would create subdirectories, which TensorBoard shows as extra runs, so they are
+not used). Values may be Python, numpy or jax scalars; steps are integers. Which tags exist is
+up to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import jax
+import numpy as np
+import tensorboardX
+from tensorboardX.summary import hparams as hparams_summaries
+
+__all__ = ["Logger", "NullLogger", "TensorBoardLogger", "flatten_hparams"]
+
+
+class Logger(Protocol):
+    """What training code may call on a logger."""
+
+    def scalar(self, tag: str, value: Any, step: int) -> None: ...
+    def scalars(self, mapping: Mapping[str, Any], step: int) -> None: ...
+    def histogram(self, tag: str, values: Any, step: int) -> None: ...
+    def text(self, tag: str, text: str, step: int) -> None: ...
+    def hparams(
+        self, hparams: Mapping[str, Any], metrics: Mapping[str, Any], *, step: int | None = None
+    ) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    """Converts a value to one of the types TensorBoard's HParams plugin accepts."""
+    if isinstance(value, np.generic | np.ndarray | jax.Array):
+        arr = np.asarray(value)
+        value = arr.item() if arr.ndim == 0 else arr.tolist()
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)  # None -> "None", lists -> "[1, 2]", ...
+
+
+def flatten_hparams(hparams: Mapping[str, Any], *, sep: str = ".") -> dict[str, Any]:
+    """Flattens nested mappings to ``{"a.b.c": value}`` with TensorBoard-compatible values.
+
+    Args:
+        hparams: possibly nested mapping, e.g. ``OmegaConf.to_container(cfg, resolve=True)``.
+        sep: separator joining nested keys.
+
+    Returns:
+        A flat dict whose values are bool, int, float or str (numpy/jax scalars are unwrapped;
+        anything else, including None and lists, becomes its ``str``).
+    """
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                visit(f"{prefix}{sep}{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = _hparam_value(node)
+
+    visit("", hparams)
+    return flat
+
+
+def _float(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class TensorBoardLogger:
+    """Writes scalars, histograms, text and HParams of one run to a TensorBoard ``logdir``.
+
+    Usable as a context manager, which closes (and so flushes) the writer on exit.
+
+    Args:
+        logdir: directory of the run's event files; created if missing.
+        flush_secs: how often pending events are written to disk, in seconds.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, flush_secs: int = 10) -> None:
+        self.logdir = pathlib.Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = tensorboardX.SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+        self._last_step = 0
+        self._closed = False
+
+    def _seen(self, step: int) -> int:
+        self._check_open()
+        step = int(step)
+        self._last_step = max(self._last_step, step)
+        return step
+
+    def scalar(self, tag: str, value: Any, step: int) -> None:
+        """Logs one scalar (Python, numpy or jax; a jax value is copied to the host)."""
+        self._writer.add_scalar(tag, _float(value), self._seen(step))
+
+    def scalars(self, mapping: Mapping[str, Any], step: int) -> None:
+        """Logs each ``tag: value`` of ``mapping`` as its own scalar, all at ``step``."""
+        for tag, value in mapping.items():
+            self.scalar(tag, value, step)
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        """Logs a histogram of ``values`` (any shape; flattened).
+
+        Non-finite values (NaN, +-inf) are dropped before binning, since they cannot be binned;
+        if none remain, nothing is written. Log a count of non-finite values as a scalar if it
+        matters.
+        """
+        step = self._seen(step)
+        x = np.asarray(values, dtype=np.float64).ravel()
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return
+        self._writer.add_histogram(tag, x, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Logs a (Markdown) text."""
+        self._writer.add_text(tag, text, self._seen(step))
+
+    def hparams(
+        self, hparams: Mapping[str, Any], metrics: Mapping[str, Any], *, step: int | None = None
+    ) -> None:
+        """Writes an HParams record for this run, with its final metrics, into ``logdir``.
+
+        The HParams dashboard reads a metric's value from the scalar of the same tag in this run,
+        so each metric is also logged as a scalar. Call once per run.
+
+        Args:
+            hparams: possibly nested mapping, flattened by ``flatten_hparams``.
+            metrics: ``{tag: final value}``. A tag may be one already logged by ``scalar``
+                (then the latest value of that curve is shown), or a new one.
+            step: step of the metric scalars; defaults to the largest step logged so far.
+        """
+        self._check_open()
+        flat = flatten_hparams(hparams)
+        final = {str(tag): _float(value) for tag, value in metrics.items()}
+        experiment, session_start, session_end = hparams_summaries(flat, final)
+        # The same writer's event file: add_hparams would open a new one in a subdirectory.
+        file_writer = self._writer._get_file_writer()
+        for summary in (experiment, session_start, session_end):
+            file_writer.add_summary(summary)
+        metric_step = self._last_step if step is None else self._seen(step)
+        for tag, value in final.items():
+            self._writer.add_scalar(tag, value, metric_step)
+
+    def flush(self) -> None:
+        """Writes every event logged so far to disk."""
+        self._check_open()
+        event_writer = getattr(self._writer._get_file_writer(), "event_writer", None)
+        worker = getattr(event_writer, "_worker", None)
+        if hasattr(worker, "stop") and all(
+            hasattr(event_writer, name) for name in ("_event_queue", "_ev_writer", "_flush_secs")
+        ):
+            # tensorboardX's flush() only flushes what its writer thread has already taken off
+            # the queue. Stopping the thread (it exits after every event queued before the stop
+            # signal) and starting a fresh one drains the queue.
+            worker.stop()
+            event_writer._worker = type(worker)(
+                event_writer._event_queue, event_writer._ev_writer, event_writer._flush_secs
+            )
+            event_writer._worker.start()
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Writes pending events and closes the event file; later calls (but ``close``) raise."""
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        # A closed tensorboardX writer silently reopens a new event file; refuse instead.
+        if self._closed:
+            raise ValueError(f"TensorBoardLogger({str(self.logdir)!r}) is closed")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NullLogger:
+    """A logger that accepts every call and does nothing (logging disabled, tests)."""
+
+    def scalar(self, tag: str, value: Any, step: int) -> None:
+        del tag, value, step  # unused: logging is disabled
+
+    def scalars(self, mapping: Mapping[str, Any], step: int) -> None:
+        del mapping, step  # unused: logging is disabled
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        del tag, values, step  # unused: logging is disabled
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        del tag, text, step  # unused: logging is disabled
+
+    def hparams(
+        self, hparams: Mapping[str, Any], metrics: Mapping[str, Any], *, step: int | None = None
+    ) -> None:
+        del hparams, metrics, step  # unused: logging is disabled
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        del exc_type, exc, traceback  # unused: nothing to close

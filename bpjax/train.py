@@ -1,0 +1,384 @@
+"""The training engine, pure: state, update step, whole epochs as one ``lax.scan``, evaluation.
+
+Convention:
+
+* ``TrainState(params, opt_state, step, key)`` is a pytree. ``key`` is the run's *training* key
+  and never changes: every draw derives from it by ``fold_in`` with a stream id and a counter
+  (shuffling: ``(SHUFFLE, epoch)``; dropout: ``(DROPOUT, step)``), so no key is ever reused and a
+  resumed run redraws exactly what an uninterrupted run would have drawn.
+* Gradients come from ``bpjax.grad.value_and_grad(mode=grad_mode)``; the step never knows which.
+* An epoch shuffles the training set on device and scans over ``n // batch_size`` minibatches.
+  The ``n % batch_size`` examples left over by that epoch's permutation are not used *in that
+  epoch* (they differ from epoch to epoch), so every step has the same shape and the scan
+  compiles once. Evaluation pads the last batch and masks it: every example counts, once.
+* Optimizers are optax ``GradientTransformation``s, used as they are.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from bpjax.grad import MODES, grad_agreement, value_and_grad
+from bpjax.layers import Layer, _Static
+from bpjax.losses import Loss
+
+__all__ = [
+    "DROPOUT",
+    "SHUFFLE",
+    "TrainState",
+    "encode_targets",
+    "init_state",
+    "layer_stats",
+    "make_epoch",
+    "make_eval",
+    "make_optimizer",
+    "make_step",
+    "output_shape",
+    "pad_batches",
+]
+
+# fold_in stream ids: each kind of randomness has its own stream.
+INIT, SHUFFLE, DROPOUT = 0, 1, 2
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one pytree."""
+
+    params: Any
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    key: jax.Array  # the run's training key (constant; draws fold in counters)
+
+
+def init_state(
+    net: Layer, optimizer: optax.GradientTransformation, key: jax.Array, in_shape: tuple
+) -> TrainState:
+    """Initialises params (from ``fold_in(key, INIT)``) and the optimizer state.
+
+    Args:
+      net: the network.
+      optimizer: an optax GradientTransformation.
+      key: the run's root key, e.g. ``jax.random.PRNGKey(seed)``.
+      in_shape: a batch input shape, e.g. ``(batch, 784)``.
+    """
+    _, params = net.init(jax.random.fold_in(key, INIT), tuple(in_shape))
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def output_shape(net: Layer, in_shape: tuple) -> tuple[int, ...]:
+    """The output shape of ``net`` for inputs of ``in_shape``, without allocating params."""
+    shapes = []
+    jax.eval_shape(lambda k: shapes.append(net.init(k, tuple(in_shape))[0]), jax.random.PRNGKey(0))
+    return tuple(shapes[0])
+
+
+def make_optimizer(
+    factory: Callable[..., optax.GradientTransformation],
+    *,
+    learning_rate: float | optax.Schedule,
+    clip_global_norm: float | None = None,
+    weight_decay: float = 0.0,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    """An optax optimizer with optional global-norm clipping and decoupled weight decay.
+
+    ``optax.chain(clip_by_global_norm, add_decayed_weights, factory(learning_rate, **kwargs))``,
+    omitting the parts that are off. For ``optax.adamw`` pass ``weight_decay`` in ``kwargs``
+    instead (it has its own).
+
+    Raises:
+      ValueError: a non-positive constant learning rate, clip norm or negative weight decay.
+    """
+    if not callable(learning_rate) and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if clip_global_norm is not None and not clip_global_norm > 0:
+        raise ValueError(f"clip_global_norm must be positive, got {clip_global_norm}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    parts = []
+    if clip_global_norm is not None:
+        parts.append(optax.clip_by_global_norm(clip_global_norm))
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(factory(learning_rate=learning_rate, **kwargs))
+    return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
+
+
+def _output_in(net: Layer, dtype: Any) -> Layer:
+    """``net`` with its output cast to ``dtype`` (the loss runs in full precision)."""
+
+    def forward(params, x, *, key=None):
+        y, cache = net.forward(params, x, key=key)
+        return y.astype(dtype), (cache, _Static(y.dtype))
+
+    def backward(params, cache, dy):
+        net_cache, y_dtype = cache
+        return net.backward(params, net_cache, dy.astype(y_dtype.value))
+
+    return Layer(net.init, forward, backward, net.name, net.sublayers)
+
+
+def layer_stats(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
+    """Per-layer gradient norm, weight norm and update-to-weight ratio ``||u|| / ||w||``.
+
+    Layers are the entries of a tuple ``params`` (``serial``); parameter-free ones are skipped.
+    """
+
+    def norm(tree):
+        leaves = jax.tree_util.tree_leaves(tree)
+        return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in leaves))
+
+    per_layer = params if isinstance(params, tuple) else (params,)
+    per_grads = grads if isinstance(grads, tuple) else (grads,)
+    per_updates = updates if isinstance(updates, tuple) else (updates,)
+    out = {}
+    for i, (p, g, u) in enumerate(zip(per_layer, per_grads, per_updates)):
+        if not jax.tree_util.tree_leaves(p):
+            continue
+        w_norm = norm(p)
+        out[f"layer{i}/grad_norm"] = norm(g)
+        out[f"layer{i}/weight_norm"] = w_norm
+        out[f"layer{i}/update_ratio"] = norm(u) / jnp.maximum(w_norm, 1e-12)
+    return out
+
+
+def make_step(
+    net: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_mode: str = "manual",
+    compute_dtype: Any = None,
+    batch_sharding: Any = None,
+) -> Callable:
+    """Returns the pure update ``step(state, x, y) -> (state, aux)``.
+
+    Args:
+      net, loss, optimizer: what to train, on what, with what.
+      grad_mode: ``"manual"`` (hand-written backward) or ``"autodiff"`` (``jax.grad``).
+      compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision: params and inputs are cast for
+        the forward and backward passes, the loss and the optimizer update stay in the params'
+        dtype (float32 master weights).
+      batch_sharding: a ``jax.sharding.Sharding`` for the batch (data parallelism): the batch is
+        constrained to it and XLA inserts the gradient all-reduce.
+
+    ``aux`` holds ``loss`` (the minibatch loss), ``output`` (the network output) and ``grads``
+    and ``updates`` (for optional statistics; XLA drops what the caller does not use).
+    """
+    if grad_mode not in MODES:
+        raise ValueError(f"unknown grad_mode {grad_mode!r}; valid modes: {', '.join(MODES)}")
+    model = net if compute_dtype is None else _output_in(net, jnp.float32)
+    grad_fn = value_and_grad(model, loss, mode=grad_mode, with_output=True)
+
+    def step(state: TrainState, x: jax.Array, y: jax.Array):
+        if batch_sharding is not None:
+            x = lax.with_sharding_constraint(x, batch_sharding)
+            y = lax.with_sharding_constraint(y, batch_sharding)
+        key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+        params = state.params
+        if compute_dtype is not None:
+            params = _cast_floats(params, compute_dtype)
+            x = x.astype(compute_dtype)
+        (value, output), grads = grad_fn(params, x, y, key=key)
+        if compute_dtype is not None:
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(new_params, opt_state, state.step + 1, state.key)
+        return new_state, {"loss": value, "output": output, "grads": grads, "updates": updates}
+
+    return step
+
+
+def _nan_like(tree: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: jnp.full(v.shape, jnp.nan, jnp.float32) for k, v in tree.items()}
+
+
+def make_epoch(
+    net: Layer,
+    loss: Loss,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    grad_mode: str = "manual",
+    compute_dtype: Any = None,
+    batch_sharding: Any = None,
+    grad_check_every: int = 0,
+    with_layer_stats: bool = False,
+    donate: bool = False,
+) -> Callable:
+    """Returns a jitted ``epoch(state, x, y, epoch) -> (state, metrics)``: one ``lax.scan``.
+
+    The training set ``x [n, ...]``, ``y [n, ...]`` stays on device; each epoch draws a
+    permutation from ``fold_in(fold_in(key, SHUFFLE), epoch)`` and scans the update step over
+    ``n // batch_size`` minibatches gathered by index.
+
+    Args:
+      net, loss, optimizer, grad_mode, compute_dtype, batch_sharding: as ``make_step``.
+      batch_size: examples per update.
+      grad_check_every: if > 0, every that many steps (global step count) the step also
+        computes the other mode's gradient and records ``grad_check/layer{i}/{rel_err,cosine}``
+        (NaN at the other steps): the manual-vs-autodiff signal, at the cost of one extra
+        backward on those steps only (``lax.cond``).
+      with_layer_stats: record ``layer_stats`` at the last step of the epoch (NaN elsewhere).
+      donate: donate the input state's buffers (saves a copy of params and optimizer state, but
+        the caller must not use the old state afterwards).
+
+    Returns:
+      ``metrics`` maps names to per-step arrays ``[n // batch_size]``: ``loss`` always.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    step_fn = make_step(
+        net,
+        loss,
+        optimizer,
+        grad_mode=grad_mode,
+        compute_dtype=compute_dtype,
+        batch_sharding=batch_sharding,
+    )
+    other_mode = "autodiff" if grad_mode == "manual" else "manual"
+    other_grad = value_and_grad(net, loss, mode=other_mode)
+
+    def epoch(state: TrainState, x: jax.Array, y: jax.Array, epoch_index: jax.Array):
+        n = x.shape[0]
+        steps = n // batch_size
+        if steps < 1:
+            raise ValueError(f"batch_size {batch_size} is larger than the training set ({n})")
+        shuffle_key = jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch_index)
+        order = jax.random.permutation(shuffle_key, n)[: steps * batch_size]
+        order = order.reshape(steps, batch_size)
+
+        def body(state, scan_in):
+            i, idx = scan_in
+            xb, yb = x[idx], y[idx]
+            new_state, aux = step_fn(state, xb, yb)
+            metrics = {"loss": aux["loss"].astype(jnp.float32)}
+            if grad_check_every:
+                key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+
+                def agreement(_):
+                    _, g_other = other_grad(state.params, xb, yb, key=key)
+                    pair = (
+                        (aux["grads"], g_other)
+                        if grad_mode == "manual"
+                        else (g_other, aux["grads"])
+                    )
+                    return {k: v.astype(jnp.float32) for k, v in grad_agreement(*pair).items()}
+
+                shapes = jax.eval_shape(agreement, None)
+                metrics.update(
+                    lax.cond(
+                        state.step % grad_check_every == 0,
+                        agreement,
+                        lambda _: _nan_like(shapes),
+                        None,
+                    )
+                )
+            if with_layer_stats:
+
+                def stats(_):
+                    return layer_stats(new_state.params, aux["grads"], aux["updates"])
+
+                shapes = jax.eval_shape(stats, None)
+                metrics.update(lax.cond(i == steps - 1, stats, lambda _: _nan_like(shapes), None))
+            return new_state, metrics
+
+        return lax.scan(body, state, (jnp.arange(steps), order))
+
+    return jax.jit(epoch, donate_argnums=0 if donate else ())
+
+
+def encode_targets(y: np.ndarray, *, task: str, loss_name: str, n_outputs: int) -> np.ndarray:
+    """Targets in the form ``loss_name`` expects for a network with ``n_outputs`` outputs.
+
+    Classification labels stay integers for ``softmax_cross_entropy``; they become one-hot
+    floats for the regression-style losses (``mse``, ``quadratic``, ``huber``: the classic
+    textbook setting) and for ``binary_cross_entropy`` with several outputs, and ``[n, 1]``
+    floats for a single-output binary classifier. Regression targets are returned as they are.
+    """
+    y = np.asarray(y)
+    if task != "classification":
+        return y
+    if loss_name == "softmax_cross_entropy":
+        return y.astype(np.int32)
+    if n_outputs == 1:
+        return y.astype(np.float32)[:, None]
+    return np.eye(n_outputs, dtype=np.float32)[y]
+
+
+def pad_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pads to a whole number of batches: ``([nb, b, ...], [nb, b, ...], mask [nb, b])``."""
+    n = x.shape[0]
+    batch_size = max(1, min(batch_size, n))
+    n_batches = -(-n // batch_size)
+    pad = n_batches * batch_size - n
+    mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+    shape = (n_batches, batch_size)
+    return x.reshape(shape + x.shape[1:]), y.reshape(shape + y.shape[1:]), mask.reshape(shape)
+
+
+def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
+    """Returns a jitted ``evaluate(params, xb, yb, mask) -> metrics`` over padded batches.
+
+    Metrics: ``loss`` (mean per-example loss), and ``accuracy`` (classification) or ``rmse`` and
+    ``r2`` (regression, R^2 averaged over outputs as scikit-learn's ``r2_score``). Padded
+    examples (``mask`` False) are excluded. Inputs come from ``pad_batches``; evaluation mode
+    (no dropout).
+    """
+
+    def example_loss(pred, target):
+        return loss.forward(pred[None], target[None])[0]
+
+    def batch_sums(params, x, y, mask):
+        pred, _ = net.forward(params, x)
+        pred = pred.astype(jnp.float32)
+        w = mask.astype(jnp.float32)
+        sums = {"n": jnp.sum(w), "loss": jnp.sum(w * jax.vmap(example_loss)(pred, y))}
+        if task == "classification":
+            if pred.shape[-1] == 1:
+                threshold = 0.0 if loss_name == "binary_cross_entropy" else 0.5
+                label = (pred[:, 0] > threshold).astype(jnp.int32)
+                truth = y[:, 0].astype(jnp.int32)
+            else:
+                label = jnp.argmax(pred, axis=-1)
+                truth = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
+            sums["correct"] = jnp.sum(w * (label == truth))
+        else:
+            y = y.astype(jnp.float32)
+            w2 = w[:, None]
+            sums["sse"] = jnp.sum(w2 * jnp.square(pred - y), axis=0)
+            sums["sy"] = jnp.sum(w2 * y, axis=0)
+            sums["syy"] = jnp.sum(w2 * jnp.square(y), axis=0)
+        return sums
+
+    @jax.jit
+    def evaluate(params, xb, yb, mask):
+        per_batch = lax.map(lambda args: batch_sums(params, *args), (xb, yb, mask))
+        sums = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per_batch)
+        n = sums["n"]
+        out = {"loss": sums["loss"] / n}
+        if task == "classification":
+            out["accuracy"] = sums["correct"] / n
+        else:
+            out["rmse"] = jnp.sqrt(jnp.sum(sums["sse"]) / (n * sums["sse"].shape[0]))
+            sst = sums["syy"] - jnp.square(sums["sy"]) / n
+            out["r2"] = jnp.mean(1.0 - sums["sse"] / jnp.maximum(sst, 1e-12))
+        return out
+
+    return evaluate

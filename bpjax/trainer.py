@@ -1,0 +1,357 @@
+"""``fit``: the training loop around the pure engine in ``bpjax.train``.
+
+One call trains a network on a ``bpjax.data.Dataset``: jitted whole-epoch scans, evaluation on
+the validation and test splits, early stopping on a validation metric (keeping the best
+parameters), atomic checkpoints with exact resume, a divergence guard, and optional data
+parallelism over several devices. Printing, progress bars and TensorBoard belong to the caller,
+which receives one record per epoch through ``callbacks``.
+
+Resume is exact: the epoch's shuffle and every dropout draw are functions of the run key and
+the epoch/step counters stored in the checkpoint, so an interrupted and resumed run ends with the
+same parameters as one that never stopped (bit-identical on CPU).
+"""
+
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bpjax import losses as losses_lib
+from bpjax.checkpoint import CheckpointManager
+from bpjax.data import Dataset
+from bpjax.layers import Layer
+from bpjax.losses import Loss
+from bpjax.train import (
+    TrainState,
+    encode_targets,
+    init_state,
+    make_epoch,
+    make_eval,
+    output_shape,
+    pad_batches,
+)
+
+__all__ = ["FitResult", "TrainingDiverged", "fit", "make_mesh"]
+
+
+class FitResult(NamedTuple):
+    """What ``fit`` returns.
+
+    Attributes:
+      state: the final TrainState (after the last epoch run).
+      best_params: the parameters with the best validation metric (``state.params`` without
+        a validation split); the test metrics are computed with these.
+      metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
+        ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``.
+      history: one record per epoch run by this call.
+    """
+
+    state: TrainState
+    best_params: Any
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite training loss; ``.epoch``/``.step`` say where, ``.result`` what was kept."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, result: FitResult):
+        super().__init__(message)
+        self.epoch, self.step, self.result = epoch, step, result
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(net, loss, optimizer, *, task, loss_name, compute_dtype, **epoch_options):
+    """The jitted epoch and evaluation functions, memoised on their (hashable) ingredients.
+
+    Building the same network, loss and optimizer objects again (e.g. identical jobs of a Hydra
+    sweep in one process, with objects memoised by config) then reuses jax's compilation
+    instead of recompiling. Nothing here is mutable: the cache only holds pure functions.
+    """
+    epoch_fn = make_epoch(
+        net,
+        loss,
+        optimizer,
+        compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
+        **epoch_options,
+    )
+    return epoch_fn, make_eval(net, loss, task=task, loss_name=loss_name)
+
+
+def make_mesh(devices: int | str | Sequence[Any] = 1) -> jax.sharding.Mesh:
+    """A one-axis ("data") mesh over ``devices``: a count, ``"all"``, or device objects."""
+    available = jax.devices()
+    if devices == "all":
+        chosen = available
+    elif isinstance(devices, int):
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices={devices} but {len(available)} {available[0].platform} device(s) "
+                "are available"
+            )
+        chosen = available[:devices]
+    else:
+        chosen = list(devices)
+    return jax.sharding.Mesh(np.array(chosen), ("data",))
+
+
+def _monitor_mode(monitor: str) -> str:
+    return "min" if monitor.endswith(("loss", "rmse")) else "max"
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def fit(
+    net: Layer,
+    loss: Loss | str,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    grad_mode: str = "manual",
+    seed: int = 0,
+    eval_batch_size: int = 1000,
+    eval_every: int = 1,
+    monitor: str = "val_loss",
+    patience: int | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
+    config: dict | None = None,
+    grad_check_every: int = 0,
+    layer_stats: bool = False,
+    compute_dtype: Any = None,
+    devices: int | str = 1,
+    eval_splits: Sequence[str] = ("val",),
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> FitResult:
+    """Trains ``net`` on ``data`` and evaluates it on held-out data.
+
+    Args:
+      net: the network Layer (e.g. ``bpjax.mlp([100, 10])``).
+      loss: a loss name (see ``bpjax.losses.LOSSES``) or a ``Loss``; targets are encoded for it
+        (``bpjax.train.encode_targets``).
+      optimizer: an optax GradientTransformation.
+      data: the dataset (train / val / test splits).
+      epochs: epochs to run (in total, counting those before a resume).
+      batch_size: minibatch size; must not exceed the training set.
+      grad_mode: ``"manual"`` or ``"autodiff"``.
+      seed: root of every random draw (init, shuffling, dropout).
+      eval_batch_size: batch size of the (padded, masked) evaluation.
+      eval_every: evaluate the validation split every that many epochs (and at the last).
+      monitor: the validation metric for early stopping and the best checkpoint
+        (``val_loss``, ``val_accuracy``, ``val_rmse``, ``val_r2``); lower is better for losses and
+        RMSE, higher otherwise. Without a validation split the training loss is monitored.
+      patience: stop after this many evaluations without improvement (None: never).
+      checkpoint_dir: where to keep checkpoints (None: no checkpoints).
+      checkpoint_every: save every that many epochs (and at the last, and on interrupt).
+      keep_checkpoints: how many recent checkpoints to keep (the best is kept as well).
+      resume: continue from the latest checkpoint in ``checkpoint_dir``, if any.
+      config: stored in every checkpoint.
+      grad_check_every: log manual-vs-autodiff agreement every that many steps (0: off).
+      layer_stats: record per-layer gradient/weight norms and update ratios each epoch.
+      compute_dtype: e.g. ``"bfloat16"`` for mixed precision (float32 master params).
+      devices: data-parallel devices: a count or ``"all"``; the batch is sharded, parameters are
+        replicated and XLA all-reduces the gradients.
+      eval_splits: splits evaluated every ``eval_every`` epochs, for the record (``"val"``
+        always drives early stopping; ``"test"`` may be logged but never selects anything).
+      callbacks: called with each epoch's record (a dict) after it is evaluated.
+
+    Raises:
+      TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
+      ValueError: inconsistent arguments, before anything is compiled.
+    """
+    loss_name = loss if isinstance(loss, str) else None
+    loss_fn = losses_lib.get(loss) if isinstance(loss, str) else loss
+    if loss_name is None:
+        loss_name = getattr(loss_fn, "name", "") or "custom"
+    unknown = set(eval_splits) - {"train", "val", "test"}
+    if unknown:
+        raise ValueError(f"unknown eval_splits {sorted(unknown)}; valid: train, val, test")
+    if "val" not in eval_splits:
+        eval_splits = ("val", *eval_splits)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 1 <= batch_size <= data.n_train:
+        raise ValueError(
+            f"batch_size must be between 1 and the training set size ({data.n_train}), "
+            f"got {batch_size}"
+        )
+    mesh = make_mesh(devices)
+    n_devices = mesh.devices.size
+    if batch_size % n_devices:
+        raise ValueError(f"batch_size {batch_size} is not divisible by {n_devices} devices")
+    if data.n_val == 0 and monitor.startswith("val_"):
+        monitor = "train_loss"
+    mode = _monitor_mode(monitor)
+
+    n_outputs = output_shape(net, (batch_size, *data.input_shape))[-1]
+
+    def encode(y):
+        return encode_targets(y, task=data.task, loss_name=loss_name, n_outputs=n_outputs)
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = (
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        if n_devices > 1
+        else None
+    )
+    x_train = jax.device_put(data.x_train, replicated)
+    y_train = jax.device_put(encode(data.y_train), replicated)
+    splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
+    if data.n_val:
+        splits["val"] = (data.x_val, data.y_val)
+    eval_inputs = {
+        name: jax.device_put(pad_batches(x, encode(y), eval_batch_size), replicated)
+        for name, (x, y) in splits.items()
+    }
+    epoch_fn, evaluate = _compiled(
+        net,
+        loss_fn,
+        optimizer,
+        batch_size=batch_size,
+        grad_mode=grad_mode,
+        compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+        batch_sharding=batch_sharding,
+        grad_check_every=grad_check_every,
+        with_layer_stats=layer_stats,
+        task=data.task,
+        loss_name=loss_name,
+    )
+
+    def run_eval(params, split):
+        return {f"{split}_{k}": float(v) for k, v in evaluate(params, *eval_inputs[split]).items()}
+
+    state = init_state(net, optimizer, jax.random.PRNGKey(seed), (batch_size, *data.input_shape))
+    state = jax.device_put(state, replicated)
+    manager = None
+    if checkpoint_dir is not None:
+        manager = CheckpointManager(
+            checkpoint_dir, keep=keep_checkpoints, metric="monitor", mode=mode
+        )
+    start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
+    best_params = state.params
+    if resume and manager is not None and manager.latest() is not None:
+        state, meta = manager.restore_latest(state)
+        state = jax.device_put(state, replicated)
+        saved = meta["metrics"]
+        start_epoch = int(meta["step"])
+        best_epoch, bad_evals = int(saved["best_epoch"]), int(saved["bad_evals"])
+        best = None if best_epoch < 0 else float(saved["best"])
+        best_params = state.params
+        if manager.best() is not None and best_epoch >= 0:
+            best_params = jax.device_put(manager.restore_best(state)[0].params, replicated)
+
+    def checkpoint(epoch, record):
+        if manager is None:
+            return
+        monitor_value = record.get(monitor, math.nan) if record.get("evaluated") else math.nan
+        manager.save(
+            state,
+            step_or_epoch=epoch,
+            metrics={
+                "monitor": monitor_value,
+                "best": math.nan if best is None else best,
+                "best_epoch": best_epoch,
+                "bad_evals": bad_evals,
+                **{k: v for k, v in record.items() if isinstance(v, int | float)},
+            },
+            config=config,
+        )
+
+    steps_per_epoch = data.n_train // batch_size
+    history: list[dict[str, Any]] = []
+    train_seconds, trained_examples, stopped_early = 0.0, 0, False
+    t_start = time.perf_counter()
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            step_before = int(state.step)
+            t0 = time.perf_counter()
+            new_state, step_metrics = epoch_fn(state, x_train, y_train, jnp.int32(epoch))
+            step_metrics = jax.device_get(step_metrics)
+            seconds = time.perf_counter() - t0
+            losses = step_metrics["loss"]
+            if not np.all(np.isfinite(losses)):
+                bad = int(np.argmin(np.isfinite(losses)))
+                result = FitResult(state, best_params, {}, history)
+                latest = None if manager is None else manager.latest()
+                raise TrainingDiverged(
+                    f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, step "
+                    f"{step_before + bad + 1} (step {bad + 1} of {steps_per_epoch} in the epoch); "
+                    f"last finite checkpoint: {latest}",
+                    epoch=epoch,
+                    step=step_before + bad + 1,
+                    result=result,
+                )
+            state = new_state
+            if epoch > start_epoch + 1 or epochs == start_epoch + 1:
+                train_seconds += seconds
+                trained_examples += steps_per_epoch * batch_size
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "train_loss": float(np.mean(losses)),
+                "epoch_seconds": seconds,
+                "examples_per_second": steps_per_epoch * batch_size / seconds,
+                "step_metrics": step_metrics,
+                "evaluated": False,
+            }
+            if epoch % eval_every == 0 or epoch == epochs:
+                record["evaluated"] = True
+                for split in eval_splits:
+                    if split in eval_inputs:
+                        record.update(run_eval(state.params, split))
+                value = record.get(monitor, record["train_loss"])
+                if _is_better(value, best, mode):
+                    best, best_epoch, bad_evals = value, epoch, 0
+                    best_params = state.params
+                else:
+                    bad_evals += 1
+                record["best_" + monitor] = best
+            history.append(record)
+            for callback in callbacks:
+                callback(record)
+            if epoch % checkpoint_every == 0 or epoch == epochs:
+                checkpoint(epoch, record)
+            if patience is not None and bad_evals >= patience:
+                stopped_early = True
+                break
+    except KeyboardInterrupt:
+        if history:
+            checkpoint(history[-1]["epoch"], history[-1])
+        raise
+
+    wall = time.perf_counter() - t_start
+    final = {}
+    if history and history[-1]["epoch"] % checkpoint_every and manager is not None:
+        checkpoint(history[-1]["epoch"], history[-1])
+    final.update(run_eval(best_params, "test"))
+    final.update(
+        {f"best_{k}": v for k, v in run_eval(best_params, "val").items()} if data.n_val else {}
+    )
+    final.update(run_eval(state.params, "train"))
+    final.update(
+        {
+            "epochs": int(history[-1]["epoch"]) if history else start_epoch,
+            "best_epoch": best_epoch,
+            "stopped_early": stopped_early,
+            "wall_seconds": wall,
+            "train_seconds": train_seconds,
+            "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
+            "steps": int(state.step),
+        }
+    )
+    return FitResult(state, best_params, final, history)

@@ -1,0 +1,48 @@
+"""Strict test configuration shared by every test module (equinox-style).
+
+* float64 is enabled so hand-written backward passes can be checked to ~1e-10; tests that
+  exercise float32 cast explicitly.
+* Implicit rank promotion raises, so a broadcasting bug in a backward fails loudly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Tolerances for backward-vs-autodiff comparisons, by dtype.
+RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
+ATOL = {jnp.float64: 1e-12, jnp.float32: 1e-6}
+
+
+@pytest.fixture(params=["eager", "jit"])
+def maybe_jit(request):
+    """Runs a function either eagerly or under ``jax.jit`` (a fixture, since chex.variants
+    does not mix with ``pytest.mark.parametrize``)."""
+    if request.param == "jit":
+        return jax.jit
+    return lambda f, **kwargs: f
+
+
+@pytest.fixture(params=[jnp.float64, jnp.float32], ids=["f64", "f32"])
+def dtype(request):
+    return request.param
+
+
+def tree_cast(tree, dtype):
+    """Casts every floating leaf of a pytree to ``dtype``."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
+        tree,
+    )
+
+
+def assert_trees_close(actual, expected, *, rtol, atol=0.0):
+    """Compares two pytrees leaf by leaf (structure must match exactly)."""
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
+        assert a.shape == e.shape, (a.shape, e.shape)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)

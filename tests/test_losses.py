@@ -1,0 +1,255 @@
+"""Losses: hand-written backward == jax.grad of forward, values == optax, errors are clear."""
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ATOL, RTOL, assert_trees_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpjax import losses
+
+
+class Case(NamedTuple):
+    name: str  # key of losses.LOSSES
+    kwargs: dict[str, Any]  # factory hyperparameters
+    target: str  # kind of target: "real", "labels", "probs" or "binary"
+    reference: Callable  # (pred, target, **kwargs) -> scalar, from optax where it has one
+
+
+LOSS_CASES = [
+    Case("mse", {}, "real", lambda p, t: 2 * jnp.mean(optax.l2_loss(p, t))),
+    # No optax equivalent: half the squared norm per example, mean over examples.
+    Case("quadratic", {}, "real", lambda p, t: jnp.mean(jnp.sum(optax.l2_loss(p, t), axis=-1))),
+    Case(
+        "softmax_cross_entropy",
+        {},
+        "labels",
+        lambda p, t: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(p, t)),
+    ),
+    Case(
+        "softmax_cross_entropy",
+        {},
+        "probs",
+        lambda p, t: jnp.mean(optax.softmax_cross_entropy(p, t)),
+    ),
+    Case(
+        "binary_cross_entropy",
+        {},
+        "binary",
+        lambda p, t: jnp.mean(optax.sigmoid_binary_cross_entropy(p, t)),
+    ),
+    Case("huber", {}, "real", lambda p, t: jnp.mean(optax.huber_loss(p, t))),
+    Case("huber", {"delta": 0.3}, "real", lambda p, t: jnp.mean(optax.huber_loss(p, t, delta=0.3))),
+]
+CASE_IDS = [
+    f"{c.name}-{c.target}" + "".join(f"-{k}={v}" for k, v in c.kwargs.items()) for c in LOSS_CASES
+]
+# Batch of 1, a single 1-D example, and a batch of 6 over two leading (batch) axes.
+SHAPES = [(1, 5), (5,), (2, 3, 4)]
+
+
+def make_target(kind: str, rng: np.random.Generator, shape: tuple[int, ...], dtype) -> jax.Array:
+    """A random target of the given kind for a pred of ``shape`` (numpy, to keep tests fast)."""
+    if kind == "real":
+        return jnp.asarray(rng.normal(size=shape), dtype)
+    if kind == "labels":
+        return jnp.asarray(rng.integers(0, shape[-1], size=shape[:-1]), jnp.int32)
+    if kind == "probs":
+        logits = 2 * rng.normal(size=shape)
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return jnp.asarray(probs / probs.sum(axis=-1, keepdims=True), dtype)
+    if kind == "binary":
+        return jnp.asarray(rng.uniform(size=shape), dtype)
+    raise ValueError(kind)
+
+
+def make_inputs(case: Case, shape: tuple[int, ...], dtype, *, seed: int = 0, scale: float = 2.0):
+    rng = np.random.default_rng(seed)
+    pred = jnp.asarray(scale * rng.normal(size=shape), dtype)
+    return pred, make_target(case.target, rng, shape, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "kwargs"))
+def autodiff_grad(pred, target, *, name: str, kwargs: tuple):
+    """jax.grad of the forward value; jitted with static loss, so eager and jit tests share it."""
+    forward = losses.get(name, **dict(kwargs)).forward
+    return jax.grad(lambda p: forward(p, target)[0])(pred)
+
+
+def check_backward(case: Case, pred, target, dtype, maybe_jit=lambda f: f):
+    """Asserts value is a finite scalar and backward == jax.grad(forward), dtype preserved."""
+    loss = losses.get(case.name, **case.kwargs)
+
+    def forward_backward(pred, target):
+        value, cache = loss.forward(pred, target)
+        return value, loss.backward(cache)
+
+    value, dpred = maybe_jit(forward_backward)(pred, target)
+    expected = autodiff_grad(pred, target, name=case.name, kwargs=tuple(case.kwargs.items()))
+    assert value.shape == () and value.dtype == dtype
+    assert dpred.dtype == dtype
+    assert np.isfinite(value) and np.all(np.isfinite(dpred))
+    assert_trees_close(dpred, expected, rtol=RTOL[dtype], atol=ATOL[dtype])
+
+
+def test_cases_cover_every_loss():
+    assert {case.name for case in LOSS_CASES} == set(losses.LOSSES)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=CASE_IDS)
+def test_backward_matches_autodiff(case, shape, dtype, maybe_jit):
+    pred, target = make_inputs(case, shape, dtype)
+    check_backward(case, pred, target, dtype, maybe_jit)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=CASE_IDS)
+def test_extreme_logits_are_finite_and_match_autodiff(case, dtype, maybe_jit):
+    rng = np.random.default_rng(1)
+    pred = rng.choice([-100.0, -50.0, 50.0, 100.0], size=(6, 4))
+    target = make_target(case.target, rng, (6, 4), dtype)
+    check_backward(case, jnp.asarray(pred, dtype), target, dtype, maybe_jit)
+
+
+@pytest.mark.parametrize(
+    ("name", "pred", "target", "expected"),
+    [
+        ("softmax_cross_entropy", [[100.0, -100.0]], [1], 200.0),
+        ("softmax_cross_entropy", [[-100.0, 100.0]], [1], 0.0),
+        ("binary_cross_entropy", [-100.0], [1.0], 100.0),
+        ("binary_cross_entropy", [100.0], [1.0], 0.0),
+    ],
+)
+def test_extreme_logits_exact_values(name, pred, target, expected, dtype):
+    pred = jnp.asarray(pred, dtype)
+    value, _ = losses.get(name).forward(pred, jnp.asarray(target))
+    np.testing.assert_allclose(value, expected, rtol=RTOL[dtype], atol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=CASE_IDS)
+def test_values_match_reference(case, shape, dtype):
+    pred, target = make_inputs(case, shape, dtype)
+    value, _ = losses.get(case.name, **case.kwargs).forward(pred, target)
+    np.testing.assert_allclose(
+        value, case.reference(pred, target), rtol=RTOL[dtype], atol=ATOL[dtype]
+    )
+
+
+def test_quadratic_single_example_is_half_squared_norm():
+    pred, target = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 0.0, 1.0])
+    value, _ = losses.quadratic().forward(pred, target)
+    np.testing.assert_allclose(value, 0.5 * (1 + 4 + 4))
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4,), (2, 3, 4)], ids=str)
+def test_softmax_cross_entropy_labels_equal_one_hot(shape, dtype, maybe_jit):
+    loss = losses.softmax_cross_entropy()
+    pred, labels = make_inputs(LOSS_CASES[2], shape, dtype)
+    one_hot = jax.nn.one_hot(labels, shape[-1], dtype=dtype)
+    value_labels, cache_labels = maybe_jit(loss.forward)(pred, labels)
+    value_one_hot, cache_one_hot = maybe_jit(loss.forward)(pred, one_hot)
+    np.testing.assert_allclose(value_labels, value_one_hot, rtol=RTOL[dtype])
+    assert_trees_close(
+        maybe_jit(loss.backward)(cache_labels),
+        maybe_jit(loss.backward)(cache_one_hot),
+        rtol=RTOL[dtype],
+        atol=ATOL[dtype],
+    )
+
+
+def test_integer_targets_are_cast_for_regression_losses(dtype):
+    pred = jnp.array([[0.5, 1.5], [2.0, -1.0]], dtype)
+    target = jnp.array([[0, 1], [2, -1]])
+    value, cache = losses.mse().forward(pred, target)
+    assert value.dtype == dtype
+    np.testing.assert_allclose(value, 0.125, rtol=RTOL[dtype])
+    assert losses.mse().backward(cache).dtype == dtype
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=CASE_IDS)
+def test_vmap_over_examples(case, maybe_jit):
+    """vmap gives per-example values; their mean is the batch value, and vmapped backward
+    (per-example gradients) is ``batch`` times the batch gradient."""
+    batch = 6
+    loss = losses.get(case.name, **case.kwargs)
+    pred, target = make_inputs(case, (batch, 3), jnp.float64)
+    values, caches = maybe_jit(jax.vmap(loss.forward))(pred, target)
+    assert values.shape == (batch,)
+    for i in range(batch):
+        np.testing.assert_allclose(values[i], loss.forward(pred[i], target[i])[0], rtol=1e-12)
+    value, cache = loss.forward(pred, target)
+    np.testing.assert_allclose(jnp.mean(values), value, rtol=1e-12)
+    per_example = maybe_jit(jax.vmap(loss.backward))(caches)
+    assert_trees_close(per_example / batch, loss.backward(cache), rtol=1e-12, atol=1e-15)
+
+
+def test_get_aliases_and_kwargs():
+    pred, labels = make_inputs(LOSS_CASES[2], (3, 4), jnp.float64)
+    value, _ = losses.get("cross_entropy").forward(pred, labels)
+    expected, _ = losses.softmax_cross_entropy().forward(pred, labels)
+    np.testing.assert_allclose(value, expected)
+    target = jax.nn.sigmoid(labels.astype(jnp.float64))[:, None] * jnp.ones((1, 4))
+    value, _ = losses.get("bce").forward(pred, target)
+    np.testing.assert_allclose(value, losses.binary_cross_entropy().forward(pred, target)[0])
+    value, _ = losses.get("huber", delta=0.5).forward(pred, 0 * pred)
+    np.testing.assert_allclose(value, jnp.mean(optax.huber_loss(pred, delta=0.5)))
+
+
+def test_get_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="nope") as info:
+        losses.get("nope")
+    for name in [*losses.LOSSES, "cross_entropy", "bce"]:
+        assert name in str(info.value)
+
+
+def test_huber_rejects_nonpositive_delta():
+    with pytest.raises(ValueError, match="delta"):
+        losses.huber(delta=0.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "pred_shape", "target_shape", "target_dtype"),
+    [
+        ("mse", (4, 3), (4, 2), jnp.float32),
+        ("mse", (4, 3), (3,), jnp.float32),  # would broadcast silently without the check
+        ("quadratic", (4, 3), (4, 1), jnp.float32),
+        ("binary_cross_entropy", (4, 3), (4,), jnp.float32),
+        ("huber", (5,), (4,), jnp.int32),
+        ("softmax_cross_entropy", (4, 3), (3,), jnp.int32),  # labels must be pred.shape[:-1]
+        ("softmax_cross_entropy", (4, 3), (4,), jnp.float32),  # float labels are not labels
+        ("softmax_cross_entropy", (4, 3), (4, 2), jnp.float32),
+    ],
+)
+def test_mismatched_shapes_raise(name, pred_shape, target_shape, target_dtype, maybe_jit):
+    pred, target = jnp.ones(pred_shape), jnp.zeros(target_shape, target_dtype)
+    with pytest.raises(ValueError) as info:
+        maybe_jit(losses.get(name).forward)(pred, target)
+    message = str(info.value)
+    assert name in message and str(pred_shape) in message and str(target_shape) in message
+
+
+@pytest.mark.parametrize("name", ["quadratic", "softmax_cross_entropy"])
+def test_per_example_losses_need_a_feature_axis(name):
+    with pytest.raises(ValueError, match="axis"):
+        losses.get(name).forward(jnp.ones(()), jnp.zeros((), jnp.int32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    case=st.sampled_from(LOSS_CASES),
+    batch_shape=st.lists(st.integers(1, 4), max_size=2),
+    n=st.integers(1, 6),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.1, 1.0, 10.0, 100.0]),
+)
+def test_backward_matches_autodiff_random(case, batch_shape, n, seed, scale):
+    pred, target = make_inputs(case, (*batch_shape, n), jnp.float64, seed=seed, scale=scale)
+    check_backward(case, pred, target, jnp.float64)
