@@ -41,6 +41,7 @@ class Loss(NamedTuple):
 
     forward: Callable  # (pred, target) -> (value, cache)   value: scalar
     backward: Callable  # (cache) -> dpred   d value / d pred, same shape and dtype as pred
+    name: str = ""  # the factory's name: tells training how to encode targets
 
 
 def _as_arrays(name: str, pred: Any, target: Any) -> tuple[Array, Array]:
@@ -83,7 +84,7 @@ def mse() -> Loss:
         (diff,) = cache
         return 2 * diff / diff.size
 
-    return Loss(forward, backward)
+    return Loss(forward, backward, "mse")
 
 
 def quadratic() -> Loss:
@@ -110,7 +111,7 @@ def quadratic() -> Loss:
         (diff,) = cache
         return diff / _batch_count(diff.shape)
 
-    return Loss(forward, backward)
+    return Loss(forward, backward, "quadratic")
 
 
 def softmax_cross_entropy() -> Loss:
@@ -154,7 +155,7 @@ def softmax_cross_entropy() -> Loss:
         total = jnp.sum(p_target, axis=-1, keepdims=True)
         return (probs * total - p_target) / _batch_count(probs.shape)
 
-    return Loss(forward, backward)
+    return Loss(forward, backward, "softmax_cross_entropy")
 
 
 def binary_cross_entropy() -> Loss:
@@ -177,7 +178,7 @@ def binary_cross_entropy() -> Loss:
         pred, target = cache
         return (jax.nn.sigmoid(pred) - target) / pred.size
 
-    return Loss(forward, backward)
+    return Loss(forward, backward, "binary_cross_entropy")
 
 
 def huber(*, delta: float = 1.0) -> Loss:
@@ -211,7 +212,7 @@ def huber(*, delta: float = 1.0) -> Loss:
         (diff,) = cache
         return jnp.clip(diff, -delta, delta) / diff.size
 
-    return Loss(forward, backward)
+    return Loss(forward, backward, "huber")
 
 
 LOSSES: dict[str, Callable[..., Loss]] = {

@@ -231,7 +231,8 @@ def make_epoch(
         computes the other mode's gradient and records ``grad_check/layer{i}/{rel_err,cosine}``
         (NaN at the other steps): the manual-vs-autodiff signal, at the cost of one extra
         backward on those steps only (``lax.cond``).
-      with_layer_stats: record ``layer_stats`` at the last step of the epoch (NaN elsewhere).
+      with_layer_stats: record ``layer_stats/layer{i}/{grad_norm,weight_norm,update_ratio}``
+        (see ``layer_stats``) at the last step of the epoch (NaN elsewhere).
       donate: donate the input state's buffers (saves a copy of params and optimizer state, but
         the caller must not use the old state afterwards).
 
@@ -275,7 +276,8 @@ def make_epoch(
                         if grad_mode == "manual"
                         else (g_other, aux["grads"])
                     )
-                    return {k: v.astype(jnp.float32) for k, v in grad_agreement(*pair).items()}
+                    agreement = grad_agreement(*pair)
+                    return {f"grad_check/{k}": v.astype(jnp.float32) for k, v in agreement.items()}
 
                 shapes = jax.eval_shape(agreement, None)
                 metrics.update(
@@ -289,7 +291,8 @@ def make_epoch(
             if with_layer_stats:
 
                 def stats(_):
-                    return layer_stats(new_state.params, aux["grads"], aux["updates"])
+                    values = layer_stats(new_state.params, aux["grads"], aux["updates"])
+                    return {f"layer_stats/{k}": v for k, v in values.items()}
 
                 shapes = jax.eval_shape(stats, None)
                 metrics.update(lax.cond(i == steps - 1, stats, lambda _: _nan_like(shapes), None))

@@ -173,7 +173,8 @@ def fit(
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
       ValueError: inconsistent arguments, before anything is compiled.
     """
-    loss_name = loss if isinstance(loss, str) else None
+    # Canonical name, so an alias ("bce", "cross_entropy") encodes and evaluates as its loss.
+    loss_name = losses_lib._ALIASES.get(loss, loss) if isinstance(loss, str) else None
     loss_fn = losses_lib.get(loss) if isinstance(loss, str) else loss
     if loss_name is None:
         loss_name = getattr(loss_fn, "name", "") or "custom"
@@ -307,13 +308,17 @@ def fit(
                 "epoch_seconds": seconds,
                 "examples_per_second": steps_per_epoch * batch_size / seconds,
                 "step_metrics": step_metrics,
+                "params": state.params,
                 "evaluated": False,
             }
             if epoch % eval_every == 0 or epoch == epochs:
                 record["evaluated"] = True
                 for split in eval_splits:
                     if split in eval_inputs:
-                        record.update(run_eval(state.params, split))
+                        # "train_loss" stays the epoch's mean minibatch loss.
+                        evaluated = run_eval(state.params, split)
+                        evaluated.pop("train_loss", None)
+                        record.update(evaluated)
                 value = record.get(monitor, record["train_loss"])
                 if _is_better(value, best, mode):
                     best, best_epoch, bad_evals = value, epoch, 0

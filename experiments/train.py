@@ -1,0 +1,398 @@
+"""Train an MLP by hand-written backpropagation, configured by Hydra.
+
+    python experiments/train.py                                   # MLP on real MNIST
+    python experiments/train.py experiment=nielsen_ch1            # a preset
+    python experiments/train.py dataset=digits model.features=[64,10] optimizer=adam seed=3
+    python experiments/train.py -m optimizer.learning_rate=0.3,0.1,0.03   # a sweep
+
+The run directory gets ``metrics.json``, TensorBoard event files (``tb/``) and checkpoints
+(``checkpoints/``). ``train(cfg)`` does the work and is what tests call; ``main`` is the thin
+Hydra wrapper that turns bad configs into one clear line and a non-zero exit, and returns the
+objective for sweepers. This script owns printing, the progress bar and wall-clock time; the
+math lives in ``bpjax``.
+"""
+
+import functools
+import inspect
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+import hydra
+import jax
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import bpjax
+from bpjax import losses as losses_lib
+from bpjax.grad import MODES
+from bpjax.logging import NullLogger, TensorBoardLogger
+from bpjax.train import encode_targets, make_optimizer, output_shape
+from bpjax.trainer import TrainingDiverged, fit
+
+# Compilations are counted through jax's monitoring events (one per XLA backend compile).
+_COMPILATIONS = [0]
+
+
+def _count_compilation(event: str, duration: float, **kwargs: Any) -> None:
+    del duration, kwargs  # unused: only the count matters
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILATIONS[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; reported as one line before anything is compiled."""
+
+
+def _target_name(node: DictConfig) -> str:
+    return str(node.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks what can be checked without data: one clear error before any expensive work."""
+    trainer = cfg.trainer
+    if trainer.grad_mode not in MODES:
+        raise ConfigError(
+            f"trainer.grad_mode={trainer.grad_mode!r} is not one of {', '.join(MODES)}"
+        )
+    lr = cfg.optimizer.get("learning_rate")
+    if not isinstance(lr, int | float) or not lr > 0:
+        raise ConfigError(f"optimizer.learning_rate must be a positive number, got {lr}")
+    features = list(cfg.model.get("features", []))
+    if not features or not all(isinstance(f, int) and f > 0 for f in features):
+        raise ConfigError(f"model.features must be positive layer sizes, got {features}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "checkpoint_every"):
+        value = trainer[key]
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"trainer.{key} must be a positive integer, got {value}")
+    for key in ("grad_check_every", "histogram_every"):
+        if not isinstance(trainer[key], int) or trainer[key] < 0:
+            raise ConfigError(f"trainer.{key} must be an integer >= 0, got {trainer[key]}")
+    if trainer.devices != "all" and (not isinstance(trainer.devices, int) or trainer.devices < 1):
+        raise ConfigError(
+            f"trainer.devices must be a positive count or 'all', got {trainer.devices}"
+        )
+    loss_name = _target_name(cfg.loss)
+    if loss_name not in losses_lib.LOSSES:
+        raise ConfigError(
+            f"loss {loss_name!r} is not one of {', '.join(sorted(losses_lib.LOSSES))}"
+        )
+    try:  # cheap: builds closures, allocates nothing; catches unknown activations/initializers
+        instantiate(cfg.model, _convert_="all")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if str(cfg.objective).startswith("test"):
+        raise ConfigError(
+            f"objective={cfg.objective} would tune on the test set; use a best_val_* metric"
+        )
+    if trainer.compute_dtype not in (None, "bfloat16", "float16", "float32"):
+        raise ConfigError(
+            f"trainer.compute_dtype must be null, bfloat16, float16 or float32, "
+            f"got {trainer.compute_dtype}"
+        )
+
+
+def _container(node: DictConfig) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_schedule(cfg: DictConfig, total_steps: int):
+    """The optax schedule of ``cfg.schedule``, filled in with the rate and the run's length."""
+    factory = instantiate(cfg.schedule)
+    parameters = inspect.signature(factory.func).parameters
+    given = set(factory.keywords)
+    fill = {}
+    lr = float(cfg.optimizer.learning_rate)
+    for name in ("value", "init_value", "peak_value"):
+        if name in parameters and name not in given:
+            fill[name] = lr
+            break
+    if "decay_steps" in parameters and "decay_steps" not in given:
+        fill["decay_steps"] = total_steps
+    if "boundaries_and_scales" in given:
+        fill["boundaries_and_scales"] = {
+            int(k): float(v) for k, v in factory.keywords["boundaries_and_scales"].items()
+        }
+    return factory(**fill)
+
+
+@functools.lru_cache(maxsize=8)
+def _build(spec: str) -> tuple:
+    """Network, loss, optimizer and schedule for a JSON spec of the config.
+
+    Memoised on the spec: identical jobs of a sweep in one process get the very same objects,
+    so ``bpjax.trainer.fit`` reuses the compiled epoch instead of compiling it again. The
+    objects are pure functions: nothing mutable is shared between jobs.
+    """
+    parts = json.loads(spec)
+    cfg = OmegaConf.create(parts)
+    net = instantiate(cfg.model, _convert_="all")
+    loss = instantiate(cfg.loss)
+    schedule = build_schedule(cfg, parts["total_steps"])
+    factory = instantiate(cfg.optimizer)
+    optimizer = make_optimizer(
+        factory,
+        learning_rate=schedule,
+        clip_global_norm=cfg.trainer.clip_global_norm,
+        weight_decay=cfg.trainer.weight_decay,
+    )
+    return net, loss, optimizer, schedule
+
+
+class EpochReporter:
+    """Per-epoch TensorBoard scalars/histograms and a progress bar (or plain lines)."""
+
+    def __init__(self, cfg, logger, schedule, steps_per_epoch, grad_fn, batch):
+        self.cfg, self.logger, self.schedule = cfg, logger, schedule
+        self.steps_per_epoch, self.grad_fn, self.batch = steps_per_epoch, grad_fn, batch
+        self.epochs = cfg.trainer.epochs
+        self.bar = None
+        if cfg.trainer.progress and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.epochs, unit="epoch", dynamic_ncols=True)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        epoch, step = record["epoch"], record["step"]
+        log = self.logger
+        scalars = {"train/loss": record["train_loss"]}
+        for split in ("train", "val", "test"):
+            for metric in ("loss", "accuracy", "rmse", "r2"):
+                if f"{split}_{metric}" in record:
+                    scalars[f"{split}/{metric}"] = record[f"{split}_{metric}"]
+        scalars["opt/learning_rate"] = float(self.schedule(step))
+        scalars["perf/examples_per_second"] = record["examples_per_second"]
+        scalars["perf/epoch_seconds"] = record["epoch_seconds"]
+        first_step = step - self.steps_per_epoch
+        for name, values in record["step_metrics"].items():
+            finite = np.flatnonzero(np.isfinite(values))
+            if name.startswith("layer_stats/") and finite.size:
+                scalars["layers/" + name.removeprefix("layer_stats/")] = float(values[finite[-1]])
+            elif name.startswith("grad_check/"):
+                # the signature signal: manual vs autodiff, per layer, at the steps checked
+                tag = "gradcheck/" + name.removeprefix("grad_check/")
+                for j in finite:
+                    log.scalar(tag, float(values[j]), first_step + int(j))
+        log.scalars(scalars, step)
+        every = self.cfg.trainer.histogram_every
+        if every and (epoch % every == 0 or epoch == self.epochs):
+            params = record["params"]
+            _, grads = self.grad_fn(params, *self.batch)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                for leaf in sorted(p):
+                    log.histogram(f"weights/layer{i}/{leaf}", np.asarray(p[leaf]), step)
+                    log.histogram(f"grads/layer{i}/{leaf}", np.asarray(g[leaf]), step)
+        self._progress(record)
+
+    def _progress(self, record):
+        parts = [f"loss {record['train_loss']:.4f}"]
+        for key in ("val_loss", "val_accuracy", "val_rmse"):
+            if key in record:
+                parts.append(f"{key} {record[key]:.4f}")
+        parts.append(f"{record['examples_per_second']:,.0f} ex/s")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str("  ".join(parts))
+        else:
+            print(f"epoch {record['epoch']}/{self.epochs}  " + "  ".join(parts), flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write_json_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _run_dir(cfg: DictConfig) -> pathlib.Path:
+    if cfg.trainer.get("run_dir"):
+        return pathlib.Path(cfg.trainer.run_dir)
+    if HydraConfig.initialized():
+        return pathlib.Path(HydraConfig.get().runtime.output_dir)
+    return pathlib.Path(tempfile.mkdtemp(prefix="bpjax-run-"))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Runs one configured experiment; returns its metrics (also written to metrics.json)."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    compilations_before = _COMPILATIONS[0]
+    if cfg.trainer.distributed:
+        jax.distributed.initialize()
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Data first: a missing file is reported before anything is compiled.
+    data = instantiate(cfg.dataset, seed=cfg.seed)
+    trainer = cfg.trainer
+    if trainer.batch_size > data.n_train:
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} exceeds the {data.n_train} training "
+            f"examples of {data.name}"
+        )
+    steps_per_epoch = data.n_train // trainer.batch_size
+    spec = {
+        "model": _container(cfg.model),
+        "loss": _container(cfg.loss),
+        "optimizer": _container(cfg.optimizer),
+        "schedule": _container(cfg.schedule),
+        "trainer": {k: trainer[k] for k in ("clip_global_norm", "weight_decay")},
+        "total_steps": steps_per_epoch * trainer.epochs,
+    }
+    net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
+    loss_name = _target_name(cfg.loss)
+    n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
+    if n_out != data.n_outputs:
+        raise ConfigError(
+            f"the model has {n_out} outputs but {data.name} needs {data.n_outputs} "
+            f"(set model.features=[..., {data.n_outputs}])"
+        )
+    config = _container(cfg)
+    logger = (
+        TensorBoardLogger(run_dir / "tb", flush_secs=cfg.logger.flush_secs)
+        if cfg.logger.enabled
+        else NullLogger()
+    )
+    # A fixed training batch for gradient histograms.
+    hist_n = min(256, data.n_train)
+    hist_batch = (
+        data.x_train[:hist_n],
+        encode_targets(data.y_train[:hist_n], task=data.task, loss_name=loss_name, n_outputs=n_out),
+    )
+    grad_fn = jax.jit(bpjax.value_and_grad(net, loss, mode=trainer.grad_mode))
+    reporter = EpochReporter(cfg, logger, schedule, steps_per_epoch, grad_fn, hist_batch)
+    print(f"bpjax: {data.summary()}", flush=True)
+    print(
+        f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
+        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}",
+        flush=True,
+    )
+    status = "completed"
+    message = ""
+    try:
+        result = fit(
+            net,
+            loss,
+            optimizer,
+            data,
+            epochs=trainer.epochs,
+            batch_size=trainer.batch_size,
+            grad_mode=trainer.grad_mode,
+            seed=cfg.seed,
+            eval_batch_size=trainer.eval_batch_size,
+            eval_every=trainer.eval_every,
+            monitor=trainer.monitor,
+            patience=trainer.patience,
+            checkpoint_dir=str(run_dir / "checkpoints"),
+            checkpoint_every=trainer.checkpoint_every,
+            keep_checkpoints=trainer.keep_checkpoints,
+            resume=trainer.resume,
+            config=config,
+            grad_check_every=trainer.grad_check_every,
+            layer_stats=trainer.layer_stats,
+            compute_dtype=trainer.compute_dtype,
+            devices=trainer.devices,
+            eval_splits=("train", "val", "test"),
+            callbacks=[reporter],
+        )
+        metrics = dict(result.metrics)
+    except TrainingDiverged as e:
+        status, message = "diverged", str(e)
+        metrics = {"epochs": e.epoch, "diverged_step": e.step}
+    finally:
+        reporter.close()
+    objective = metrics.get(cfg.objective, math.nan)
+    metrics.update(
+        {
+            "status": status,
+            "message": message,
+            "objective_name": cfg.objective,
+            "objective": objective,
+            "compilations": _COMPILATIONS[0] - compilations_before,
+            "total_seconds": time.perf_counter() - t_start,
+            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "overrides": list(HydraConfig.get().overrides.task)
+            if HydraConfig.initialized()
+            else [],
+        }
+    )
+    hparams = {
+        "model": config["model"],
+        "loss": loss_name,
+        "optimizer": config["optimizer"],
+        "schedule": _target_name(cfg.schedule),
+        "batch_size": trainer.batch_size,
+        "grad_mode": trainer.grad_mode,
+        "dataset": data.name,
+        "seed": cfg.seed,
+    }
+    final = {
+        f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)
+    }
+    logger.hparams(hparams, final)
+    logger.scalar("perf/compilations", metrics["compilations"], 0)
+    logger.close()
+    _write_json_atomic(run_dir / "metrics.json", metrics)
+    if status == "diverged":
+        print(f"bpjax: {message}", file=sys.stderr, flush=True)
+    else:
+        summary = "  ".join(
+            f"{k} {metrics[k]:.4f}"
+            for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
+            if k in metrics
+        )
+        print(
+            f"bpjax: {summary}  ({metrics['epochs']} epochs, {metrics['wall_seconds']:.1f} s, "
+            f"{metrics['examples_per_second']:,.0f} examples/s, "
+            f"{metrics['compilations']} compilations)",
+            flush=True,
+        )
+    return metrics
+
+
+def _raise_interrupt(signum, frame):
+    del frame  # unused
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        metrics = train(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        run_dir = _run_dir(cfg)
+        print(
+            f"\ninterrupted: the last completed epoch is checkpointed in {run_dir}/checkpoints; "
+            f"resume with: python experiments/train.py <same overrides> trainer.resume=true "
+            f"trainer.run_dir={run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(130)
+    if metrics["status"] == "diverged" and not HydraConfig.get().mode.name == "MULTIRUN":
+        sys.exit(1)
+    return float(metrics["objective"])
+
+
+if __name__ == "__main__":
+    main()
