@@ -4,7 +4,7 @@ Public names are re-exported here explicitly. The layer convention is documented
 ``bpjax.layers``; the loss convention in ``bpjax.losses``.
 """
 
-from bpjax import initializers, losses
+from bpjax import data, initializers, losses
 from bpjax.grad import (
     GradCheckResult,
     as_custom_vjp,
@@ -34,19 +34,26 @@ from bpjax.layers import (
     tanh,
 )
 from bpjax.losses import Loss
+from bpjax.train import TrainState
+from bpjax.trainer import FitResult, TrainingDiverged, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FitResult",
     "GradCheckResult",
     "Layer",
     "Loss",
+    "TrainState",
+    "TrainingDiverged",
     "activation",
     "as_custom_vjp",
     "check_grads",
+    "data",
     "dense",
     "dropout",
     "elu",
+    "fit",
     "flatten",
     "gelu",
     "grad_agreement",

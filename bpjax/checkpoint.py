@@ -33,12 +33,13 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from typing import IO, Any, Literal
 
 import jax
 import numpy as np
+
+from bpjax._atomic import atomic_write
 
 __all__ = ["CheckpointManager", "load_metadata", "restore", "save"]
 
@@ -142,34 +143,9 @@ def _write_npz(file: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
     np.savez(file, **arrays)
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
-    """Makes a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes a temp file next to ``path``, fsyncs it, and renames it onto ``path``."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = pathlib.Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            _write_npz(file, arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Writes ``arrays`` to ``path`` atomically (see ``bpjax._atomic``)."""
+    atomic_write(path, lambda file: _write_npz(file, arrays))
 
 
 # ----------------------------------------------------------------------------------------------

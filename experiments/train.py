@@ -16,7 +16,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -28,11 +27,13 @@ import hydra
 import jax
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import bpjax
 from bpjax import losses as losses_lib
+from bpjax._atomic import atomic_write
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
 from bpjax.train import encode_targets, make_optimizer, output_shape
@@ -61,6 +62,9 @@ def _target_name(node: DictConfig) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Checks what can be checked without data: one clear error before any expensive work."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:  # `???` in a config, e.g. dataset=npz without dataset.path
+        raise ConfigError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=...")
     trainer = cfg.trainer
     if trainer.grad_mode not in MODES:
         raise ConfigError(
@@ -90,8 +94,9 @@ def validate(cfg: DictConfig) -> None:
         )
     try:  # cheap: builds closures, allocates nothing; catches unknown activations/initializers
         instantiate(cfg.model, _convert_="all")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    except (ValueError, InstantiationException) as e:
+        # Hydra wraps the factory's error; its own message is the one that names the problem.
+        raise ConfigError(str(e.__cause__ or e)) from None
     if str(cfg.objective).startswith("test"):
         raise ConfigError(
             f"objective={cfg.objective} would tune on the test set; use a best_val_* metric"
@@ -124,7 +129,12 @@ def build_schedule(cfg: DictConfig, total_steps: int):
         fill["boundaries_and_scales"] = {
             int(k): float(v) for k, v in factory.keywords["boundaries_and_scales"].items()
         }
-    return factory(**fill)
+    try:
+        return factory(**fill)
+    except ValueError as e:  # e.g. warmup_steps longer than the whole run
+        raise ConfigError(
+            f"schedule {_target_name(cfg.schedule)} for a run of {total_steps} steps: {e}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -213,12 +223,8 @@ class EpochReporter:
 
 
 def _write_json_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".metrics-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, default=float)
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def _run_dir(cfg: DictConfig) -> pathlib.Path:
@@ -239,7 +245,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Data first: a missing file is reported before anything is compiled.
-    data = instantiate(cfg.dataset, seed=cfg.seed)
+    try:
+        data = instantiate(cfg.dataset, seed=cfg.seed)
+    except InstantiationException as e:  # Hydra's wrapper; report the loader's own error
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise e.__cause__ from None
+        if isinstance(e.__cause__, ValueError):
+            raise ConfigError(str(e.__cause__)) from None
+        raise
     trainer = cfg.trainer
     if trainer.batch_size > data.n_train:
         raise ConfigError(

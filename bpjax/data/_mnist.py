@@ -17,13 +17,13 @@ import importlib.util
 import os
 import pathlib
 import pickle
-import tempfile
 import warnings
 from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 
+from bpjax._atomic import atomic_write
 from bpjax.data._dataset import Dataset, build
 from bpjax.data._idx import read_idx_dir
 
@@ -123,17 +123,8 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes a compressed ``.npz`` to a temporary file, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache holds public data
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    """Writes a compressed ``.npz`` atomically (see ``bpjax._atomic``)."""
+    atomic_write(path, lambda file: np.savez_compressed(file, **arrays))
 
 
 def _encode_pixels(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
