@@ -105,6 +105,12 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith(("loss", "rmse")) else "max"
 
 
+@functools.cache
+def _loss_by_name(name: str) -> Loss:
+    """The same Loss object for the same name, so ``_compiled`` can reuse compiled functions."""
+    return losses_lib.get(name)
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if not math.isfinite(value):
         return False
@@ -156,7 +162,8 @@ def fit(
         RMSE, higher otherwise. Without a validation split the training loss is monitored.
       patience: stop after this many evaluations without improvement (None: never).
       checkpoint_dir: where to keep checkpoints (None: no checkpoints).
-      checkpoint_every: save every that many epochs (and at the last, and on interrupt).
+      checkpoint_every: save every that many epochs (and at the last, at a new best, and on
+        interrupt).
       keep_checkpoints: how many recent checkpoints to keep (the best is kept as well).
       resume: continue from the latest checkpoint in ``checkpoint_dir``, if any.
       config: stored in every checkpoint.
@@ -173,11 +180,9 @@ def fit(
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
       ValueError: inconsistent arguments, before anything is compiled.
     """
-    # Canonical name, so an alias ("bce", "cross_entropy") encodes and evaluates as its loss.
-    loss_name = losses_lib._ALIASES.get(loss, loss) if isinstance(loss, str) else None
-    loss_fn = losses_lib.get(loss) if isinstance(loss, str) else loss
-    if loss_name is None:
-        loss_name = getattr(loss_fn, "name", "") or "custom"
+    loss_fn = _loss_by_name(loss) if isinstance(loss, str) else loss
+    # The factory's canonical name, so an alias ("bce") encodes and evaluates as its loss.
+    loss_name = loss_fn.name or "custom"
     unknown = set(eval_splits) - {"train", "val", "test"}
     if unknown:
         raise ValueError(f"unknown eval_splits {sorted(unknown)}; valid: train, val, test")
@@ -327,15 +332,20 @@ def fit(
                     bad_evals += 1
                 record["best_" + monitor] = best
             history.append(record)
+            completed = state  # the state history[-1] describes
             for callback in callbacks:
                 callback(record)
-            if epoch % checkpoint_every == 0 or epoch == epochs:
+            # A new best is saved too, so that a resumed run can restore the best params.
+            if epoch % checkpoint_every == 0 or epoch == epochs or best_epoch == epoch:
                 checkpoint(epoch, record)
             if patience is not None and bad_evals >= patience:
                 stopped_early = True
                 break
     except KeyboardInterrupt:
         if history:
+            # Interrupted between an update and its record (e.g. while evaluating): save the
+            # state of the last recorded epoch, not the unrecorded update on top of it.
+            state = completed
             checkpoint(history[-1]["epoch"], history[-1])
         raise
 

