@@ -214,13 +214,15 @@ def default_tolerances(dtype: Any) -> dict[str, float]:
     """Relative tolerances and finite-difference step for gradient checks in ``dtype``.
 
     ``rtol`` bounds manual-vs-autodiff relative error; ``fd_rtol`` bounds the finite-difference
-    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger.
+    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger. The
+    float32 step is small (1e-3) so the difference rarely straddles a ReLU kink; the rounding
+    allowance in the check covers the larger rounding error.
     """
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64:
         return {"rtol": 1e-10, "fd_rtol": 1e-6, "eps": 1e-6}
     if dtype == jnp.float32:
-        return {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-2}
+        return {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-3}
     if dtype == jnp.float16:
         return {"rtol": 1e-2, "fd_rtol": 3e-1, "eps": 1e-1}
     if dtype == jnp.bfloat16:

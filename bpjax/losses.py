@@ -162,7 +162,9 @@ def binary_cross_entropy() -> Loss:
     """Binary cross-entropy of ``sigmoid(pred)`` against targets in ``[0, 1]``, mean over all.
 
     ``pred`` holds logits, ``target`` has the same shape. Uses the stable form
-    ``value = mean(max(pred, 0) - pred * target + log1p(exp(-|pred|)))``.
+    ``value = mean(softplus(pred) - pred * target)`` (``jax.nn.softplus`` is
+    ``max(x, 0) + log1p(exp(-|x|))`` written so that autodiff of it is also right at 0, where
+    differentiating ``max`` and ``abs`` separately gives a wrong reference gradient).
 
     Returns:
         A :class:`Loss`.
@@ -170,7 +172,7 @@ def binary_cross_entropy() -> Loss:
 
     def forward(pred, target):
         pred, target = _as_arrays("binary_cross_entropy", pred, target)
-        elementwise = jnp.maximum(pred, 0) - pred * target + jnp.log1p(jnp.exp(-jnp.abs(pred)))
+        elementwise = jax.nn.softplus(pred) - pred * target
         return jnp.mean(elementwise), (pred, target)
 
     def backward(cache):

@@ -1,0 +1,143 @@
+"""The gradient-check sweep (experiments/gradcheck.py): composed configs and the real script.
+
+Grids are shrunk with overrides so each test stays within a few seconds; the shipped grid is
+covered by running the script itself (about a minute on a 2-core CPU).
+"""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+
+from bpjax.layers import ACTIVATIONS
+from bpjax.losses import LOSSES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SCRIPT = ROOT / "experiments" / "gradcheck.py"
+SMALL = [
+    "architectures=[[4,3]]",
+    "activations=[tanh]",
+    "losses=[mse,softmax_cross_entropy]",
+    "dtypes=[float64]",
+]
+COLUMNS = [
+    "architecture",
+    "activation",
+    "loss",
+    "dtype",
+    "check",
+    "layer",
+    "layer_name",
+    "leaf",
+    "shape",
+    "max_abs_err",
+    "rel_err",
+    "cosine",
+    "tol",
+    "passed",
+]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gradcheck_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gradcheck = _load_script()
+
+
+def compose(overrides: list[str]):
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra.compose("gradcheck", overrides=overrides)
+
+
+def test_shipped_config_names_real_activations_and_losses():
+    cfg = compose([])
+    assert set(cfg.activations) <= set(ACTIVATIONS)
+    assert set(cfg.losses) <= set(LOSSES)
+    assert set(cfg.dtypes) == {"float64", "float32"}
+    assert cfg.inject_bug is None
+    assert all(features[-1] >= 2 for features in cfg.architectures)
+
+
+def test_run_passes_and_writes_csv_and_json(tmp_path, capsys):
+    cfg = compose([*SMALL[:-1], "dtypes=[float64,float32]", "losses=[mse,binary_cross_entropy]"])
+    result = gradcheck.run(cfg, output_dir=tmp_path)  # float32 must not warn (warnings are errors)
+
+    assert result["passed"], capsys.readouterr().out
+    assert (result["n_checks"], result["n_failed"]) == (4, 0)
+    assert {row["check"] for row in result["rows"]} == {"loss", "layer", "total", "fd"}
+    assert {row["dtype"] for row in result["rows"]} == {"float64", "float32"}
+    with open(result["csv"], newline="") as f:
+        records = list(csv.DictReader(f))
+    assert list(records[0]) == COLUMNS
+    assert len(records) == len(result["rows"])
+    assert {r["passed"] for r in records} == {"True"}
+    rows = json.loads(Path(result["json"]).read_text())
+    assert len(rows) == len(records) and list(rows[0]) == COLUMNS
+    assert Path(result["csv"]).parent == tmp_path
+
+    out = capsys.readouterr().out
+    assert "float32" in out and "LOOSE" in out
+    assert out.rstrip().endswith("4 passed, 0 failed")
+
+
+def test_injected_bug_is_named(tmp_path, capsys):
+    cfg = compose([*SMALL, "inject_bug=tanh"])
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+
+    assert not result["passed"] and result["n_failed"] == 2
+    # Only tanh's own layer check fails: the layers below it get the same (wrong) dy as jax.vjp.
+    failing = [r for r in result["rows"] if not r["passed"] and r["check"] == "layer"]
+    assert {(r["layer"], r["layer_name"], r["leaf"]) for r in failing} == {(1, "tanh", "dx")}
+    out = capsys.readouterr().out
+    assert "first failure: layer 1 (tanh)" in out
+    assert out.rstrip().endswith("0 passed, 2 failed")
+
+
+def test_injected_dense_bug_is_named(tmp_path):
+    cfg = compose([*SMALL, "inject_bug=dense"])
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+
+    failing = {(r["layer_name"], r["leaf"]) for r in result["rows"] if not r["passed"]}
+    assert ("dense(3)", "b") in failing and not result["passed"]
+
+
+def test_unknown_bug_kind_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="valid kinds: dense"):
+        gradcheck.run(compose([*SMALL, "inject_bug=conv"]), output_dir=tmp_path)
+
+
+def _script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *SMALL, *overrides, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_script_exits_zero_when_all_pass(tmp_path):
+    proc = _script(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed, 0 failed" in proc.stdout
+    assert (tmp_path / "gradcheck.csv").is_file() and (tmp_path / "gradcheck.json").is_file()
+
+
+@pytest.mark.slow
+def test_script_exits_nonzero_and_names_the_injected_layer(tmp_path):
+    proc = _script(tmp_path, "inject_bug=tanh")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "FAIL  first failure: layer 1 (tanh)" in proc.stdout
+    assert "0 passed, 2 failed" in proc.stdout
+    assert (tmp_path / "gradcheck.csv").is_file()
