@@ -222,14 +222,13 @@ def identity() -> Layer:
 
 
 def sigmoid() -> Layer:
-    """``y = 1 / (1 + exp(-x))``;  dx = dy * sigmoid(x) * sigmoid(-x).
+    """``y = 1 / (1 + exp(-x))``;  dx = dy * y * (1 - y).
 
-    ``sigmoid(x) * sigmoid(-x)`` equals ``y (1 - y)`` but keeps full relative precision for large
-    ``x``, where ``1 - y`` rounds to zero.
+    Only ``y`` is needed (the rule ``jax.nn.sigmoid``'s own derivative uses), so ``x`` need not
+    be kept for the backward pass. For large ``x`` the derivative rounds to 0 where the true value
+    is below the dtype's resolution of ``1 - y`` (< 6e-8 in float32): harmless for training.
     """
-    return _elementwise(
-        "sigmoid", jax.nn.sigmoid, lambda x, y: jax.nn.sigmoid(x) * jax.nn.sigmoid(-x)
-    )
+    return _elementwise("sigmoid", jax.nn.sigmoid, lambda x, y: y * (1 - y))
 
 
 def tanh() -> Layer:
@@ -238,8 +237,8 @@ def tanh() -> Layer:
 
 
 def relu() -> Layer:
-    """``y = max(x, 0)``;  dx = dy * [x > 0]  (zero at x = 0, as ``jax.nn.relu``)."""
-    return _elementwise("relu", jax.nn.relu, lambda x, y: (x > 0).astype(x.dtype))
+    """``y = max(x, 0)``;  dx = dy * [y > 0]  (zero at x = 0, as ``jax.nn.relu``)."""
+    return _elementwise("relu", jax.nn.relu, lambda x, y: (y > 0).astype(y.dtype))
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
