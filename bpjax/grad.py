@@ -367,10 +367,11 @@ def _finite_difference_row(
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     fd_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    direction = [jax.random.normal(k, leaf.shape, fd_dtype) for k, leaf in zip(keys, leaves)]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in direction))
-    direction = [d / norm for d in direction]
+    # Drawn with numpy: jax.random would compile a sampler for every new parameter shape.
+    rng = np.random.default_rng(seed)
+    direction = [rng.standard_normal(leaf.shape) for leaf in leaves]
+    norm = math.sqrt(sum(float(np.sum(np.square(d))) for d in direction))
+    direction = [jnp.asarray(d / norm, fd_dtype) for d in direction]
 
     def shifted(step):
         return jax.tree_util.tree_unflatten(

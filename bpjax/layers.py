@@ -23,6 +23,7 @@ A ``Layer`` also carries a ``name`` (for error messages and gradient-check table
 combinators, its ``sublayers`` (so ``check_grads`` can check each layer on its own).
 """
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -137,7 +138,7 @@ def dense(
       A Layer with params ``{"w": [n_in, n_out], "b": [n_out]}``; input ``[..., n_in]``, output
       ``[..., n_out]``.
     """
-    if not isinstance(n_out, int) or isinstance(n_out, bool) or n_out < 1:
+    if not isinstance(n_out, numbers.Integral) or isinstance(n_out, bool) or n_out < 1:
         raise ValueError(f"dense: n_out must be a positive integer, got {n_out!r}")
     w_initializer = initializers.get(w_init)
     b_initializer = initializers.get(b_init)
@@ -183,12 +184,17 @@ def dense(
 # parameter-free layers
 
 
-def _elementwise(name: str, fn: Callable, grad: Callable) -> Layer:
-    """A parameter-free elementwise layer ``y = fn(x)`` with ``dx = dy * grad(x, y)``."""
+def _same_shape_init(key: Any, in_shape: Shape) -> tuple[Shape, tuple]:
+    """``init`` of a parameter-free layer that keeps the shape."""
+    del key  # unused: no parameters
+    return tuple(in_shape), ()
 
-    def init(key, in_shape):
-        del key  # unused: no parameters
-        return tuple(in_shape), ()
+
+def _parameter_free(name: str, fn: Callable, backward_rule: Callable) -> Layer:
+    """A deterministic parameter-free layer ``y = fn(x)``, ``dx = backward_rule(x, y, dy)``.
+
+    Both ``x`` and ``y`` are cached; under jit, whichever the rule does not read is not kept.
+    """
 
     def forward(params, x, *, key=None):
         del params, key  # unused: no parameters, deterministic
@@ -198,27 +204,19 @@ def _elementwise(name: str, fn: Callable, grad: Callable) -> Layer:
     def backward(params, cache, dy):
         del params  # unused: no parameters
         x, y = cache
-        return (), dy * grad(x, y)
+        return (), backward_rule(x, y, dy)
 
-    return Layer(init, forward, backward, name)
+    return Layer(_same_shape_init, forward, backward, name)
+
+
+def _elementwise(name: str, fn: Callable, grad: Callable) -> Layer:
+    """A parameter-free elementwise layer ``y = fn(x)`` with ``dx = dy * grad(x, y)``."""
+    return _parameter_free(name, fn, lambda x, y, dy: dy * grad(x, y))
 
 
 def identity() -> Layer:
     """``y = x``;  dx = dy."""
-
-    def init(key, in_shape):
-        del key  # unused: no parameters
-        return tuple(in_shape), ()
-
-    def forward(params, x, *, key=None):
-        del params, key  # unused: no parameters, deterministic
-        return x, ()
-
-    def backward(params, cache, dy):
-        del params, cache  # unused: no parameters, nothing cached
-        return (), dy
-
-    return Layer(init, forward, backward, "identity")
+    return _parameter_free("identity", lambda x: x, lambda x, y, dy: dy)
 
 
 def sigmoid() -> Layer:
@@ -314,40 +312,21 @@ def silu() -> Layer:
 swish = silu
 
 
-def _softmax_like(name: str, fn: Callable, grad: Callable) -> Layer:
-    """A parameter-free layer over the last axis whose backward needs only its output."""
-
-    def init(key, in_shape):
-        del key  # unused: no parameters
-        return tuple(in_shape), ()
-
-    def forward(params, x, *, key=None):
-        del params, key  # unused: no parameters, deterministic
-        y = fn(x)
-        return y, y
-
-    def backward(params, cache, dy):
-        del params  # unused: no parameters
-        return (), grad(cache, dy)
-
-    return Layer(init, forward, backward, name)
-
-
 def softmax() -> Layer:
     """``y = softmax(x)`` over the last axis;  dx = y * (dy - sum(dy * y, -1))."""
-    return _softmax_like(
+    return _parameter_free(
         "softmax",
         lambda x: jax.nn.softmax(x, axis=-1),
-        lambda y, dy: y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),
+        lambda x, y, dy: y * (dy - jnp.sum(dy * y, axis=-1, keepdims=True)),
     )
 
 
 def log_softmax() -> Layer:
     """``y = x - logsumexp(x)`` over the last axis;  dx = dy - exp(y) * sum(dy, -1)."""
-    return _softmax_like(
+    return _parameter_free(
         "log_softmax",
         lambda x: jax.nn.log_softmax(x, axis=-1),
-        lambda y, dy: dy - jnp.exp(y) * jnp.sum(dy, axis=-1, keepdims=True),
+        lambda x, y, dy: dy - jnp.exp(y) * jnp.sum(dy, axis=-1, keepdims=True),
     )
 
 
@@ -390,10 +369,6 @@ def dropout(rate: float) -> Layer:
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout: rate is the drop probability and must be in [0, 1), got {rate}")
 
-    def init(key, in_shape):
-        del key  # unused: no parameters
-        return tuple(in_shape), ()
-
     def forward(params, x, *, key=None):
         del params  # unused: no parameters
         _check_key(key, "dropout")
@@ -409,7 +384,7 @@ def dropout(rate: float) -> Layer:
             return (), dy
         return (), dy * cache
 
-    return Layer(init, forward, backward, f"dropout({rate})")
+    return Layer(_same_shape_init, forward, backward, f"dropout({rate})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,15 +506,17 @@ def mlp(
     if not features:
         raise ValueError("mlp: features must name at least one layer size, got []")
     for f in features:
-        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
+        if not isinstance(f, numbers.Integral) or isinstance(f, bool) or f < 1:
             raise ValueError(f"mlp: every feature size must be a positive integer, got {features}")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"mlp: dropout_rate is a drop probability in [0, 1), got {dropout_rate}")
     hidden = _activation_layer(activation)
     out = None if output_activation is None else _activation_layer(output_activation)
     if w_init is None:
         w_init = default_w_init(hidden)
     layers: list[Layer] = []
     for i, n_out in enumerate(features):
-        layers.append(dense(n_out, w_init=w_init, b_init=b_init, dtype=dtype))
+        layers.append(dense(int(n_out), w_init=w_init, b_init=b_init, dtype=dtype))
         if i < len(features) - 1:
             layers.append(hidden)
             if dropout_rate > 0:

@@ -31,14 +31,12 @@ ACTIVATION_CASES = [
     ActivationCase("sigmoid", "sigmoid", {}, jax.nn.sigmoid),
     ActivationCase("tanh", "tanh", {}, jnp.tanh),
     ActivationCase("relu", "relu", {}, jax.nn.relu),
-    ActivationCase("leaky_relu", "leaky_relu", {}, jax.nn.leaky_relu),
     ActivationCase(
         "leaky_relu(0.2)",
         "leaky_relu",
         {"negative_slope": 0.2},
         lambda x: jax.nn.leaky_relu(x, negative_slope=0.2),
     ),
-    ActivationCase("elu", "elu", {}, jax.nn.elu),
     ActivationCase("elu(0.5)", "elu", {"alpha": 0.5}, lambda x: jax.nn.elu(x, alpha=0.5)),
     ActivationCase("gelu", "gelu", {}, lambda x: jax.nn.gelu(x, approximate=False)),
     ActivationCase(
@@ -232,9 +230,9 @@ def test_extreme_inputs_are_finite_and_match_autodiff(case):
     y, grads, dx = forward_backward(layer)((), x, dy, None)
     _, _, dx_ref = autodiff(layer, (), x, dy, None)
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and grads == ()
-    # Some autodiff rules underflow where ours do not (jax's sigmoid grad at +50 is 0, ours
-    # 1.9e-22), so the absolute tolerance scales with the input magnitude.
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-12 * 100)
+    # Autodiff rules may round a tiny derivative (~1e-22) to 0 where ours keeps it, so the
+    # absolute tolerance scales with the input magnitude.
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-12 * np.max(np.abs(EXTREME)))
 
 
 # Derivatives at large |x| that keep full relative precision. (Sigmoid's y (1 - y), the rule
@@ -310,7 +308,7 @@ def test_dropout_rate_outside_unit_interval_raises(rate):
         layers.dropout(rate)
 
 
-def test_dropout_keys_give_masks():
+def test_different_keys_give_different_masks():
     layer, x = layers.dropout(0.5), jnp.ones((64,))
     y0, _ = layer.forward((), x, key=jax.random.key(0))
     y0_again, _ = layer.forward((), x, key=jax.random.key(0))
@@ -604,3 +602,17 @@ def test_vmap_gives_per_example_backward(case):
     assert_trees_close(dx, dx_batch, **tol)
     summed = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), grads)
     assert_trees_close(summed, grads_batch, **tol)
+
+
+@pytest.mark.parametrize("rate", [-0.5, 1.0, 1.5])
+def test_mlp_rejects_a_dropout_rate_outside_0_1(rate):
+    with pytest.raises(ValueError, match="dropout_rate"):
+        layers.mlp([4, 2], dropout_rate=rate)
+
+
+def test_sizes_may_be_numpy_integers():
+    net = layers.mlp([np.int64(4), np.int32(2)])
+    out_shape, params = net.init(jax.random.PRNGKey(0), (3, 5))
+    assert out_shape == (3, 2)
+    assert params[0]["w"].shape == (5, 4)
+    assert layers.dense(np.int64(5)).init(jax.random.PRNGKey(0), (2, 3))[0] == (2, 5)

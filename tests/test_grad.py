@@ -1,0 +1,474 @@
+"""Gradients: manual == autodiff for every loss, as_custom_vjp runs the manual pass, and
+check_grads names the layer whose backward is wrong.
+
+Shapes are shared across tests (input 5, hidden 6, output 3, batch 7): eager JAX compiles every
+operation anew for each shape, so reusing them keeps the suite fast.
+"""
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ATOL, RTOL, assert_trees_close, tree_cast
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpjax import grad, layers, losses
+
+N_IN, N_OUT, BATCH = 5, 3, 7
+
+
+class NetCase(NamedTuple):
+    id: str
+    net: Callable[[], layers.Layer]
+    loss: str  # key of losses.LOSSES
+    loss_kwargs: dict[str, Any]
+    target: str  # "real", "labels", "probs" or "binary"
+    in_shape: tuple[int, ...] = (N_IN,)  # one example's shape
+    train: bool = False  # forward with a dropout key
+    per_example: bool = True  # works on a single unbatched example (vmap)
+
+
+NETS = [
+    NetCase("tanh-mse", lambda: layers.mlp([6, N_OUT], activation="tanh"), "mse", {}, "real"),
+    NetCase(
+        "relu-ce-labels", lambda: layers.mlp([6, N_OUT]), "softmax_cross_entropy", {}, "labels"
+    ),
+    NetCase(
+        "gelu-ce-probs",
+        lambda: layers.mlp([6, 6, N_OUT], activation="gelu"),
+        "softmax_cross_entropy",
+        {},
+        "probs",
+    ),
+    NetCase(
+        "sigmoid-bce",
+        lambda: layers.mlp([6, N_OUT], activation="sigmoid"),
+        "binary_cross_entropy",
+        {},
+        "binary",
+    ),
+    NetCase(
+        "elu-huber",
+        lambda: layers.mlp([6, N_OUT], activation="elu"),
+        "huber",
+        {"delta": 0.5},
+        "real",
+    ),
+    NetCase(
+        "silu-softmax-quadratic",
+        lambda: layers.mlp([6, N_OUT], activation="silu", output_activation="softmax"),
+        "quadratic",
+        {},
+        "probs",
+    ),
+    NetCase("dense-mse", lambda: layers.dense(N_OUT), "mse", {}, "real"),
+    NetCase(
+        "flatten-leaky-dropout-ce",
+        lambda: layers.serial(
+            layers.flatten(),
+            layers.dense(6),
+            layers.leaky_relu(0.2),
+            layers.dropout(0.3),
+            layers.dense(N_OUT),
+        ),
+        "softmax_cross_entropy",
+        {},
+        "labels",
+        in_shape=(1, N_IN),
+        train=True,
+        per_example=False,
+    ),
+]
+NET_IDS = [c.id for c in NETS]
+
+
+def test_nets_cover_every_loss():
+    assert {case.loss for case in NETS} == set(losses.LOSSES)
+
+
+def make_target(kind: str, rng: np.random.Generator, shape: tuple[int, ...], dtype) -> jax.Array:
+    """A target of the given kind for a prediction of ``shape`` (drawn with numpy: fast)."""
+    if kind == "real":
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+    if kind == "labels":
+        return jnp.asarray(rng.integers(0, shape[-1], shape[:-1]))
+    if kind == "probs":
+        return jax.nn.softmax(jnp.asarray(2 * rng.standard_normal(shape), dtype), axis=-1)
+    if kind == "binary":
+        return jnp.asarray(rng.uniform(size=shape), dtype)
+    raise ValueError(kind)
+
+
+def setup(case: NetCase, dtype=jnp.float64, *, batch: int = BATCH, seed: int = 0):
+    """The net, its loss, params (cast to ``dtype``), an input, a target and a key."""
+    net = case.net()
+    rng = np.random.default_rng(seed)
+    in_shape = (batch, *case.in_shape)
+    out_shape, params = net.init(jax.random.key(seed), in_shape)
+    params = tree_cast(params, dtype)
+    x = jnp.asarray(rng.standard_normal(in_shape), dtype)
+    target = make_target(case.target, rng, out_shape, dtype)
+    key = jax.random.key(seed + 1) if case.train else None
+    return net, losses.get(case.loss, **case.loss_kwargs), params, x, target, key
+
+
+def tolerances(dtype) -> dict[str, float]:
+    return {"rtol": RTOL[dtype], "atol": ATOL[dtype]}
+
+
+# --------------------------------------------------------------------------------------------
+# value_and_grad
+
+
+@pytest.mark.parametrize("case", NETS, ids=NET_IDS)
+def test_manual_matches_autodiff(case, dtype, maybe_jit):
+    net, loss, params, x, target, key = setup(case, dtype)
+
+    def both(params, x, target, key):
+        manual = grad.value_and_grad(net, loss)(params, x, target, key=key)
+        auto = grad.value_and_grad(net, loss, mode="autodiff")(params, x, target, key=key)
+        return manual, auto
+
+    (value, grads), (value_ref, grads_ref) = maybe_jit(both)(params, x, target, key)
+    assert value.shape == () and value.dtype == dtype and np.isfinite(value)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    np.testing.assert_allclose(value, value_ref, **tolerances(dtype))
+    assert_trees_close(grads, grads_ref, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("mode", grad.MODES)
+def test_with_output_returns_the_network_output(mode):
+    net, loss, params, x, target, _ = setup(NETS[0])
+    (value, y), grads = grad.value_and_grad(net, loss, mode=mode, with_output=True)(
+        params, x, target
+    )
+    value_only, grads_only = grad.value_and_grad(net, loss, mode=mode)(params, x, target)
+    np.testing.assert_array_equal(y, net.forward(params, x)[0])
+    np.testing.assert_allclose(value, value_only, rtol=1e-15)
+    assert_trees_close(grads, grads_only, rtol=1e-15)
+
+
+def test_unknown_mode_lists_valid_modes():
+    with pytest.raises(ValueError, match="nope") as info:
+        grad.value_and_grad(layers.dense(2), "mse", mode="nope")
+    for mode in grad.MODES:
+        assert mode in str(info.value)
+
+
+def test_loss_by_name():
+    net, loss, params, x, target, _ = setup(NETS[0])
+    by_name = grad.value_and_grad(net, "mse")(params, x, target)
+    assert_trees_close(by_name, grad.value_and_grad(net, loss)(params, x, target), rtol=0)
+
+
+def test_unknown_loss_raises():
+    with pytest.raises(ValueError, match="nope"):
+        grad.value_and_grad(layers.dense(2), "nope")
+    with pytest.raises(TypeError, match="Loss"):
+        grad.value_and_grad(layers.dense(2), jnp.mean)
+
+
+PER_EXAMPLE = [c for c in NETS if c.per_example]
+
+
+@pytest.mark.parametrize("case", PER_EXAMPLE, ids=[c.id for c in PER_EXAMPLE])
+def test_vmap_gives_per_example_gradients(case):
+    """vmap over (None, 0, 0): each example is a batch of one, so the per-example gradients of
+    a mean loss average to the batch gradient."""
+    net, loss, params, x, target, _ = setup(case)
+
+    @jax.jit  # eager vmap runs op by op and is slow
+    def per_example(params, x, target):
+        in_axes = (None, 0, 0)
+        manual = jax.vmap(grad.value_and_grad(net, loss), in_axes)(params, x, target)
+        auto = jax.vmap(grad.value_and_grad(net, loss, mode="autodiff"), in_axes)(params, x, target)
+        return manual, auto
+
+    (values, grads), (values_ref, grads_ref) = per_example(params, x, target)
+    assert values.shape == (BATCH,)
+    assert_trees_close((values, grads), (values_ref, grads_ref), rtol=1e-10, atol=1e-12)
+    value, batch_grads = grad.value_and_grad(net, loss)(params, x, target)
+    np.testing.assert_allclose(jnp.mean(values), value, rtol=1e-12)
+    mean_grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
+    assert_trees_close(mean_grads, batch_grads, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# as_custom_vjp
+
+
+def scaled_dw(layer: layers.Layer, factor: float = 2.0) -> layers.Layer:
+    """A dense layer whose backward is deliberately wrong: ``dw`` scaled by ``factor``."""
+
+    def backward(params, cache, dy):
+        grads, dx = layer.backward(params, cache, dy)
+        return {**grads, "w": factor * grads["w"]}, dx
+
+    return layer._replace(backward=backward)
+
+
+def forgetful_tanh() -> layers.Layer:
+    """A tanh whose backward forgets the (1 - y^2) factor."""
+    tanh = layers.tanh()
+    return tanh._replace(backward=lambda params, cache, dy: ((), dy))
+
+
+def net_apply(net: layers.Layer) -> Callable:
+    """``apply(params, x, *, key)`` by plain autodiff of the forward pass."""
+    return lambda params, x, *, key=None: net.forward(params, x, key=key)[0]
+
+
+def loss_through(apply: Callable, loss: losses.Loss, target, key) -> Callable:
+    return lambda params, x: loss.forward(apply(params, x, key=key), target)[0]
+
+
+@pytest.mark.parametrize("case", [NETS[1], NETS[2], NETS[-1]], ids=[NET_IDS[1], NET_IDS[2], "key"])
+def test_custom_vjp_grad_matches_autodiff(case, maybe_jit):
+    net, loss, params, x, target, key = setup(case)
+    apply = grad.as_custom_vjp(net)
+    np.testing.assert_array_equal(apply(params, x, key=key), net.forward(params, x, key=key)[0])
+    g_custom = maybe_jit(jax.grad(loss_through(apply, loss, target, key), argnums=(0, 1)))(
+        params, x
+    )
+    g_auto = jax.grad(loss_through(net_apply(net), loss, target, key), argnums=(0, 1))(params, x)
+    assert_trees_close(g_custom, g_auto, rtol=1e-10, atol=1e-12)
+
+
+def test_custom_vjp_runs_the_hand_written_backward():
+    """With a deliberately wrong backward, jax.grad through as_custom_vjp is wrong in exactly
+    the manual way (so it really runs the manual pass), while plain autodiff is not."""
+    net = layers.serial(layers.dense(6), layers.tanh(), scaled_dw(layers.dense(N_OUT)))
+    case = NETS[0]._replace(net=lambda: net)
+    net, loss, params, x, target, _ = setup(case)
+    objective = loss_through(grad.as_custom_vjp(net), loss, target, None)
+    g_custom = jax.grad(objective)(params, x)
+    g_auto = jax.grad(loss_through(net_apply(net), loss, target, None))(params, x)
+    _, g_manual = grad.value_and_grad(net, loss)(params, x, target)
+    assert_trees_close(g_custom, g_manual, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(g_custom[2]["w"], 2 * g_auto[2]["w"], rtol=1e-10)
+    np.testing.assert_allclose(g_custom[2]["b"], g_auto[2]["b"], rtol=1e-10)
+    # The broken layer's dx is right, so the layers before it get the right gradients.
+    assert_trees_close(g_custom[0], g_auto[0], rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# check_grads
+
+
+# An mlp, a bare layer (no sublayers) and a net with dropout; random nets for every loss and
+# activation are checked by test_random_mlp_manual_matches_autodiff.
+CHECKED = [NETS[0], NETS[-2], NETS[-1]]
+
+
+@pytest.mark.parametrize("case", CHECKED, ids=[c.id for c in CHECKED])
+def test_check_grads_passes_in_float64(case):
+    net, loss, params, x, target, key = setup(case)
+    result = grad.check_grads(net, loss, params, x, target, key=key)
+    assert result.passed, str(result)
+    assert result.first_failure is None and result.dtype == "float64"
+    text = str(result)
+    assert "PASSED" in text and "max_abs_err" in text and "rel_err" in text
+    checks = [row.check for row in result.rows]
+    assert checks[0] == "loss" and checks[-1] == "fd" and "layer" in checks and "total" in checks
+    n_layers = len(net.sublayers) or 1
+    assert {row.layer for row in result.rows if row.check == "layer"} == set(range(n_layers))
+    assert result.raise_if_failed() is result
+
+
+def test_check_grads_warns_in_float32_and_passes():
+    net, loss, params, x, target, _ = setup(NETS[1], jnp.float32)
+    with pytest.warns(grad.GradCheckWarning, match="float32"):
+        result = grad.check_grads(net, loss, params, x, target)
+    assert result.passed, str(result)
+    assert result.dtype == "float32" and result.rtol == grad.default_tolerances(jnp.float32)["rtol"]
+
+
+BROKEN = [
+    # (id, layers, index of the broken layer, leaf where it first shows)
+    (
+        "tanh-forgets-1-y^2",
+        lambda: (layers.dense(6), forgetful_tanh(), layers.dense(N_OUT)),
+        1,
+        "dx",
+    ),
+    (
+        "dense-dw-scaled",
+        lambda: (
+            layers.dense(6),
+            layers.tanh(),
+            scaled_dw(layers.dense(6)),
+            layers.tanh(),
+            layers.dense(N_OUT),
+        ),
+        2,
+        "w",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("parts", "index", "leaf"), [b[1:] for b in BROKEN], ids=[b[0] for b in BROKEN]
+)
+def test_check_grads_names_the_broken_layer(parts, index, leaf):
+    net = layers.serial(*parts())
+    case = NETS[0]._replace(net=lambda: net)
+    net, loss, params, x, target, _ = setup(case)
+    result = grad.check_grads(net, loss, params, x, target)
+    assert not result.passed
+    first = result.first_failure
+    assert (first.check, first.layer, first.leaf) == ("layer", index, leaf)
+    assert first.layer_name == net.sublayers[index].name
+    text = str(result)
+    assert "FAILED" in text and f"layer {index}" in text and "FAIL" in text
+    # Layers after the broken one (earlier in the backward pass) still pass their own check.
+    for row in result.rows:
+        if row.check == "layer" and row.layer > index:
+            assert row.passed, str(result)
+    with pytest.raises(AssertionError, match=f"layer {index}"):
+        result.raise_if_failed()
+
+
+def test_check_grads_reports_a_broken_loss():
+    net, loss, params, x, target, _ = setup(NETS[0])
+    broken = loss._replace(backward=lambda cache: 2 * loss.backward(cache))
+    result = grad.check_grads(net, broken, params, x, target)
+    assert not result.passed
+    first = result.first_failure
+    assert (first.check, first.layer, first.layer_name) == ("loss", None, "loss")
+    assert "wrong at loss" in str(result)
+    assert all(row.passed for row in result.rows if row.check == "layer")
+
+
+def test_check_grads_records_serialise_to_json():
+    net, loss, params, x, target, key = setup(NETS[-1])
+    result = grad.check_grads(net, loss, params, x, target, key=key)
+    records = json.loads(json.dumps(result.to_records()))
+    assert len(records) == len(result.rows)
+    assert set(records[0]) == {
+        "check",
+        "layer",
+        "layer_name",
+        "leaf",
+        "shape",
+        "max_abs_err",
+        "rel_err",
+        "cosine",
+        "tol",
+        "passed",
+    }
+    fd = [r for r in records if r["check"] == "fd"]
+    assert len(fd) == 1 and fd[0]["passed"] and fd[0]["shape"] == "scalar"
+    assert math.isnan(result.rows[-1].cosine)
+
+
+def test_check_grads_needs_params():
+    with pytest.raises(ValueError, match="no parameters"):
+        grad.check_grads(layers.relu(), "mse", (), jnp.ones((2, 3)), jnp.ones((2, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# grad_agreement and the metrics
+
+
+def test_grad_agreement_of_identical_trees(maybe_jit):
+    net, loss, params, x, target, _ = setup(NETS[0])
+    _, grads = grad.value_and_grad(net, loss)(params, x, target)
+    metrics = maybe_jit(grad.grad_agreement)(grads, grads)
+    assert set(metrics) == {
+        f"{where}/{metric}"
+        for where in ("layer0", "layer2", "total")  # layer1 (tanh) has no parameters
+        for metric in ("rel_err", "cosine")
+    }
+    for name, value in metrics.items():
+        assert value.shape == ()
+        np.testing.assert_allclose(value, 0.0 if name.endswith("rel_err") else 1.0, atol=1e-12)
+
+
+def test_grad_agreement_manual_vs_autodiff_and_single_layer():
+    net, loss, params, x, target, _ = setup(NETS[-2])  # a bare dense layer: one "layer"
+    _, manual = grad.value_and_grad(net, loss)(params, x, target)
+    _, auto = grad.value_and_grad(net, loss, mode="autodiff")(params, x, target)
+    metrics = grad.grad_agreement(manual, auto)
+    assert set(metrics) == {"layer0/rel_err", "layer0/cosine", "total/rel_err", "total/cosine"}
+    assert metrics["total/rel_err"] < 1e-12 and abs(metrics["total/cosine"] - 1) < 1e-12
+    wrong = jax.tree_util.tree_map(lambda g: -g, manual)
+    np.testing.assert_allclose(grad.grad_agreement(wrong, auto)["layer0/cosine"], -1.0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "rel_err", "cosine"),
+    [
+        ([1.0, 0.0], [0.0, 1.0], math.sqrt(2), 0.0),  # orthogonal
+        ([1.0, 2.0], [2.0, 4.0], 0.5, 1.0),  # scaled
+        ([1.0, 2.0], [-1.0, -2.0], 2.0, -1.0),  # opposite
+        ([0.0, 0.0], [0.0, 0.0], 0.0, 1.0),  # both zero
+        ([0.0, 0.0], [3.0, 4.0], 1.0, 0.0),  # one zero
+    ],
+)
+def test_relative_error_and_cosine(a, b, rel_err, cosine):
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    np.testing.assert_allclose(grad.relative_error(a, b), rel_err, rtol=1e-12)
+    np.testing.assert_allclose(grad.cosine_similarity(a, b), cosine, rtol=1e-12, atol=1e-15)
+    tree_a, tree_b = {"u": a[:1], "v": (a[1:],)}, {"u": b[:1], "v": (b[1:],)}
+    np.testing.assert_allclose(grad.relative_error(tree_a, tree_b), rel_err, rtol=1e-12)
+    np.testing.assert_allclose(grad.cosine_similarity(tree_a, tree_b), cosine, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# random networks
+
+
+HIDDEN_ACTIVATIONS = sorted(layers.ACTIVATIONS)
+TARGET_KINDS = {
+    "mse": ["real"],
+    "quadratic": ["real"],
+    "huber": ["real"],
+    "binary_cross_entropy": ["binary"],
+    "softmax_cross_entropy": ["labels", "probs"],
+}
+
+
+def test_target_kinds_cover_every_loss():
+    assert set(TARGET_KINDS) == set(losses.LOSSES)
+
+
+# Widths and batch sizes come from small sets spanning 1-16 and 1-8 (shared with the tests
+# above): eager JAX compiles every operation for every new shape and check_grads runs many, so
+# recurring shapes keep an example to about a second instead of several.
+WIDTHS = [1, 3, 6, 16]
+BATCHES = [1, 7]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.sampled_from(WIDTHS), min_size=1, max_size=4),
+    activation=st.sampled_from(HIDDEN_ACTIVATIONS),
+    loss_name=st.sampled_from(sorted(TARGET_KINDS)),
+    batch=st.sampled_from(BATCHES),
+    data=st.data(),
+)
+def test_random_mlp_manual_matches_autodiff(widths, activation, loss_name, batch, data):
+    kind = data.draw(st.sampled_from(TARGET_KINDS[loss_name]), label="target")
+    seed = data.draw(st.integers(0, 2**16), label="seed")
+    net = layers.mlp(widths, activation=activation)
+    loss = losses.get(loss_name)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, N_IN)))
+    target = make_target(kind, rng, (batch, widths[-1]), jnp.float64)
+    # Params drawn with numpy in init's shapes: eager jax.random compiles for every shape.
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x.shape)[1])
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape) / math.sqrt(s.shape[0])), shapes
+    )
+    value, grads = grad.value_and_grad(net, loss)(params, x, target)
+    value_ref, grads_ref = grad.value_and_grad(net, loss, mode="autodiff")(params, x, target)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-10)
+    assert_trees_close(grads, grads_ref, rtol=1e-10, atol=1e-12)
+    result = grad.check_grads(net, loss, params, x, target)
+    assert result.passed, str(result)
