@@ -423,7 +423,7 @@ def test_mlp_layers_and_shapes():
         ("tanh", np.sqrt(2 / (400 + 800))),  # Glorot: sqrt(2 / (fan_in + fan_out))
         ("sigmoid", np.sqrt(2 / (400 + 800))),
     ],
-    ids=str,
+    ids=lambda a: a.name if isinstance(a, layers.Layer) else str(a),
 )
 def test_mlp_default_init_by_activation(act, expected_std):
     net = layers.mlp([800, 10], activation=act)
