@@ -305,7 +305,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "total_steps": steps_per_epoch * trainer.epochs,
     }
     net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
-    loss_name = _target_name(cfg.loss)
+    loss_name = loss.name
     n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
     # A binary classifier may have one output (a logit or probability; see encode_targets).
     single_output_binary = (
@@ -336,6 +336,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}",
         flush=True,
     )
+    checkpoint_dir = run_dir / "checkpoints"
+    if trainer.resume and not any(checkpoint_dir.glob("ckpt_*.npz")):
+        print(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch", flush=True)
     status = "completed"
     message = ""
     try:
@@ -352,7 +355,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             eval_every=trainer.eval_every,
             monitor=trainer.monitor,
             patience=trainer.patience,
-            checkpoint_dir=str(run_dir / "checkpoints"),
+            checkpoint_dir=str(checkpoint_dir),
             checkpoint_every=trainer.checkpoint_every,
             keep_checkpoints=trainer.keep_checkpoints,
             resume=trainer.resume,

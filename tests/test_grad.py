@@ -472,3 +472,19 @@ def test_random_mlp_manual_matches_autodiff(widths, activation, loss_name, batch
     assert_trees_close(grads, grads_ref, rtol=1e-10, atol=1e-12)
     result = grad.check_grads(net, loss, params, x, target)
     assert result.passed, str(result)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_check_grads_tolerances_follow_low_precision_dtypes(dtype_name):
+    """Mixed precision: a correct backward passes at the dtype's own (loose) tolerances."""
+    low = jnp.dtype(dtype_name)
+    net = layers.mlp([16, 4], activation="tanh")
+    _, params = net.init(jax.random.PRNGKey(0), (8, 6))
+    params = tree_cast(params, low)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 6)), low)
+    target = jnp.arange(8) % 4
+    with pytest.warns(grad.GradCheckWarning, match=dtype_name):
+        result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    assert result.dtype == dtype_name
+    assert result.rtol == grad.default_tolerances(low)["rtol"] > 1e-3
+    assert result.passed, str(result)
