@@ -1,0 +1,40 @@
+"""The README's Python examples run as written (issue: "the README example runs as written")."""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_has_the_examples():
+    assert len(BLOCKS) == 2
+    assert "check_grads" in BLOCKS[0] and "apply_updates" in BLOCKS[0]
+    assert "bpjax.fit" in BLOCKS[1]
+
+
+def _run(code: str, tmp_path: pathlib.Path) -> str:
+    # A fresh interpreter, as a reader would run it (conftest's x64 setting must not leak in).
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_ten_line_example(tmp_path):
+    assert len([line for line in BLOCKS[0].splitlines() if line.strip()]) <= 12
+    out = _run(BLOCKS[0], tmp_path)
+    assert "PASSED" in out
+    before, after = re.search(r"loss ([\d.]+) -> ([\d.]+)", out).groups()
+    assert float(after) < float(before)  # one step of SGD lowered the loss
+
+
+@pytest.mark.slow
+def test_fit_example_reaches_the_stated_accuracy(tmp_path):
+    out = _run(BLOCKS[1], tmp_path)
+    assert float(out.strip().splitlines()[-1]) > 0.94  # the README states 95.19%
