@@ -46,3 +46,19 @@ def assert_trees_close(actual, expected, *, rtol, atol=0.0):
     for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected)):
         assert a.shape == e.shape, (a.shape, e.shape)
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+def leaves(tree) -> list[np.ndarray]:
+    """The leaves of a pytree as numpy arrays."""
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    """Bit-identical pytrees (same structure, every leaf equal)."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def trees_differ(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))

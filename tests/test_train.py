@@ -14,7 +14,15 @@ import numpy as np
 import optax
 import pytest
 import sklearn.metrics
-from conftest import ATOL, RTOL, assert_trees_close, tree_cast
+from conftest import (
+    ATOL,
+    RTOL,
+    assert_trees_close,
+    assert_trees_equal,
+    leaves,
+    tree_cast,
+    trees_differ,
+)
 
 import bpjax
 from bpjax import losses, train
@@ -66,20 +74,6 @@ def regression_data(n: int = 32, *, seed: int = 0):
 
 def small_net(**kwargs) -> bpjax.Layer:
     return bpjax.mlp([8, N_CLASSES], activation="tanh", **kwargs)
-
-
-def leaves(tree) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def trees_differ(a, b) -> bool:
-    return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
 
 def full_batch_loss(net, loss, params, x, y) -> float:

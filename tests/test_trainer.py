@@ -19,6 +19,7 @@ import numpy as np
 import optax
 import pytest
 import sklearn.metrics
+from conftest import assert_trees_equal, leaves, trees_differ
 
 import bpjax
 from bpjax import checkpoint, losses, train, trainer
@@ -63,20 +64,6 @@ TESTED = {
 
 def test_public_names_are_tested():
     assert set(TESTED) == set(trainer.__all__)
-
-
-def leaves(tree) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(leaves(a), leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
-
-
-def trees_differ(a, b) -> bool:
-    return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
 
 def checkpoint_files(directory) -> list[str]:
