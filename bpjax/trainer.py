@@ -302,18 +302,17 @@ def fit(
                     step=step_before + bad + 1,
                     result=result,
                 )
-            state = new_state
             if epoch > start_epoch + 1 or epochs == start_epoch + 1:
                 train_seconds += seconds
                 trained_examples += steps_per_epoch * batch_size
             record: dict[str, Any] = {
                 "epoch": epoch,
-                "step": int(state.step),
+                "step": int(new_state.step),
                 "train_loss": float(np.mean(losses)),
                 "epoch_seconds": seconds,
                 "examples_per_second": steps_per_epoch * batch_size / seconds,
                 "step_metrics": step_metrics,
-                "params": state.params,
+                "params": new_state.params,
                 "evaluated": False,
             }
             if epoch % eval_every == 0 or epoch == epochs:
@@ -321,39 +320,41 @@ def fit(
                 for split in eval_splits:
                     if split in eval_inputs:
                         # "train_loss" stays the epoch's mean minibatch loss.
-                        evaluated = run_eval(state.params, split)
+                        evaluated = run_eval(new_state.params, split)
                         evaluated.pop("train_loss", None)
                         record.update(evaluated)
                 value = record.get(monitor, record["train_loss"])
                 if _is_better(value, best, mode):
                     best, best_epoch, bad_evals = value, epoch, 0
-                    best_params = state.params
+                    best_params = new_state.params
                 else:
                     bad_evals += 1
                 record["best_" + monitor] = best
+            # From here on `state` is the state history[-1] describes: an interrupt while
+            # evaluating (above) checkpoints the previous epoch, not an unrecorded update.
             history.append(record)
-            completed = state  # the state history[-1] describes
+            state = new_state
             for callback in callbacks:
                 callback(record)
-            # A new best is saved too, so that a resumed run can restore the best params.
-            if epoch % checkpoint_every == 0 or epoch == epochs or best_epoch == epoch:
+            stopped_early = patience is not None and bad_evals >= patience
+            # A new best is saved too, so that a resumed run can restore the best params; so is
+            # the last epoch of a run stopped early.
+            if (
+                epoch % checkpoint_every == 0
+                or epoch == epochs
+                or best_epoch == epoch
+                or stopped_early
+            ):
                 checkpoint(epoch, record)
-            if patience is not None and bad_evals >= patience:
-                stopped_early = True
+            if stopped_early:
                 break
     except KeyboardInterrupt:
         if history:
-            # Interrupted between an update and its record (e.g. while evaluating): save the
-            # state of the last recorded epoch, not the unrecorded update on top of it.
-            state = completed
             checkpoint(history[-1]["epoch"], history[-1])
         raise
 
     wall = time.perf_counter() - t_start
-    final = {}
-    if history and history[-1]["epoch"] % checkpoint_every and manager is not None:
-        checkpoint(history[-1]["epoch"], history[-1])
-    final.update(run_eval(best_params, "test"))
+    final = run_eval(best_params, "test")
     final.update(
         {f"best_{k}": v for k, v in run_eval(best_params, "val").items()} if data.n_val else {}
     )
