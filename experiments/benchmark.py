@@ -13,7 +13,10 @@ Convention:
   inflate wall time but hardly CPU time, so the CPU-time ratio is the steadier comparison.
 * Ratios are manual / autodiff: ``step_ratio = median(manual) / median(autodiff)`` (wall),
   ``step_ratio_paired`` the median of per-round ratios (each round's pair is adjacent in time),
-  ``step_ratio_cpu`` the ratio of CPU-time medians.
+  ``step_ratio_cpu`` the ratio of CPU-time medians. The targets judge the one named by
+  ``targets.ratio`` (default ``paired``): on a shared machine the wall times of a long run are
+  often bimodal (another job comes and goes), and a ratio of two medians can then compare
+  samples from different modes, while each round's pair was measured milliseconds apart.
 * The timed step is ``make_step(net, loss, optax.sgd(lr), grad_mode=mode)`` jitted to return
   ``(new_state, loss)``: the gradients, updates and outputs that ``make_step`` also offers in
   ``aux`` are dropped, as ``make_epoch`` drops them, so XLA need not materialise them. Calls are
@@ -31,20 +34,28 @@ Convention:
 * Epochs (grid points with ``epoch: true``): ``make_epoch`` (one jitted ``lax.scan`` over
   ``epoch_examples // batch`` steps) against a Python loop dispatching one jitted step per batch
   that does what the scan body does (gather the batch by index, update), with the same
-  permutation: the same steps, so the same final params (checked).
+  permutation: the same steps, so the same final params (checked); and against the textbook
+  loop (``host_loop``): numpy batches sliced on the host and passed to the jitted step.
+* What each step compiles to: ``hlo_summary`` counts the optimized HLO's dots, kernels, fusions
+  and library calls per mode (``dump_hlo=true`` also writes the text). ``profile=[point, ...]``
+  traces those points' steps with ``jax.profiler`` after the timed rounds and reports per-op
+  device time (``trace_ops``): where a step's time goes, to find out why one mode is slower.
 
 This file owns the wiring, timing and printing; the math lives in ``bpjax``.
 """
 
 import functools
+import gzip
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +83,11 @@ from bpjax.train import (
 )
 
 MODES = ("manual", "autodiff")
+# The Python loops an epoch scan is compared with: ``loop`` keeps the data on device and gathers
+# each batch by index inside the jitted step (the scan body's work, one dispatch per step);
+# ``host_loop`` is the textbook loop: numpy batches sliced on the host, passed to the jitted step.
+LOOPS = ("loop", "host_loop")
+EPOCH_KINDS = ("scan", *LOOPS)
 _relative_error = jax.jit(relative_error)
 
 
@@ -119,6 +135,100 @@ def memory_stats(compiled: Any) -> dict[str, Any]:
     known = None not in (argument, output, temp)
     out["peak_bytes"] = argument + output + temp - (alias or 0) if known else None
     return out
+
+
+_FREE_OPS = frozenset({"parameter", "constant", "get-tuple-element", "tuple", "bitcast"})
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+
+
+def _instructions(hlo_text: str) -> list[tuple[str, str, bool]]:
+    """``(name, opcode, in_entry)`` for every instruction of an HLO module's text."""
+    out, in_entry = [], False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():  # a computation header (or the module line)
+            in_entry = line.startswith("ENTRY")
+            continue
+        match = _INSTRUCTION.match(line)
+        if match:
+            out.append((match.group(1), match.group(2), in_entry))
+    return out
+
+
+def hlo_summary(hlo_text: str) -> dict[str, Any]:
+    """What the compiled program does, counted from its optimized HLO text.
+
+    ``instructions`` counts all instructions (fused computations included); ``entry_kernels``
+    the top-level ones that do work (not parameters, constants, tuples or bitcasts): roughly
+    the kernels one call launches. ``dots``, ``transposes`` and ``copies`` count those opcodes
+    anywhere (``dots`` also counts GEMM/matmul custom calls, e.g. cuBLAS on GPU); ``fusions``
+    counts fusion instructions, ``library_fusions`` the fusions handed to a library, by kind
+    (e.g. ``__ynn_fusion`` on CPU), and ``custom_calls`` the custom calls, by target.
+    """
+    ops = _instructions(hlo_text)
+    opcodes = [op for _, op, _ in ops]
+
+    def counts(pattern: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for name in re.findall(pattern, hlo_text):
+            found[name] = found.get(name, 0) + 1
+        return dict(sorted(found.items()))
+
+    calls = counts(r'custom_call_target="([^"]+)"')
+    return {
+        "instructions": len(ops),
+        "entry_kernels": sum(1 for _, op, entry in ops if entry and op not in _FREE_OPS),
+        "fusions": opcodes.count("fusion"),
+        "dots": opcodes.count("dot")
+        + opcodes.count("convolution")
+        + sum(n for target, n in calls.items() if re.search("gemm|matmul", target, re.IGNORECASE)),
+        "transposes": opcodes.count("transpose"),
+        "copies": opcodes.count("copy"),
+        "library_fusions": counts(r'"kind":"(__\w+)"'),
+        "custom_calls": calls,
+    }
+
+
+def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str, Any]]:
+    """Per-op device time of one compiled program, from a ``jax.profiler`` trace of ``calls`` calls.
+
+    Reads the Perfetto trace that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote
+    under ``trace_dir`` and sums the events XLA tags with an ``hlo_op`` of this module (the
+    module is named on the text's first line). Returns one row per op, slowest first: ``op``,
+    ``opcode``, ``library`` (a library fusion's kind, e.g. ``__ynn_fusion``, else None),
+    ``us_per_call`` and ``events_per_call``. Ops that a runtime runs asynchronously (or on
+    several threads) can overlap, so the rows need not sum to the wall time of a call.
+    """
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    module = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+    module = module.group(1) if module else None
+    opcodes = {name: op for name, op, _ in _instructions(hlo_text)}
+    libraries = dict(re.findall(r'%([\w.\-]+) = [^\n]*"kind":"(__\w+)"', hlo_text))
+    time_us: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for event in events:
+        args = event.get("args") or {}
+        op = args.get("hlo_op")
+        if event.get("ph") != "X" or op not in opcodes:
+            continue
+        if module is not None and args.get("hlo_module") not in (None, module):
+            continue
+        time_us[op] = time_us.get(op, 0.0) + float(event.get("dur", 0.0))
+        count[op] = count.get(op, 0) + 1
+    rows = [
+        {
+            "op": op,
+            "opcode": opcodes[op],
+            "library": libraries.get(op),
+            "us_per_call": total / calls,
+            "events_per_call": count[op] / calls,
+        }
+        for op, total in time_us.items()
+    ]
+    return sorted(rows, key=lambda row: -row["us_per_call"])
 
 
 def _cpu_model() -> str | None:
@@ -170,6 +280,7 @@ def _compile(fn: Callable, *args: Any) -> tuple[Any, dict[str, Any]]:
         "lower_s": lowered_at - start,
         "compile_s": done - lowered_at,
         "memory": memory_stats(compiled),
+        "hlo": hlo_summary(compiled.as_text()),
     }
     return compiled, info
 
@@ -325,9 +436,11 @@ def _point_steps(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
     x, y = _data(cfg, features, batch, seed)
     variants, info = {}, {}
     net, loss, optimizer, state = _training(cfg, point)
+    executables = {}
     for mode in MODES:
         step = _loss_only(make_step(net, loss, optimizer, grad_mode=mode))
         compiled, info[mode] = _compile(step, state, x, y)
+        executables[mode] = compiled
         variants[mode] = _Variant(
             lambda s, c=compiled: c(s, x, y)[0], state, warmup=cfg.warmup, block=cfg.block_seconds
         )
@@ -342,7 +455,45 @@ def _point_steps(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
     variants["matmul_only"] = _Variant(
         lambda x_, c=compiled: c(ws, x_, dy)[0], x, warmup=cfg.warmup, block=cfg.block_seconds
     )
-    return {"variants": variants, "info": info}
+    return {"variants": variants, "info": info, "executables": executables}
+
+
+def _write_hlo(name: str, built: dict, directory: Path) -> dict[str, str]:
+    """Writes each mode's optimized step HLO to ``directory/<name>.<mode>.txt``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for mode in MODES:
+        path = directory / f"{name}.{mode}.txt"
+        path.write_text(built["executables"][mode].as_text())
+        paths[mode] = str(path)
+    return paths
+
+
+def _profile(name: str, built: dict, calls: int, directory: Path) -> dict[str, Any]:
+    """Traces ``calls`` chained steps of each mode with ``jax.profiler``; per-op times.
+
+    The traces stay in ``directory/<name>/<mode>`` (open them with TensorBoard's profile
+    plugin or Perfetto); the summary is ``trace_ops``'s table per mode, plus the wall time per
+    call while tracing (the profiler adds overhead, so compare it only with the other mode).
+    """
+    out: dict[str, Any] = {"calls": calls}
+    for mode in MODES:
+        variant, compiled = built["variants"][mode], built["executables"][mode]
+        trace_dir = directory / name / mode
+        carry = variant.carry
+        jax.block_until_ready(carry)
+        with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(calls):
+                carry = variant.call(carry)
+            jax.block_until_ready(carry)
+            wall = time.perf_counter() - start
+        out[mode] = {
+            "trace_dir": str(trace_dir),
+            "wall_us_per_call": 1e6 * wall / calls,
+            "ops": trace_ops(trace_dir, compiled.as_text(), calls),
+        }
+    return out
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -362,6 +513,7 @@ def _point_epochs(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
     variants, info, check = {}, {}, {}
     net, loss, optimizer, state = _training(cfg, point)
     batches = list(_epoch_order(state.key, epoch_index, n, batch))
+    host_x, host_y, host_batches = np.asarray(x), np.asarray(y), [np.asarray(b) for b in batches]
     for mode in MODES:
         epoch = make_epoch(net, loss, optimizer, batch_size=batch, grad_mode=mode)
         scan, info[f"scan_{mode}"] = _compile(epoch, state, x, y, epoch_index)
@@ -371,19 +523,32 @@ def _point_epochs(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
             return step(state, x[idx], y[idx])
 
         looped, info[f"loop_{mode}"] = _compile(loop_step, state, x, y, batches[0])
+        plain, info[f"host_loop_{mode}"] = _compile(step, state, x[:batch], y[:batch])
 
         def loop_epoch(state, looped=looped):
             for idx in batches:
                 state = looped(state, x, y, idx)[0]
             return state
 
+        def host_loop_epoch(state, plain=plain):
+            for idx in host_batches:
+                state = plain(state, host_x[idx], host_y[idx])[0]
+            return state
+
         def scan_epoch(state, scan=scan):
             return scan(state, x, y, epoch_index)[0]
 
         # Same steps, same result: one epoch of each from the same state (also a warm-up).
-        from_scan, from_loop = scan_epoch(state), loop_epoch(state)
-        check[mode] = float(_relative_error(from_scan.params, from_loop.params))
-        for kind, call in (("scan", scan_epoch), ("loop", loop_epoch)):
+        from_scan = scan_epoch(state)
+        for kind, call in (
+            ("scan", scan_epoch),
+            ("loop", loop_epoch),
+            ("host_loop", host_loop_epoch),
+        ):
+            if kind != "scan":
+                check[f"{kind}_{mode}"] = float(
+                    _relative_error(from_scan.params, call(state).params)
+                )
             variants[f"{kind}_{mode}"] = _Variant(call, state, warmup=cfg.epoch_warmup, block=0)
         print(f"  compiled {point['name']} epochs, {mode} ({len(batches)} steps)", flush=True)
     return {"variants": variants, "info": info, "check": check, "steps": len(batches)}
@@ -429,6 +594,7 @@ def _step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str,
             "compile_s": info[mode]["compile_s"],
             "memory": info[mode]["memory"],
             "peak_bytes": info[mode]["memory"]["peak_bytes"],
+            "hlo": info[mode]["hlo"],
             "params_finite": all(
                 bool(np.all(np.isfinite(leaf)))
                 for leaf in jax.tree_util.tree_leaves(v.carry.params)
@@ -445,6 +611,7 @@ def _step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str,
         "step_ratio_paired": _paired(manual, autodiff),
         "step_ratio_cpu": _ratio(manual.cpu_median, autodiff.cpu_median),
         "memory_ratio": _ratio(modes["manual"]["peak_bytes"], modes["autodiff"]["peak_bytes"]),
+        "same_dots": modes["manual"]["hlo"]["dots"] == modes["autodiff"]["hlo"]["dots"],
         "matmul_only": {
             "ms": _ms(only.median),
             "gflops": only_gflops,
@@ -472,9 +639,10 @@ def _epoch_results(built: dict) -> dict[str, Any]:
     out["scan_ratio_paired"] = _paired(scan_manual, scan_autodiff)
     out["scan_ratio_cpu"] = _ratio(scan_manual.cpu_median, scan_autodiff.cpu_median)
     for mode in MODES:
-        loop, scan = variants[f"loop_{mode}"], variants[f"scan_{mode}"]
-        out[f"loop_speedup_{mode}"] = _ratio(loop.median, scan.median)
-        out[f"loop_vs_scan_params_rel_err_{mode}"] = built["check"][mode]
+        scan = variants[f"scan_{mode}"]
+        for loop in LOOPS:
+            out[f"{loop}_speedup_{mode}"] = _ratio(variants[f"{loop}_{mode}"].median, scan.median)
+            out[f"{loop}_vs_scan_params_rel_err_{mode}"] = built["check"][f"{loop}_{mode}"]
     return out
 
 
@@ -482,16 +650,27 @@ def _target(measured: Any, threshold: float, met: bool, **where: Any) -> dict[st
     return {**where, "measured": measured, "threshold": threshold, "met": bool(met)}
 
 
+# Which manual/autodiff ratio the targets judge (``targets.ratio``): the key suffix per estimator.
+_ESTIMATORS = {"paired": "_paired", "medians": "", "cpu": "_cpu"}
+
+
 def _targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
-    """Each target: measured value, threshold, met (ratios are wall-time medians)."""
+    """Each target: measured value, threshold, met; manual/autodiff ratios by ``targets.ratio``."""
     t = cfg.targets
-    ratios = {name: p["step_ratio"] for name, p in points.items()}
+    suffix = _ESTIMATORS[t.ratio]
+    ratios = {name: p["step_ratio" + suffix] for name, p in points.items()}
     median = statistics.median(ratios.values())
     worst = max(ratios, key=ratios.get)
     out = {
-        "step_ratio_median": _target(median, t.step_ratio_median, median <= t.step_ratio_median),
+        "step_ratio_median": _target(
+            median, t.step_ratio_median, median <= t.step_ratio_median, estimator=t.ratio
+        ),
         "step_ratio_max": _target(
-            ratios[worst], t.step_ratio_max, ratios[worst] <= t.step_ratio_max, point=worst
+            ratios[worst],
+            t.step_ratio_max,
+            ratios[worst] <= t.step_ratio_max,
+            point=worst,
+            estimator=t.ratio,
         ),
     }
     memory = {name: p["memory_ratio"] for name, p in points.items()}
@@ -511,9 +690,13 @@ def _targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
         )
     epoch = (points.get(t.epoch_point) or {}).get("epoch")
     if epoch:
-        ratio, speedup = epoch["scan_ratio"], epoch["loop_speedup_manual"]
+        ratio, speedup = epoch["scan_ratio" + suffix], epoch["loop_speedup_manual"]
         out["epoch_scan_ratio"] = _target(
-            ratio, t.epoch_scan_ratio_max, ratio <= t.epoch_scan_ratio_max, point=t.epoch_point
+            ratio,
+            t.epoch_scan_ratio_max,
+            ratio <= t.epoch_scan_ratio_max,
+            point=t.epoch_point,
+            estimator=t.ratio,
         )
         out["loop_speedup"] = _target(
             speedup, t.loop_speedup_min, speedup >= t.loop_speedup_min, point=t.epoch_point
@@ -586,7 +769,20 @@ def format_tables(result: dict[str, Any]) -> str:
     lines.append("(ratio, paired, cpu: manual / autodiff; %peak: of the best matmul reference)")
     epochs = [(name, p["epoch"]) for name, p in result["points"].items() if p["epoch"]]
     if epochs:
-        rows = [("point", "steps", "mode", "scan s", "loop s", "loop/scan", "scan ratio", "cpu")]
+        rows = [
+            (
+                "point",
+                "steps",
+                "mode",
+                "scan s",
+                "loop s",
+                "loop/scan",
+                "host loop s",
+                "host/scan",
+                "scan ratio",
+                "cpu",
+            )
+        ]
         for name, e in epochs:
             for mode in MODES:
                 manual = mode == "manual"
@@ -598,16 +794,68 @@ def format_tables(result: dict[str, Any]) -> str:
                         f"{e['scan_' + mode]['epoch_s']:.3f}",
                         f"{e['loop_' + mode]['epoch_s']:.3f}",
                         _fmt(e["loop_speedup_" + mode], ".1f") + "x",
+                        f"{e['host_loop_' + mode]['epoch_s']:.3f}",
+                        _fmt(e["host_loop_speedup_" + mode], ".1f") + "x",
                         _fmt(e["scan_ratio"], ".3f") if manual else "",
                         _fmt(e["scan_ratio_cpu"], ".3f") if manual else "",
                     )
                 )
         lines += ["", *_columns(rows)]
-    rows = [("target", "point", "measured", "threshold", "met")]
+        lines.append(
+            "(loop: data on device, batch gathered by index in the jitted step; host loop: numpy"
+            " batches sliced on the host)"
+        )
+    rows = [("point", "mode", "dots", "kernels", "fusions", "library fusions", "instructions")]
+    for name, p in result["points"].items():
+        for mode in MODES:
+            h = p["modes"][mode]["hlo"]
+            library = ", ".join(f"{k} x{v}" for k, v in h["library_fusions"].items()) or "-"
+            rows.append(
+                (
+                    name,
+                    mode,
+                    str(h["dots"]),
+                    str(h["entry_kernels"]),
+                    str(h["fusions"]),
+                    library,
+                    str(h["instructions"]),
+                )
+            )
+    lines += ["", "optimized HLO of each step:", *_columns(rows)]
+    for name, p in result["points"].items():
+        if not p.get("profile"):
+            continue
+        prof = p["profile"]
+        rows = [("mode", "op", "opcode", "library", "us/call", "% of call")]
+        for mode in MODES:
+            wall = prof[mode]["wall_us_per_call"]
+            for op in prof[mode]["ops"][: result["config"]["profile_top"]]:
+                rows.append(
+                    (
+                        mode,
+                        op["op"],
+                        op["opcode"],
+                        op["library"] or "",
+                        f"{op['us_per_call']:.1f}",
+                        f"{100 * op['us_per_call'] / wall:.1f}",
+                    )
+                )
+        calls = prof["calls"]
+        walls = ", ".join(f"{m} {prof[m]['wall_us_per_call']:.1f} us" for m in MODES)
+        lines += ["", f"profile of {name} ({calls} traced calls; per call: {walls}):"]
+        lines += _columns(rows)
+    rows = [("target", "point", "measured", "threshold", "met", "ratio")]
     for name, t in result["targets"].items():
         met = "yes" if t["met"] else "NO"
         rows.append(
-            (name, t.get("point") or "", _fmt(t["measured"], ".3f"), f"{t['threshold']:g}", met)
+            (
+                name,
+                t.get("point") or "",
+                _fmt(t["measured"], ".3f"),
+                f"{t['threshold']:g}",
+                met,
+                t.get("estimator") or "",
+            )
         )
     lines += ["", *_columns(rows), "", f"runtime: {result['runtime_s']:.1f} s"]
     return "\n".join(lines)
@@ -653,6 +901,18 @@ def run(
     names = [p["name"] for p in grid]
     if len(set(names)) != len(names):
         raise ValueError(f"grid point names must be unique, got {names}")
+    if cfg.targets.ratio not in _ESTIMATORS:
+        raise ValueError(
+            f"unknown targets.ratio {cfg.targets.ratio!r}; valid: {', '.join(_ESTIMATORS)}"
+        )
+    profiled = cfg.get("profile") or []
+    profiled = [profiled] if isinstance(profiled, str) else list(profiled)
+    unknown = [name for name in profiled if name not in names]
+    if unknown:
+        raise ValueError(f"profile: unknown grid points {unknown}; the grid has {names}")
+    dump = bool(cfg.get("dump_hlo"))
+    if dump and output_dir is None:
+        raise ValueError("dump_hlo=true needs an output directory to write the HLO into")
     print(f"benchmark: {len(grid)} grid points on {env['device_kind']} (jax {env['jax']})")
 
     references = [_square_matmul(cfg, int(n)) for n in cfg.matmul_sizes]
@@ -681,6 +941,18 @@ def run(
         "gflops_cpu": max(r["gflops_cpu"] for r in sizes),
     }
     points = {p["name"]: _step_results(p, steps[p["name"]], matmul_reference) for p in grid}
+    run_dir = Path(output_dir) if output_dir is not None else None
+    for name, p in points.items():
+        p["hlo_files"] = _write_hlo(name, steps[name], run_dir / "hlo") if dump else None
+        p["profile"] = None
+        if name in profiled:
+            print(f"profiling {name}: {cfg.profile_calls} calls per mode", flush=True)
+            with tempfile.TemporaryDirectory() as scratch:
+                where = run_dir / "profile" if run_dir is not None else Path(scratch)
+                p["profile"] = _profile(name, steps[name], int(cfg.profile_calls), where)
+                if run_dir is None:
+                    for mode in MODES:
+                        p["profile"][mode]["trace_dir"] = None
     del steps, references, groups  # free the step executables before the epoch data arrive
 
     epoch_points = [p for p in grid if p.get("epoch")]
@@ -691,7 +963,7 @@ def run(
     }
     if epochs:
         print(f"timing epochs: {cfg.epoch_repeats} interleaved rounds", flush=True)
-        kinds = [f"{kind}_{mode}" for mode in MODES for kind in ("scan", "loop")]
+        kinds = [f"{kind}_{mode}" for mode in MODES for kind in EPOCH_KINDS]
         _round_robin(
             [[e["variants"][k] for k in kinds] for e in epochs.values()], cfg.epoch_repeats
         )

@@ -25,7 +25,10 @@ MODE_FIELDS = (
     "compile_s",
 )
 RATIO_FIELDS = ("step_ratio", "step_ratio_paired", "step_ratio_cpu", "memory_ratio")
-EPOCH_VARIANTS = ("scan_manual", "scan_autodiff", "loop_manual", "loop_autodiff")
+EPOCH_VARIANTS = tuple(
+    f"{kind}_{mode}" for kind in ("scan", "loop", "host_loop") for mode in ("manual", "autodiff")
+)
+PROFILED = "mlp-30"
 EPOCH_RATIOS = ("scan_ratio", "scan_ratio_paired", "scan_ratio_cpu")
 ENVIRONMENT_FIELDS = ("device_kind", "device_count", "jax", "jaxlib", "cpu_count", "platform")
 TARGETS = (
@@ -58,7 +61,7 @@ def positive(x):
 @pytest.fixture(scope="module")
 def quick_run(benchmark, tmp_path_factory):
     out = tmp_path_factory.mktemp("benchmark")
-    cfg = quick_config()
+    cfg = quick_config(f"profile=[{PROFILED}]", "dump_hlo=true")
     return cfg, benchmark.run(cfg, output_dir=out), out
 
 
@@ -93,11 +96,50 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
         assert positive(epoch[variant]["epoch_s"]), variant
         assert positive(epoch[variant]["compile_s"]), variant
         assert epoch[variant]["peak_bytes"] is None or positive(epoch[variant]["peak_bytes"])
-    for field in (*EPOCH_RATIOS, "loop_speedup_manual", "loop_speedup_autodiff"):
+    for loop in ("loop", "host_loop"):
+        for mode in ("manual", "autodiff"):
+            assert positive(epoch[f"{loop}_speedup_{mode}"]), (loop, mode)
+            # Both Python loops run the scan's steps: the same params come out.
+            assert epoch[f"{loop}_vs_scan_params_rel_err_{mode}"] < 1e-5, (loop, mode)
+    for field in EPOCH_RATIOS:
         assert positive(epoch[field]), field
-    # The Python loop runs the scan's steps: the same params come out.
+
+
+def test_quick_run_counts_the_same_matmuls_in_both_modes(quick_run):
+    # Per dense layer: forward, dw and dx, but no dx for the first layer (dead code under jit
+    # in the manual backward; never computed by autodiff). A manual backward doing more matmul
+    # work than autodiff shows up here, whatever the timings.
+    _, result, _ = quick_run
+    for name, point in result["points"].items():
+        layers = len(point["features"]) - 1
+        for mode in ("manual", "autodiff"):
+            hlo = point["modes"][mode]["hlo"]
+            assert hlo["dots"] == 3 * layers - 1, (name, mode, hlo)
+            assert hlo["entry_kernels"] > 0 and hlo["instructions"] >= hlo["entry_kernels"]
+        assert point["same_dots"] is True, name
+
+
+def test_quick_run_profiles_and_dumps_hlo(quick_run):
+    _, result, out = quick_run
+    for name, point in result["points"].items():
+        for mode, path in point["hlo_files"].items():
+            assert Path(path) == out / "hlo" / f"{name}.{mode}.txt"
+            text = Path(path).read_text()
+            assert text.startswith("HloModule") and "ENTRY" in text
+        if name != PROFILED:
+            assert point["profile"] is None, name
+    profile = result["points"][PROFILED]["profile"]
+    assert profile["calls"] > 0
     for mode in ("manual", "autodiff"):
-        assert epoch[f"loop_vs_scan_params_rel_err_{mode}"] < 1e-5
+        ops = profile[mode]["ops"]
+        assert ops, mode
+        assert positive(profile[mode]["wall_us_per_call"])
+        assert Path(profile[mode]["trace_dir"]).is_relative_to(out / "profile")
+        assert [op["us_per_call"] for op in ops] == sorted(
+            (op["us_per_call"] for op in ops), reverse=True
+        )
+        # Every traced op is an instruction of that mode's step, with its opcode.
+        assert any(op["opcode"] == "dot" or op["library"] for op in ops), ops
 
 
 def test_quick_run_reports_targets_and_writes_json(quick_run):
@@ -140,3 +182,149 @@ def test_script_writes_json_to_the_hydra_run_dir(tmp_path):
     result = json.loads((run_dir / "benchmark.json").read_text())
     assert result["command"].startswith("python experiments/benchmark.py quick=true")
     assert set(result["points"]) == {p.name for p in quick_config().grid}
+
+
+# A hand-written optimized-HLO module: two computations besides ENTRY, a library fusion, a
+# plain dot, a transpose, a copy and a cuBLAS-style GEMM custom call.
+FAKE_HLO = """HloModule jit_step, entry_computation_layout={(f32[4,3]{1,0})->f32[4,2]{1,0}}
+
+%fused_computation (param_0: f32[4,3], param_1: f32[3,2]) -> f32[4,2] {
+  %param_0 = f32[4,3]{1,0} parameter(0)
+  %param_1 = f32[3,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}
+}
+
+%region_0 (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add = f32[] add(%a, %b)
+}
+
+ENTRY %main.3 (x: f32[4,3], w: f32[3,2]) -> (f32[4,2], f32[3,4]) {
+  %x = f32[4,3]{1,0} parameter(0)
+  %w = f32[3,2]{1,0} parameter(1)
+  %c = f32[] constant(0)
+  %lib_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation, {CONFIG}
+  %dot_general.2 = f32[3,2]{1,0} dot(%x, %lib_fusion), lhs_contracting_dims={0}
+  %transpose.1 = f32[3,4]{0,1} transpose(%x), dimensions={1,0}
+  %copy.1 = f32[3,4]{1,0} copy(%transpose.1)
+  %gemm = (f32[4,2]{1,0}, s8[0]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm"
+  %gte = f32[4,2]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %tuple = (f32[4,2]{1,0}, f32[3,4]{1,0}) tuple(%gte, %copy.1)
+}
+""".replace("{CONFIG}", 'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}')
+
+
+def test_hlo_summary_counts_a_known_module(benchmark):
+    summary = benchmark.hlo_summary(FAKE_HLO)
+    assert summary == {
+        "instructions": 16,
+        # fusion, dot, transpose, copy, custom-call: not parameters, constants, gte or tuple
+        "entry_kernels": 5,
+        "fusions": 1,
+        "dots": 3,  # the fused dot, the plain dot and the GEMM custom call
+        "transposes": 1,
+        "copies": 1,
+        "library_fusions": {"__ynn_fusion": 1},
+        "custom_calls": {"__cublas$gemm": 1},
+    }
+
+
+def test_hlo_summary_of_a_compiled_program(benchmark):
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((8, 4), jnp.float32)
+    b = jnp.ones((4, 3), jnp.float32)
+    one = benchmark.hlo_summary(jax.jit(lambda a, b: a @ b).lower(a, b).compile().as_text())
+    two = benchmark.hlo_summary(
+        jax.jit(lambda a, b: (a @ b, a.T @ (a @ b))).lower(a, b).compile().as_text()
+    )
+    assert one["dots"] == 1 and two["dots"] == 2
+    assert one["entry_kernels"] >= 1
+
+
+def _write_trace(directory, events):
+    import gzip
+
+    run = directory / "plugins" / "profile" / "2026_01_01_00_00_00"
+    run.mkdir(parents=True)
+    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+
+
+def _op_event(op, dur, module="jit_step", ph="X"):
+    return {"ph": ph, "name": op, "dur": dur, "args": {"hlo_op": op, "hlo_module": module}}
+
+
+def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
+    events = [
+        *[_op_event("lib_fusion", 30.0) for _ in range(2)],
+        *[_op_event("dot_general.2", 5.0) for _ in range(4)],  # twice per call
+        _op_event("copy.1", 1.0),
+        _op_event("copy.1", 100.0, module="jit_other"),  # another program: ignored
+        _op_event("not_an_op", 100.0),  # not an instruction of this module: ignored
+        _op_event("lib_fusion", 100.0, ph="i"),  # not a complete event: ignored
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 500.0, "args": {}},
+    ]
+    _write_trace(tmp_path, events)
+    rows = benchmark.trace_ops(tmp_path, FAKE_HLO, calls=2)
+    assert [row["op"] for row in rows] == ["lib_fusion", "dot_general.2", "copy.1"]
+    lib, dot, copy = rows
+    assert lib == {
+        "op": "lib_fusion",
+        "opcode": "fusion",
+        "library": "__ynn_fusion",
+        "us_per_call": 30.0,
+        "events_per_call": 1.0,
+    }
+    assert (dot["opcode"], dot["library"], dot["us_per_call"], dot["events_per_call"]) == (
+        "dot",
+        None,
+        10.0,
+        2.0,
+    )
+    assert copy["us_per_call"] == 0.5
+
+
+def test_trace_ops_without_a_trace_says_where_it_looked(benchmark, tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        benchmark.trace_ops(tmp_path, FAKE_HLO, calls=1)
+
+
+def test_unknown_profile_point_lists_the_grid_before_any_timing(benchmark, capsys):
+    cfg = quick_config("profile=[mlp-3o]")
+    with pytest.raises(ValueError, match=r"unknown grid points \['mlp-3o'\].*mlp-30"):
+        benchmark.run(cfg)
+    assert "timing" not in capsys.readouterr().out
+
+
+def test_dump_hlo_needs_an_output_directory(benchmark):
+    with pytest.raises(ValueError, match="dump_hlo=true needs an output directory"):
+        benchmark.run(quick_config("dump_hlo=true"))
+
+
+def _fake_point(medians, paired, cpu):
+    return {"step_ratio": medians, "step_ratio_paired": paired, "step_ratio_cpu": cpu,
+            "memory_ratio": 1.0}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("estimator", "median", "worst"),
+    [("paired", 0.99, ("b", 1.0)), ("medians", 1.1, ("b", 1.15)), ("cpu", 0.95, ("a", 0.97))],
+)
+def test_targets_judge_the_configured_ratio(benchmark, estimator, median, worst):
+    cfg = quick_config(f"targets.ratio={estimator}")
+    points = {"a": _fake_point(1.05, 0.98, 0.97), "b": _fake_point(1.15, 1.0, 0.93)}
+    targets = benchmark._targets(cfg, points)
+    assert targets["step_ratio_median"]["measured"] == pytest.approx(median)
+    assert targets["step_ratio_median"]["estimator"] == estimator
+    point, value = worst
+    assert targets["step_ratio_max"]["point"] == point
+    assert targets["step_ratio_max"]["measured"] == pytest.approx(value)
+    assert targets["step_ratio_median"]["met"] is (median <= 1.0)
+
+
+def test_unknown_ratio_estimator_lists_the_valid_ones(benchmark):
+    with pytest.raises(ValueError, match=r"unknown targets\.ratio 'mean'; valid: paired, medians"):
+        benchmark.run(quick_config("targets.ratio=mean"))
