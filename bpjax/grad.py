@@ -454,6 +454,10 @@ def check_grads(
     layers = net.sublayers or (net,)
     layer_params = params if net.sublayers else (params,)
     layer_keys = split_keys(key, len(layers)) if net.sublayers else [key]
+    if len(layer_params) != len(layers):  # zip below would silently drop the layers after
+        raise ValueError(
+            f"check_grads: got params for {len(layer_params)} layers, {net.name} has {len(layers)}"
+        )
 
     def objective(p):
         return loss.forward(net.forward(p, x, key=key)[0], target)[0]
@@ -462,8 +466,14 @@ def check_grads(
         rows: list[GradCheckRow] = []
         # 1. loss, then each layer in backward order, fed the manual upstream gradient.
         inputs, caches = [x], []
-        for layer, p, k in zip(layers, layer_params, layer_keys):
-            y, cache = layer.forward(p, inputs[-1], key=k)
+        for i, (layer, p, k) in enumerate(zip(layers, layer_params, layer_keys)):
+            try:
+                y, cache = layer.forward(p, inputs[-1], key=k)
+            except ValueError as e:
+                if not net.sublayers:
+                    raise
+                # Name the layer, as serial's own forward does.
+                raise ValueError(f"layer {i} of {len(layers)}: {e}") from None
             inputs.append(y)
             caches.append(cache)
         value, loss_cache = loss.forward(inputs[-1], target)

@@ -461,9 +461,11 @@ def activation(spec: str | Layer, **kwargs: Any) -> Layer:
     """Returns the activation layer named ``spec`` (with ``kwargs``), or ``spec`` if a Layer.
 
     Raises:
-      ValueError: unknown name (the message lists the valid ones).
+      ValueError: unknown name (the message lists the valid ones), or ``kwargs`` with a Layer.
     """
     if isinstance(spec, Layer):
+        if kwargs:  # they could not reach the layer: refuse rather than drop them
+            raise ValueError(f"activation arguments {sorted(kwargs)} given with a Layer")
         return spec
     if not isinstance(spec, str) or spec not in ACTIVATIONS:
         raise ValueError(

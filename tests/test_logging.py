@@ -1,5 +1,6 @@
 """Tests for bpjax.logging: what is written is read back by TensorBoard's own reader."""
 
+import inspect
 import pathlib
 
 import jax.numpy as jnp
@@ -8,7 +9,40 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_multiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
+from bpjax import logging as logging_lib
+from bpjax.logging import Logger, NullLogger, TensorBoardLogger, flatten_hparams
+
+# What each public name of `bpjax.logging` is tested by (a new name must be added here).
+TESTED = {
+    "Logger": "test_loggers_implement_the_protocol",
+    "NullLogger": "test_null_logger_does_nothing",
+    "TensorBoardLogger": "test_scalars_histograms_text",
+    "flatten_hparams": "test_flatten_hparams",
+}
+
+
+def test_public_names_are_tested():
+    assert set(TESTED) == set(logging_lib.__all__)
+
+
+def _protocol_methods() -> list[str]:
+    return [n for n, v in vars(Logger).items() if callable(v) and not n.startswith("_")]
+
+
+@pytest.mark.parametrize("cls", [TensorBoardLogger, NullLogger])
+def test_loggers_implement_the_protocol(cls):
+    """Both loggers have every method of `Logger`, with the same parameters, and are context
+    managers (training code may hold either)."""
+    names = _protocol_methods()
+    assert set(names) == {"scalar", "scalars", "histogram", "text", "hparams", "flush", "close"}
+    for name in names:
+        expected = inspect.signature(getattr(Logger, name)).parameters
+        actual = inspect.signature(getattr(cls, name)).parameters
+        assert [(p.name, p.kind) for p in actual.values()] == [
+            (p.name, p.kind) for p in expected.values()
+        ], name
+    assert hasattr(cls, "__enter__") and hasattr(cls, "__exit__")
+
 
 SIZE_GUIDANCE = {  # 0: keep every event (the default samples histograms down to one)
     event_accumulator.SCALARS: 0,
@@ -104,6 +138,16 @@ def test_hparams_are_written_into_the_same_run(tmp_path):
     val_loss = run.Scalars("val/loss")
     assert val_loss[-1].step == 4
     assert val_loss[-1].value == pytest.approx(0.2)
+
+
+def test_hparams_metric_step_may_be_given(tmp_path):
+    with TensorBoardLogger(tmp_path) as log:
+        log.scalar("loss", 1.0, 3)
+        log.hparams({"lr": 0.1}, {"hparams/final": 0.5}, step=9)
+        log.scalar("later", 2.0, 4)
+    run = read_run(tmp_path)
+    assert [(e.step, e.value) for e in run.Scalars("hparams/final")] == [(9, 0.5)]
+    assert_single_run(tmp_path)
 
 
 def test_flatten_hparams():

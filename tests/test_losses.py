@@ -205,6 +205,15 @@ def test_get_aliases_and_kwargs():
     np.testing.assert_allclose(value, jnp.mean(optax.huber_loss(pred, delta=0.5)))
 
 
+def test_loss_names_are_canonical():
+    """``Loss.name`` is the factory's key (training encodes targets by it), aliases included."""
+    for name, factory in losses.LOSSES.items():
+        loss = losses.get(name)
+        assert isinstance(loss, losses.Loss) and loss.name == name == factory().name
+    assert losses.get("cross_entropy").name == "softmax_cross_entropy"
+    assert losses.get("bce").name == "binary_cross_entropy"
+
+
 def test_get_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="nope") as info:
         losses.get("nope")

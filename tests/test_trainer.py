@@ -24,7 +24,7 @@ from conftest import assert_trees_equal, leaves, trees_differ
 import bpjax
 from bpjax import checkpoint, losses, train, trainer
 from bpjax.data import load
-from bpjax.trainer import TrainingDiverged, fit
+from bpjax.trainer import TrainingDiverged, default_monitor, fit, valid_monitors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,8 @@ TESTED = {
     "TrainingDiverged": "test_divergence_guard_keeps_last_finite_checkpoint",
     "fit": "every test",
     "make_mesh": "test_make_mesh",
+    "valid_monitors": "test_valid_and_default_monitors",
+    "default_monitor": "test_auto_monitor_follows_the_task",
 }
 
 
@@ -417,6 +419,16 @@ def test_divergence_guard_keeps_last_finite_checkpoint(tmp_path):
         ({"devices": 2}, "devices"),  # one CPU device here (the subprocess test has four)
         ({"eval_splits": ("val", "holdout")}, "eval_splits"),
         ({"grad_mode": "finite"}, "grad_mode"),
+        # These used to fail only after the first epoch (ZeroDivisionError), or never.
+        ({"eval_every": 0}, "eval_every must be >= 1, got 0"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be >= 1, got 0"),
+        ({"patience": 0}, "patience must be >= 1"),
+        ({"keep_checkpoints": 0, "checkpoint_dir": "unused"}, "keep_checkpoints"),
+        # An unknown monitor used to fall back, silently, to the training loss.
+        ({"monitor": "val_acc"}, "unknown monitor 'val_acc'"),
+        ({"monitor": "val_rmse"}, "unknown monitor 'val_rmse' for classification"),
+        ({"monitor": "test_accuracy"}, "unknown monitor 'test_accuracy'"),  # never the test set
+        ({"monitor": "train_accuracy"}, "unknown monitor"),  # the train split is not evaluated
     ],
 )
 def test_bad_arguments_raise_before_compiling(kwargs, match, monkeypatch):
@@ -429,6 +441,107 @@ def test_bad_arguments_raise_before_compiling(kwargs, match, monkeypatch):
     options = {"epochs": 2, "batch_size": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         fit(bpjax.mlp([2, 1]), "binary_cross_entropy", optax.sgd(0.1), load("xor"), **options)
+
+
+def must_not_compile(monkeypatch):
+    """Makes compiling or initialising a model inside ``fit`` fail the test."""
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("compiled or initialised before validating the arguments")
+
+    monkeypatch.setattr(trainer, "_compiled", must_not_run)
+    monkeypatch.setattr(trainer, "init_state", must_not_run)
+
+
+@pytest.mark.parametrize(
+    ("name", "valid", "invalid"),
+    [
+        ("xor", ["val_loss", "val_accuracy", "train_loss"], ["val_rmse", "val_r2"]),
+        ("sine", ["val_loss", "val_rmse", "val_r2", "train_loss"], ["val_accuracy"]),
+    ],
+)
+def test_unknown_monitor_lists_the_valid_ones(name, valid, invalid, monkeypatch):
+    """``monitor="val_accuracy"`` on a regression set used to rank epochs by the *highest*
+    training loss; now every metric the task lacks is refused with the valid names."""
+    must_not_compile(monkeypatch)
+    data = load(name, **({"n_samples": 50} if name == "sine" else {}))
+    net = bpjax.mlp([2, data.n_outputs])
+    for monitor in invalid:
+        with pytest.raises(ValueError, match=f"unknown monitor {monitor!r}") as info:
+            fit(net, "mse", optax.sgd(0.1), data, epochs=1, batch_size=4, monitor=monitor)
+        listed = str(info.value).split("valid: ")[1].split(", ")
+        assert listed == ["auto", *valid]
+        assert valid_monitors(data.task) == valid
+
+
+def test_valid_and_default_monitors():
+    assert valid_monitors("classification", ("train", "val", "test")) == [
+        "val_loss",
+        "val_accuracy",
+        "train_loss",
+        "train_accuracy",
+    ]
+    assert valid_monitors("regression", ("val", "test"))[-1] == "train_loss"
+    assert default_monitor("classification") == "val_accuracy"
+    assert default_monitor("regression") == "val_loss"
+    for bad in (valid_monitors, default_monitor):
+        with pytest.raises(ValueError, match="unknown task 'ranking'; valid: classification"):
+            bad("ranking")
+
+
+@pytest.mark.parametrize("name", ["moons", "sine"])
+def test_auto_monitor_follows_the_task(name):
+    data = load(name, n_samples=120)
+    net = bpjax.mlp([8, data.n_outputs], activation="tanh")
+    runs = {
+        monitor: fit(net, "mse", optax.adam(0.05), data, epochs=4, batch_size=16, monitor=monitor)
+        for monitor in ("auto", default_monitor(data.task))
+    }
+    auto, explicit = runs.values()
+    assert auto.metrics["best_epoch"] == explicit.metrics["best_epoch"]
+    assert_trees_equal(auto.best_params, explicit.best_params)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "features", "loss", "needs"),
+    [
+        ("digits", [8, 3], "softmax_cross_entropy", 10),  # was: "training diverged" (NaN loss)
+        ("digits", [8, 3], "mse", 10),  # was: an IndexError from one-hot encoding
+        ("xor", [2, 1], "softmax_cross_entropy", 2),  # one logit is only for bce / mse
+        ("sine", [8, 2], "mse", 1),  # was: a loss shape error naming no network
+    ],
+)
+def test_too_few_outputs_raise_before_compiling(dataset, features, loss, needs, monkeypatch):
+    must_not_compile(monkeypatch)
+    data = load(dataset, **({"n_samples": 50} if dataset == "sine" else {}))
+    net = bpjax.mlp(features)
+    with pytest.raises(ValueError) as info:
+        fit(net, loss, optax.sgd(0.1), data, epochs=1, batch_size=4)
+    message = str(info.value)
+    assert net.name in message and f"has {features[-1]} outputs" in message
+    assert f"{data.name} ({data.task}) needs {needs}" in message
+
+
+def test_monitor_higher_is_better_picks_the_best_epoch(small, reference):
+    """``val_accuracy`` is maximised: the best epoch is the first with the highest accuracy."""
+    result = fit(NET, CE, ADAM, small, epochs=6, monitor="val_accuracy", **SMALL)
+    accuracies = [r["val_accuracy"] for r in result.history]
+    assert result.metrics["best_epoch"] == int(np.argmax(accuracies)) + 1
+    assert result.metrics["best_val_accuracy"] == pytest.approx(max(accuracies), rel=1e-6)
+    assert result.history[-1]["best_val_accuracy"] == max(accuracies)
+    best = result.history[result.metrics["best_epoch"] - 1]
+    assert_trees_equal(result.best_params, best["params"])
+    # The same trajectory as the reference run, which only monitored another metric.
+    assert_trees_equal(result.state, reference["plain"].state)
+
+
+def test_monitor_train_metric_needs_the_train_split_evaluated():
+    data = load("xor", n_repeat=2)
+    net = bpjax.mlp([2, 1], activation="sigmoid")
+    options = {"epochs": 2, "batch_size": 4, "monitor": "train_accuracy"}
+    result = fit(net, "bce", optax.sgd(0.1), data, eval_splits=("train",), **options)
+    accuracies = [r["train_accuracy"] for r in result.history]
+    assert result.history[-1]["best_train_accuracy"] == max(accuracies)
 
 
 def test_make_mesh():
