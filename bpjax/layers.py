@@ -235,63 +235,103 @@ def tanh() -> Layer:
 
 
 def relu() -> Layer:
-    """``y = max(x, 0)``;  dx = dy * [y > 0]  (zero at x = 0, as ``jax.nn.relu``)."""
-    return _elementwise("relu", jax.nn.relu, lambda x, y: (y > 0).astype(y.dtype))
+    """``y = max(x, 0)``;  dx = dy where y > 0, else 0  (zero at x = 0, as ``jax.nn.relu``).
+
+    A select, not ``dy * mask``: no multiply, and only ``y`` is kept for the backward pass.
+    """
+    return _parameter_free(
+        "relu", jax.nn.relu, lambda x, y, dy: jnp.where(y > 0, dy, jnp.zeros_like(dy))
+    )
 
 
 def leaky_relu(negative_slope: float = 0.01) -> Layer:
-    """``y = x if x >= 0 else negative_slope * x``;  dx = dy * (1 if x >= 0 else slope)."""
-    return _elementwise(
+    """``y = x if x >= 0 else negative_slope * x``;  dx = dy if x >= 0 else slope * dy."""
+    return _parameter_free(
         f"leaky_relu({negative_slope})",
         lambda x: jax.nn.leaky_relu(x, negative_slope),
-        lambda x, y: jnp.where(x >= 0, 1.0, negative_slope).astype(x.dtype),
+        lambda x, y, dy: jnp.where(x >= 0, dy, negative_slope * dy),
     )
 
 
 def elu(alpha: float = 1.0) -> Layer:
-    """``y = x if x > 0 else alpha (exp(x) - 1)``;  dx = dy * (1 if x > 0 else alpha exp(x))."""
-    return _elementwise(
-        f"elu({alpha})",
-        lambda x: jax.nn.elu(x, alpha),
-        lambda x, y: jnp.where(x > 0, 1.0, alpha * jnp.exp(jnp.minimum(x, 0))).astype(x.dtype),
-    )
+    """``y = x if x > 0 else alpha (exp(x) - 1)``;  dx = dy if x > 0 else dy (y + alpha).
+
+    ``alpha exp(x) = y + alpha`` where ``x <= 0``, so the backward pass needs no exp. For
+    ``alpha > 0`` the sign of ``x`` is that of ``y``, and only ``y`` is kept.
+    """
+
+    def backward_rule(x, y, dy):
+        positive = y > 0 if alpha > 0 else x > 0
+        return jnp.where(positive, dy, dy * (y + alpha))
+
+    return _parameter_free(f"elu({alpha})", lambda x: jax.nn.elu(x, alpha), backward_rule)
 
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2PI = 0.3989422804014327
 _GELU_C = 0.044715
+_SQRT_HALF = 0.7071067811865476
 
 
-def _gelu_tanh_grad(x, y):
-    # y = x s with s = sigmoid(2u) = (1 + tanh u) / 2, u = sqrt(2/pi) (x + c x^3);
-    # dy/dx = s + x * 2 s (1 - s) du/dx, with s (1 - s) = sigmoid(2u) sigmoid(-2u) (stable).
-    u2 = 2 * _SQRT_2_OVER_PI * (x + _GELU_C * x**3)
-    du2 = 2 * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * x * x)
-    s = jax.nn.sigmoid(u2)
-    return s + x * s * jax.nn.sigmoid(-u2) * du2
+def _cached(name: str, forward_fn: Callable, backward_rule: Callable) -> Layer:
+    """A parameter-free layer whose forward also returns what its backward reads.
+
+    ``forward_fn(x) -> (y, cache)`` and ``backward_rule(cache, dy) -> dx``: for activations
+    whose derivative reuses a transcendental of the forward pass (a sigmoid, a tanh, an exp),
+    kept rather than computed again.
+    """
+
+    def forward(params, x, *, key=None):
+        del params, key  # unused: no parameters, deterministic
+        return forward_fn(x)
+
+    def backward(params, cache, dy):
+        del params  # unused: no parameters
+        return (), backward_rule(cache, dy)
+
+    return Layer(_same_shape_init, forward, backward, name)
 
 
-def _gelu_exact_grad(x, y):
-    # y = x Phi(x);  dy/dx = Phi(x) + x phi(x).
-    cdf = 0.5 * jax.scipy.special.erfc(-x / jnp.sqrt(2.0).astype(x.dtype))
-    return cdf + x * _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)
+def _gelu_tanh_forward(x):
+    # y = x (1 + t) / 2, t = tanh(u), u = sqrt(2/pi) (x + c x^3) (jax.nn.gelu's tanh form).
+    t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_C * (x * x * x)))
+    half = 0.5 * (1 + t)
+    return x * half, (x, t, half)
+
+
+def _gelu_tanh_backward(cache, dy):
+    # dy/dx = (1 + t) / 2 + x (1 - t^2) / 2 du/dx, du/dx = sqrt(2/pi) (1 + 3 c x^2).
+    x, t, half = cache
+    du = _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * (x * x))
+    return dy * (half + 0.5 * x * (1 - t * t) * du)
+
+
+def _gelu_exact_forward(x):
+    # y = x Phi(x), Phi(x) = erfc(z) / 2 with z = -x / sqrt 2 (jax.nn.gelu's exact form).
+    z = -x * _SQRT_HALF
+    cdf = 0.5 * lax.erfc(z)
+    return x * cdf, (x, z, cdf)
+
+
+def _gelu_exact_backward(cache, dy):
+    # dy/dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi) = exp(-z^2) / sqrt(2 pi).
+    x, z, cdf = cache
+    return dy * (cdf + x * _INV_SQRT_2PI * jnp.exp(-(z * z)))
 
 
 def gelu(approximate: bool = False) -> Layer:
     """Gaussian error linear unit, exact ``x Phi(x)`` or the tanh form.
 
-    dx = dy * (Phi(x) + x phi(x))  (exact);
-    dx = dy * (s + 2 x s (1 - s) u')  with s = (1 + tanh u) / 2, u = sqrt(2/pi)(x + 0.044715 x^3)
-    (tanh form).
+    dx = dy * (Phi(x) + x phi(x))  (exact; ``Phi(x)`` is kept from the forward pass);
+    dx = dy * ((1 + t) / 2 + x (1 - t^2) u' / 2)  with t = tanh u, u = sqrt(2/pi)(x + 0.044715 x^3)
+    (tanh form; ``t`` is kept from the forward pass, so the backward needs no transcendental).
 
     References:
       Hendrycks & Gimpel, "Gaussian Error Linear Units (GELUs)", 2016.
     """
-    return _elementwise(
-        "gelu_tanh" if approximate else "gelu",
-        lambda x: jax.nn.gelu(x, approximate=approximate),
-        _gelu_tanh_grad if approximate else _gelu_exact_grad,
-    )
+    if approximate:
+        return _cached("gelu_tanh", _gelu_tanh_forward, _gelu_tanh_backward)
+    return _cached("gelu", _gelu_exact_forward, _gelu_exact_backward)
 
 
 def softplus() -> Layer:
@@ -299,14 +339,21 @@ def softplus() -> Layer:
     return _elementwise("softplus", jax.nn.softplus, lambda x, y: jax.nn.sigmoid(x))
 
 
+def _silu_forward(x):
+    s = jax.nn.sigmoid(x)
+    y = x * s
+    return y, (s, y)
+
+
+def _silu_backward(cache, dy):
+    # d(x s)/dx = s + x s (1 - s) = s + y (1 - s).
+    s, y = cache
+    return dy * (s + y * (1 - s))
+
+
 def silu() -> Layer:
-    """``y = x sigmoid(x)`` (swish);  dx = dy * (s + x s (1 - s)), s = sigmoid(x)."""
-
-    def grad(x, y):
-        s = jax.nn.sigmoid(x)
-        return s + x * s * jax.nn.sigmoid(-x)
-
-    return _elementwise("silu", jax.nn.silu, grad)
+    """``y = x sigmoid(x)`` (swish);  dx = dy * (s + y (1 - s)), s = sigmoid(x) kept."""
+    return _cached("silu", _silu_forward, _silu_backward)
 
 
 swish = silu
@@ -321,13 +368,25 @@ def softmax() -> Layer:
     )
 
 
+def _log_softmax_forward(x):
+    # jax.nn.log_softmax's shift; the exps and their row sums are kept: softmax = exps / sums.
+    shifted = x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    exps = jnp.exp(shifted)
+    sums = jnp.sum(exps, axis=-1, keepdims=True)
+    return shifted - jnp.log(sums), (exps, sums)
+
+
+def _log_softmax_backward(cache, dy):
+    exps, sums = cache  # one divide per row, not per element
+    return dy - exps * (jnp.sum(dy, axis=-1, keepdims=True) / sums)
+
+
 def log_softmax() -> Layer:
-    """``y = x - logsumexp(x)`` over the last axis;  dx = dy - exp(y) * sum(dy, -1)."""
-    return _parameter_free(
-        "log_softmax",
-        lambda x: jax.nn.log_softmax(x, axis=-1),
-        lambda x, y, dy: dy - jnp.exp(y) * jnp.sum(dy, axis=-1, keepdims=True),
-    )
+    """``y = x - logsumexp(x)`` over the last axis;  dx = dy - softmax(x) * sum(dy, -1).
+
+    ``softmax(x)`` comes from the forward pass's exps (kept), so the backward needs no exp.
+    """
+    return _cached("log_softmax", _log_softmax_forward, _log_softmax_backward)
 
 
 def flatten() -> Layer:

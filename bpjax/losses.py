@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 __all__ = [
     "LOSSES",
@@ -129,11 +130,17 @@ def softmax_cross_entropy() -> Loss:
     def forward(pred, target):
         pred, target = jnp.asarray(pred), jnp.asarray(target)
         _require_class_axis("softmax_cross_entropy", pred)
-        log_probs = jax.nn.log_softmax(pred, axis=-1)
+        # log_softmax and softmax from one exp per logit (jax.nn.log_softmax's shift and
+        # form): the backward needs the probabilities, and exp(log_probs) would be a second exp.
+        shifted = pred - lax.stop_gradient(jnp.max(pred, axis=-1, keepdims=True))
+        exps = jnp.exp(shifted)
+        sums = jnp.sum(exps, axis=-1, keepdims=True)
+        log_probs = shifted - jnp.log(sums)
         is_labels = jnp.issubdtype(target.dtype, jnp.integer) and target.shape == pred.shape[:-1]
         if is_labels:
             nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
             p_target = jax.nn.one_hot(target, pred.shape[-1], dtype=pred.dtype)
+            total = None  # a one-hot row sums to 1
         else:
             if target.shape != pred.shape:
                 raise ValueError(
@@ -143,17 +150,20 @@ def softmax_cross_entropy() -> Loss:
                 )
             p_target = target.astype(pred.dtype)
             nll = -jnp.sum(p_target * log_probs, axis=-1)
-        return jnp.mean(nll), (jnp.exp(log_probs), p_target)
+            total = jnp.sum(p_target, axis=-1, keepdims=True)
+        return jnp.mean(nll), (exps, sums, p_target, total)
 
     def backward(cache):
         """``dpred = (softmax(pred) * sum(p_target) - p_target) / batch``.
 
         ``sum(p_target)`` is over the class axis; it is 1 for labels and proper distributions,
-        giving the familiar ``(softmax(pred) - p_target) / batch``.
+        giving the familiar ``(softmax(pred) - p_target) / batch``. ``softmax(pred)`` is the
+        forward pass's exps over their row sums, scaled per row rather than per element.
         """
-        probs, p_target = cache
-        total = jnp.sum(p_target, axis=-1, keepdims=True)
-        return (probs * total - p_target) / _batch_count(probs.shape)
+        exps, sums, p_target, total = cache
+        inv_batch = 1.0 / _batch_count(exps.shape)
+        row_scale = inv_batch / sums if total is None else total * inv_batch / sums
+        return exps * row_scale - p_target * inv_batch
 
     return Loss(forward, backward, "softmax_cross_entropy")
 

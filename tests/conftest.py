@@ -62,3 +62,13 @@ def assert_trees_equal(a, b):
 
 def trees_differ(a, b) -> bool:
     return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
+
+
+def xla_cost(fn, *args) -> dict[str, float]:
+    """XLA's static cost analysis of ``jax.jit(fn)`` compiled for ``args``: exact counts of
+    ``flops``, ``transcendentals`` and ``bytes`` accessed (0 where XLA reports none)."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list | tuple):  # one dict per program in older jax versions
+        analysis = analysis[0]
+    keys = {"flops": "flops", "transcendentals": "transcendentals", "bytes": "bytes accessed"}
+    return {name: float(analysis.get(key, 0.0)) for name, key in keys.items()}
