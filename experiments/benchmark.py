@@ -37,7 +37,9 @@ Convention:
   permutation: the same steps, so the same final params (checked); and against the textbook
   loop (``host_loop``): numpy batches sliced on the host and passed to the jitted step.
 * What each step compiles to: ``hlo_summary`` counts the optimized HLO's dots, kernels, fusions
-  and library calls per mode (``dump_hlo=true`` also writes the text). ``profile=[point, ...]``
+  and library calls per mode, and ``cost_stats`` records XLA's static cost analysis (flops,
+  transcendentals, bytes accessed: exact, unlike timings). ``dump_hlo=true`` also writes the
+  text. ``profile=[point, ...]``
   traces those points' steps with ``jax.profiler`` after the timed rounds and reports per-op
   device time (``trace_ops``): where a step's time goes, to find out why one mode is slower.
 
@@ -231,6 +233,26 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str
     return sorted(rows, key=lambda row: -row["us_per_call"])
 
 
+_COST_FIELDS = {"flops": "flops", "transcendentals": "transcendentals", "bytes": "bytes accessed"}
+
+
+def cost_stats(compiled: Any) -> dict[str, Any]:
+    """XLA's own static count of a compiled program's work (``compiled.cost_analysis()``).
+
+    ``flops`` (every floating-point op, not only matmuls), ``transcendentals`` (exp, log, ...)
+    and ``bytes`` accessed, None where the backend reports nothing. Unlike a timing these are
+    exact and free of noise: a manual backward that does more work than autodiff shows here.
+    """
+    try:
+        analysis = compiled.cost_analysis()
+    except (NotImplementedError, RuntimeError):
+        analysis = None
+    if isinstance(analysis, list | tuple):  # one per program in older jax versions
+        analysis = analysis[0] if analysis else None
+    analysis = analysis or {}
+    return {name: analysis.get(key) for name, key in _COST_FIELDS.items()}
+
+
 def _cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -281,6 +303,7 @@ def _compile(fn: Callable, *args: Any) -> tuple[Any, dict[str, Any]]:
         "compile_s": done - lowered_at,
         "memory": memory_stats(compiled),
         "hlo": hlo_summary(compiled.as_text()),
+        "cost": cost_stats(compiled),
     }
     return compiled, info
 
@@ -595,6 +618,7 @@ def _step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str,
             "memory": info[mode]["memory"],
             "peak_bytes": info[mode]["memory"]["peak_bytes"],
             "hlo": info[mode]["hlo"],
+            "cost": info[mode]["cost"],
             "params_finite": all(
                 bool(np.all(np.isfinite(leaf)))
                 for leaf in jax.tree_util.tree_leaves(v.carry.params)
@@ -612,6 +636,10 @@ def _step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str,
         "step_ratio_cpu": _ratio(manual.cpu_median, autodiff.cpu_median),
         "memory_ratio": _ratio(modes["manual"]["peak_bytes"], modes["autodiff"]["peak_bytes"]),
         "same_dots": modes["manual"]["hlo"]["dots"] == modes["autodiff"]["hlo"]["dots"],
+        "cost_ratio": {
+            name: _ratio(modes["manual"]["cost"][name], modes["autodiff"]["cost"][name])
+            for name in _COST_FIELDS
+        },
         "matmul_only": {
             "ms": _ms(only.median),
             "gflops": only_gflops,
@@ -805,10 +833,23 @@ def format_tables(result: dict[str, Any]) -> str:
             "(loop: data on device, batch gathered by index in the jitted step; host loop: numpy"
             " batches sliced on the host)"
         )
-    rows = [("point", "mode", "dots", "kernels", "fusions", "library fusions", "instructions")]
+    rows = [
+        (
+            "point",
+            "mode",
+            "dots",
+            "kernels",
+            "fusions",
+            "library fusions",
+            "instructions",
+            "XLA flops",
+            "transcendentals",
+            "bytes accessed",
+        )
+    ]
     for name, p in result["points"].items():
         for mode in MODES:
-            h = p["modes"][mode]["hlo"]
+            h, cost = p["modes"][mode]["hlo"], p["modes"][mode]["cost"]
             library = ", ".join(f"{k} x{v}" for k, v in h["library_fusions"].items()) or "-"
             rows.append(
                 (
@@ -819,9 +860,10 @@ def format_tables(result: dict[str, Any]) -> str:
                     str(h["fusions"]),
                     library,
                     str(h["instructions"]),
+                    *(_fmt(cost[field], ".0f") for field in _COST_FIELDS),
                 )
             )
-    lines += ["", "optimized HLO of each step:", *_columns(rows)]
+    lines += ["", "optimized HLO of each step, and XLA's cost analysis:", *_columns(rows)]
     for name, p in result["points"].items():
         if not p.get("profile"):
             continue

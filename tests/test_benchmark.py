@@ -105,7 +105,7 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
         assert positive(epoch[field]), field
 
 
-def test_quick_run_counts_the_same_matmuls_in_both_modes(quick_run):
+def test_quick_run_counts_the_same_matmuls_and_no_more_work(quick_run):
     # Per dense layer: forward, dw and dx, but no dx for the first layer (dead code under jit
     # in the manual backward; never computed by autodiff). A manual backward doing more matmul
     # work than autodiff shows up here, whatever the timings.
@@ -117,6 +117,13 @@ def test_quick_run_counts_the_same_matmuls_in_both_modes(quick_run):
             assert hlo["dots"] == 3 * layers - 1, (name, mode, hlo)
             assert hlo["entry_kernels"] > 0 and hlo["instructions"] >= hlo["entry_kernels"]
         assert point["same_dots"] is True, name
+        # XLA's exact cost counts: the manual step evaluates no more transcendentals and moves
+        # no more bytes than the autodiff step (flops may differ by a few per example).
+        for mode in ("manual", "autodiff"):
+            cost = point["modes"][mode]["cost"]
+            assert positive(cost["flops"]) and positive(cost["bytes"]), (name, mode, cost)
+        assert point["cost_ratio"]["transcendentals"] <= 1.0, (name, point["cost_ratio"])
+        assert point["cost_ratio"]["bytes"] <= 1.0, (name, point["cost_ratio"])
 
 
 def test_quick_run_profiles_and_dumps_hlo(quick_run):
@@ -157,16 +164,34 @@ def test_step_flops_counts_three_matmuls_per_layer_but_two_for_the_first(benchma
 
 
 @pytest.mark.parametrize("analysis", [None, NotImplementedError])
-def test_memory_stats_without_an_analysis(benchmark, analysis):
+def test_memory_and_cost_stats_without_an_analysis(benchmark, analysis):
     class Compiled:
         def memory_analysis(self):
             if analysis is not None:
                 raise analysis("no memory analysis here")
             return None
 
+        cost_analysis = memory_analysis
+
     stats = benchmark.memory_stats(Compiled())
     assert stats["available"] is False
     assert stats["peak_bytes"] is None
+    assert benchmark.cost_stats(Compiled()) == {
+        "flops": None,
+        "transcendentals": None,
+        "bytes": None,
+    }
+
+
+def test_cost_stats_of_a_compiled_program(benchmark):
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((8, 4), jnp.float32)
+    stats = benchmark.cost_stats(jax.jit(lambda a: jnp.exp(a) @ a.T).lower(a).compile())
+    assert stats["transcendentals"] == 32  # one exp per element
+    assert stats["flops"] >= 2 * 8 * 8 * 4  # the matmul, at least
+    assert stats["bytes"] > 0
 
 
 @pytest.mark.slow
