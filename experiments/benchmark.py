@@ -190,15 +190,29 @@ def hlo_summary(hlo_text: str) -> dict[str, Any]:
     }
 
 
-def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str, Any]]:
+def _busy_time(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals."""
+    busy, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> dict[str, Any]:
     """Per-op device time of one compiled program, from a ``jax.profiler`` trace of ``calls`` calls.
 
     Reads the Perfetto trace that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote
     under ``trace_dir`` and sums the events XLA tags with an ``hlo_op`` of this module (the
-    module is named on the text's first line). Returns one row per op, slowest first: ``op``,
-    ``opcode``, ``library`` (a library fusion's kind, e.g. ``__ynn_fusion``, else None),
-    ``us_per_call`` and ``events_per_call``. Ops that a runtime runs asynchronously (or on
-    several threads) can overlap, so the rows need not sum to the wall time of a call.
+    module is named on the text's first line).
+
+    Returns:
+      ``ops``: one row per op, slowest first: ``op``, ``opcode``, ``library`` (a library
+      fusion's kind, e.g. ``__ynn_fusion``, else None), ``us_per_call``, ``events_per_call``.
+      ``op_us_per_call``: the rows' sum. ``busy_us_per_call``: the time at least one op ran
+      (the union of their intervals); runtimes that run independent ops concurrently (XLA's CPU
+      thunk executor does) make it shorter than the sum, by ``concurrent_us_per_call``.
     """
     files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
     if not files:
@@ -211,6 +225,7 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str
     libraries = dict(re.findall(r'%([\w.\-]+) = [^\n]*"kind":"(__\w+)"', hlo_text))
     time_us: dict[str, float] = {}
     count: dict[str, int] = {}
+    intervals: list[tuple[float, float]] = []
     for event in events:
         args = event.get("args") or {}
         op = args.get("hlo_op")
@@ -218,8 +233,10 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str
             continue
         if module is not None and args.get("hlo_module") not in (None, module):
             continue
-        time_us[op] = time_us.get(op, 0.0) + float(event.get("dur", 0.0))
+        start, duration = float(event.get("ts", 0.0)), float(event.get("dur", 0.0))
+        time_us[op] = time_us.get(op, 0.0) + duration
         count[op] = count.get(op, 0) + 1
+        intervals.append((start, start + duration))
     rows = [
         {
             "op": op,
@@ -230,7 +247,13 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> list[dict[str
         }
         for op, total in time_us.items()
     ]
-    return sorted(rows, key=lambda row: -row["us_per_call"])
+    op_us, busy_us = sum(time_us.values()) / calls, _busy_time(intervals) / calls
+    return {
+        "ops": sorted(rows, key=lambda row: -row["us_per_call"]),
+        "op_us_per_call": op_us,
+        "busy_us_per_call": busy_us,
+        "concurrent_us_per_call": op_us - busy_us,
+    }
 
 
 _COST_FIELDS = {"flops": "flops", "transcendentals": "transcendentals", "bytes": "bytes accessed"}
@@ -514,7 +537,7 @@ def _profile(name: str, built: dict, calls: int, directory: Path) -> dict[str, A
         out[mode] = {
             "trace_dir": str(trace_dir),
             "wall_us_per_call": 1e6 * wall / calls,
-            "ops": trace_ops(trace_dir, compiled.as_text(), calls),
+            **trace_ops(trace_dir, compiled.as_text(), calls),
         }
     return out
 
@@ -883,7 +906,11 @@ def format_tables(result: dict[str, Any]) -> str:
                     )
                 )
         calls = prof["calls"]
-        walls = ", ".join(f"{m} {prof[m]['wall_us_per_call']:.1f} us" for m in MODES)
+        walls = "; ".join(
+            f"{m} {prof[m]['wall_us_per_call']:.1f} us wall, ops {prof[m]['op_us_per_call']:.1f}"
+            f" us, busy {prof[m]['busy_us_per_call']:.1f} us"
+            for m in MODES
+        )
         lines += ["", f"profile of {name} ({calls} traced calls; per call: {walls}):"]
         lines += _columns(rows)
     rows = [("target", "point", "measured", "threshold", "met", "ratio")]

@@ -140,6 +140,7 @@ def test_quick_run_profiles_and_dumps_hlo(quick_run):
     for mode in ("manual", "autodiff"):
         ops = profile[mode]["ops"]
         assert ops, mode
+        assert 0 < profile[mode]["busy_us_per_call"] <= profile[mode]["op_us_per_call"] + 1e-9
         assert positive(profile[mode]["wall_us_per_call"])
         assert Path(profile[mode]["trace_dir"]).is_relative_to(out / "profile")
         assert [op["us_per_call"] for op in ops] == sorted(
@@ -293,7 +294,8 @@ def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
         {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 500.0, "args": {}},
     ]
     _write_trace(tmp_path, events)
-    rows = benchmark.trace_ops(tmp_path, FAKE_HLO, calls=2)
+    traced = benchmark.trace_ops(tmp_path, FAKE_HLO, calls=2)
+    rows = traced["ops"]
     assert [row["op"] for row in rows] == ["lib_fusion", "dot_general.2", "copy.1"]
     lib, dot, copy = rows
     assert lib == {
@@ -310,6 +312,15 @@ def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
         2.0,
     )
     assert copy["us_per_call"] == 0.5
+    assert traced["op_us_per_call"] == 30.0 + 10.0 + 0.5
+    # Every event above starts at ts 0 (none given): they all overlap the 30 us ones.
+    assert traced["busy_us_per_call"] == 15.0
+    assert traced["concurrent_us_per_call"] == 40.5 - 15.0
+
+
+def test_busy_time_is_the_union_of_intervals(benchmark):
+    assert benchmark._busy_time([]) == 0.0
+    assert benchmark._busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0
 
 
 def test_trace_ops_without_a_trace_says_where_it_looked(benchmark, tmp_path):
