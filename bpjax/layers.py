@@ -235,12 +235,14 @@ def tanh() -> Layer:
 
 
 def relu() -> Layer:
-    """``y = max(x, 0)``;  dx = dy where y > 0, else 0  (zero at x = 0, as ``jax.nn.relu``).
+    """``y = max(x, 0)``;  dx = dy where x > 0, else 0  (zero at x = 0, as ``jax.nn.relu``).
 
-    A select, not ``dy * mask``: no multiply, and only ``y`` is kept for the backward pass.
+    A select, not ``dy * mask``. The mask is read from ``x``, as autodiff's rule does: under jit
+    XLA fuses it with the dense layer's bias add, where a mask from ``y`` made it recompute the
+    ``max`` (one flop per unit more than autodiff).
     """
     return _parameter_free(
-        "relu", jax.nn.relu, lambda x, y, dy: jnp.where(y > 0, dy, jnp.zeros_like(dy))
+        "relu", jax.nn.relu, lambda x, y, dy: jnp.where(x > 0, dy, jnp.zeros_like(dy))
     )
 
 
