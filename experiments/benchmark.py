@@ -3,11 +3,11 @@
 Convention:
 
 * Every figure comes from ONE process and the variants are interleaved: each timed *round*
-  samples every variant once (manual and autodiff side by side, their order flipped every round;
-  the device's matmul references are sampled in the same rounds), so drift and noise from other
-  processes hit all variants alike. A *sample* repeats a compiled function for about
-  ``block_seconds`` and divides. Reported times are medians over ``repeats`` rounds, after
-  ``warmup`` untimed calls.
+  samples every variant once (manual and autodiff side by side, their order swapped every round,
+  each pair after its grid point's matmul-only reference; the device's matmul references are
+  sampled in the same rounds), so drift and noise from other processes hit all variants alike.
+  A *sample* repeats a compiled function for about ``block_seconds`` and divides. Reported
+  times are medians over ``repeats`` rounds, after ``warmup`` untimed calls.
 * Each sample records wall time (``time.perf_counter``, the headline figure) and this process's
   CPU time (``time.process_time``, all of XLA's threads): on a shared machine other processes
   inflate wall time but hardly CPU time, so the CPU-time ratio is the steadier comparison.
@@ -376,10 +376,18 @@ class _Variant:
 
 
 def _round_robin(groups: list[list[_Variant]], repeats: int) -> None:
-    """Samples every variant once per round; groups and their members flip order every round."""
+    """Samples every variant once per round, groups in a fixed order, members of each group in
+    reversed order every other round.
+
+    A grid point's steps are one group (manual, autodiff, and the A/A control): manual and the
+    control swap ends every round, so they see the same neighbours equally often, and the
+    control's ratio to autodiff shows how much the position alone moves a ratio. (Reversing the
+    whole sequence instead made one mode always follow a variant of its own grid point and the
+    other, half the time, a different point's: a bias of 2-5% for small steps.)
+    """
     for r in range(repeats):
         flip = r % 2 == 1
-        for group in groups[::-1] if flip else groups:
+        for group in groups:
             for variant in group[::-1] if flip else group:
                 variant.sample()
 
@@ -492,11 +500,20 @@ def _point_steps(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
         )
         seconds = info[mode]["lower_s"] + info[mode]["compile_s"]
         print(f"  compiled {point['name']} step, {mode}: {seconds:.2f} s", flush=True)
+    if cfg.control:  # an A/A control: the autodiff step compiled and timed a second time
+        step = _loss_only(make_step(net, loss, optimizer, grad_mode="autodiff"))
+        compiled, info["control"] = _compile(step, state, x, y)
+        variants["control"] = _Variant(
+            lambda s, c=compiled: c(s, x, y)[0], state, warmup=cfg.warmup, block=cfg.block_seconds
+        )
     ws = tuple(p["w"] for p in state.params if p)
     rng = np.random.default_rng(seed)
     dy = jnp.asarray(rng.standard_normal((batch, features[-1]), dtype=np.float32))
-    # Both modes take the same number of calls per sample, so per-sample overheads match.
-    variants["manual"].n = variants["autodiff"].n = max(variants[m].n for m in MODES)
+    # The steps take the same number of calls per sample, so per-sample overheads match.
+    timed = [variants[name] for name in (*MODES, "control") if name in variants]
+    calls = max(v.n for v in timed)
+    for v in timed:
+        v.n = calls
     compiled, info["matmul_only"] = _compile(_matmul_only, ws, x, dy)
     variants["matmul_only"] = _Variant(
         lambda x_, c=compiled: c(ws, x_, dy)[0], x, warmup=cfg.warmup, block=cfg.block_seconds
@@ -657,6 +674,14 @@ def _step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str,
         "step_ratio": _ratio(manual.median, autodiff.median),
         "step_ratio_paired": _paired(manual, autodiff),
         "step_ratio_cpu": _ratio(manual.cpu_median, autodiff.cpu_median),
+        # The A/A control (autodiff against a second autodiff executable, timed the same way):
+        # how far from 1 a ratio strays when there is nothing to find.
+        "control_ratio_paired": _paired(variants["control"], autodiff)
+        if "control" in variants
+        else None,
+        "control_ratio_cpu": _ratio(variants["control"].cpu_median, autodiff.cpu_median)
+        if "control" in variants
+        else None,
         "memory_ratio": _ratio(modes["manual"]["peak_bytes"], modes["autodiff"]["peak_bytes"]),
         "same_dots": modes["manual"]["hlo"]["dots"] == modes["autodiff"]["hlo"]["dots"],
         "cost_ratio": {
@@ -755,6 +780,19 @@ def _targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _control_summary(points: dict[str, Any]) -> dict[str, Any] | None:
+    """The spread of the A/A control's paired ratios over the grid (None without a control)."""
+    ratios = {n: p["control_ratio_paired"] for n, p in points.items()}
+    if any(r is None for r in ratios.values()):
+        return None
+    return {
+        "paired_min": min(ratios.values()),
+        "paired_max": max(ratios.values()),
+        "paired_median": statistics.median(ratios.values()),
+        "max_abs_deviation": max(abs(r - 1) for r in ratios.values()),
+    }
+
+
 def _columns(rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -787,6 +825,7 @@ def format_tables(result: dict[str, Any]) -> str:
             "ratio",
             "paired",
             "cpu",
+            "A/A",
             "GFLOP/s",
             "%peak",
             "%mm-only",
@@ -809,6 +848,7 @@ def format_tables(result: dict[str, Any]) -> str:
                     _fmt(p["step_ratio"], ".3f") if manual else "",
                     _fmt(p["step_ratio_paired"], ".3f") if manual else "",
                     _fmt(p["step_ratio_cpu"], ".3f") if manual else "",
+                    _fmt(p["control_ratio_paired"], ".3f") if manual else "",
                     f"{m['gflops']:.1f}",
                     f"{100 * m['fraction_of_matmul_peak']:.1f}",
                     f"{100 * m['fraction_of_matmul_only']:.1f}",
@@ -817,7 +857,10 @@ def format_tables(result: dict[str, Any]) -> str:
                 )
             )
     lines += _columns(rows)
-    lines.append("(ratio, paired, cpu: manual / autodiff; %peak: of the best matmul reference)")
+    lines.append(
+        "(ratio, paired, cpu: manual / autodiff; A/A: a second autodiff executable / autodiff,"
+        " paired; %peak: of the best matmul reference)"
+    )
     epochs = [(name, p["epoch"]) for name, p in result["points"].items() if p["epoch"]]
     if epochs:
         rows = [
@@ -926,7 +969,15 @@ def format_tables(result: dict[str, Any]) -> str:
                 t.get("estimator") or "",
             )
         )
-    lines += ["", *_columns(rows), "", f"runtime: {result['runtime_s']:.1f} s"]
+    lines += ["", *_columns(rows)]
+    control = result.get("control")
+    if control:
+        lines.append(
+            f"A/A control (autodiff / autodiff, paired): {control['paired_min']:.3f} to "
+            f"{control['paired_max']:.3f} over the grid; manual/autodiff differences within "
+            f"about {control['max_abs_deviation']:.1%} are not resolved by this run"
+        )
+    lines += ["", f"runtime: {result['runtime_s']:.1f} s"]
     return "\n".join(lines)
 
 
@@ -986,9 +1037,11 @@ def run(
 
     references = [_square_matmul(cfg, int(n)) for n in cfg.matmul_sizes]
     steps = {p["name"]: _point_steps(cfg, p, cfg.seed + 1 + i) for i, p in enumerate(grid)}
-    groups = [[v for v, _ in references]] + [
-        [s["variants"][k] for k in ("manual", "autodiff", "matmul_only")] for s in steps.values()
-    ]
+    groups = [[v for v, _ in references]]
+    for s in steps.values():
+        # manual and the control at either end: the same neighbours, half the rounds each.
+        steps_group = [s["variants"].get(name) for name in ("manual", "autodiff", "control")]
+        groups += [[s["variants"]["matmul_only"]], [v for v in steps_group if v is not None]]
     print(f"timing steps: {cfg.repeats} interleaved rounds", flush=True)
     _round_robin(groups, cfg.repeats)
     sizes = [
@@ -1032,10 +1085,12 @@ def run(
     }
     if epochs:
         print(f"timing epochs: {cfg.epoch_repeats} interleaved rounds", flush=True)
-        kinds = [f"{kind}_{mode}" for mode in MODES for kind in EPOCH_KINDS]
-        _round_robin(
-            [[e["variants"][k] for k in kinds] for e in epochs.values()], cfg.epoch_repeats
-        )
+        pairs = [
+            [e["variants"][f"{kind}_{mode}"] for mode in MODES]
+            for e in epochs.values()
+            for kind in EPOCH_KINDS
+        ]
+        _round_robin(pairs, cfg.epoch_repeats)
     for name, p in points.items():
         p["epoch"] = _epoch_results(epochs[name]) if name in epochs else None
 
@@ -1047,6 +1102,7 @@ def run(
         "matmul_reference": matmul_reference,
         "points": points,
         "targets": _targets(cfg, points),
+        "control": _control_summary(points),
     }
     result["runtime_s"] = time.perf_counter() - start
     result = _plain(result)

@@ -24,7 +24,14 @@ MODE_FIELDS = (
     "lower_s",
     "compile_s",
 )
-RATIO_FIELDS = ("step_ratio", "step_ratio_paired", "step_ratio_cpu", "memory_ratio")
+RATIO_FIELDS = (
+    "step_ratio",
+    "step_ratio_paired",
+    "step_ratio_cpu",
+    "memory_ratio",
+    "control_ratio_paired",
+    "control_ratio_cpu",
+)
 EPOCH_VARIANTS = tuple(
     f"{kind}_{mode}" for kind in ("scan", "loop", "host_loop") for mode in ("manual", "autodiff")
 )
@@ -148,6 +155,21 @@ def test_quick_run_profiles_and_dumps_hlo(quick_run):
         )
         # Every traced op is an instruction of that mode's step, with its opcode.
         assert any(op["opcode"] == "dot" or op["library"] for op in ops), ops
+
+
+def test_quick_run_reports_the_aa_control(quick_run):
+    _, result, _ = quick_run
+    control = result["control"]
+    ratios = [p["control_ratio_paired"] for p in result["points"].values()]
+    assert control["paired_min"] == min(ratios) and control["paired_max"] == max(ratios)
+    assert control["max_abs_deviation"] == max(abs(r - 1) for r in ratios)
+
+
+def test_without_control_there_is_no_aa_ratio(benchmark):
+    cfg = quick_config("control=false", "epoch_only=[]", "repeats=1")
+    result = benchmark.run(cfg)
+    assert result["control"] is None
+    assert all(p["control_ratio_paired"] is None for p in result["points"].values())
 
 
 def test_quick_run_reports_targets_and_writes_json(quick_run):
