@@ -190,23 +190,36 @@ def _same_shape_init(key: Any, in_shape: Shape) -> tuple[Shape, tuple]:
     return tuple(in_shape), ()
 
 
+def _cached(name: str, forward_fn: Callable, backward_rule: Callable) -> Layer:
+    """A deterministic parameter-free layer whose forward returns what its backward reads.
+
+    ``forward_fn(x) -> (y, cache)`` and ``backward_rule(cache, dy) -> dx``: e.g. activations
+    whose derivative reuses a transcendental of the forward pass (a sigmoid, a tanh, an exp),
+    kept rather than computed again.
+    """
+
+    def forward(params, x, *, key=None):
+        del params, key  # unused: no parameters, deterministic
+        return forward_fn(x)
+
+    def backward(params, cache, dy):
+        del params  # unused: no parameters
+        return (), backward_rule(cache, dy)
+
+    return Layer(_same_shape_init, forward, backward, name)
+
+
 def _parameter_free(name: str, fn: Callable, backward_rule: Callable) -> Layer:
     """A deterministic parameter-free layer ``y = fn(x)``, ``dx = backward_rule(x, y, dy)``.
 
     Both ``x`` and ``y`` are cached; under jit, whichever the rule does not read is not kept.
     """
 
-    def forward(params, x, *, key=None):
-        del params, key  # unused: no parameters, deterministic
+    def forward_fn(x):
         y = fn(x)
         return y, (x, y)
 
-    def backward(params, cache, dy):
-        del params  # unused: no parameters
-        x, y = cache
-        return (), backward_rule(x, y, dy)
-
-    return Layer(_same_shape_init, forward, backward, name)
+    return _cached(name, forward_fn, lambda cache, dy: backward_rule(*cache, dy))
 
 
 def _elementwise(name: str, fn: Callable, grad: Callable) -> Layer:
@@ -273,25 +286,6 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2PI = 0.3989422804014327
 _GELU_C = 0.044715
 _SQRT_HALF = 0.7071067811865476
-
-
-def _cached(name: str, forward_fn: Callable, backward_rule: Callable) -> Layer:
-    """A parameter-free layer whose forward also returns what its backward reads.
-
-    ``forward_fn(x) -> (y, cache)`` and ``backward_rule(cache, dy) -> dx``: for activations
-    whose derivative reuses a transcendental of the forward pass (a sigmoid, a tanh, an exp),
-    kept rather than computed again.
-    """
-
-    def forward(params, x, *, key=None):
-        del params, key  # unused: no parameters, deterministic
-        return forward_fn(x)
-
-    def backward(params, cache, dy):
-        del params  # unused: no parameters
-        return (), backward_rule(cache, dy)
-
-    return Layer(_same_shape_init, forward, backward, name)
 
 
 def _gelu_tanh_forward(x):
@@ -370,7 +364,7 @@ def softmax() -> Layer:
     )
 
 
-def _log_softmax_forward(x):
+def _log_softmax_parts(x):
     # jax.nn.log_softmax's shift; the exps and their row sums are kept: softmax = exps / sums.
     shifted = x - lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
     exps = jnp.exp(shifted)
@@ -388,7 +382,7 @@ def log_softmax() -> Layer:
 
     ``softmax(x)`` comes from the forward pass's exps (kept), so the backward needs no exp.
     """
-    return _cached("log_softmax", _log_softmax_forward, _log_softmax_backward)
+    return _cached("log_softmax", _log_softmax_parts, _log_softmax_backward)
 
 
 def flatten() -> Layer:

@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from bpjax.layers import _log_softmax_parts
 
 __all__ = [
     "LOSSES",
@@ -130,12 +131,9 @@ def softmax_cross_entropy() -> Loss:
     def forward(pred, target):
         pred, target = jnp.asarray(pred), jnp.asarray(target)
         _require_class_axis("softmax_cross_entropy", pred)
-        # log_softmax and softmax from one exp per logit (jax.nn.log_softmax's shift and
-        # form): the backward needs the probabilities, and exp(log_probs) would be a second exp.
-        shifted = pred - lax.stop_gradient(jnp.max(pred, axis=-1, keepdims=True))
-        exps = jnp.exp(shifted)
-        sums = jnp.sum(exps, axis=-1, keepdims=True)
-        log_probs = shifted - jnp.log(sums)
+        # log_softmax with its exps and their row sums (one exp per logit): the backward needs
+        # the probabilities, and exp(log_probs) would be a second exp.
+        log_probs, (exps, sums) = _log_softmax_parts(pred)
         is_labels = jnp.issubdtype(target.dtype, jnp.integer) and target.shape == pred.shape[:-1]
         if is_labels:
             nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
