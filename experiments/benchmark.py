@@ -1068,13 +1068,15 @@ def run(
         p["hlo_files"] = _write_hlo(name, steps[name], run_dir / "hlo") if dump else None
         p["profile"] = None
         if name in profiled:
-            print(f"profiling {name}: {cfg.profile_calls} calls per mode", flush=True)
-            with tempfile.TemporaryDirectory() as scratch:
-                where = run_dir / "profile" if run_dir is not None else Path(scratch)
-                p["profile"] = _profile(name, steps[name], int(cfg.profile_calls), where)
-                if run_dir is None:
-                    for mode in MODES:
-                        p["profile"][mode]["trace_dir"] = None
+            calls = int(cfg.profile_calls)
+            print(f"profiling {name}: {calls} calls per mode", flush=True)
+            if run_dir is not None:
+                p["profile"] = _profile(name, steps[name], calls, run_dir / "profile")
+            else:  # nowhere to keep the traces: summarise them, then let them go
+                with tempfile.TemporaryDirectory() as scratch:
+                    p["profile"] = _profile(name, steps[name], calls, Path(scratch))
+                for mode in MODES:
+                    p["profile"][mode]["trace_dir"] = None
     del steps, references, groups  # free the step executables before the epoch data arrive
 
     epoch_points = [p for p in grid if p.get("epoch")]

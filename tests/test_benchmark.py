@@ -386,3 +386,11 @@ def test_targets_judge_the_configured_ratio(benchmark, estimator, median, worst)
 def test_unknown_ratio_estimator_lists_the_valid_ones(benchmark):
     with pytest.raises(ValueError, match=r"unknown targets\.ratio 'mean'; valid: paired, medians"):
         benchmark.run(quick_config("targets.ratio=mean"))
+
+
+def test_profile_without_an_output_directory_summarises_and_keeps_no_traces(benchmark):
+    cfg = quick_config(f"profile=[{PROFILED}]", "epoch_only=[]", "repeats=1")
+    profile = benchmark.run(cfg)["points"][PROFILED]["profile"]
+    for mode in ("manual", "autodiff"):
+        assert profile[mode]["trace_dir"] is None
+        assert profile[mode]["ops"] and profile[mode]["op_us_per_call"] > 0
