@@ -72,3 +72,11 @@ def xla_cost(fn, *args) -> dict[str, float]:
         analysis = analysis[0]
     keys = {"flops": "flops", "transcendentals": "transcendentals", "bytes": "bytes accessed"}
     return {name: float(analysis.get(key, 0.0)) for name, key in keys.items()}
+
+
+def assert_no_more_work(ours: dict[str, float], theirs: dict[str, float], *, extra_flops=0.0):
+    """``xla_cost`` counts: ours evaluate no more transcendentals, access no more bytes and do no
+    more flops (beyond ``extra_flops``) than theirs."""
+    assert ours["transcendentals"] <= theirs["transcendentals"], (ours, theirs)
+    assert ours["bytes"] <= theirs["bytes"], (ours, theirs)
+    assert ours["flops"] <= theirs["flops"] + extra_flops, (ours, theirs)
