@@ -40,6 +40,7 @@ __all__ = [
     "make_step",
     "output_shape",
     "pad_batches",
+    "single_output_binary",
 ]
 
 # fold_in stream ids: each kind of randomness has its own stream.
@@ -319,6 +320,16 @@ def encode_targets(y: np.ndarray, *, task: str, loss_name: str, n_outputs: int) 
     if n_outputs == 1:
         return y.astype(np.float32)[:, None]
     return np.eye(n_outputs, dtype=np.float32)[y]
+
+
+def single_output_binary(n_outputs: int, n_classes: int | None, loss_name: str) -> bool:
+    """Whether a network with ``n_outputs`` outputs is a one-output binary classifier.
+
+    Two classes may be predicted by a single output (a logit for ``binary_cross_entropy``, a
+    probability for ``mse``/``quadratic``): ``encode_targets`` then gives ``[n, 1]`` targets.
+    ``softmax_cross_entropy`` needs one output per class.
+    """
+    return n_outputs == 1 and n_classes == 2 and loss_name != "softmax_cross_entropy"
 
 
 def pad_batches(

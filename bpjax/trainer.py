@@ -35,6 +35,7 @@ from bpjax.train import (
     make_eval,
     output_shape,
     pad_batches,
+    single_output_binary,
 )
 
 __all__ = [
@@ -260,12 +261,9 @@ def fit(
     mode = _monitor_mode(monitor)
 
     n_outputs = output_shape(net, (batch_size, *data.input_shape))[-1]
-    # A binary classifier may have one output (a logit or probability; see encode_targets).
-    binary_single_output = (
-        n_outputs == 1 and data.n_classes == 2 and loss_name != "softmax_cross_entropy"
-    )
     if data.task == "classification":  # more outputs than classes are merely never targeted
-        mismatch = n_outputs < data.n_outputs and not binary_single_output
+        binary = single_output_binary(n_outputs, data.n_classes, loss_name)
+        mismatch = n_outputs < data.n_outputs and not binary
     else:
         mismatch = n_outputs != data.n_outputs
     if mismatch:

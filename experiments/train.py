@@ -36,7 +36,7 @@ from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
-from bpjax.train import encode_targets, make_optimizer, output_shape
+from bpjax.train import encode_targets, make_optimizer, output_shape, single_output_binary
 from bpjax.trainer import TrainingDiverged, default_monitor, fit, valid_monitors
 
 # Compilations are counted through jax's monitoring events (one per XLA backend compile).
@@ -341,11 +341,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
     loss_name = loss.name
     n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
-    # A binary classifier may have one output (a logit or probability; see encode_targets).
-    single_output_binary = (
-        n_out == 1 and data.n_classes == 2 and loss_name != "softmax_cross_entropy"
-    )
-    if n_out != data.n_outputs and not single_output_binary:
+    if n_out != data.n_outputs and not single_output_binary(n_out, data.n_classes, loss_name):
         raise ConfigError(
             f"the model has {n_out} outputs but {data.name} needs {data.n_outputs} "
             f"(set model.features=[..., {data.n_outputs}])"

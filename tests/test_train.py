@@ -44,6 +44,7 @@ TESTED = {
     "make_step": "test_make_step_*",
     "output_shape": "test_output_shape",
     "pad_batches": "test_pad_batches_*",
+    "single_output_binary": "test_single_output_binary",
 }
 
 
@@ -490,6 +491,22 @@ def test_encode_targets(loss_name, n_outputs, expected):
     out = train.encode_targets(y, task="classification", loss_name=loss_name, n_outputs=n_outputs)
     assert out.dtype == expected.dtype and out.shape == expected.shape
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    ("n_outputs", "n_classes", "loss_name", "expected"),
+    [
+        (1, 2, "binary_cross_entropy", True),
+        (1, 2, "mse", True),
+        (1, 2, "quadratic", True),
+        (1, 2, "softmax_cross_entropy", False),  # one output per class
+        (2, 2, "binary_cross_entropy", False),
+        (1, 3, "mse", False),
+        (1, None, "mse", False),  # regression: no classes
+    ],
+)
+def test_single_output_binary(n_outputs, n_classes, loss_name, expected):
+    assert train.single_output_binary(n_outputs, n_classes, loss_name) is expected
 
 
 def test_encode_targets_regression_passthrough():
