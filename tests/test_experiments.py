@@ -641,11 +641,13 @@ def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int) -> None:
     assert "optimizer.learning_rate=" in table[2]
 
 
-def test_script_multirun(tmp_path):
+def _digits_sweep(tmp_path, *overrides: str):
+    """A 2-job multirun of the real script on digits; checks it and returns (dir, result)."""
     sweep_dir = tmp_path / "sweep"
     result = run_script(
         tmp_path,
         "-m",
+        *overrides,
         "dataset=digits",
         "model.features=[32,10]",
         "trainer.epochs=1",
@@ -655,25 +657,17 @@ def test_script_multirun(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     _check_sweep(sweep_dir, 2)
+    return sweep_dir, result
+
+
+def test_script_multirun(tmp_path):
+    _, result = _digits_sweep(tmp_path)
     assert "sweep summary" in result.stdout
 
 
 @pytest.mark.slow
 def test_script_multirun_joblib(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = run_script(
-        tmp_path,
-        "-m",
-        "hydra/launcher=local_parallel",
-        "dataset=digits",
-        "model.features=[32,10]",
-        "trainer.epochs=1",
-        "logger=none",
-        "optimizer.learning_rate=0.1,0.03",
-        f"hydra.sweep.dir={sweep_dir}",
-    )
-    assert result.returncode == 0, result.stderr
-    _check_sweep(sweep_dir, 2)
+    sweep_dir, _ = _digits_sweep(tmp_path, "hydra/launcher=local_parallel")
     for job in ("0", "1"):  # the workers count their own compilations
         assert json.loads((sweep_dir / job / "metrics.json").read_text())["compilations"] > 0
 
