@@ -31,6 +31,11 @@ Convention:
   ``[n, n] @ [n, n]`` references (``matmul_sizes``) timed in the same rounds. ``matmul_only``
   runs the grid point's matmuls alone (no bias, activation, loss or update): the ceiling for
   those shapes.
+* An epoch's floor (``matmul_only_scan``): one ``lax.scan`` of the same batches through the
+  matmuls and the weight update alone (``_matmul_only_epoch``), the work no SGD step of those
+  layers can skip. ``loop_speedup_ceiling`` = loop / floor is the most a scan could gain over
+  the loop on this device. Targets that the device bounds (``matmul_fraction``,
+  ``loop_speedup``) report that ``ceiling`` and whether it is ``reachable`` at all.
 * Epochs (grid points with ``epoch: true``): ``make_epoch`` (one jitted ``lax.scan`` over
   ``epoch_examples // batch`` steps) against a Python loop dispatching one jitted step per batch
   that does what the scan body does (gather the batch by index, update), with the same
@@ -458,20 +463,55 @@ def _loss_only(step: Callable) -> Callable:
     return f
 
 
-def _matmul_only(ws: tuple, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, tuple]:
-    """The step's matmuls alone: forward ``h @ w``; backward ``h.T @ g`` and ``g @ w.T``.
-
-    Returns ``x`` made to depend on the result (so calls chain) and the weight gradients.
-    """
+def _forward_matmuls(ws: tuple, x: jax.Array) -> list[jax.Array]:
+    """``[x, x @ w0, x @ w0 @ w1, ...]``: a network's forward matmuls, nothing else."""
     acts = [x]
     for w in ws:
         acts.append(acts[-1] @ w)
+    return acts
+
+
+def _backward_matmuls(ws: tuple, acts: list[jax.Array], dy: jax.Array) -> tuple:
+    """The weight gradients ``h.T @ g`` (in ``ws``' order) and the ``g @ w.T`` that carry ``g``
+    down; no ``dx`` for the first layer."""
     grads, g = [], dy
     for i in reversed(range(len(ws))):
         grads.append(lax.dot_general(acts[i], g, (((0,), (0,)), ((), ()))))
         if i > 0:
             g = g @ ws[i].T
-    return x + 0 * acts[-1][:, :1], tuple(grads)
+    return tuple(reversed(grads))
+
+
+def _matmul_only(ws: tuple, x: jax.Array, dy: jax.Array) -> tuple[jax.Array, tuple]:
+    """The step's matmuls alone: forward ``h @ w``; backward ``h.T @ g`` and ``g @ w.T``.
+
+    Returns ``x`` made to depend on the result (so calls chain) and the weight gradients.
+    """
+    acts = _forward_matmuls(ws, x)
+    return x + 0 * acts[-1][:, :1], _backward_matmuls(ws, acts, dy)
+
+
+# The matmul-only epoch's step size: least squares on MNIST-shaped data is stable there (the
+# value changes no work; a diverging or vanishing residual could, through infs or denormals).
+_FLOOR_LR = 1e-3
+
+
+def _matmul_only_epoch(ws: tuple, x: jax.Array, t: jax.Array, batches: jax.Array) -> tuple:
+    """An epoch's floor: per batch only what every SGD step of these layers must do.
+
+    One ``lax.scan`` over ``batches`` (``[steps, batch]`` indices): gather the batch, the
+    forward, ``dw`` and ``dx`` matmuls, and ``w - lr * dw``. The loss is least squares of the
+    network without biases and activations against the targets ``t`` (``[n, n_out]``), so
+    ``dy = out - t`` and each step depends on the last, as in training. Returns the final ``ws``.
+    """
+
+    def body(ws, idx):
+        acts = _forward_matmuls(ws, x[idx])
+        grads = _backward_matmuls(ws, acts, acts[-1] - t[idx])
+        lr = _FLOOR_LR / idx.shape[0]
+        return tuple(w - lr * g for w, g in zip(ws, grads)), None
+
+    return lax.scan(body, ws, batches)[0]
 
 
 def _square_matmul(cfg: DictConfig, n: int) -> tuple[_Variant, dict[str, Any]]:
@@ -614,6 +654,14 @@ def _point_epochs(cfg: DictConfig, point: dict, seed: int) -> dict[str, Any]:
                 )
             variants[f"{kind}_{mode}"] = _Variant(call, state, warmup=cfg.epoch_warmup, block=0)
         print(f"  compiled {point['name']} epochs, {mode} ({len(batches)} steps)", flush=True)
+    # The floor: the same batches through the matmuls and weight updates alone.
+    ws = tuple(p["w"] for p in state.params if p)
+    t = y if y.ndim == 2 else jax.nn.one_hot(y, features[-1], dtype=x.dtype)
+    order = jnp.stack(batches)
+    floor, info["matmul_only_scan"] = _compile(_matmul_only_epoch, ws, x, t, order)
+    variants["matmul_only_scan"] = _Variant(
+        lambda ws, floor=floor: floor(ws, x, t, order), ws, warmup=cfg.epoch_warmup, block=0
+    )
     return {"variants": variants, "info": info, "check": check, "steps": len(batches)}
 
 
@@ -710,20 +758,35 @@ def _epoch_results(built: dict) -> dict[str, Any]:
             "memory": info[name]["memory"],
             "peak_bytes": info[name]["memory"]["peak_bytes"],
         }
+    floor = variants["matmul_only_scan"]
+    out["matmul_only_scan"]["params_finite"] = all(
+        bool(np.all(np.isfinite(w))) for w in floor.carry
+    )
     scan_manual, scan_autodiff = variants["scan_manual"], variants["scan_autodiff"]
     out["scan_ratio"] = _ratio(scan_manual.median, scan_autodiff.median)
     out["scan_ratio_paired"] = _paired(scan_manual, scan_autodiff)
     out["scan_ratio_cpu"] = _ratio(scan_manual.cpu_median, scan_autodiff.cpu_median)
     for mode in MODES:
         scan = variants[f"scan_{mode}"]
+        out[f"scan_over_floor_{mode}"] = _ratio(scan.median, floor.median)
         for loop in LOOPS:
-            out[f"{loop}_speedup_{mode}"] = _ratio(variants[f"{loop}_{mode}"].median, scan.median)
+            loop_s = variants[f"{loop}_{mode}"].median
+            out[f"{loop}_speedup_{mode}"] = _ratio(loop_s, scan.median)
+            # No scan of these layers can beat the floor: the most its loop/scan could reach
+            # (generous: the loop itself would speed up with a faster step).
+            out[f"{loop}_speedup_ceiling_{mode}"] = _ratio(loop_s, floor.median)
             out[f"{loop}_vs_scan_params_rel_err_{mode}"] = built["check"][f"{loop}_{mode}"]
     return out
 
 
 def _target(measured: Any, threshold: float, met: bool, **where: Any) -> dict[str, Any]:
     return {**where, "measured": measured, "threshold": threshold, "met": bool(met)}
+
+
+def _reachable(ceiling: float | None, minimum: float) -> dict[str, Any]:
+    """A target's ``ceiling``, what this device reached in the same run doing only the work no
+    step can skip, and whether that clears the target's ``minimum`` (``None``: not measured)."""
+    return {"ceiling": ceiling, "reachable": None if ceiling is None else ceiling >= minimum}
 
 
 # Which manual/autodiff ratio the targets judge (``targets.ratio``): the key suffix per estimator.
@@ -758,11 +821,13 @@ def _targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
     if t.matmul_fraction_point in points:
         modes = points[t.matmul_fraction_point]["modes"]
         fraction = modes["manual"]["fraction_of_matmul_peak"]
+        only = points[t.matmul_fraction_point]["matmul_only"]["fraction_of_matmul_peak"]
         out["matmul_fraction"] = _target(
             fraction,
             t.matmul_fraction_min,
             fraction >= t.matmul_fraction_min,
             point=t.matmul_fraction_point,
+            **_reachable(only, t.matmul_fraction_min),
         )
     epoch = (points.get(t.epoch_point) or {}).get("epoch")
     if epoch:
@@ -775,7 +840,11 @@ def _targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
             estimator=t.ratio,
         )
         out["loop_speedup"] = _target(
-            speedup, t.loop_speedup_min, speedup >= t.loop_speedup_min, point=t.epoch_point
+            speedup,
+            t.loop_speedup_min,
+            speedup >= t.loop_speedup_min,
+            point=t.epoch_point,
+            **_reachable(epoch["loop_speedup_ceiling_manual"], t.loop_speedup_min),
         )
     return out
 
@@ -875,6 +944,9 @@ def format_tables(result: dict[str, Any]) -> str:
                 "host/scan",
                 "scan ratio",
                 "cpu",
+                "floor s",
+                "scan/floor",
+                "loop/floor",
             )
         ]
         for name, e in epochs:
@@ -892,12 +964,16 @@ def format_tables(result: dict[str, Any]) -> str:
                         _fmt(e["host_loop_speedup_" + mode], ".1f") + "x",
                         _fmt(e["scan_ratio"], ".3f") if manual else "",
                         _fmt(e["scan_ratio_cpu"], ".3f") if manual else "",
+                        f"{e['matmul_only_scan']['epoch_s']:.3f}" if manual else "",
+                        _fmt(e["scan_over_floor_" + mode], ".2f") + "x",
+                        _fmt(e["loop_speedup_ceiling_" + mode], ".1f") + "x",
                     )
                 )
         lines += ["", *_columns(rows)]
         lines.append(
             "(loop: data on device, batch gathered by index in the jitted step; host loop: numpy"
-            " batches sliced on the host)"
+            " batches sliced on the host; floor: one scan of the same batches through the"
+            " matmuls and weight updates alone)"
         )
     rows = [
         (
@@ -956,9 +1032,10 @@ def format_tables(result: dict[str, Any]) -> str:
         )
         lines += ["", f"profile of {name} ({calls} traced calls; per call: {walls}):"]
         lines += _columns(rows)
-    rows = [("target", "point", "measured", "threshold", "met", "ratio")]
+    rows = [("target", "point", "measured", "threshold", "met", "ratio", "ceiling", "reachable")]
     for name, t in result["targets"].items():
         met = "yes" if t["met"] else "NO"
+        reachable = {True: "yes", False: "NO", None: ""}[t.get("reachable")]
         rows.append(
             (
                 name,
@@ -967,9 +1044,16 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"{t['threshold']:g}",
                 met,
                 t.get("estimator") or "",
+                _fmt(t.get("ceiling"), ".3f") if "ceiling" in t else "",
+                reachable,
             )
         )
     lines += ["", *_columns(rows)]
+    if any("ceiling" in t for t in result["targets"].values()):
+        lines.append(
+            "(ceiling: the same measure for the work no step can skip, this run: the point's"
+            " matmuls alone; the loop over a scan of matmuls and weight updates alone)"
+        )
     control = result.get("control")
     if control:
         lines.append(
@@ -1088,9 +1172,12 @@ def run(
     if epochs:
         print(f"timing epochs: {cfg.epoch_repeats} interleaved rounds", flush=True)
         pairs = [
-            [e["variants"][f"{kind}_{mode}"] for mode in MODES]
+            group
             for e in epochs.values()
-            for kind in EPOCH_KINDS
+            for group in (
+                [e["variants"]["matmul_only_scan"]],
+                *([e["variants"][f"{kind}_{mode}"] for mode in MODES] for kind in EPOCH_KINDS),
+            )
         ]
         _round_robin(pairs, cfg.epoch_repeats)
     for name, p in points.items():

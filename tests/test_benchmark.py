@@ -106,10 +106,49 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
     for loop in ("loop", "host_loop"):
         for mode in ("manual", "autodiff"):
             assert positive(epoch[f"{loop}_speedup_{mode}"]), (loop, mode)
+            assert positive(epoch[f"{loop}_speedup_ceiling_{mode}"]), (loop, mode)
             # Both Python loops run the scan's steps: the same params come out.
             assert epoch[f"{loop}_vs_scan_params_rel_err_{mode}"] < 1e-5, (loop, mode)
     for field in EPOCH_RATIOS:
         assert positive(epoch[field]), field
+    floor = epoch["matmul_only_scan"]
+    assert positive(floor["epoch_s"]) and positive(floor["compile_s"])
+    assert floor["params_finite"] is True
+    for mode in ("manual", "autodiff"):
+        assert positive(epoch[f"scan_over_floor_{mode}"]), mode
+
+
+def test_matmul_only_epoch_is_sgd_on_least_squares_of_the_linear_network(benchmark):
+    # The floor does a real gradient step per batch: jax.grad of half the squared error of
+    # x @ w0 @ w1 (no biases, no activations), mean over the batch, in the batches' order.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((12, 7), dtype=np.float32))
+    t = jnp.asarray(rng.random((12, 3), dtype=np.float32))
+    ws = tuple(jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in ((7, 5), (5, 3)))
+    batches = jnp.asarray(rng.permutation(12).reshape(3, 4))
+
+    def loss(ws, xb, tb):
+        return 0.5 * jnp.sum((xb @ ws[0] @ ws[1] - tb) ** 2) / xb.shape[0]
+
+    expected = ws
+    for idx in np.asarray(batches):
+        grads = jax.grad(loss)(expected, x[idx], t[idx])
+        expected = tuple(w - benchmark._FLOOR_LR * g for w, g in zip(expected, grads))
+    got = jax.jit(benchmark._matmul_only_epoch)(ws, x, t, batches)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(g, ws[0] if g.shape == ws[0].shape else ws[1])
+
+
+@pytest.mark.parametrize(
+    ("ceiling", "reachable"), [(None, None), (12.0, True), (10.0, True), (2.0, False)]
+)
+def test_reachable_says_whether_the_ceiling_clears_the_minimum(benchmark, ceiling, reachable):
+    assert benchmark._reachable(ceiling, 10.0) == {"ceiling": ceiling, "reachable": reachable}
 
 
 def test_quick_run_counts_the_same_matmuls_and_no_more_work(quick_run):
@@ -178,6 +217,15 @@ def test_quick_run_reports_targets_and_writes_json(quick_run):
         target = result["targets"][name]
         assert {"measured", "threshold", "met"} <= set(target), name
         assert isinstance(target["met"], bool)
+    # The two targets bounded by the device say what the unskippable work alone reaches.
+    point = result["points"]
+    matmul, loop = result["targets"]["matmul_fraction"], result["targets"]["loop_speedup"]
+    only = point[matmul["point"]]["matmul_only"]["fraction_of_matmul_peak"]
+    assert matmul["ceiling"] == only
+    assert matmul["reachable"] is (only >= matmul["threshold"])
+    ceiling = point[loop["point"]]["epoch"]["loop_speedup_ceiling_manual"]
+    assert loop["ceiling"] == ceiling
+    assert loop["reachable"] is (ceiling >= loop["threshold"])
     assert json.loads((out / "benchmark.json").read_text()) == result
 
 
