@@ -168,13 +168,21 @@ def dense(
         return y, x
 
     def backward(params, cache, dy):
-        """dx = dy @ w.T,  dw = x.T @ dy,  db = sum(dy over batch axes)."""
+        """dx = dy @ w.T,  dw = x.T @ dy,  db = sum(dy over batch axes).
+
+        Each gradient has its primal's dtype, as ``jax.vjp``'s do, also when ``x`` and the
+        params differ (float64 data into float32 params; a bfloat16 input): the optimizer
+        state and a ``lax.scan`` carry keep their dtypes. Same dtypes cast nothing.
+        """
         x = cache
         w = params["w"]
-        grads = {"w": _matmul_grads(x, dy)}
+        grads = {"w": _matmul_grads(x, dy).astype(w.dtype)}
         if use_bias:
-            grads["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
+            b = params["b"]
+            grads["b"] = jnp.sum(dy, axis=tuple(range(dy.ndim - 1))).astype(b.dtype)
         dx = dy @ w.T
+        if jnp.issubdtype(x.dtype, jnp.inexact):  # integer inputs have no gradient dtype
+            dx = dx.astype(x.dtype)
         return grads, dx
 
     return Layer(init, forward, backward, name)

@@ -217,6 +217,41 @@ def test_backward_matches_vjp(case, batch, dtype, maybe_jit):
     assert_trees_close((y, grads, dx), expected, rtol=RTOL[dtype], atol=ATOL[dtype])
 
 
+# Inputs whose dtype differs from the params' (float64 data into float32 params, a bfloat16
+# input): jax.vjp gives each cotangent its primal's dtype, and so must the manual backward, or
+# an optimizer state or a scan carry changes dtype. (x, params) dtype pairs; x64 is on here.
+MIXED_DTYPES = [
+    (jnp.float64, jnp.float32),
+    (jnp.float32, jnp.float64),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float32, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "p_dtype"),
+    MIXED_DTYPES,
+    ids=[f"{x.__name__}-{p.__name__}" for x, p in MIXED_DTYPES],
+)
+@pytest.mark.parametrize("case", [c for c in LAYERS if c.has_params], ids=lambda c: c.id)
+def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case, x_dtype, p_dtype, maybe_jit):
+    layer, _, params, x, dy, key = setup_layer(case, 3, p_dtype)
+    x, dy = x.astype(x_dtype), dy.astype(jnp.result_type(x_dtype, p_dtype))
+    _, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key)
+    _, grads_ref, dx_ref = autodiff(layer, params, x, dy, key)
+    assert jax.tree_util.tree_map(lambda a: a.dtype, (grads, dx)) == jax.tree_util.tree_map(
+        lambda a: a.dtype, (grads_ref, dx_ref)
+    )
+    low = jnp.bfloat16 in (x_dtype, p_dtype)
+    as_f32 = functools.partial(tree_cast, dtype=jnp.float32)
+    assert_trees_close(
+        as_f32((grads, dx)),
+        as_f32((grads_ref, dx_ref)),
+        rtol=3e-2 if low else 1e-5,
+        atol=3e-2 if low else 1e-6,
+    )
+
+
 # Every row mixes -100, -50, 0, 50 and 100 (softmax sees them together); the last is all zeros.
 EXTREME = np.resize(np.array([-100.0, -50.0, 0.0, 50.0, 100.0]), (7, 6))
 EXTREME[-1] = 0.0
