@@ -27,13 +27,16 @@ metadata, so a new manager on an existing directory picks up where the old one l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pathlib
 import re
 import sys
-from collections.abc import Mapping
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
 from typing import IO, Any, Literal
 
 import jax
@@ -187,6 +190,22 @@ def save(path: PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None
     return path
 
 
+@contextlib.contextmanager
+def _reading(path: pathlib.Path) -> Iterator[Any]:
+    """``np.load(path)``, with a damaged file (truncated, not a zip, an entry missing) reported
+    as a ValueError that names it, as every other unusable checkpoint is."""
+    try:
+        # Our own file object: np.load leaks the one it opens when the zip is damaged.
+        with open(path, "rb") as file, np.load(file, allow_pickle=False) as npz:
+            yield npz
+    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: not a readable checkpoint ({e})") from e
+
+
 def _read_meta(npz: Any, path: pathlib.Path) -> dict[str, Any]:
     if _META_KEY not in npz.files:
         raise ValueError(f"{path}: not a bpjax checkpoint (no {_META_KEY!r} entry)")
@@ -209,7 +228,7 @@ def load_metadata(path: PathLike) -> dict[str, Any]:
         The ``metadata`` mapping given to ``save``, as parsed from JSON.
     """
     path = pathlib.Path(path)
-    with np.load(path, allow_pickle=False) as npz:
+    with _reading(path) as npz:
         return _read_meta(npz, path)["metadata"]
 
 
@@ -229,14 +248,14 @@ def restore(path: PathLike, like: Any) -> tuple[Any, dict[str, Any]]:
         typed keys for typed keys.
 
     Raises:
-        ValueError: if the file is not a bpjax checkpoint, or its tree structure, a leaf's
-            shape or a leaf's dtype differs from ``like`` (the message names the first
-            mismatching leaf path).
+        ValueError: if the file is not a readable bpjax checkpoint (e.g. truncated by a copy),
+            or its tree structure, a leaf's shape or a leaf's dtype differs from ``like`` (the
+            message names the file and the first mismatching leaf path).
     """
     path = pathlib.Path(path)
     like_leaves, like_treedef = jax.tree_util.tree_flatten_with_path(like)
     like_paths = [jax.tree_util.keystr(p) for p, _ in like_leaves]
-    with np.load(path, allow_pickle=False) as npz:
+    with _reading(path) as npz:
         meta = _read_meta(npz, path)
         records = meta["leaves"]
         saved_paths = [r["path"] for r in records]
@@ -280,11 +299,11 @@ class CheckpointManager:
     """Keeps the last ``keep`` checkpoints of a run in one directory, plus the best one.
 
     Files are named ``ckpt_{step:06d}.npz`` and carry the metadata
-    ``{"step": int, "metrics": {...}, "config": {...}}``. The best checkpoint is the one with
-    the smallest (``mode="min"``) or largest (``mode="max"``) finite ``metrics[metric]``, the
-    earliest on ties; it is never deleted while it is best, and is found again from the files'
-    metadata when a new manager opens the directory. One process should write to a directory
-    at a time.
+    ``{"step": int, "metrics": {...}, "config": {...}}``, and ``"run": {...}`` if given. The
+    best checkpoint is the one with the smallest (``mode="min"``) or largest (``mode="max"``)
+    finite ``metrics[metric]``, the earliest on ties; it is never deleted while it is best, and
+    is found again from the files' metadata when a new manager opens the directory. A file that
+    cannot be read is never ranked best. One process should write to a directory at a time.
 
     Args:
         directory: where checkpoints live; created if missing.
@@ -333,6 +352,7 @@ class CheckpointManager:
         step_or_epoch: int,
         metrics: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
+        run: Mapping[str, Any] | None = None,
     ) -> pathlib.Path:
         """Atomically writes a checkpoint, then deletes those no longer kept.
 
@@ -343,6 +363,9 @@ class CheckpointManager:
             metrics: scalars to store (numpy/jax scalars become Python floats); ``metric``
                 is looked up here.
             config: the run's configuration, e.g. ``OmegaConf.to_container(cfg, resolve=True)``.
+            run: what identifies the run, for a resume to check that it continues the same one
+                (``fit`` stores its seed, batch size, monitor, loss and dataset); stored as
+                ``metadata["run"]`` when given.
 
         Returns:
             The path of the new checkpoint.
@@ -355,6 +378,8 @@ class CheckpointManager:
             "metrics": {str(k): _scalar(v) for k, v in (metrics or {}).items()},
             "config": dict(config or {}),
         }
+        if run is not None:
+            metadata["run"] = dict(run)
         path = save(self.path_for(step), tree, metadata=metadata)
         self._prune()
         return path

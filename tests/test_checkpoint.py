@@ -247,6 +247,43 @@ def test_load_metadata_of_other_files(tmp_path):
         checkpoint.load_metadata(tmp_path / "missing.npz")
 
 
+# Files damaged outside bpjax (a copy cut short, an emptied file, a zip missing its entries):
+# every reader names the file and says it can't be read, with a ValueError.
+DAMAGED = {
+    "truncated": lambda good: good[: len(good) // 2],
+    "empty": lambda good: b"",
+    "not a zip": lambda good: b"just some text, not a checkpoint",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_damaged_files_are_reported_by_name(tmp_path, damage):
+    path = checkpoint.save(tmp_path / "s.npz", make_state(1), metadata={"epoch": 1})
+    path.write_bytes(DAMAGED[damage](path.read_bytes()))
+    for read in (checkpoint.load_metadata, lambda p: checkpoint.restore(p, make_state(0))):
+        with pytest.raises(ValueError, match=r"s\.npz: not a readable checkpoint"):
+            read(path)
+
+
+def test_manager_ranks_around_a_damaged_file(tmp_path):
+    # An unreadable file used to make every later save raise (zipfile.BadZipFile from pruning).
+    manager = checkpoint.CheckpointManager(tmp_path, keep=2, metric="loss")
+    for step, loss in ((1, 0.5), (2, 0.1)):
+        manager.save(make_state(step), step_or_epoch=step, metrics={"loss": loss})
+    manager.path_for(2).write_bytes(manager.path_for(2).read_bytes()[:100])  # the best, damaged
+    manager.save(make_state(3), step_or_epoch=3, metrics={"loss": 0.3})
+    assert manager.best() == manager.path_for(3)  # the damaged file is never ranked
+    assert manager.all_steps() == [2, 3]  # the last two are kept, readable or not
+
+
+def test_manager_stores_what_identifies_the_run(tmp_path):
+    manager = checkpoint.CheckpointManager(tmp_path)
+    manager.save(make_state(1), step_or_epoch=1, run={"seed": 3, "shape": (8, 8)})
+    assert checkpoint.load_metadata(manager.latest())["run"] == {"seed": 3, "shape": [8, 8]}
+    manager.save(make_state(2), step_or_epoch=2)
+    assert "run" not in checkpoint.load_metadata(manager.latest())
+
+
 def _crashing_writer(file, arrays):
     """Writes part of a real checkpoint, then dies, like a process killed mid-write."""
     file.write(b"PK\x03\x04 half a zip file")
