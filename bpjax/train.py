@@ -116,6 +116,49 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     )
 
 
+def _compute_dtype(compute_dtype: Any) -> np.dtype | None:
+    """``compute_dtype`` as a numpy dtype; None stays None (compute in the params' dtype).
+
+    Raises:
+      ValueError: not a dtype, or not a floating one (an integer compute dtype would round
+        every weight).
+    """
+    if compute_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(compute_dtype)
+    except TypeError as e:
+        raise ValueError(
+            f"compute_dtype {compute_dtype!r} is not a dtype; use bfloat16, float16 or float32"
+        ) from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"compute_dtype must be a floating dtype (bfloat16, float16, float32, ...), "
+            f"got {dtype.name}"
+        )
+    return dtype
+
+
+def _mixed_precision_grad(net: Layer, loss: Loss, mode: str, compute_dtype: Any) -> Callable:
+    """``f(params, x, y, *, key) -> ((loss, output), grads)`` of ``net`` in ``compute_dtype``.
+
+    With a compute dtype, params and inputs are cast for the forward and backward passes, the
+    network output is cast back to float32 for the loss, and the gradients come back in the
+    params' dtypes (float32 master weights). Without one, it is ``value_and_grad`` itself.
+    """
+    if compute_dtype is None:
+        return value_and_grad(net, loss, mode=mode, with_output=True)
+    grad_fn = value_and_grad(_output_in(net, jnp.float32), loss, mode=mode, with_output=True)
+
+    def f(params, x, y, *, key=None):
+        low = _cast_floats(params, compute_dtype)
+        (value, output), grads = grad_fn(low, x.astype(compute_dtype), y, key=key)
+        grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+        return (value, output), grads
+
+    return f
+
+
 def _output_in(net: Layer, dtype: Any) -> Layer:
     """``net`` with its output cast to ``dtype`` (the loss runs in full precision)."""
 
@@ -179,21 +222,14 @@ def make_step(
     """
     if grad_mode not in MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; valid modes: {', '.join(MODES)}")
-    model = net if compute_dtype is None else _output_in(net, jnp.float32)
-    grad_fn = value_and_grad(model, loss, mode=grad_mode, with_output=True)
+    grad_fn = _mixed_precision_grad(net, loss, grad_mode, _compute_dtype(compute_dtype))
 
     def step(state: TrainState, x: jax.Array, y: jax.Array):
         if batch_sharding is not None:
             x = lax.with_sharding_constraint(x, batch_sharding)
             y = lax.with_sharding_constraint(y, batch_sharding)
         key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
-        params = state.params
-        if compute_dtype is not None:
-            params = _cast_floats(params, compute_dtype)
-            x = x.astype(compute_dtype)
-        (value, output), grads = grad_fn(params, x, y, key=key)
-        if compute_dtype is not None:
-            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        (value, output), grads = grad_fn(state.params, x, y, key=key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         new_state = TrainState(new_params, opt_state, state.step + 1, state.key)
@@ -251,7 +287,9 @@ def make_epoch(
         batch_sharding=batch_sharding,
     )
     other_mode = "autodiff" if grad_mode == "manual" else "manual"
-    other_grad = value_and_grad(net, loss, mode=other_mode)
+    # The other mode in the same precision as the step, so that under a compute dtype the
+    # signal is manual against autodiff, not bfloat16 against float32 rounding.
+    other_grad = _mixed_precision_grad(net, loss, other_mode, _compute_dtype(compute_dtype))
 
     def epoch(state: TrainState, x: jax.Array, y: jax.Array, epoch_index: jax.Array):
         n = x.shape[0]
@@ -359,7 +397,7 @@ def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
     def example_loss(pred, target):
         return loss.forward(pred[None], target[None])[0]
 
-    def batch_sums(params, x, y, mask):
+    def batch_sums(params, x, y, mask, center):
         pred, _ = net.forward(params, x)
         pred = pred.astype(jnp.float32)
         w = mask.astype(jnp.float32)
@@ -377,13 +415,18 @@ def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
             y = y.astype(jnp.float32)
             w2 = w[:, None]
             sums["sse"] = jnp.sum(w2 * jnp.square(pred - y), axis=0)
-            sums["sy"] = jnp.sum(w2 * y, axis=0)
-            sums["syy"] = jnp.sum(w2 * jnp.square(y), axis=0)
+            # Sums of y - center (one real target): the same variance, without the float32
+            # cancellation of sum(y^2) - sum(y)^2 / n when |mean| >> std.
+            d = y - center[None]
+            sums["sy"] = jnp.sum(w2 * d, axis=0)
+            sums["syy"] = jnp.sum(w2 * jnp.square(d), axis=0)
         return sums
 
     @jax.jit
     def evaluate(params, xb, yb, mask):
-        per_batch = lax.map(lambda args: batch_sums(params, *args), (xb, yb, mask))
+        # The first example is never padding (padding goes last).
+        center = yb[0, 0].astype(jnp.float32) if task == "regression" else None
+        per_batch = lax.map(lambda args: batch_sums(params, *args, center), (xb, yb, mask))
         sums = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per_batch)
         n = sums["n"]
         out = {"loss": sums["loss"] / n}

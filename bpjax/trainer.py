@@ -23,12 +23,13 @@ import numpy as np
 import optax
 
 from bpjax import losses as losses_lib
-from bpjax.checkpoint import CheckpointManager
+from bpjax.checkpoint import CheckpointManager, _to_json, load_metadata, restore
 from bpjax.data import Dataset
 from bpjax.layers import Layer
 from bpjax.losses import Loss
 from bpjax.train import (
     TrainState,
+    _compute_dtype,
     encode_targets,
     init_state,
     make_epoch,
@@ -40,6 +41,7 @@ from bpjax.train import (
 
 __all__ = [
     "FitResult",
+    "ResumeError",
     "TrainingDiverged",
     "default_monitor",
     "fit",
@@ -64,6 +66,13 @@ class FitResult(NamedTuple):
     best_params: Any
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+
+
+class ResumeError(ValueError):
+    """``fit`` can't continue what ``checkpoint_dir`` holds: checkpoints of a run that this
+    call would overwrite (``resume=False``) or that is not this run (another seed, batch size,
+    monitor, loss, dataset, network or optimizer), or an unreadable checkpoint. Raised before
+    anything is compiled; nothing is deleted."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,6 +152,37 @@ def default_monitor(task: str) -> str:
     return "val_accuracy" if task == "classification" else "val_loss"
 
 
+def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any]) -> Any:
+    """The checkpoint this run continues from (None: start afresh), once it is known to be this
+    run's: its ``run`` metadata (when it has one) must match ``run``."""
+    steps = manager.all_steps()
+    if not steps:
+        return None
+    if not resume:
+        names = ", ".join(manager.path_for(s).name for s in steps[-3:])
+        raise ResumeError(
+            f"{manager.directory} already holds checkpoints of a run ({names}): resume to "
+            f"continue it, or start the new run in an empty directory (nothing was deleted)"
+        )
+    path = manager.latest()
+    try:
+        saved = load_metadata(path).get("run")
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"cannot resume: {e}") from e
+    if saved is not None:
+        differ = [
+            f"{key} {saved[key]!r} there, {value!r} here"
+            for key, value in run.items()
+            if key in saved and saved[key] != value
+        ]
+        if differ:
+            raise ResumeError(
+                f"cannot resume from {path}: another run saved it ({'; '.join(differ)}); use "
+                f"that run's settings, or start the new run in an empty directory"
+            )
+    return path
+
+
 @functools.cache
 def _loss_by_name(name: str) -> Loss:
     """The same Loss object for the same name, so ``_compiled`` can reuse compiled functions."""
@@ -218,6 +258,8 @@ def fit(
 
     Raises:
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
+      ResumeError: ``checkpoint_dir`` holds another run's checkpoints, or checkpoints that
+        ``resume=False`` would overwrite, or an unreadable one; before anything is compiled.
       ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
         outputs than the data needs), before anything is compiled.
     """
@@ -231,6 +273,9 @@ def fit(
         eval_splits = ("val", *eval_splits)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+    compute_dtype = _compute_dtype(compute_dtype)
     if not 1 <= batch_size <= data.n_train:
         raise ValueError(
             f"batch_size must be between 1 and the training set size ({data.n_train}), "
@@ -260,7 +305,14 @@ def fit(
         monitor = "train_loss"
     mode = _monitor_mode(monitor)
 
-    n_outputs = output_shape(net, (batch_size, *data.input_shape))[-1]
+    out_shape = output_shape(net, (batch_size, *data.input_shape))
+    if len(out_shape) != 2 or out_shape[0] != batch_size:
+        hint = " (flatten the input first: mlp(..., flatten=True))" if len(out_shape) > 2 else ""
+        raise ValueError(
+            f"the network {net.name} maps a batch {(batch_size, *data.input_shape)} of "
+            f"{data.name} to {tuple(out_shape)}, not to (batch, outputs){hint}"
+        )
+    n_outputs = out_shape[-1]
     if data.task == "classification":  # more outputs than classes are merely never targeted
         binary = single_output_binary(n_outputs, data.n_classes, loss_name)
         mismatch = n_outputs < data.n_outputs and not binary
@@ -271,6 +323,23 @@ def fit(
             f"the network {net.name} has {n_outputs} outputs but {data.name} ({data.task}) "
             f"needs {data.n_outputs}: make its last layer {data.n_outputs} wide"
         )
+
+    manager, resume_from = None, None
+    if checkpoint_dir is not None:
+        _to_json(config)  # a config that can't be stored fails now, not at the first checkpoint
+        manager = CheckpointManager(
+            checkpoint_dir, keep=keep_checkpoints, metric="monitor", mode=mode
+        )
+        run_info = {
+            "seed": seed,
+            "batch_size": batch_size,
+            "monitor": monitor,
+            "loss": loss_name,
+            "dataset": data.name,
+            "n_train": data.n_train,
+            "input_shape": list(data.input_shape),
+        }
+        resume_from = _resume_point(manager, resume, run_info)
 
     def encode(y):
         return encode_targets(y, task=data.task, loss_name=loss_name, n_outputs=n_outputs)
@@ -296,7 +365,7 @@ def fit(
         optimizer,
         batch_size=batch_size,
         grad_mode=grad_mode,
-        compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype).name,
+        compute_dtype=None if compute_dtype is None else compute_dtype.name,
         batch_sharding=batch_sharding,
         grad_check_every=grad_check_every,
         with_layer_stats=layer_stats,
@@ -309,15 +378,14 @@ def fit(
 
     state = init_state(net, optimizer, jax.random.PRNGKey(seed), (batch_size, *data.input_shape))
     state = jax.device_put(state, replicated)
-    manager = None
-    if checkpoint_dir is not None:
-        manager = CheckpointManager(
-            checkpoint_dir, keep=keep_checkpoints, metric="monitor", mode=mode
-        )
     start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
     best_params = state.params
-    if resume and manager is not None and manager.latest() is not None:
-        state, meta = manager.restore_latest(state)
+    if resume_from is not None:
+        try:
+            state, meta = restore(resume_from, state)
+        except ValueError as e:
+            hint = " (this run's network or optimizer differs)" if "mismatch" in str(e) else ""
+            raise ResumeError(f"cannot resume: {e}{hint}") from e
         state = jax.device_put(state, replicated)
         saved = meta["metrics"]
         start_epoch = int(meta["step"])
@@ -342,15 +410,19 @@ def fit(
                 **{k: v for k, v in record.items() if isinstance(v, int | float)},
             },
             config=config,
+            run=run_info,
         )
 
     steps_per_epoch = data.n_train // batch_size
     history: list[dict[str, Any]] = []
-    train_seconds, trained_examples, stopped_early = 0.0, 0, False
+    # A run that stopped early stays stopped when resumed (unless patience was raised).
+    stopped_early = patience is not None and bad_evals >= patience
+    last_epoch = start_epoch if stopped_early else epochs
+    train_seconds, trained_examples = 0.0, 0
     t_start = time.perf_counter()
     epoch = start_epoch
     try:
-        for epoch in range(start_epoch + 1, epochs + 1):
+        for epoch in range(start_epoch + 1, last_epoch + 1):
             step_before = int(state.step)
             t0 = time.perf_counter()
             new_state, step_metrics = epoch_fn(state, x_train, y_train, jnp.int32(epoch))

@@ -37,7 +37,7 @@ from bpjax._atomic import atomic_write
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
 from bpjax.train import encode_targets, make_optimizer, output_shape, single_output_binary
-from bpjax.trainer import TrainingDiverged, default_monitor, fit, valid_monitors
+from bpjax.trainer import ResumeError, TrainingDiverged, default_monitor, fit, valid_monitors
 
 # Compilations are counted through jax's monitoring events (one per XLA backend compile).
 _COMPILATIONS = [0]
@@ -312,6 +312,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.distributed:
         jax.distributed.initialize()
     run_dir = _run_dir(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+    if not cfg.trainer.resume and any(checkpoint_dir.glob("ckpt_*.npz")):
+        # Before anything (a TensorBoard file, say) is written into the other run's directory.
+        raise ConfigError(
+            f"{checkpoint_dir} already holds checkpoints of a run: trainer.resume=true "
+            f"continues it; a new run needs another trainer.run_dir (nothing was deleted)"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     # Data first: a missing file is reported before anything is compiled.
     try:
@@ -366,7 +373,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}",
         flush=True,
     )
-    checkpoint_dir = run_dir / "checkpoints"
     if trainer.resume and not any(checkpoint_dir.glob("ckpt_*.npz")):
         print(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch", flush=True)
     status = "completed"
@@ -464,6 +470,14 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except ResumeError as e:
+        print(
+            f"error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks "
+            f"the directory)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         run_dir = _run_dir(cfg)

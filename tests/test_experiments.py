@@ -518,6 +518,17 @@ def test_train_diverged(tmp_path):
     assert math.isnan(metrics["objective"])
 
 
+def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run):
+    # A new run used to train into it, and prune its own checkpoints as it wrote them.
+    run_dir, _ = digits_run
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    cfg = compose(*DIGITS_RUN, "seed=1", f"trainer.run_dir={run_dir}")
+    with pytest.raises(train_script.ConfigError, match=r"already holds checkpoints .*resume=true"):
+        train_script.train(cfg)
+    after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    assert after == before  # not a file added, changed or deleted
+
+
 def test_train_rejects_bad_config_before_compiling(tmp_path):
     cfg = compose(*TINY, "trainer.grad_mode=manaul", f"trainer.run_dir={tmp_path}")
     with pytest.raises(train_script.ConfigError, match="manaul"):

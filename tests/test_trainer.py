@@ -24,7 +24,7 @@ from conftest import assert_trees_equal, leaves, trees_differ
 import bpjax
 from bpjax import checkpoint, losses, train, trainer
 from bpjax.data import load
-from bpjax.trainer import TrainingDiverged, default_monitor, fit, valid_monitors
+from bpjax.trainer import ResumeError, TrainingDiverged, default_monitor, fit, valid_monitors
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,6 +56,7 @@ def reference(small, tmp_path_factory):
 # What each public name of `bpjax.trainer` is tested by (a new name must be added here).
 TESTED = {
     "FitResult": "every test",
+    "ResumeError": "test_a_new_run_refuses_a_directory_with_checkpoints and the tests below it",
     "TrainingDiverged": "test_divergence_guard_keeps_last_finite_checkpoint",
     "fit": "every test",
     "make_mesh": "test_make_mesh",
@@ -233,6 +234,34 @@ def test_bfloat16_compute(small):
     assert "test_accuracy" in result.history[0]  # eval_splits adds the test split per epoch
 
 
+def test_bfloat16_grad_check_compares_both_modes_in_bfloat16(small):
+    # The other mode runs in the step's precision: what is left is bfloat16 rounding (a few
+    # units of 2**-8), not the distance to a float32 gradient; a wrong backward is far above.
+    result = fit(
+        NET, CE, optax.adam(1e-2), small, epochs=1, compute_dtype="bfloat16", grad_check_every=1,
+        **SMALL,
+    )  # fmt: skip
+    rel_err = np.asarray(result.history[0]["step_metrics"]["grad_check/total/rel_err"])
+    assert rel_err.shape == (8,) and np.all(np.isfinite(rel_err))
+    assert np.all(rel_err < 2.0**-6), rel_err
+
+
+def test_float64_data_into_float32_params_trains_in_manual_mode(small):
+    # The manual backward used to return float64 gradients for float32 params here, which
+    # changed adam's state dtype and broke the epoch scan's carry.
+    data = load("digits", limit_train=200, dtype=np.float64)
+    assert data.x_train.dtype == np.float64
+    results = {
+        mode: fit(NET, CE, optax.adam(1e-2), data, epochs=2, grad_mode=mode, **SMALL)
+        for mode in ("manual", "autodiff")
+    }
+    for result in results.values():
+        floats = [a for a in leaves(result.state) if np.issubdtype(a.dtype, np.floating)]
+        assert floats and all(a.dtype == np.float32 for a in floats)  # params, adam's moments
+    manual, auto = ([r["train_loss"] for r in res.history] for res in results.values())
+    np.testing.assert_allclose(manual, auto, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # resume, interrupts, checkpoints
 
@@ -335,6 +364,68 @@ def test_keyboard_interrupt_during_evaluation_resumes_exactly(
     assert_trees_equal(resumed.state, reference["dropout"].state)
 
 
+def test_a_new_run_refuses_a_directory_with_checkpoints(small, tmp_path, monkeypatch):
+    # It used to train anyway, and prune its own checkpoints as soon as it wrote them (the old
+    # run's were later and better); a later resume then continued the old run.
+    fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    must_not_compile(monkeypatch)
+    with pytest.raises(ResumeError, match=r"already holds checkpoints .*ckpt_000002\.npz"):
+        fit(NET, CE, ADAM, small, epochs=3, seed=1, checkpoint_dir=str(tmp_path), **SMALL)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"seed": 1}, "seed 0 there, 1 here"),
+        ({"batch_size": 20}, "batch_size 25 there, 20 here"),
+        ({"monitor": "val_accuracy"}, "monitor 'val_loss' there, 'val_accuracy' here"),
+        ({"loss": "mse"}, "loss 'softmax_cross_entropy' there, 'mse' here"),
+    ],
+)
+def test_resume_refuses_another_runs_checkpoints(small, tmp_path, monkeypatch, change, match):
+    fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir=str(tmp_path), **SMALL)
+    must_not_compile(monkeypatch)
+    options = {**SMALL, "epochs": 2, "checkpoint_dir": str(tmp_path), "resume": True, **change}
+    with pytest.raises(ResumeError, match=f"cannot resume from .*ckpt_000001.npz: .*{match}"):
+        fit(NET, options.pop("loss", CE), ADAM, small, **options)
+
+
+def test_resume_with_another_optimizer_names_the_mismatch(small, tmp_path):
+    fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir=str(tmp_path), **SMALL)
+    with pytest.raises(ResumeError, match=r"mismatch .*this run's network or optimizer differs"):
+        fit(
+            NET, CE, optax.sgd(0.1), small, epochs=2, checkpoint_dir=str(tmp_path), resume=True,
+            **SMALL,
+        )  # fmt: skip
+
+
+def test_resume_from_an_unreadable_checkpoint_names_it(small, tmp_path):
+    fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
+    latest = tmp_path / "ckpt_000002.npz"
+    latest.write_bytes(latest.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(ResumeError, match=r"ckpt_000002\.npz: not a readable checkpoint"):
+        fit(NET, CE, ADAM, small, epochs=3, checkpoint_dir=str(tmp_path), resume=True, **SMALL)
+    assert (tmp_path / "ckpt_000001.npz").exists()  # nothing deleted
+
+
+def test_resume_of_a_run_that_stopped_early_stays_stopped(small, tmp_path):
+    # It used to train at least one more epoch, and keep going if that one improved.
+    options = {**SMALL, "epochs": 20, "patience": 1, "checkpoint_dir": str(tmp_path)}
+    stopped = fit(NET, CE, ADAM, small, **options)
+    assert stopped.metrics["stopped_early"] and stopped.metrics["epochs"] < 20
+    again = fit(NET, CE, ADAM, small, resume=True, **options)
+    assert again.history == [] and again.metrics["stopped_early"] is True
+    assert again.metrics["epochs"] == stopped.metrics["epochs"]
+    assert_trees_equal(again.state, stopped.state)
+    assert_trees_equal(again.best_params, stopped.best_params)
+    assert again.metrics["test_loss"] == stopped.metrics["test_loss"]
+    # More patience continues the run.
+    longer = fit(NET, CE, ADAM, small, resume=True, **{**options, "patience": 3})
+    assert longer.history[0]["epoch"] == stopped.metrics["epochs"] + 1
+
+
 def test_keeps_last_k_and_best_checkpoints(small, tmp_path):
     result = fit(
         NET, CE, ADAM, small, epochs=5, checkpoint_dir=str(tmp_path), keep_checkpoints=2, **SMALL
@@ -429,6 +520,10 @@ def test_divergence_guard_keeps_last_finite_checkpoint(tmp_path):
         ({"monitor": "val_rmse"}, "unknown monitor 'val_rmse' for classification"),
         ({"monitor": "test_accuracy"}, "unknown monitor 'test_accuracy'"),  # never the test set
         ({"monitor": "train_accuracy"}, "unknown monitor"),  # the train split is not evaluated
+        # These used to be accepted: batches of 1, and a model rounded to int8 that never learnt.
+        ({"eval_batch_size": 0}, "eval_batch_size must be >= 1, got 0"),
+        ({"compute_dtype": "int8"}, "compute_dtype must be a floating dtype .* got int8"),
+        ({"compute_dtype": "float33"}, "compute_dtype 'float33' is not a dtype"),
     ],
 )
 def test_bad_arguments_raise_before_compiling(kwargs, match, monkeypatch):
@@ -520,6 +615,26 @@ def test_too_few_outputs_raise_before_compiling(dataset, features, loss, needs, 
     message = str(info.value)
     assert net.name in message and f"has {features[-1]} outputs" in message
     assert f"{data.name} ({data.task}) needs {needs}" in message
+
+
+def test_image_input_without_flatten_raises_before_compiling(monkeypatch):
+    # It used to fail after compiling, in the loss, with "labels of shape (25, 8, 8)".
+    must_not_compile(monkeypatch)
+    data = load("digits", limit_train=200, flatten=False)
+    with pytest.raises(
+        ValueError, match=r"to \(25, 8, 8, 10\), not to \(batch, outputs\).*flatten"
+    ):
+        fit(NET, CE, ADAM, data, epochs=1, batch_size=25)
+
+
+def test_a_config_that_cannot_be_stored_fails_before_compiling(tmp_path, monkeypatch):
+    # It used to fail at the first checkpoint, after an epoch of training.
+    must_not_compile(monkeypatch)
+    with pytest.raises(TypeError, match="cannot serialize object to JSON"):
+        fit(
+            bpjax.mlp([2, 1]), "binary_cross_entropy", optax.sgd(0.1), load("xor"), epochs=1,
+            batch_size=2, checkpoint_dir=str(tmp_path), config={"callback": object()},
+        )  # fmt: skip
 
 
 def test_monitor_higher_is_better_picks_the_best_epoch(small, reference):
