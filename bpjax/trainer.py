@@ -37,6 +37,7 @@ from bpjax.train import (
     output_shape,
     pad_batches,
     single_output_binary,
+    target_mismatch,
 )
 
 __all__ = [
@@ -263,6 +264,17 @@ def fit(
       ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
         outputs than the data needs), before anything is compiled.
     """
+    # Names are accepted for the loss only: say so, rather than fail on an attribute later.
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+            f"{type(optimizer).__name__} {optimizer!r}"
+        )
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"data must be a bpjax.data.Dataset (e.g. bpjax.data.load('digits')), got "
+            f"{type(data).__name__} {data!r}"
+        )
     loss_fn = _loss_by_name(loss) if isinstance(loss, str) else loss
     # The factory's canonical name, so an alias ("bce") encodes and evaluates as its loss.
     loss_name = loss_fn.name or "custom"
@@ -271,6 +283,9 @@ def fit(
         raise ValueError(f"unknown eval_splits {sorted(unknown)}; valid: train, val, test")
     if "val" not in eval_splits:
         eval_splits = ("val", *eval_splits)
+    mismatch = target_mismatch(loss_name, data.task, data.y_train)
+    if mismatch:
+        raise ValueError(f"{data.name}: {mismatch}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if eval_batch_size < 1:
@@ -436,7 +451,7 @@ def fit(
                 raise TrainingDiverged(
                     f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, step "
                     f"{step_before + bad + 1} (step {bad + 1} of {steps_per_epoch} in the epoch); "
-                    f"last finite checkpoint: {latest}",
+                    f"last finite checkpoint: {latest or 'none yet'}",
                     epoch=epoch,
                     step=step_before + bad + 1,
                     result=result,

@@ -45,6 +45,7 @@ TESTED = {
     "output_shape": "test_output_shape",
     "pad_batches": "test_pad_batches_*",
     "single_output_binary": "test_single_output_binary",
+    "target_mismatch": "test_target_mismatch",
 }
 
 
@@ -607,6 +608,22 @@ def test_eval_regression_metrics_match_sklearn(n_targets):
         np.testing.assert_allclose(metrics["rmse"], rmse, rtol=1e-5)
         np.testing.assert_allclose(metrics["r2"], r2, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(metrics["loss"], rmse**2, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("loss_name", "task", "y", "message"),
+    [
+        ("softmax_cross_entropy", "regression", [0.5, 2.0], "needs class labels"),
+        ("binary_cross_entropy", "regression", [-0.5, 0.5], "over [-0.5, 0.5]"),
+        ("binary_cross_entropy", "regression", [0.0, 1.0], None),  # probabilities regressed
+        ("mse", "regression", [-3.0, 30.0], None),
+        ("softmax_cross_entropy", "classification", [0, 2], None),
+        ("binary_cross_entropy", "classification", [0, 5], None),  # one-hot encoded later
+    ],
+)
+def test_target_mismatch(loss_name, task, y, message):
+    got = train.target_mismatch(loss_name, task, np.asarray(y))
+    assert got is None if message is None else message in got
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3, 3e3, -1e4])

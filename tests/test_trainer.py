@@ -617,6 +617,27 @@ def test_too_few_outputs_raise_before_compiling(dataset, features, loss, needs, 
     assert f"{data.name} ({data.task}) needs {needs}" in message
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "data", "match"),
+    [
+        ("adam", "xor", r"optimizer must be an optax.GradientTransformation .* str 'adam'"),
+        (optax.sgd(0.1), "xor", r"data must be a bpjax.data.Dataset .* str 'xor'"),
+    ],
+)
+def test_names_for_the_optimizer_or_data_say_what_is_needed(optimizer, data, match, monkeypatch):
+    # They used to fail inside fit with "'str' object has no attribute 'init'" (or n_train).
+    must_not_compile(monkeypatch)
+    data = load("xor") if optimizer == "adam" else data
+    with pytest.raises(TypeError, match=match):
+        fit(bpjax.mlp([2, 1]), "binary_cross_entropy", optimizer, data, epochs=1, batch_size=2)
+
+
+def test_a_classification_loss_on_regression_targets_raises(monkeypatch):
+    must_not_compile(monkeypatch)
+    with pytest.raises(ValueError, match="sine: softmax_cross_entropy needs class labels"):
+        fit(bpjax.mlp([4, 1]), CE, ADAM, load("sine", n_samples=50), epochs=1, batch_size=4)
+
+
 def test_image_input_without_flatten_raises_before_compiling(monkeypatch):
     # It used to fail after compiling, in the loss, with "labels of shape (25, 8, 8)".
     must_not_compile(monkeypatch)
