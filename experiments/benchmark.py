@@ -877,7 +877,9 @@ def format_tables(result: dict[str, Any]) -> str:
     refs = ", ".join(
         f"[{r['size']}]^2: {r['ms']:.2f} ms = {r['gflops']:.1f} GFLOP/s" for r in peak["sizes"]
     )
+    quick = bool((result.get("config") or {}).get("quick"))
     lines = [
+        *(["QUICK SMOKE RUN (quick=true: shrunk nets and batches): not a measurement"] * quick),
         f"device: {env['device_kind']} x{env['device_count']} ({env['cpu_model']}, "
         f"{env['cpu_count']} cores), jax {env['jax']}; load average {env['load_average']}",
         f"matmul references (float32): {refs}; peak {peak['gflops']:.1f} GFLOP/s",
@@ -1118,6 +1120,8 @@ def run(
     if dump and output_dir is None:
         raise ValueError("dump_hlo=true needs an output directory to write the HLO into")
     print(f"benchmark: {len(grid)} grid points on {env['device_kind']} (jax {env['jax']})")
+    if cfg.quick:
+        print("benchmark: quick=true is a smoke run (shrunk nets and batches): not a measurement")
 
     references = [_square_matmul(cfg, int(n)) for n in cfg.matmul_sizes]
     steps = {p["name"]: _point_steps(cfg, p, cfg.seed + 1 + i) for i, p in enumerate(grid)}

@@ -211,6 +211,13 @@ def test_without_control_there_is_no_aa_ratio(benchmark):
     assert all(p["control_ratio_paired"] is None for p in result["points"].values())
 
 
+def test_quick_run_says_it_is_not_a_measurement(benchmark, quick_run):
+    _, result, _ = quick_run
+    assert benchmark.format_tables(result).startswith("QUICK SMOKE RUN")
+    full = {**result, "config": {**result["config"], "quick": False}}
+    assert benchmark.format_tables(full).startswith("device:")
+
+
 def test_quick_run_reports_targets_and_writes_json(quick_run):
     _, result, out = quick_run
     for name in TARGETS:
