@@ -170,6 +170,32 @@ def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> tuple[Path, Path
     return csv_path, json_path
 
 
+def validate(cfg: DictConfig) -> None:
+    """Every name in the sweep is known, before anything is printed or compiled.
+
+    Raises:
+      ValueError: an unknown activation, loss, dtype or ``inject_bug`` kind (listing the
+        valid ones), or an architecture that is not a list of positive sizes.
+    """
+    for features in cfg.architectures:
+        if not features or not all(isinstance(f, int) and f > 0 for f in features):
+            raise ValueError(f"architectures: {list(features)} is not a list of positive sizes")
+    for activation in cfg.activations:
+        bpjax.activation(activation)  # raises, listing the valid names
+    for loss_name in cfg.losses:
+        losses.get(loss_name)
+    unknown = [d for d in cfg.dtypes if d not in ("float64", "float32", "bfloat16", "float16")]
+    if unknown:
+        raise ValueError(f"dtypes: unknown {unknown}; valid: float64, float32, bfloat16, float16")
+    if cfg.inject_bug is not None:
+        kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
+        if cfg.inject_bug not in kinds:
+            raise ValueError(
+                f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "
+                f"valid kinds: {', '.join(sorted(kinds))}"
+            )
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Runs the sweep described by ``cfg``, prints a summary and writes CSV + JSON.
 
@@ -184,6 +210,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
       ``n_failed`` count combinations (one ``check_grads`` each), ``rows`` holds every row of
       every check as a dict prefixed with its combination.
     """
+    validate(cfg)
     jax.config.update("jax_enable_x64", True)  # float64 params need it; float32 is cast anyway
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
@@ -195,13 +222,6 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         for loss_name in cfg.losses
         for dtype in cfg.dtypes
     ]
-    if cfg.inject_bug is not None:
-        kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
-        if cfg.inject_bug not in kinds:
-            raise ValueError(
-                f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "
-                f"valid kinds: {', '.join(sorted(kinds))}"
-            )
     fd_eps = dict(cfg.get("fd_eps") or {})
     print(_header(cfg, len(grid), fd_eps), flush=True)
     columns = ("architecture", "activation", "loss", "dtype", "layer", "total", "fd", "result")
@@ -258,6 +278,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
 @hydra.main(config_path="../conf", config_name="gradcheck", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    try:
+        validate(cfg)
+    except ValueError as e:  # one line, as train.py reports a bad config
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if not run(cfg)["passed"]:
         sys.exit(1)
 

@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import pathlib
+import shlex
 import signal
 import sys
 import tempfile
@@ -36,7 +37,13 @@ from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
-from bpjax.train import encode_targets, make_optimizer, output_shape, single_output_binary
+from bpjax.train import (
+    encode_targets,
+    make_optimizer,
+    output_shape,
+    single_output_binary,
+    target_mismatch,
+)
 from bpjax.trainer import ResumeError, TrainingDiverged, default_monitor, fit, valid_monitors
 
 # Compilations are counted through jax's monitoring events (one per XLA backend compile).
@@ -92,6 +99,9 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:  # `???` in a config, e.g. dataset=npz without dataset.path
         raise ConfigError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=...")
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     trainer = cfg.trainer
     if trainer.grad_mode not in MODES:
         raise ConfigError(
@@ -103,10 +113,24 @@ def validate(cfg: DictConfig) -> None:
     features = list(cfg.model.get("features", []))
     if not features or not all(isinstance(f, int) and f > 0 for f in features):
         raise ConfigError(f"model.features must be positive layer sizes, got {features}")
-    for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "checkpoint_every"):
+    positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "checkpoint_every")
+    for key in (*positive, "keep_checkpoints"):
         value = trainer[key]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"trainer.{key} must be a positive integer, got {value}")
+    if trainer.patience is not None and (
+        not isinstance(trainer.patience, int) or trainer.patience < 1
+    ):
+        raise ConfigError(
+            f"trainer.patience must be a positive integer or null (never stop early), "
+            f"got {trainer.patience}"
+        )
+    clip = trainer.clip_global_norm
+    if clip is not None and (not isinstance(clip, int | float) or not clip > 0):
+        raise ConfigError(f"trainer.clip_global_norm must be positive or null, got {clip}")
+    decay = trainer.weight_decay
+    if not isinstance(decay, int | float) or not decay >= 0:
+        raise ConfigError(f"trainer.weight_decay must be a number >= 0, got {decay}")
     for key in ("grad_check_every", "histogram_every"):
         if not isinstance(trainer[key], int) or trainer[key] < 0:
             raise ConfigError(f"trainer.{key} must be an integer >= 0, got {trainer[key]}")
@@ -119,11 +143,14 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"loss {loss_name!r} is not one of {', '.join(sorted(losses_lib.LOSSES))}"
         )
-    try:  # cheap: builds closures, allocates nothing; catches unknown activations/initializers
-        instantiate(cfg.model, _convert_="all")
-    except (ValueError, InstantiationException) as e:
-        # Hydra wraps the factory's error; its own message is the one that names the problem.
-        raise ConfigError(str(e.__cause__ or e)) from None
+    # Cheap: builds closures, allocates nothing; catches unknown activations/initializers and
+    # bad loss parameters (huber's delta).
+    for group, node in (("model", cfg.model), ("loss", cfg.loss)):
+        try:
+            instantiate(node, _convert_="all")
+        except (ValueError, InstantiationException) as e:
+            # Hydra wraps the factory's error; its own message is the one that names it.
+            raise ConfigError(f"{group}: {e.__cause__ or e}") from None
     if str(cfg.objective).startswith("test"):
         raise ConfigError(
             f"objective={cfg.objective} would tune on the test set; use a best_val_* metric"
@@ -132,6 +159,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.compute_dtype must be null, bfloat16, float16 or float32, "
             f"got {trainer.compute_dtype}"
+        )
+
+
+# Losses that take logits, and the squashing they apply to them.
+_SQUASHED_TWICE = {"softmax_cross_entropy": "softmax", "binary_cross_entropy": "sigmoid"}
+
+
+def _check_devices(trainer: DictConfig) -> None:
+    """``trainer.devices`` against the devices jax sees (after any multi-host start-up)."""
+    available = jax.device_count()
+    n = available if trainer.devices == "all" else trainer.devices
+    if n > available:
+        raise ConfigError(
+            f"trainer.devices={trainer.devices} but {available} {jax.devices()[0].platform} "
+            f"device(s) are available"
+        )
+    if trainer.batch_size % n:
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} is not divisible by the {n} devices of "
+            f"trainer.devices={trainer.devices}"
         )
 
 
@@ -192,8 +239,14 @@ def build_schedule(cfg: DictConfig, total_steps: int):
     try:
         return factory(**fill)
     except ValueError as e:  # e.g. warmup_steps longer than the whole run
+        warmup = factory.keywords.get("warmup_steps")
+        hint = (
+            f" (schedule.warmup_steps={warmup} must be below the run's {total_steps} steps)"
+            if warmup is not None and warmup >= total_steps
+            else ""
+        )
         raise ConfigError(
-            f"schedule {_target_name(cfg.schedule)} for a run of {total_steps} steps: {e}"
+            f"schedule {_target_name(cfg.schedule)} for a run of {total_steps} steps: {e}{hint}"
         ) from None
 
 
@@ -310,7 +363,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     compilations_before = _COMPILATIONS[0]
     if cfg.trainer.distributed:
-        jax.distributed.initialize()
+        try:  # the coordinator, process count and id come from the cluster's environment
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(
+                f"trainer.distributed=true: jax.distributed.initialize() failed ({e}); run it "
+                f"under a cluster launcher (SLURM, ...) or set the coordinator as the README's "
+                f"multi-host section shows"
+            ) from None
+    _check_devices(cfg.trainer)
     run_dir = _run_dir(cfg)
     checkpoint_dir = run_dir / "checkpoints"
     if not cfg.trainer.resume and any(checkpoint_dir.glob("ckpt_*.npz")):
@@ -336,6 +397,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"examples of {data.name}"
         )
     monitor, objective_name = resolve_monitor_and_objective(cfg, data)
+    mismatch = target_mismatch(_target_name(cfg.loss), data.task, data.y_train)
+    if mismatch:
+        raise ConfigError(f"loss on {data.name}: {mismatch}")
+    squash = _SQUASHED_TWICE.get(_target_name(cfg.loss))
+    if squash is not None and cfg.model.get("output_activation") == squash:
+        print(
+            f"bpjax: warning: model.output_activation={squash} before {_target_name(cfg.loss)}, "
+            f"which applies {squash} itself to its logits: outputs are squashed twice, which "
+            f"usually trains badly (model.output_activation=null gives it logits)",
+            file=sys.stderr,
+            flush=True,
+        )
     steps_per_epoch = data.n_train // trainer.batch_size
     spec = {
         "model": _container(cfg.model),
@@ -438,12 +511,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)
     }
     logger.hparams(hparams, final)
-    logger.scalar("perf/compilations", metrics["compilations"], 0)
+    last_step = metrics.get("steps", metrics.get("diverged_step", 0))
+    logger.scalar("perf/compilations", metrics["compilations"], last_step)
     logger.close()
     _write_json_atomic(run_dir / "metrics.json", metrics)
     if status == "diverged":
         print(f"bpjax: {message}", file=sys.stderr, flush=True)
     else:
+        if metrics.get("stopped_early"):
+            print(
+                f"bpjax: stopped early after epoch {metrics['epochs']}: no better {monitor} "
+                f"in {trainer.patience} evaluations; the best epoch, {metrics['best_epoch']}, "
+                f"gives the test metrics",
+                flush=True,
+            )
         summary = "  ".join(
             f"{k} {metrics[k]:.4f}"
             for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
@@ -456,6 +537,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             flush=True,
         )
     return metrics
+
+
+def interrupted_message(cfg: DictConfig) -> str:
+    """What an interrupted run says: where its last epoch is and the command that resumes it."""
+    run_dir = _run_dir(cfg)
+    checkpoint_dir = run_dir / "checkpoints"
+    if not any(checkpoint_dir.glob("ckpt_*.npz")):
+        return "interrupted before the first epoch ended: nothing was checkpointed"
+    overrides = [
+        o
+        for o in (HydraConfig.get().overrides.task if HydraConfig.initialized() else [])
+        if not o.startswith(("trainer.resume=", "trainer.run_dir="))
+    ]
+    resume = ["trainer.resume=true", f"trainer.run_dir={run_dir}"]
+    command = shlex.join(["python", "experiments/train.py", *overrides, *resume])
+    return (
+        f"interrupted: the last completed epoch is checkpointed in {checkpoint_dir}; "
+        f"resume with: {command}"
+    )
 
 
 def _raise_interrupt(signum, frame):
@@ -480,14 +580,7 @@ def main(cfg: DictConfig) -> float:
         )
         sys.exit(2)
     except KeyboardInterrupt:
-        run_dir = _run_dir(cfg)
-        print(
-            f"\ninterrupted: the last completed epoch is checkpointed in {run_dir}/checkpoints; "
-            f"resume with: python experiments/train.py <same overrides> trainer.resume=true "
-            f"trainer.run_dir={run_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"\n{interrupted_message(cfg)}", file=sys.stderr, flush=True)
         sys.exit(130)
     if metrics["status"] == "diverged" and not HydraConfig.get().mode.name == "MULTIRUN":
         sys.exit(1)

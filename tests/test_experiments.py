@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -311,8 +312,9 @@ def test_schedule_config(name):
 
 def test_schedule_longer_than_run_is_a_config_error():
     cfg = compose("schedule=warmup_cosine")  # 1000 warm-up steps
-    with pytest.raises(train_script.ConfigError, match="warmup_cosine_decay_schedule"):
+    with pytest.raises(train_script.ConfigError, match="warmup_cosine_decay_schedule") as info:
         train_script.build_schedule(cfg, total_steps=100)
+    assert "schedule.warmup_steps=1000 must be below the run's 100 steps" in str(info.value)
 
 
 @pytest.mark.parametrize("name", sorted(TRAINERS))
@@ -529,6 +531,58 @@ def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run):
     assert after == before  # not a file added, changed or deleted
 
 
+@pytest.mark.parametrize(
+    ("loss", "message"),
+    [
+        ("softmax_cross_entropy", "softmax_cross_entropy needs class labels"),
+        ("binary_cross_entropy", "binary_cross_entropy needs targets in [0, 1]"),
+    ],
+)
+def test_train_refuses_a_classification_loss_on_regression_targets(tmp_path, loss, message):
+    # Both used to run to the end: a constant softmax over one output learnt nothing, and BCE
+    # on standardised targets went negative (test_loss -2.74).
+    cfg = compose("dataset=diabetes", "model.features=[8,1]", f"loss={loss}",
+                  f"trainer.run_dir={tmp_path}")  # fmt: skip
+    with pytest.raises(train_script.ConfigError, match=re.escape(message)):
+        train_script.train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_train_warns_when_outputs_are_squashed_twice(tmp_path, capsys):
+    cfg = compose(*TINY, "trainer.epochs=1", "logger=none", "model.output_activation=softmax",
+                  f"trainer.run_dir={tmp_path}")  # fmt: skip
+    train_script.train(cfg)
+    assert "model.output_activation=softmax before softmax_cross_entropy" in capsys.readouterr().err
+
+
+def test_train_says_when_it_stopped_early(tmp_path, capsys):
+    cfg = compose(*TINY, "trainer.epochs=30", "trainer.patience=1", "logger=none",
+                  "optimizer.learning_rate=3.0", f"trainer.run_dir={tmp_path}")  # fmt: skip
+    metrics = train_script.train(cfg)
+    assert metrics["stopped_early"] and metrics["epochs"] < 30
+    out = capsys.readouterr().out
+    assert f"stopped early after epoch {metrics['epochs']}: no better val_accuracy" in out
+
+
+def test_batch_must_divide_over_the_devices(monkeypatch):
+    monkeypatch.setattr(train_script.jax, "device_count", lambda: 4)
+    trainer = OmegaConf.create({"devices": "all", "batch_size": 30})
+    with pytest.raises(train_script.ConfigError, match="batch_size=30 is not divisible by the 4"):
+        train_script._check_devices(trainer)
+    train_script._check_devices(OmegaConf.create({"devices": 2, "batch_size": 30}))
+
+
+def test_interrupted_message_says_what_was_saved(digits_run, tmp_path):
+    # Before the first epoch ends nothing is saved, and it used to say otherwise.
+    cfg = compose(*TINY, f"trainer.run_dir={tmp_path}")
+    assert "nothing was checkpointed" in train_script.interrupted_message(cfg)
+    run_dir, _ = digits_run
+    cfg = compose(*TINY, f"trainer.run_dir={run_dir}")
+    message = train_script.interrupted_message(cfg)
+    assert f"checkpointed in {run_dir / 'checkpoints'}" in message
+    assert message.endswith(f"trainer.resume=true trainer.run_dir={run_dir}")
+
+
 def test_train_rejects_bad_config_before_compiling(tmp_path):
     cfg = compose(*TINY, "trainer.grad_mode=manaul", f"trainer.run_dir={tmp_path}")
     with pytest.raises(train_script.ConfigError, match="manaul"):
@@ -548,6 +602,7 @@ SCALAR_TAGS = [
     "test/accuracy",
     "opt/learning_rate",
     "perf/examples_per_second",
+    "perf/compilations",
     "layers/layer0/grad_norm",
     "layers/layer0/weight_norm",
     "layers/layer0/update_ratio",
@@ -575,6 +630,7 @@ def test_tensorboard_tags(events):
     assert set(SCALAR_TAGS) <= set(tags["scalars"])
     assert set(HISTOGRAM_TAGS) <= set(tags["histograms"])
     assert [e.step for e in events.Scalars("train/loss")] == [17, 34]  # per epoch, by step
+    assert [e.step for e in events.Scalars("perf/compilations")] == [34]  # once, at the end
     assert len(events.Histograms("weights/layer0/w")) == 2  # histogram_every=1
 
 
@@ -695,6 +751,16 @@ BAD_INPUTS = {
     "trainer.grad_mode=manaul": ["trainer.grad_mode", "manaul", *MODES],
     "dataset=npz dataset.path=/does/not/exist": ["/does/not/exist", "does not exist"],
     "dataset=npz": ["dataset.path"],
+    # These used to end in a Hydra traceback (exit 1), most after the data had loaded.
+    "trainer.weight_decay=-1": ["trainer.weight_decay", "-1"],
+    "trainer.patience=-1": ["trainer.patience", "-1"],
+    "trainer.keep_checkpoints=0": ["trainer.keep_checkpoints", "0"],
+    "trainer.clip_global_norm=-1": ["trainer.clip_global_norm", "-1"],
+    "loss=huber loss.delta=-1": ["loss", "delta must be positive"],
+    "trainer.devices=3": ["trainer.devices=3", "1 cpu device(s)"],
+    "seed=1.5": ["seed", "1.5"],
+    "seed=-1": ["seed", "-1"],
+    "trainer.distributed=true": ["trainer.distributed=true", "jax.distributed.initialize"],
 }
 
 
@@ -765,6 +831,7 @@ def test_script_sigterm_then_resume(tmp_path):
             proc.communicate()
     assert proc.returncode == 130, stderr
     assert "trainer.resume=true" in stderr and f"trainer.run_dir={run_dir}" in stderr
+    assert "model.features=[16,10]" in stderr  # the run's own overrides, in the command
     assert not (run_dir / "metrics.json").exists()
     stopped = _latest_epoch(run_dir / "checkpoints")
     assert stopped >= 2

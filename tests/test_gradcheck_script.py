@@ -116,6 +116,29 @@ def test_unknown_bug_kind_is_rejected(tmp_path):
         gradcheck.run(compose([*SMALL, "inject_bug=conv"]), output_dir=tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("activations=[rleu]", "rleu"),
+        ("losses=[crossent]", "crossent"),
+        ("dtypes=[float8]", r"dtypes: unknown \['float8'\]"),
+        ("architectures=[[4,0]]", "not a list of positive sizes"),
+    ],
+)
+def test_unknown_names_are_rejected_before_anything_runs(tmp_path, capsys, override, match):
+    with pytest.raises(ValueError, match=match):
+        gradcheck.run(compose([*SMALL, override]), output_dir=tmp_path)
+    assert capsys.readouterr().out == ""  # not even the table's header
+    assert not list(tmp_path.iterdir())
+
+
+def test_script_reports_a_bad_name_in_one_line(tmp_path):
+    proc = _script(tmp_path, "activations=[rleu]")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rleu" in errors[0] and "Traceback" not in proc.stderr
+
+
 def _script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *SMALL, *overrides, f"hydra.run.dir={tmp_path}"],
