@@ -15,9 +15,10 @@ The convention, written once (after jax's stax, plus an explicit backward)::
 * Randomness (dropout) reaches ``forward`` through the keyword-only ``key``: a key means
   *training mode*; ``key=None`` means *evaluation mode* (dropout is the identity). ``serial``
   splits its key, one per layer, so every draw is distinct.
-* Every layer accepts any number of leading batch axes; ``dense`` and the elementwise layers also
-  work on a single example (``x`` of shape ``[n_in]``), so ``jax.vmap`` gives per-example
-  gradients.
+* ``dense`` and the elementwise layers accept any number of leading batch axes, and a single
+  example (``x`` of shape ``[n_in]``), so ``jax.vmap`` gives per-example gradients. ``flatten``
+  keeps exactly one batch axis, the first: under ``vmap`` give it a batch of one, or flatten the
+  data beforehand (``bpjax.data.load`` flattens images by default).
 
 A ``Layer`` also carries a ``name`` (for error messages and gradient-check tables) and, for
 combinators, its ``sublayers`` (so ``check_grads`` can check each layer on its own).
