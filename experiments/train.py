@@ -44,7 +44,14 @@ from bpjax.train import (
     single_output_binary,
     target_mismatch,
 )
-from bpjax.trainer import ResumeError, TrainingDiverged, default_monitor, fit, valid_monitors
+from bpjax.trainer import (
+    ResumeError,
+    TrainingDiverged,
+    default_monitor,
+    fit,
+    make_mesh,
+    valid_monitors,
+)
 
 # Compilations are counted through jax's monitoring events (one per XLA backend compile).
 _COMPILATIONS = [0]
@@ -167,19 +174,21 @@ _SQUASHED_TWICE = {"softmax_cross_entropy": "softmax", "binary_cross_entropy": "
 
 
 def _check_devices(trainer: DictConfig) -> None:
-    """``trainer.devices`` against the devices jax sees (after any multi-host start-up)."""
-    available = jax.device_count()
-    n = available if trainer.devices == "all" else trainer.devices
-    if n > available:
-        raise ConfigError(
-            f"trainer.devices={trainer.devices} but {available} {jax.devices()[0].platform} "
-            f"device(s) are available"
-        )
+    """``trainer.devices`` against the devices jax sees (after any multi-host start-up), by the
+    rules ``fit`` applies, reported before the data are loaded."""
+    try:
+        n = make_mesh(trainer.devices).devices.size
+    except ValueError as e:
+        raise ConfigError(f"trainer.devices: {e}") from None
     if trainer.batch_size % n:
         raise ConfigError(
             f"trainer.batch_size={trainer.batch_size} is not divisible by the {n} devices of "
             f"trainer.devices={trainer.devices}"
         )
+
+
+def _has_checkpoints(checkpoint_dir: pathlib.Path) -> bool:
+    return any(checkpoint_dir.glob("ckpt_*.npz"))
 
 
 def resolve_monitor_and_objective(cfg: DictConfig, data: Any) -> tuple[str, str]:
@@ -374,7 +383,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _check_devices(cfg.trainer)
     run_dir = _run_dir(cfg)
     checkpoint_dir = run_dir / "checkpoints"
-    if not cfg.trainer.resume and any(checkpoint_dir.glob("ckpt_*.npz")):
+    if not cfg.trainer.resume and _has_checkpoints(checkpoint_dir):
         # Before anything (a TensorBoard file, say) is written into the other run's directory.
         raise ConfigError(
             f"{checkpoint_dir} already holds checkpoints of a run: trainer.resume=true "
@@ -446,7 +455,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}",
         flush=True,
     )
-    if trainer.resume and not any(checkpoint_dir.glob("ckpt_*.npz")):
+    if trainer.resume and not _has_checkpoints(checkpoint_dir):
         print(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch", flush=True)
     status = "completed"
     message = ""
@@ -543,7 +552,7 @@ def interrupted_message(cfg: DictConfig) -> str:
     """What an interrupted run says: where its last epoch is and the command that resumes it."""
     run_dir = _run_dir(cfg)
     checkpoint_dir = run_dir / "checkpoints"
-    if not any(checkpoint_dir.glob("ckpt_*.npz")):
+    if not _has_checkpoints(checkpoint_dir):
         return "interrupted before the first epoch ended: nothing was checkpointed"
     overrides = [
         o

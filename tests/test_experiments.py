@@ -21,6 +21,7 @@ import sys
 import time
 
 import hydra
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -565,7 +566,11 @@ def test_train_says_when_it_stopped_early(tmp_path, capsys):
 
 
 def test_batch_must_divide_over_the_devices(monkeypatch):
-    monkeypatch.setattr(train_script.jax, "device_count", lambda: 4)
+    def make_mesh(devices):  # as if there were 4 devices (one, repeated: only the size counts)
+        n = 4 if devices == "all" else devices
+        return jax.sharding.Mesh(np.array(jax.devices()[:1] * n), ("data",))
+
+    monkeypatch.setattr(train_script, "make_mesh", make_mesh)
     trainer = OmegaConf.create({"devices": "all", "batch_size": 30})
     with pytest.raises(train_script.ConfigError, match="batch_size=30 is not divisible by the 4"):
         train_script._check_devices(trainer)
@@ -757,7 +762,7 @@ BAD_INPUTS = {
     "trainer.keep_checkpoints=0": ["trainer.keep_checkpoints", "0"],
     "trainer.clip_global_norm=-1": ["trainer.clip_global_norm", "-1"],
     "loss=huber loss.delta=-1": ["loss", "delta must be positive"],
-    "trainer.devices=3": ["trainer.devices=3", "1 cpu device(s)"],
+    "trainer.devices=3": ["trainer.devices", "devices=3", "1 cpu device(s)"],
     "seed=1.5": ["seed", "1.5"],
     "seed=-1": ["seed", "-1"],
     "trainer.distributed=true": ["trainer.distributed=true", "jax.distributed.initialize"],
