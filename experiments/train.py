@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 import bpjax
 from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
+from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger
 from bpjax.train import (
@@ -189,6 +190,39 @@ def _check_devices(trainer: DictConfig) -> None:
 
 def _has_checkpoints(checkpoint_dir: pathlib.Path) -> bool:
     return any(checkpoint_dir.glob("ckpt_*.npz"))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+# Settings a resume is expected to change; every other difference is reported.
+_RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
+
+
+def changed_settings(checkpoint_dir: pathlib.Path, config: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for each setting that differs from the latest checkpoint's config
+    (a longer ``trainer.epochs``, say, also stretches a schedule fitted to the run's length).
+    Empty without a checkpoint, or if it can't be read: the resume itself then reports it."""
+    if not _has_checkpoints(checkpoint_dir):  # (and the manager would create the directory)
+        return []
+    try:
+        saved = load_metadata(CheckpointManager(checkpoint_dir).latest()).get("config") or {}
+    except (OSError, ValueError):
+        return []
+    before, now = _flat(saved), _flat(json.loads(json.dumps(config, default=str)))
+    keys = sorted((before.keys() | now.keys()) - set(_RESUME_KEYS))
+    missing = "<unset>"
+    return [
+        f"{k}: {before.get(k, missing)} -> {now.get(k, missing)}"
+        for k in keys
+        if before.get(k, missing) != now.get(k, missing)
+    ]
 
 
 def resolve_monitor_and_objective(cfg: DictConfig, data: Any) -> tuple[str, str]:
@@ -457,6 +491,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
         print(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch", flush=True)
+    elif trainer.resume:
+        changed = changed_settings(checkpoint_dir, config)
+        if changed:
+            print(f"bpjax: resuming with changed settings: {'; '.join(changed)}", flush=True)
     status = "completed"
     message = ""
     try:

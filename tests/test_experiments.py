@@ -565,6 +565,17 @@ def test_train_says_when_it_stopped_early(tmp_path, capsys):
     assert f"stopped early after epoch {metrics['epochs']}: no better val_accuracy" in out
 
 
+def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    same = train_script._container(compose(*DIGITS_RUN, f"trainer.run_dir={run_dir}"))
+    assert train_script.changed_settings(run_dir / "checkpoints", same) == []
+    cfg = compose(*DIGITS_RUN, "trainer.epochs=4", "optimizer.learning_rate=0.5",
+                  "trainer.resume=true", f"trainer.run_dir={run_dir}")  # fmt: skip
+    changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
+    assert changed == ["optimizer.learning_rate: 0.1 -> 0.5", "trainer.epochs: 2 -> 4"]
+    assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say
+
+
 def test_batch_must_divide_over_the_devices(monkeypatch):
     def make_mesh(devices):  # as if there were 4 devices (one, repeated: only the size counts)
         n = 4 if devices == "all" else devices
@@ -854,6 +865,7 @@ def test_script_sigterm_then_resume(tmp_path):
         f"hydra.run.dir={tmp_path / 'resumed'}",
     )
     assert result.returncode == 0, result.stderr
+    assert f"resuming with changed settings: trainer.epochs: 100000 -> {epochs}" in result.stdout
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == [f"{stopped + 1}/{epochs}", f"{epochs}/{epochs}"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
