@@ -395,11 +395,16 @@ def target_mismatch(loss_name: str, task: str, y: np.ndarray) -> str | None:
 
 
 def pad_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int
+    x: np.ndarray, y: np.ndarray, batch_size: int, *, multiple_of: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pads to a whole number of batches: ``([nb, b, ...], [nb, b, ...], mask [nb, b])``."""
+    """Pads to a whole number of batches: ``([nb, b, ...], [nb, b, ...], mask [nb, b])``.
+
+    ``b`` is ``batch_size``, at most the number of examples, rounded up to a multiple of
+    ``multiple_of`` (e.g. the device count, so that each batch shards evenly).
+    """
     n = x.shape[0]
     batch_size = max(1, min(batch_size, n))
+    batch_size = -(-batch_size // multiple_of) * multiple_of
     n_batches = -(-n // batch_size)
     pad = n_batches * batch_size - n
     mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])

@@ -370,8 +370,12 @@ def fit(
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
     if data.n_val:
         splits["val"] = (data.x_val, data.y_val)
+    # Evaluation is data parallel too: each device takes its share of every padded batch.
+    eval_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     eval_inputs = {
-        name: jax.device_put(pad_batches(x, encode(y), eval_batch_size), replicated)
+        name: jax.device_put(
+            pad_batches(x, encode(y), eval_batch_size, multiple_of=n_devices), eval_sharding
+        )
         for name, (x, y) in splits.items()
     }
     epoch_fn, evaluate = _compiled(

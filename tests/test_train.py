@@ -540,6 +540,18 @@ def test_pad_batches_shapes_and_mask(n, batch_size, n_batches, width):
     assert xb.dtype == x.dtype and yb.dtype == y.dtype
 
 
+@pytest.mark.parametrize(
+    ("n", "batch_size", "multiple_of", "shape"),
+    [(10, 4, 4, (3, 4)), (10, 3, 4, (3, 4)), (10, 100, 4, (1, 12)), (7, 5, 2, (2, 6))],
+)
+def test_pad_batches_rounds_the_batch_to_a_multiple(n, batch_size, multiple_of, shape):
+    x = np.arange(n, dtype=np.float32)[:, None]
+    xb, yb, mask = train.pad_batches(x, np.arange(n), batch_size, multiple_of=multiple_of)
+    assert xb.shape == (*shape, 1) and yb.shape == mask.shape == shape
+    assert mask.sum() == n and mask.reshape(-1)[:n].all()  # every example once, padding last
+    np.testing.assert_array_equal(xb.reshape(-1)[:n], x[:, 0])
+
+
 def test_pad_batches_keeps_trailing_axes():
     x, y = np.ones((7, 2, 3), np.float32), np.ones((7, 1), np.float32)
     xb, yb, mask = train.pad_batches(x, y, 3)

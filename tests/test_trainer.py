@@ -709,14 +709,32 @@ CHILD = textwrap.dedent(
     opt = optax.adam(1e-2)
     out = {"device_count": jax.device_count()}
     for devices in (1, 4):
-        result = fit(net, loss, opt, data, epochs=3, batch_size=32, devices=devices)
+        # eval_batch_size 37: the evaluation's batches are rounded up to shard over 4 devices.
+        result = fit(
+            net, loss, opt, data, epochs=3, batch_size=32, eval_batch_size=37, devices=devices
+        )
         leaves = jax.tree_util.tree_leaves(result.state.params)
         out[str(devices)] = {
             "params": [np.asarray(a).tolist() for a in leaves],
             "test_accuracy": result.metrics["test_accuracy"],
             "train_loss": [r["train_loss"] for r in result.history],
+            "val_loss": [r["val_loss"] for r in result.history],
             "steps": result.metrics["steps"],
         }
+    # The same params evaluated on 1 and on 4 devices (sharded batches): the same metrics.
+    from bpjax import train
+    from bpjax.trainer import make_mesh
+    params = result.state.params
+    y = train.encode_targets(data.y_test, task=data.task, loss_name="softmax_cross_entropy",
+                             n_outputs=2)
+    evaluate = train.make_eval(net, loss, task=data.task, loss_name="softmax_cross_entropy")
+    mesh = make_mesh(4)
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    sharded = jax.device_put(train.pad_batches(data.x_test, y, 37, multiple_of=4), spec)
+    out["eval_sharded"] = {k: float(v) for k, v in evaluate(params, *sharded).items()}
+    out["eval_sharded_spec"] = list(sharded[0].sharding.spec)
+    plain = train.pad_batches(data.x_test, y, 37)
+    out["eval_one"] = {k: float(v) for k, v in evaluate(params, *plain).items()}
     try:
         fit(net, loss, opt, data, epochs=1, batch_size=30, devices=4)
     except ValueError as e:
@@ -749,5 +767,9 @@ def test_data_parallel_matches_single_device():
     for a, b in zip(one["params"], four["params"], strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(four["train_loss"], one["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(four["val_loss"], one["val_loss"], rtol=1e-4)
+    assert out["eval_sharded_spec"] == [None, "data"]
+    for name, value in out["eval_one"].items():
+        assert out["eval_sharded"][name] == pytest.approx(value, rel=1e-5), name
     assert abs(four["test_accuracy"] - one["test_accuracy"]) <= 1 / 80 + 1e-9
     assert "not divisible by 4 devices" in out["indivisible"]
