@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bpjax.layers import _log_softmax_parts
 
@@ -116,6 +117,19 @@ def quadratic() -> Loss:
     return Loss(forward, backward, "quadratic")
 
 
+def _check_label_range(labels: jax.Array, n_classes: int) -> None:
+    """Integer labels in ``[0, n_classes)``; checked only where their values are known."""
+    if isinstance(labels, jax.core.Tracer) or labels.size == 0:
+        return
+    values = np.asarray(labels)  # concrete: numpy, so no jax op is traced for the check
+    lo, hi = int(values.min()), int(values.max())
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(
+            f"softmax_cross_entropy: integer labels must be in [0, {n_classes}) for "
+            f"{n_classes} logits, got labels from {lo} to {hi}"
+        )
+
+
 def softmax_cross_entropy() -> Loss:
     """Cross-entropy of ``softmax(pred)`` against the targets, mean over examples.
 
@@ -123,6 +137,10 @@ def softmax_cross_entropy() -> Loss:
     ``[0, n_classes)`` (integer dtype, ``target.shape == pred.shape[:-1]``) or one-hot/probability
     targets with ``pred``'s shape. ``value = mean_over_batch(-sum(p_target * log_softmax(pred)))``,
     computed with log-sum-exp so it stays finite for large logits. A 1-D ``pred`` is one example.
+
+    Labels outside ``[0, n_classes)`` raise a ValueError when the labels are concrete (an eager
+    call). Under ``jit`` values can't be checked: a label of -1 would silently take the last
+    class, so validate labels where they are loaded (``bpjax.data`` does).
 
     Returns:
         A :class:`Loss`.
@@ -136,6 +154,7 @@ def softmax_cross_entropy() -> Loss:
         log_probs, (exps, sums) = _log_softmax_parts(pred)
         is_labels = jnp.issubdtype(target.dtype, jnp.integer) and target.shape == pred.shape[:-1]
         if is_labels:
+            _check_label_range(target, pred.shape[-1])
             nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
             p_target = jax.nn.one_hot(target, pred.shape[-1], dtype=pred.dtype)
             total = None  # a one-hot row sums to 1

@@ -292,3 +292,15 @@ def test_per_example_losses_need_a_feature_axis(name):
 def test_backward_matches_autodiff_random(case, batch_shape, n, seed, scale):
     pred, target = make_inputs(case, (*batch_shape, n), jnp.float64, seed=seed, scale=scale)
     check_backward(case, pred, target, jnp.float64)
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 1], [0, 64]])
+def test_out_of_range_labels_raise_when_their_values_are_known(labels):
+    # They used to give a NaN value (labels >= n) or silently take the last class (-1).
+    loss = losses.softmax_cross_entropy()
+    pred = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) for 3 logits"):
+        loss.forward(pred, jnp.asarray(labels, jnp.int32))
+    # Under jit values are unknown: no check, no error (documented).
+    value, _ = jax.jit(loss.forward)(pred, jnp.asarray(labels, jnp.int32))
+    assert value.shape == ()
