@@ -34,6 +34,11 @@ def _lower_is_better(name: str) -> bool:
     return name.endswith(("loss", "rmse"))
 
 
+def _objective_name(rows: Sequence[dict[str, Any]]) -> str:
+    """The sweep's objective: the first job that names it (an invalid job may not)."""
+    return next((row["objective_name"] for row in rows if row.get("objective_name")), "")
+
+
 def collect(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Reads every ``*/metrics.json`` under ``sweep_dir``, best objective first."""
     rows = []
@@ -43,8 +48,7 @@ def collect(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
         rows.append(record)
     if not rows:
         return rows
-    name = rows[0].get("objective_name", "")
-    sign = 1.0 if _lower_is_better(name) else -1.0
+    sign = 1.0 if _lower_is_better(_objective_name(rows)) else -1.0
 
     def key(row):
         value = row.get("objective")
@@ -59,7 +63,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A Markdown table: one line per job, best first."""
     if not rows:
         return "(no finished jobs)"
-    name = rows[0].get("objective_name", "objective")
+    name = _objective_name(rows) or "objective"
     header = ["rank", "job", "overrides", *(name if c == "objective" else c for c in _COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(rows, 1):
@@ -86,7 +90,7 @@ def write_summary(sweep_dir: str | pathlib.Path) -> str:
                     rank,
                     row["job_dir"],
                     " ".join(row.get("overrides", [])),
-                    row.get("objective_name", ""),
+                    _objective_name(rows),
                 ]
                 + [row.get(c, "") for c in _COLUMNS]
             )

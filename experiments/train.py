@@ -613,23 +613,34 @@ def _raise_interrupt(signum, frame):
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         metrics = train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except ResumeError as e:
-        print(
-            f"error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks "
-            f"the directory)",
-            file=sys.stderr,
-            flush=True,
+    except (ConfigError, FileNotFoundError, ResumeError) as e:
+        hint = ""
+        if isinstance(e, ResumeError):
+            hint = (
+                "\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks the directory)"
+            )
+        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+        if not multirun:
+            sys.exit(2)
+        # One invalid job (a sampled learning rate out of range, say) does not end a sweep: it
+        # is recorded, like a diverged one, and ranks last in the summary.
+        invalid = {
+            "status": "invalid",
+            "message": str(e),
+            "objective": math.nan,
+            "overrides": list(HydraConfig.get().overrides.task),
+        }
+        _write_json_atomic(
+            pathlib.Path(HydraConfig.get().runtime.output_dir) / "metrics.json", invalid
         )
-        sys.exit(2)
+        return math.nan
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(cfg)}", file=sys.stderr, flush=True)
         sys.exit(130)
-    if metrics["status"] == "diverged" and not HydraConfig.get().mode.name == "MULTIRUN":
+    if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)
     return float(metrics["objective"])
 

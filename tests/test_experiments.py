@@ -748,6 +748,23 @@ def test_script_multirun(tmp_path):
     assert "sweep summary" in result.stdout
 
 
+def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
+    # One invalid value used to end the sweep at that job (exit 2), with no summary.
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        tmp_path, "-m", *TINY, "trainer.epochs=1", "logger=none",
+        "optimizer.learning_rate=-1,0.1", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "error: optimizer.learning_rate must be a positive number, got -1" in result.stderr
+    invalid = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert invalid["status"] == "invalid" and math.isnan(invalid["objective"])
+    assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["status"] == "completed"
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert "best_val_accuracy" in table[0]
+    assert "| 1 | 1 |" in table[2] and table[3].endswith("invalid |")  # the invalid job last
+
+
 @pytest.mark.slow
 def test_script_multirun_joblib(tmp_path):
     sweep_dir, _ = _digits_sweep(tmp_path, "hydra/launcher=local_parallel")

@@ -59,6 +59,21 @@ def test_collect_lower_is_better(tmp_path, objective_name):
     assert [row["job_dir"] for row in sweep.collect(tmp_path)] == ["2", "0", "1"]
 
 
+def test_an_invalid_job_ranks_last_and_the_objective_comes_from_the_others(tmp_path):
+    # train.py records a job whose config was invalid without an objective_name: job 0 here.
+    job = tmp_path / "0"
+    job.mkdir()
+    invalid = {"status": "invalid", "objective": math.nan, "overrides": ["lr=-1"]}
+    (job / "metrics.json").write_text(json.dumps(invalid))
+    _job(tmp_path, "1", 0.3, "best_val_loss")
+    _job(tmp_path, "2", 0.1, "best_val_loss")
+    assert [row["job_dir"] for row in sweep.collect(tmp_path)] == ["2", "1", "0"]  # lower first
+    table = sweep.write_summary(tmp_path)
+    assert "best_val_loss" in table.splitlines()[0] and table.splitlines()[-1].endswith("invalid |")
+    csv_rows = (tmp_path / "summary.csv").read_text().splitlines()[1:]
+    assert all(",best_val_loss," in row for row in csv_rows)
+
+
 def test_collect_ignores_unfinished_jobs(tmp_path):
     _sweep(tmp_path, "best_val_accuracy", {"0": 0.8})
     (tmp_path / "1").mkdir()  # a job that was killed before writing metrics.json
