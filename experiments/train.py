@@ -106,7 +106,11 @@ def validate(cfg: DictConfig) -> None:
     """Checks what can be checked without data: one clear error before any expensive work."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:  # `???` in a config, e.g. dataset=npz without dataset.path
-        raise ConfigError(f"{', '.join(missing)} must be set, e.g. {missing[0]}=...")
+        example = "/path/to/the/files" if missing[0].endswith("path") else "<value>"
+        raise ConfigError(
+            f"{', '.join(missing)} must be set, e.g. {missing[0]}={example} (no default: see "
+            f"the config group's file under conf/)"
+        )
     seed = cfg.seed
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")

@@ -666,7 +666,12 @@ def test_npz_task_inference(tmp_path):
         (
             {"y_test": -np.ones(9, int)},
             {},
-            r"y_test has labels outside \[0, 3\): min -1, max -1",
+            r"y_test has negative labels \(min -1\): class labels are 0, 1, \.\.\.",
+        ),
+        (  # all labels of a split negative or zero: not "outside [0, 1)" of an inferred count
+            {"y_train": np.resize([-1, 0], 50), "y_test": np.zeros(9, int)},
+            {},
+            r"y_train has negative labels \(min -1\)",
         ),
         (
             {},
@@ -700,6 +705,7 @@ def test_npz_task_inference(tmp_path):
         "nan",
         "inf",
         "negative",
+        "negative-and-zero",
         "too-large",
         "non-integer",
         "2d-labels",

@@ -178,6 +178,10 @@ def check_split(
                 f"classification needs integer class labels, but y_{split} has dtype {y.dtype}"
                 + (f" with non-integer values (e.g. {example[0]!r})" if example.size else "")
             )
+        if y.size and y.min() < 0:  # before n_classes: an inferred one would be max + 1
+            raise ValueError(
+                f"y_{split} has negative labels (min {y.min()}): class labels are 0, 1, ..."
+            )
         if y.size and n_classes is not None:
             lo, hi = y.min(), y.max()
             if lo < 0 or hi >= n_classes:
