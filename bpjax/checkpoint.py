@@ -306,7 +306,8 @@ class CheckpointManager:
     cannot be read is never ranked best. One process should write to a directory at a time.
 
     Args:
-        directory: where checkpoints live; created if missing.
+        directory: where checkpoints live; created by the first ``save`` (opening a manager
+            to look, e.g. ``all_steps()`` or ``latest()``, creates nothing).
         keep: how many of the most recent checkpoints to keep (>= 1).
         metric: key of ``metrics`` that ranks checkpoints, or None to keep only the recent ones.
         mode: ``"min"`` if lower ``metric`` is better, ``"max"`` if higher is better.
@@ -330,7 +331,6 @@ class CheckpointManager:
         self.keep = keep
         self.metric = metric
         self.mode = mode
-        self.directory.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, step: int) -> pathlib.Path:
         """The file name used for ``step``."""
@@ -339,6 +339,8 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         """Steps (or epochs) of the checkpoints present, ascending."""
         steps = []
+        if not self.directory.is_dir():
+            return steps
         for entry in self.directory.iterdir():
             match = self._PATTERN.fullmatch(entry.name)
             if match and entry.is_file():
@@ -380,6 +382,7 @@ class CheckpointManager:
         }
         if run is not None:
             metadata["run"] = dict(run)
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = save(self.path_for(step), tree, metadata=metadata)
         self._prune()
         return path

@@ -78,19 +78,30 @@ def _float(value: Any) -> float:
 class TensorBoardLogger:
     """Writes scalars, histograms, text and HParams of one run to a TensorBoard ``logdir``.
 
-    Usable as a context manager, which closes (and so flushes) the writer on exit.
+    Usable as a context manager, which closes (and so flushes) the writer on exit. The event
+    file (and ``logdir``) is created by the first thing logged: a run that fails before it
+    logs anything leaves no file behind, in its own directory or in one it was refused.
 
     Args:
-        logdir: directory of the run's event files; created if missing.
+        logdir: directory of the run's event files; created if missing, when first written.
         flush_secs: how often pending events are written to disk, in seconds.
     """
 
     def __init__(self, logdir: str | os.PathLike, *, flush_secs: int = 10) -> None:
         self.logdir = pathlib.Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = tensorboardX.SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+        self._flush_secs = flush_secs
+        self._writer_or_none: tensorboardX.SummaryWriter | None = None
         self._last_step = 0
         self._closed = False
+
+    @property
+    def _writer(self) -> tensorboardX.SummaryWriter:
+        if self._writer_or_none is None:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._writer_or_none = tensorboardX.SummaryWriter(
+                logdir=str(self.logdir), flush_secs=self._flush_secs
+            )
+        return self._writer_or_none
 
     def _seen(self, step: int) -> int:
         self._check_open()
@@ -154,6 +165,8 @@ class TensorBoardLogger:
     def flush(self) -> None:
         """Writes every event logged so far to disk."""
         self._check_open()
+        if self._writer_or_none is None:  # nothing logged yet
+            return
         event_writer = getattr(self._writer._get_file_writer(), "event_writer", None)
         worker = getattr(event_writer, "_worker", None)
         if hasattr(worker, "stop") and all(
@@ -172,7 +185,8 @@ class TensorBoardLogger:
     def close(self) -> None:
         """Writes pending events and closes the event file; later calls (but ``close``) raise."""
         if not self._closed:
-            self._writer.close()
+            if self._writer_or_none is not None:  # nothing logged: no file to close
+                self._writer_or_none.close()
             self._closed = True
 
     def _check_open(self) -> None:

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,3 +107,8 @@ class SweepSummary(Callback):
             return
         table = write_summary(sweep_dir)
         print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{table}", flush=True)
+        rows = collect(sweep_dir)
+        if rows and all(row.get("status") == "invalid" for row in rows):
+            # An error in what the jobs share (a missing path, say): fail as a single run does.
+            print("error: every job of the sweep was invalid", file=sys.stderr, flush=True)
+            sys.exit(2)

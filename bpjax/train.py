@@ -374,18 +374,19 @@ def single_output_binary(n_outputs: int, n_classes: int | None, loss_name: str) 
 def target_mismatch(loss_name: str, task: str, y: np.ndarray) -> str | None:
     """Why ``loss_name`` can't fit these training targets, or None if it can.
 
-    ``softmax_cross_entropy`` needs class labels, so not a regression task's targets (a softmax
-    over one output is constant: nothing would be learnt); ``binary_cross_entropy`` needs
-    regression targets in [0, 1] (outside, its value goes negative). Any loss fits labels.
+    ``softmax_cross_entropy`` needs class labels or several target columns (probabilities), so
+    not a regression task's single target (a softmax over one output is constant: nothing would
+    be learnt); ``binary_cross_entropy`` needs regression targets in [0, 1] (outside, its value
+    goes negative). Any loss fits labels.
     """
     if task != "regression":
         return None
-    if loss_name == "softmax_cross_entropy":
-        return (
-            "softmax_cross_entropy needs class labels, but the targets are a regression's; "
-            "use mse, quadratic or huber"
-        )
     y = np.asarray(y)
+    if loss_name == "softmax_cross_entropy" and (y.ndim == 1 or y.shape[-1] == 1):
+        return (
+            "softmax_cross_entropy needs class labels or probability targets, but the targets "
+            "are a single regression output; use mse, quadratic or huber"
+        )
     if loss_name == "binary_cross_entropy" and y.size and (y.min() < 0 or y.max() > 1):
         return (
             f"binary_cross_entropy needs targets in [0, 1], but the regression targets range "

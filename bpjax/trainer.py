@@ -265,9 +265,10 @@ def fit(
         outputs than the data needs), before anything is compiled.
     """
     # Names are accepted for the loss only: say so, rather than fail on an attribute later.
-    if not isinstance(optimizer, optax.GradientTransformation):
+    if not all(callable(getattr(optimizer, name, None)) for name in ("init", "update")):
         raise TypeError(
-            f"optimizer must be an optax.GradientTransformation (e.g. optax.adam(1e-3)), got "
+            f"optimizer must be an optax GradientTransformation (init and update, e.g. "
+            f"optax.adam(1e-3) or optax.MultiSteps(...)), got "
             f"{type(optimizer).__name__} {optimizer!r}"
         )
     if not isinstance(data, Dataset):

@@ -30,7 +30,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
 from bpjax import losses as losses_lib
@@ -193,7 +193,7 @@ def _check_devices(trainer: DictConfig) -> None:
 
 
 def _has_checkpoints(checkpoint_dir: pathlib.Path) -> bool:
-    return any(checkpoint_dir.glob("ckpt_*.npz"))
+    return bool(CheckpointManager(checkpoint_dir).all_steps())
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -213,7 +213,7 @@ def changed_settings(checkpoint_dir: pathlib.Path, config: dict[str, Any]) -> li
     """``key: saved -> now`` for each setting that differs from the latest checkpoint's config
     (a longer ``trainer.epochs``, say, also stretches a schedule fitted to the run's length).
     Empty without a checkpoint, or if it can't be read: the resume itself then reports it."""
-    if not _has_checkpoints(checkpoint_dir):  # (and the manager would create the directory)
+    if not _has_checkpoints(checkpoint_dir):
         return []
     try:
         saved = load_metadata(CheckpointManager(checkpoint_dir).latest()).get("config") or {}
@@ -423,7 +423,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_dir = run_dir / "checkpoints"
     if not cfg.trainer.resume and _has_checkpoints(checkpoint_dir):
         # Before anything (a TensorBoard file, say) is written into the other run's directory.
-        raise ConfigError(
+        raise ResumeError(
             f"{checkpoint_dir} already holds checkpoints of a run: trainer.resume=true "
             f"continues it; a new run needs another trainer.run_dir (nothing was deleted)"
         )
@@ -531,6 +531,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except TrainingDiverged as e:
         status, message = "diverged", str(e)
         metrics = {"epochs": e.epoch, "diverged_step": e.step}
+    except BaseException:  # a refused resume, an interrupt: flush and release the writer
+        logger.close()
+        raise
     finally:
         reporter.close()
     objective = metrics.get(objective_name, math.nan)
@@ -620,33 +623,47 @@ def main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
         metrics = train(cfg)
-    except (ConfigError, FileNotFoundError, ResumeError) as e:
-        hint = ""
-        if isinstance(e, ResumeError):
-            hint = (
-                "\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks the directory)"
-            )
-        print(f"error: {e}{hint}", file=sys.stderr, flush=True)
+    except ResumeError as e:  # about this job's directory, not a swept value: fatal in a sweep
+        print(
+            f"error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks "
+            f"the directory)",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(2)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
         # One invalid job (a sampled learning rate out of range, say) does not end a sweep: it
-        # is recorded, like a diverged one, and ranks last in the summary.
-        invalid = {
-            "status": "invalid",
-            "message": str(e),
-            "objective": math.nan,
-            "overrides": list(HydraConfig.get().overrides.task),
-        }
-        _write_json_atomic(
-            pathlib.Path(HydraConfig.get().runtime.output_dir) / "metrics.json", invalid
-        )
-        return math.nan
+        # is recorded, like a diverged one, and ranks last in the summary (a sweep of nothing
+        # but invalid jobs exits 2: see bpjax.sweep.SweepSummary).
+        record = pathlib.Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
+        if not record.exists():  # never over a finished run's record
+            invalid = {
+                "status": "invalid",
+                "message": str(e),
+                "objective": math.nan,
+                "overrides": list(HydraConfig.get().overrides.task),
+            }
+            _write_json_atomic(record, invalid)
+        return worst_objective()
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(cfg)}", file=sys.stderr, flush=True)
         sys.exit(130)
     if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)
-    return float(metrics["objective"])
+    objective = float(metrics["objective"])
+    return objective if math.isfinite(objective) or not multirun else worst_objective()
+
+
+def worst_objective() -> float:
+    """What a failed sweep job returns: the worst value for the sweeper's ``direction``
+    (Optuna's; it refuses NaN, and a crash would end the study), or NaN without one."""
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+    if isinstance(direction, ListConfig | list | tuple):
+        direction = direction[0] if len(direction) == 1 else None
+    return {"minimize": math.inf, "maximize": -math.inf}.get(str(direction), math.nan)
 
 
 if __name__ == "__main__":

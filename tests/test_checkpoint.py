@@ -399,6 +399,14 @@ def test_manager_rejects_bad_arguments(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_manager_creates_its_directory_only_to_save(tmp_path):
+    manager = checkpoint.CheckpointManager(tmp_path / "a" / "ckpts")
+    assert manager.all_steps() == [] and manager.latest() is None and manager.best() is None
+    assert not (tmp_path / "a").exists()  # looking creates nothing
+    manager.save({"x": jnp.ones(2)}, step_or_epoch=1)
+    assert manager.all_steps() == [1]
+
+
 def test_manager_file_names_and_foreign_files(tmp_path):
     manager = checkpoint.CheckpointManager(tmp_path)
     assert manager.path_for(7) == tmp_path / "ckpt_000007.npz"

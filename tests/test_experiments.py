@@ -34,6 +34,7 @@ from bpjax import data as data_lib
 from bpjax.grad import MODES
 from bpjax.layers import ACTIVATIONS
 from bpjax.train import make_optimizer, output_shape
+from bpjax.trainer import ResumeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -521,12 +522,20 @@ def test_train_diverged(tmp_path):
     assert math.isnan(metrics["objective"])
 
 
-def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run):
-    # A new run used to train into it, and prune its own checkpoints as it wrote them.
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        # A new run used to train into it, and prune its own checkpoints as it wrote them.
+        (["seed=1"], r"already holds checkpoints .*resume=true"),
+        # A resume of another run (seed 1) is refused, with no TensorBoard file left behind.
+        (["seed=1", "trainer.resume=true"], r"cannot resume from .*seed 0 there, 1 here"),
+    ],
+)
+def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run, overrides, match):
     run_dir, _ = digits_run
     before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
-    cfg = compose(*DIGITS_RUN, "seed=1", f"trainer.run_dir={run_dir}")
-    with pytest.raises(train_script.ConfigError, match=r"already holds checkpoints .*resume=true"):
+    cfg = compose(*DIGITS_RUN, *overrides, f"trainer.run_dir={run_dir}")
+    with pytest.raises(ResumeError, match=match):
         train_script.train(cfg)
     after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     assert after == before  # not a file added, changed or deleted
@@ -763,6 +772,41 @@ def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     table = (sweep_dir / "summary.md").read_text().splitlines()
     assert "best_val_accuracy" in table[0]
     assert "| 1 | 1 |" in table[2] and table[3].endswith("invalid |")  # the invalid job last
+    # The same sweep again into the same directory: its jobs' run directories hold the first
+    # sweep's checkpoints. That stops the sweep (exit 2), and no finished record is replaced.
+    before = {job: (sweep_dir / job / "metrics.json").read_bytes() for job in ("0", "1")}
+    again = run_script(
+        tmp_path, "-m", *TINY, "trainer.epochs=1", "logger=none",
+        "optimizer.learning_rate=-1,0.1", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert again.returncode == 2, again.stderr
+    assert "already holds checkpoints" in again.stderr
+    assert {job: (sweep_dir / job / "metrics.json").read_bytes() for job in before} == before
+
+
+def test_script_sweep_of_only_invalid_jobs_exits_2(tmp_path):
+    # An error in what every job shares (no dataset.path): fail as a single run does.
+    result = run_script(
+        tmp_path, "-m", "seed=0,1", "dataset=npz", f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "error: every job of the sweep was invalid" in result.stderr
+
+
+@pytest.mark.slow
+def test_script_optuna_sweep_goes_on_after_an_invalid_trial(tmp_path):
+    # Optuna refuses a NaN objective (the study crashed); the worst value for its direction
+    # keeps it going.
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        tmp_path, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0",
+        "optimizer.learning_rate=choice(-1,0.1)", *TINY, "trainer.epochs=1", "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep_dir.glob("*/metrics.json"))
+    assert len(statuses) == 3 and "invalid" in statuses and "completed" in statuses, statuses
 
 
 @pytest.mark.slow

@@ -177,6 +177,19 @@ def test_flush_makes_events_visible_before_close(tmp_path):
     assert len(list(tmp_path.iterdir())) == 1  # a closed logger opens no new event file
 
 
+def test_a_logger_that_logged_nothing_leaves_no_file(tmp_path):
+    # A run refused before its first epoch (another run's directory, say) wrote an empty
+    # event file into that directory, and kept a writer thread alive until exit.
+    logdir = tmp_path / "tb"
+    logger = TensorBoardLogger(logdir)
+    logger.flush()
+    logger.close()
+    assert not logdir.exists()
+    with TensorBoardLogger(logdir) as used:
+        used.scalar("a", 1.0, 0)
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 1
+
+
 def test_null_logger_does_nothing(tmp_path):
     with NullLogger() as log:
         log.scalar("x", 1.0, 0)

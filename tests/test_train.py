@@ -626,6 +626,8 @@ def test_eval_regression_metrics_match_sklearn(n_targets):
     ("loss_name", "task", "y", "message"),
     [
         ("softmax_cross_entropy", "regression", [0.5, 2.0], "needs class labels"),
+        ("softmax_cross_entropy", "regression", [[0.5], [2.0]], "a single regression output"),
+        ("softmax_cross_entropy", "regression", [[0.2, 0.8], [0.5, 0.5]], None),  # soft labels
         ("binary_cross_entropy", "regression", [-0.5, 0.5], "over [-0.5, 0.5]"),
         ("binary_cross_entropy", "regression", [0.0, 1.0], None),  # probabilities regressed
         ("mse", "regression", [-3.0, 30.0], None),

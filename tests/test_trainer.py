@@ -632,6 +632,15 @@ def test_names_for_the_optimizer_or_data_say_what_is_needed(optimizer, data, mat
         fit(bpjax.mlp([2, 1]), "binary_cross_entropy", optimizer, data, epochs=1, batch_size=2)
 
 
+def test_an_optimizer_is_anything_with_init_and_update():
+    # optax.MultiSteps (gradient accumulation) is not a GradientTransformation instance.
+    result = fit(
+        bpjax.mlp([4, 1]), "binary_cross_entropy", optax.MultiSteps(optax.sgd(0.1), 2),
+        load("xor"), epochs=2, batch_size=2,
+    )  # fmt: skip
+    assert int(result.state.step) == 4 and math.isfinite(result.metrics["test_loss"])
+
+
 def test_a_classification_loss_on_regression_targets_raises(monkeypatch):
     must_not_compile(monkeypatch)
     with pytest.raises(ValueError, match="sine: softmax_cross_entropy needs class labels"):
