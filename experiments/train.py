@@ -37,7 +37,7 @@ from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
-from bpjax.logging import NullLogger, TensorBoardLogger
+from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
 from bpjax.train import (
     encode_targets,
     make_optimizer,
@@ -196,15 +196,6 @@ def _has_checkpoints(checkpoint_dir: pathlib.Path) -> bool:
     return bool(CheckpointManager(checkpoint_dir).all_steps())
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 # Settings a resume is expected to change; every other difference is reported.
 _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
 
@@ -219,7 +210,8 @@ def changed_settings(checkpoint_dir: pathlib.Path, config: dict[str, Any]) -> li
         saved = load_metadata(CheckpointManager(checkpoint_dir).latest()).get("config") or {}
     except (OSError, ValueError):
         return []
-    before, now = _flat(saved), _flat(json.loads(json.dumps(config, default=str)))
+    before = flatten_hparams(saved)
+    now = flatten_hparams(json.loads(json.dumps(config, default=str)))
     keys = sorted((before.keys() | now.keys()) - set(_RESUME_KEYS))
     missing = "<unset>"
     return [

@@ -760,10 +760,8 @@ def test_script_multirun(tmp_path):
 def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     # One invalid value used to end the sweep at that job (exit 2), with no summary.
     sweep_dir = tmp_path / "sweep"
-    result = run_script(
-        tmp_path, "-m", *TINY, "trainer.epochs=1", "logger=none",
-        "optimizer.learning_rate=-1,0.1", f"hydra.sweep.dir={sweep_dir}",
-    )  # fmt: skip
+    sweep = ["-m", *TINY, "trainer.epochs=1", "logger=none", "optimizer.learning_rate=-1,0.1"]
+    result = run_script(tmp_path, *sweep, f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr
     assert "error: optimizer.learning_rate must be a positive number, got -1" in result.stderr
     invalid = json.loads((sweep_dir / "0" / "metrics.json").read_text())
@@ -775,10 +773,7 @@ def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     # The same sweep again into the same directory: its jobs' run directories hold the first
     # sweep's checkpoints. That stops the sweep (exit 2), and no finished record is replaced.
     before = {job: (sweep_dir / job / "metrics.json").read_bytes() for job in ("0", "1")}
-    again = run_script(
-        tmp_path, "-m", *TINY, "trainer.epochs=1", "logger=none",
-        "optimizer.learning_rate=-1,0.1", f"hydra.sweep.dir={sweep_dir}",
-    )  # fmt: skip
+    again = run_script(tmp_path, *sweep, f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 2, again.stderr
     assert "already holds checkpoints" in again.stderr
     assert {job: (sweep_dir / job / "metrics.json").read_bytes() for job in before} == before
