@@ -129,6 +129,46 @@ LAYERS = [
         has_params=True,
     ),
 ]
+# Branching combinators: an in_shape that is a tuple of shapes is a tuple input.
+LAYERS += [
+    Case(
+        "parallel",
+        "parallel",
+        lambda: layers.parallel(layers.dense(4), layers.tanh()),
+        ((5,), (3,)),
+        has_params=True,
+    ),
+    Case("fan_out", "fan_out", lambda: layers.fan_out(3), (5,)),
+    Case("fan_in_sum", "fan_in_sum", layers.fan_in_sum, ((5,), (5,), (5,))),
+    Case("fan_in_concat", "fan_in_concat", layers.fan_in_concat, ((5,), (2,))),
+    Case("fan_in_concat-axis1", "fan_in_concat", lambda: layers.fan_in_concat(1), ((2, 3), (4, 3))),
+    Case(
+        "residual-identity",
+        "residual",
+        lambda: layers.residual(layers.serial(layers.dense(5), layers.tanh())),
+        (5,),
+        has_params=True,
+    ),
+    Case(
+        "residual-projection",
+        "residual",
+        lambda: layers.residual(layers.serial(layers.dense(4), layers.relu()), layers.dense(4)),
+        (5,),
+        has_params=True,
+    ),
+    Case(
+        "serial-fan_out-parallel-fan_in",
+        "serial",
+        lambda: layers.serial(
+            layers.fan_out(2),
+            layers.parallel(layers.dense(3), layers.serial(layers.dense(3), layers.sigmoid())),
+            layers.fan_in_concat(),
+            layers.dense(2),
+        ),
+        (5,),
+        has_params=True,
+    ),
+]
 LAYER_IDS = [c.id for c in LAYERS]
 CASES = {c.id: c for c in LAYERS}
 BATCHES = [1, 7]
@@ -158,33 +198,49 @@ def test_tables_cover_every_layer():
 
 def normal(shape, dtype=jnp.float64, *, seed: int = 0) -> jax.Array:
     """Standard normal float32 numbers (the same in either dtype), drawn with numpy: eager
-    jax.random compiles anew for every shape and dtype."""
+    jax.random compiles anew for every shape and dtype. A tuple of shapes (the input of a
+    branching layer) gives a tuple of arrays."""
+    if shape and isinstance(shape[0], tuple | list):
+        return tuple(normal(s, dtype, seed=seed + 7 * i) for i, s in enumerate(shape))
     draws = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     return jnp.asarray(draws, dtype)
 
 
+def batched(batch: int, in_shape: tuple) -> tuple:
+    """One example's shape (or a tuple of them, for branching layers) with a batch axis."""
+    if in_shape and isinstance(in_shape[0], tuple):
+        return tuple((batch, *s) for s in in_shape)
+    return (batch, *in_shape)
+
+
 def setup_layer(case: Case, batch: int, dtype, *, seed: int = 0):
-    """Builds the layer, its params (cast to ``dtype``), an input, an upstream gradient, a key."""
+    """Builds the layer, its params (cast to ``dtype``), an input, an upstream gradient, a key
+    and the layer's state (``()`` for a layer without state; float64 statistics cast too)."""
     layer = case.factory()
-    in_shape = (batch, *case.in_shape)
+    in_shape = batched(batch, case.in_shape)
     out_shape, params = layer.init(jax.random.key(seed), in_shape)
     params = tree_cast(params, dtype)
-    x = 2 * normal(in_shape, dtype, seed=seed)
+    x = jax.tree_util.tree_map(lambda a: 2 * a, normal(in_shape, dtype, seed=seed))
     dy = normal(out_shape, dtype, seed=seed + 1)
-    return layer, out_shape, params, x, dy, jax.random.key(seed + 1) if case.train else None
+    key = jax.random.key(seed + 1) if case.train else None
+    state = tree_cast(layers.init_state(layer, in_shape), dtype)
+    return layer, out_shape, params, x, dy, key, state
 
 
 def forward_backward(layer: layers.Layer) -> Callable:
-    def f(params, x, dy, key):
-        y, cache = layer.forward(params, x, key=key)
+    def f(params, x, dy, key, state=()):
+        y, cache, _ = layers.apply(layer, params, x, key=key, state=state)
         grads, dx = layer.backward(params, cache, dy)
         return y, grads, dx
 
     return f
 
 
-def autodiff(layer: layers.Layer, params, x, dy, key):
-    y, vjp = jax.vjp(lambda p, x_: layer.forward(p, x_, key=key)[0], params, x)
+def autodiff(layer: layers.Layer, params, x, dy, key, state=()):
+    def f(p, x_):
+        return layers.apply(layer, p, x_, key=key, state=state)[0]
+
+    y, vjp = jax.vjp(f, params, x)
     grads, dx = vjp(dy)
     return y, grads, dx
 
@@ -193,27 +249,38 @@ def autodiff(layer: layers.Layer, params, x, dy, key):
 def reference(case_id: str, batch: int) -> tuple:
     """jax.vjp of a layer's forward in float64, shared by the float32/float64 and eager/jitted
     runs of a test (eager JAX compiles every operation for every new shape, which is slow)."""
-    layer, _, params, x, dy, key = setup_layer(CASES[case_id], batch, jnp.float64)
-    return autodiff(layer, params, x, dy, key)
+    layer, _, params, x, dy, key, state = setup_layer(CASES[case_id], batch, jnp.float64)
+    return autodiff(layer, params, x, dy, key, state)
+
+
+def shape_of(tree) -> Any:
+    """The shape of an array, or the tuple of shapes of a tuple of arrays."""
+    if isinstance(tree, tuple):
+        return tuple(shape_of(t) for t in tree)
+    return tuple(tree.shape)
+
+
+def dtypes_of(tree) -> set:
+    return {a.dtype for a in jax.tree_util.tree_leaves(tree)}
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", LAYERS, ids=LAYER_IDS)
 def test_backward_matches_vjp(case, batch, dtype, maybe_jit):
-    layer, out_shape, params, x, dy, key = setup_layer(case, batch, dtype)
-    y, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key)
+    layer, out_shape, params, x, dy, key, state = setup_layer(case, batch, dtype)
+    y, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key, state)
     # Inputs and params are float32 numbers, so float64 autodiff is the reference for both
     # dtypes. It is also the right one for float32: float32 autodiff underflows where ours does
     # not (jax's tanh-form gelu grad at x = -4.9 is 0, ours -3.2e-6 as in float64).
     expected = tree_cast(reference(case.id, batch), dtype)
 
-    assert y.shape == tuple(out_shape) and y.dtype == dtype
-    assert dx.shape == x.shape and dx.dtype == dtype
+    assert shape_of(y) == tuple(out_shape) and dtypes_of(y) == {jnp.dtype(dtype)}
+    assert shape_of(dx) == shape_of(x) and dtypes_of(dx) == {jnp.dtype(dtype)}
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
     for g, p in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params)):
         assert g.shape == p.shape and g.dtype == p.dtype
     if not case.has_params:
-        assert params == () and grads == ()
+        assert not jax.tree_util.tree_leaves(params) and not jax.tree_util.tree_leaves(grads)
     assert_trees_close((y, grads, dx), expected, rtol=RTOL[dtype], atol=ATOL[dtype])
 
 
@@ -235,10 +302,13 @@ MIXED_DTYPES = [
 )
 @pytest.mark.parametrize("case", [c for c in LAYERS if c.has_params], ids=lambda c: c.id)
 def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case, x_dtype, p_dtype, maybe_jit):
-    layer, _, params, x, dy, key = setup_layer(case, 3, p_dtype)
-    x, dy = x.astype(x_dtype), dy.astype(jnp.result_type(x_dtype, p_dtype))
-    _, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key)
-    _, grads_ref, dx_ref = autodiff(layer, params, x, dy, key)
+    layer, _, params, x, dy, key, state = setup_layer(case, 3, p_dtype)
+    x = jax.tree_util.tree_map(lambda a: a.astype(x_dtype), x)
+    # dy in the dtype of each output (a branch without params keeps its input's dtype).
+    y = jax.eval_shape(lambda: layers.apply(layer, params, x, key=key, state=state)[0])
+    dy = jax.tree_util.tree_map(lambda d, y_: d.astype(y_.dtype), dy, y)
+    _, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key, state)
+    _, grads_ref, dx_ref = autodiff(layer, params, x, dy, key, state)
     assert jax.tree_util.tree_map(lambda a: a.dtype, (grads, dx)) == jax.tree_util.tree_map(
         lambda a: a.dtype, (grads_ref, dx_ref)
     )
@@ -678,7 +748,7 @@ VMAP_CASES = [c for c in VMAP_CASES if len(c.in_shape) == 1]
 @pytest.mark.parametrize("case", VMAP_CASES, ids=[c.id for c in VMAP_CASES])
 def test_vmap_gives_per_example_backward(case):
     batch = 5
-    layer, _, params, x, dy, _ = setup_layer(case, batch, jnp.float64)
+    layer, _, params, x, dy, _, _ = setup_layer(case, batch, jnp.float64)
 
     @jax.jit  # eager vmap runs op by op and is slow; per-example results don't depend on jit
     def per_example(params, x, dy):
