@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax import losses as losses_lib
-from bpjax.layers import Layer, split_keys
+from bpjax.layers import Layer, apply, check_layer, is_stateful, split_keys
 from bpjax.losses import Loss
 
 __all__ = [
@@ -60,10 +60,27 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown gradient mode {mode!r}; valid modes: {', '.join(MODES)}")
 
 
+def _state_for(net: Layer, state: Any, where: str) -> Any:
+    """The state to thread through ``net``: ``()`` for a network without state."""
+    if not is_stateful(net):
+        return ()
+    if state is None:
+        raise TypeError(
+            f"{where}: {net.name} has state (batch_norm's running statistics): pass "
+            f"state=net.init_state(in_shape) (or the state the previous call returned)"
+        )
+    return state
+
+
 def value_and_grad(
-    net: Layer, loss: Loss | str, *, mode: str = "manual", with_output: bool = False
+    net: Layer,
+    loss: Loss | str,
+    *,
+    mode: str = "manual",
+    with_output: bool = False,
+    with_state: bool = False,
 ) -> Callable:
-    """Returns ``f(params, x, target, *, key=None) -> (value, grads)``.
+    """Returns ``f(params, x, target, *, key=None, state=None) -> (value, grads)``.
 
     Args:
       net: the network Layer.
@@ -72,31 +89,54 @@ def value_and_grad(
         ``"autodiff"`` (``jax.value_and_grad`` of the forward pass).
       with_output: if True, ``f`` returns ``((value, y), grads)`` with the network output ``y``
         (e.g. for training accuracy without a second forward pass).
+      with_state: if True, ``f`` also returns the network's new state: ``((value, new_state),
+        grads)``, or ``((value, (y, new_state)), grads)`` with ``with_output``.
 
-    The function is pure: jit it, or vmap it over ``(None, 0, 0)`` for per-example gradients
-    (each example is then a batch of one, so the per-example gradients average to the batch
-    gradient of a mean loss). ``key`` enables dropout (training mode); None is evaluation mode.
+    A network with state (``bpjax.layers.is_stateful``: batch norm) needs ``state=``; its
+    running statistics are updated in training mode (a ``key``) and used in evaluation mode
+    (``key=None``); they get no gradient. The function is pure: jit it, or vmap it over
+    ``(None, 0, 0)`` for per-example gradients (each example is then a batch of one, so the
+    per-example gradients average to the batch gradient of a mean loss). ``key`` enables
+    dropout and batch statistics (training mode); None is evaluation mode.
+
+    Raises:
+      ValueError: an unknown mode (listing the valid ones).
+      TypeError: ``loss`` is not a Loss or a loss name (a factory gets the call that fixes it);
+        at call time, a network with state called without ``state=``.
     """
     _check_mode(mode)
     loss = _resolve_loss(loss)
+    net = check_layer(net, "value_and_grad: net")
+
+    def pack(value, y, new_state, grads):
+        if with_output and with_state:
+            return (value, (y, new_state)), grads
+        if with_output:
+            return (value, y), grads
+        if with_state:
+            return (value, new_state), grads
+        return value, grads
 
     if mode == "manual":
 
-        def f(params, x, target, *, key=None):
-            y, cache = net.forward(params, x, key=key)
+        def f(params, x, target, *, key=None, state=None):
+            state = _state_for(net, state, "value_and_grad")
+            y, cache, new_state = apply(net, params, x, key=key, state=state)
             value, loss_cache = loss.forward(y, target)
             grads, _ = net.backward(params, cache, loss.backward(loss_cache))
-            return ((value, y), grads) if with_output else (value, grads)
+            return pack(value, y, new_state, grads)
 
     else:
 
-        def f(params, x, target, *, key=None):
-            def objective(p):
-                y, _ = net.forward(p, x, key=key)
-                return loss.forward(y, target)[0], y
+        def f(params, x, target, *, key=None, state=None):
+            state = _state_for(net, state, "value_and_grad")
 
-            (value, y), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            return ((value, y), grads) if with_output else (value, grads)
+            def objective(p):
+                y, _, new_state = apply(net, p, x, key=key, state=state)
+                return loss.forward(y, target)[0], (y, new_state)
+
+            (value, (y, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return pack(value, y, new_state, grads)
 
     return f
 
@@ -107,41 +147,38 @@ def as_custom_vjp(net: Layer) -> Callable:
     ``jax.grad``/``jax.vjp``/``jax.jacrev`` through ``apply`` run ``net.backward`` instead of
     differentiating ``net.forward``, so the manual pass composes with JAX transformations (jit,
     vmap, grad of a user-defined loss, ...). The key, if given, gets no cotangent.
+
+    A network with state (batch norm) gives ``apply(params, x, *, key=None, state) ->
+    (y, new_state)``; the state gets a zero cotangent and the new state none.
     """
+    net = check_layer(net, "as_custom_vjp: net")
 
     @jax.custom_vjp
-    def apply(params, x):
-        return net.forward(params, x)[0]
+    def run(params, x, state, key):
+        y, _, new_state = apply(net, params, x, key=key, state=state)
+        return y, new_state
 
-    def apply_fwd(params, x):
-        y, cache = net.forward(params, x)
-        return y, (params, cache)
+    def run_fwd(params, x, state, key):
+        y, cache, new_state = apply(net, params, x, key=key, state=state)
+        return (y, new_state), (params, cache)
 
-    def apply_bwd(residuals, dy):
+    def run_bwd(residuals, cotangents):
         params, cache = residuals
-        return net.backward(params, cache, dy)
-
-    apply.defvjp(apply_fwd, apply_bwd)
-
-    @jax.custom_vjp
-    def apply_with_key(params, x, key):
-        return net.forward(params, x, key=key)[0]
-
-    def apply_with_key_fwd(params, x, key):
-        y, cache = net.forward(params, x, key=key)
-        return y, (params, cache)
-
-    def apply_with_key_bwd(residuals, dy):
-        params, cache = residuals
+        dy, _ = cotangents  # the new state gets no gradient
         grads, dx = net.backward(params, cache, dy)
-        return grads, dx, None
+        return grads, dx, None, None  # None: no cotangent for the state or the key
 
-    apply_with_key.defvjp(apply_with_key_fwd, apply_with_key_bwd)
+    run.defvjp(run_fwd, run_bwd)
+
+    if is_stateful(net):
+
+        def f_with_state(params, x, *, key=None, state=None):
+            return run(params, x, _state_for(net, state, "as_custom_vjp"), key)
+
+        return f_with_state
 
     def f(params, x, *, key=None):
-        if key is None:
-            return apply(params, x)
-        return apply_with_key(params, x, key)
+        return run(params, x, (), key)[0]
 
     return f
 
@@ -401,6 +438,7 @@ def check_grads(
     target: jax.Array,
     *,
     key: jax.Array | None = None,
+    state: Any = None,
     rtol: float | None = None,
     fd_rtol: float | None = None,
     eps: float | None = None,
@@ -428,6 +466,8 @@ def check_grads(
       loss: a ``bpjax.losses.Loss`` or its name.
       params, x, target: where to check.
       key: dropout key (training mode); the same draws are used by every witness.
+      state: the network's state, for a network with state (batch norm's running statistics:
+        used in evaluation mode, ``key=None``); never perturbed or compared.
       rtol, fd_rtol, eps: override the dtype's defaults.
       seed: seed of the finite-difference direction.
       warn: warn when checking in a precision below float64.
@@ -451,26 +491,32 @@ def check_grads(
             GradCheckWarning,
             stacklevel=2,
         )
-    layers = net.sublayers or (net,)
-    layer_params = params if net.sublayers else (params,)
-    layer_keys = split_keys(key, len(layers)) if net.sublayers else [key]
+    state = _state_for(net, state, "check_grads")
+    in_sequence = net.combinator == "serial"
+    layers = net.sublayers if in_sequence else (net,)
+    layer_params = params if in_sequence else (params,)
+    layer_keys = split_keys(key, len(layers)) if in_sequence else [key]
     if len(layer_params) != len(layers):  # zip below would silently drop the layers after
         raise ValueError(
             f"check_grads: got params for {len(layer_params)} layers, {net.name} has {len(layers)}"
         )
+    if not in_sequence:
+        layer_states = (state,)
+    else:
+        layer_states = state if is_stateful(net) else ((),) * len(layers)
 
     def objective(p):
-        return loss.forward(net.forward(p, x, key=key)[0], target)[0]
+        return loss.forward(apply(net, p, x, key=key, state=state)[0], target)[0]
 
     with jax.default_matmul_precision("highest"):
         rows: list[GradCheckRow] = []
         # 1. loss, then each layer in backward order, fed the manual upstream gradient.
         inputs, caches = [x], []
-        for i, (layer, p, k) in enumerate(zip(layers, layer_params, layer_keys)):
+        for i, (layer, p, k, st) in enumerate(zip(layers, layer_params, layer_keys, layer_states)):
             try:
-                y, cache = layer.forward(p, inputs[-1], key=k)
+                y, cache, _ = apply(layer, p, inputs[-1], key=k, state=st)
             except ValueError as e:
-                if not net.sublayers:
+                if not in_sequence:
                     raise
                 # Name the layer, as serial's own forward does.
                 raise ValueError(f"layer {i} of {len(layers)}: {e}") from None
@@ -481,19 +527,24 @@ def check_grads(
         dy_ref = jax.grad(lambda pred: loss.forward(pred, target)[0])(inputs[-1])
         rows.append(_compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
         for i in reversed(range(len(layers))):
-            layer, p, k = layers[i], layer_params[i], layer_keys[i]
+            layer, p, k, st = layers[i], layer_params[i], layer_keys[i], layer_states[i]
             grads, dx = layer.backward(p, caches[i], dy)
-            _, vjp = jax.vjp(lambda p_, x_, f=layer.forward, k=k: f(p_, x_, key=k)[0], p, inputs[i])
+
+            def layer_forward(p_, x_, layer=layer, k=k, st=st):
+                return apply(layer, p_, x_, key=k, state=st)[0]
+
+            _, vjp = jax.vjp(layer_forward, p, inputs[i])
             grads_ref, dx_ref = vjp(dy)
             rows += _compare_trees("layer", i, layer.name, grads, grads_ref, rtol)
             rows.append(_compare("layer", i, layer.name, "dx", dx, dx_ref, rtol))
             dy = dx
         # 2. the whole manual gradient vs autodiff.
-        _, grads_manual = value_and_grad(net, loss, mode="manual")(params, x, target, key=key)
+        manual = value_and_grad(net, loss, mode="manual")
+        _, grads_manual = manual(params, x, target, key=key, state=state)
         _, grads_auto = jax.value_and_grad(objective)(params)
         for i, layer in enumerate(layers):
-            g_m = grads_manual[i] if net.sublayers else grads_manual
-            g_a = grads_auto[i] if net.sublayers else grads_auto
+            g_m = grads_manual[i] if in_sequence else grads_manual
+            g_a = grads_auto[i] if in_sequence else grads_auto
             rows += _compare_trees("total", i, layer.name, g_m, g_a, rtol)
         # 3. central finite difference along a random unit direction.
         rows.append(_finite_difference_row(objective, params, grads_manual, eps, fd_rtol, seed))

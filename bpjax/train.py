@@ -24,7 +24,8 @@ import optax
 from jax import lax
 
 from bpjax.grad import MODES, grad_agreement, value_and_grad
-from bpjax.layers import Layer, _Static
+from bpjax.layers import Layer, _Static, apply, is_stateful, out_shape
+from bpjax.layers import init_state as init_net_state
 from bpjax.losses import Loss
 
 __all__ = [
@@ -49,12 +50,20 @@ INIT, SHUFFLE, DROPOUT = 0, 1, 2
 
 
 class TrainState(NamedTuple):
-    """Everything that changes during training, as one pytree."""
+    """Everything that changes during training, as one pytree.
+
+    ``net_state`` is the network's state that is not a parameter (batch norm's running
+    statistics; ``()`` for a network without): updated by the training-mode forward pass, never
+    by the optimizer. ``rule_state`` is the learning rule's (``bpjax.credit``: feedback
+    weights; ``()`` for backprop). Both are checkpointed with the params.
+    """
 
     params: Any
     opt_state: optax.OptState
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    step: jax.Array  # int32 scalar: minibatch steps taken (one forward/backward each)
     key: jax.Array  # the run's training key (constant; draws fold in counters)
+    net_state: Any = ()
+    rule_state: Any = ()
 
 
 def init_state(
@@ -68,15 +77,15 @@ def init_state(
       key: the run's root key, e.g. ``jax.random.PRNGKey(seed)``.
       in_shape: a batch input shape, e.g. ``(batch, 784)``.
     """
-    _, params = net.init(jax.random.fold_in(key, INIT), tuple(in_shape))
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+    in_shape = tuple(in_shape)
+    _, params = net.init(jax.random.fold_in(key, INIT), in_shape)
+    step = jnp.zeros((), jnp.int32)
+    return TrainState(params, optimizer.init(params), step, key, init_net_state(net, in_shape))
 
 
 def output_shape(net: Layer, in_shape: tuple) -> tuple[int, ...]:
     """The output shape of ``net`` for inputs of ``in_shape``, without allocating params."""
-    shapes = []
-    jax.eval_shape(lambda k: shapes.append(net.init(k, tuple(in_shape))[0]), jax.random.PRNGKey(0))
-    return tuple(shapes[0])
+    return tuple(out_shape(net, tuple(in_shape)))
 
 
 def make_optimizer(
@@ -141,21 +150,29 @@ def _compute_dtype(compute_dtype: Any) -> np.dtype | None:
 
 
 def _mixed_precision_grad(net: Layer, loss: Loss, mode: str, compute_dtype: Any) -> Callable:
-    """``f(params, x, y, *, key) -> ((loss, output), grads)`` of ``net`` in ``compute_dtype``.
+    """``f(params, x, y, *, key, state) -> ((loss, (output, new_state)), grads)`` of ``net`` in
+    ``compute_dtype``.
 
-    With a compute dtype, params and inputs are cast for the forward and backward passes, the
-    network output is cast back to float32 for the loss, and the gradients come back in the
-    params' dtypes (float32 master weights). Without one, it is ``value_and_grad`` itself.
+    With a compute dtype, params, inputs and the network's state are cast for the forward and
+    backward passes, the network output is cast back to float32 for the loss, and the
+    gradients and the new state come back in the dtypes of the params and the state given
+    (float32 master weights and statistics). Without one, it is ``value_and_grad`` itself.
     """
     if compute_dtype is None:
-        return value_and_grad(net, loss, mode=mode, with_output=True)
-    grad_fn = value_and_grad(_output_in(net, jnp.float32), loss, mode=mode, with_output=True)
+        return value_and_grad(net, loss, mode=mode, with_output=True, with_state=True)
+    grad_fn = value_and_grad(
+        _output_in(net, jnp.float32), loss, mode=mode, with_output=True, with_state=True
+    )
 
-    def f(params, x, y, *, key=None):
+    def f(params, x, y, *, key=None, state=()):
         low = _cast_floats(params, compute_dtype)
-        (value, output), grads = grad_fn(low, x.astype(compute_dtype), y, key=key)
+        low_state = _cast_floats(state, compute_dtype)
+        (value, (output, new_state)), grads = grad_fn(
+            low, x.astype(compute_dtype), y, key=key, state=low_state
+        )
         grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
-        return (value, output), grads
+        new_state = jax.tree_util.tree_map(lambda n, s: n.astype(s.dtype), new_state, state)
+        return (value, (output, new_state)), grads
 
     return f
 
@@ -163,15 +180,25 @@ def _mixed_precision_grad(net: Layer, loss: Loss, mode: str, compute_dtype: Any)
 def _output_in(net: Layer, dtype: Any) -> Layer:
     """``net`` with its output cast to ``dtype`` (the loss runs in full precision)."""
 
-    def forward(params, x, *, key=None):
-        y, cache = net.forward(params, x, key=key)
-        return y.astype(dtype), (cache, _Static(y.dtype))
+    def run(params, x, key, state):
+        y, cache, new_state = apply(net, params, x, key=key, state=state)
+        return y.astype(dtype), (cache, _Static(y.dtype)), new_state
 
     def backward(params, cache, dy):
         net_cache, y_dtype = cache
         return net.backward(params, net_cache, dy.astype(y_dtype.value))
 
-    return Layer(net.init, forward, backward, net.name, net.sublayers)
+    if is_stateful(net):
+
+        def forward_with_state(params, x, *, key=None, state):
+            return run(params, x, key, state)
+
+        return net._replace(forward=forward_with_state, backward=backward)
+
+    def forward(params, x, *, key=None):
+        return run(params, x, key, ())[:2]
+
+    return net._replace(forward=forward, backward=backward)
 
 
 def layer_stats(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
@@ -230,10 +257,14 @@ def make_step(
             x = lax.with_sharding_constraint(x, batch_sharding)
             y = lax.with_sharding_constraint(y, batch_sharding)
         key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
-        (value, output), grads = grad_fn(state.params, x, y, key=key)
+        (value, (output, net_state)), grads = grad_fn(
+            state.params, x, y, key=key, state=state.net_state
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(new_params, opt_state, state.step + 1, state.key)
+        new_state = state._replace(
+            params=new_params, opt_state=opt_state, step=state.step + 1, net_state=net_state
+        )
         return new_state, {"loss": value, "output": output, "grads": grads, "updates": updates}
 
     return step
@@ -310,7 +341,7 @@ def make_epoch(
                 key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
 
                 def agreement(_):
-                    _, g_other = other_grad(state.params, xb, yb, key=key)
+                    _, g_other = other_grad(state.params, xb, yb, key=key, state=state.net_state)
                     pair = (
                         (aux["grads"], g_other)
                         if grad_mode == "manual"
@@ -416,7 +447,8 @@ def pad_batches(
 
 
 def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
-    """Returns a jitted ``evaluate(params, xb, yb, mask) -> metrics`` over padded batches.
+    """Returns a jitted ``evaluate(params, xb, yb, mask, net_state=()) -> metrics`` over padded
+    batches (``net_state``: the network's state, for a network with state).
 
     Metrics: ``loss`` (mean per-example loss), and ``accuracy`` (classification) or ``rmse`` and
     ``r2`` (regression, R^2 averaged over outputs as scikit-learn's ``r2_score``). Padded
@@ -427,8 +459,8 @@ def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
     def example_loss(pred, target):
         return loss.forward(pred[None], target[None])[0]
 
-    def batch_sums(params, x, y, mask, center):
-        pred, _ = net.forward(params, x)
+    def batch_sums(params, net_state, x, y, mask, center):
+        pred = apply(net, params, x, state=net_state)[0]
         pred = pred.astype(jnp.float32)
         w = mask.astype(jnp.float32)
         sums = {"n": jnp.sum(w), "loss": jnp.sum(w * jax.vmap(example_loss)(pred, y))}
@@ -453,10 +485,12 @@ def make_eval(net: Layer, loss: Loss, *, task: str, loss_name: str) -> Callable:
         return sums
 
     @jax.jit
-    def evaluate(params, xb, yb, mask):
+    def evaluate(params, xb, yb, mask, net_state=()):
         # The first example is never padding (padding goes last).
         center = yb[0, 0].astype(jnp.float32) if task == "regression" else None
-        per_batch = lax.map(lambda args: batch_sums(params, *args, center), (xb, yb, mask))
+        per_batch = lax.map(
+            lambda args: batch_sums(params, net_state, *args, center), (xb, yb, mask)
+        )
         sums = jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), per_batch)
         n = sums["n"]
         out = {"loss": sums["loss"] / n}

@@ -61,12 +61,15 @@ class FitResult(NamedTuple):
       metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
         ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``.
       history: one record per epoch run by this call.
+      best_net_state: the network's state (batch norm's running statistics) that goes with
+        ``best_params``; ``()`` for a network without state.
     """
 
     state: TrainState
     best_params: Any
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    best_net_state: Any = ()
 
 
 class ResumeError(ValueError):
@@ -393,13 +396,14 @@ def fit(
         loss_name=loss_name,
     )
 
-    def run_eval(params, split):
-        return {f"{split}_{k}": float(v) for k, v in evaluate(params, *eval_inputs[split]).items()}
+    def run_eval(params, net_state, split):
+        metrics = evaluate(params, *eval_inputs[split], net_state)
+        return {f"{split}_{k}": float(v) for k, v in metrics.items()}
 
     state = init_state(net, optimizer, jax.random.PRNGKey(seed), (batch_size, *data.input_shape))
     state = jax.device_put(state, replicated)
     start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
-    best_params = state.params
+    best_params, best_net_state = state.params, state.net_state
     if resume_from is not None:
         try:
             state, meta = restore(resume_from, state)
@@ -411,9 +415,10 @@ def fit(
         start_epoch = int(meta["step"])
         best_epoch, bad_evals = int(saved["best_epoch"]), int(saved["bad_evals"])
         best = None if best_epoch < 0 else float(saved["best"])
-        best_params = state.params
+        best_params, best_net_state = state.params, state.net_state
         if manager.best() is not None and best_epoch >= 0:
-            best_params = jax.device_put(manager.restore_best(state)[0].params, replicated)
+            best_state = jax.device_put(manager.restore_best(state)[0], replicated)
+            best_params, best_net_state = best_state.params, best_state.net_state
 
     def checkpoint(epoch, record):
         if manager is None:
@@ -451,7 +456,7 @@ def fit(
             losses = step_metrics["loss"]
             if not np.all(np.isfinite(losses)):
                 bad = int(np.argmin(np.isfinite(losses)))
-                result = FitResult(state, best_params, {}, history)
+                result = FitResult(state, best_params, {}, history, best_net_state)
                 latest = None if manager is None else manager.latest()
                 raise TrainingDiverged(
                     f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, step "
@@ -479,13 +484,13 @@ def fit(
                 for split in eval_splits:
                     if split in eval_inputs:
                         # "train_loss" stays the epoch's mean minibatch loss.
-                        evaluated = run_eval(new_state.params, split)
+                        evaluated = run_eval(new_state.params, new_state.net_state, split)
                         evaluated.pop("train_loss", None)
                         record.update(evaluated)
                 value = record.get(monitor, record["train_loss"])
                 if _is_better(value, best, mode):
                     best, best_epoch, bad_evals = value, epoch, 0
-                    best_params = new_state.params
+                    best_params, best_net_state = new_state.params, new_state.net_state
                 else:
                     bad_evals += 1
                 record["best_" + monitor] = best
@@ -513,11 +518,11 @@ def fit(
         raise
 
     wall = time.perf_counter() - t_start
-    final = run_eval(best_params, "test")
-    final.update(
-        {f"best_{k}": v for k, v in run_eval(best_params, "val").items()} if data.n_val else {}
-    )
-    final.update(run_eval(state.params, "train"))
+    final = run_eval(best_params, best_net_state, "test")
+    if data.n_val:
+        best_val = run_eval(best_params, best_net_state, "val")
+        final.update({f"best_{k}": v for k, v in best_val.items()})
+    final.update(run_eval(state.params, state.net_state, "train"))
     final.update(
         {
             "epochs": int(history[-1]["epoch"]) if history else start_epoch,
@@ -529,4 +534,4 @@ def fit(
             "steps": int(state.step),
         }
     )
-    return FitResult(state, best_params, final, history)
+    return FitResult(state, best_params, final, history, best_net_state)
