@@ -38,6 +38,7 @@ from bpjax.train import (
     pad_batches,
     single_output_binary,
     target_mismatch,
+    updates_applied,
 )
 
 __all__ = [
@@ -59,7 +60,9 @@ class FitResult(NamedTuple):
       best_params: the parameters with the best validation metric (``state.params`` without
         a validation split); the test metrics are computed with these.
       metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
-        ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``.
+        ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``,
+        ``steps`` (minibatch steps taken) and ``updates`` (optimizer updates applied: fewer than
+        ``steps`` under gradient accumulation, ``optax.MultiSteps``).
       history: one record per epoch run by this call.
       best_net_state: the network's state (batch norm's running statistics) that goes with
         ``best_params``; ``()`` for a network without state.
@@ -532,6 +535,7 @@ def fit(
             "train_seconds": train_seconds,
             "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
             "steps": int(state.step),
+            "updates": int(updates_applied(state)),
         }
     )
     return FitResult(state, best_params, final, history, best_net_state)

@@ -5,6 +5,7 @@ Networks are tiny and float32 unless a test casts them (``conftest`` enables x64
 float64 comparisons are tight).
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,6 +47,8 @@ TESTED = {
     "pad_batches": "test_pad_batches_*",
     "single_output_binary": "test_single_output_binary",
     "target_mismatch": "test_target_mismatch",
+    "updates_applied": "test_updates_applied_*",
+    "weights_mask": "test_weights_mask_marks_only_leaves_named_w",
 }
 
 
@@ -337,24 +340,152 @@ def apply_once(opt, params, grads):
 
 
 @pytest.mark.parametrize(
-    "clip, weight_decay",
-    [(None, 0.0), (0.5, 0.0), (None, 0.1), (0.5, 0.1), (100.0, 0.1)],
-    ids=["plain", "clip", "decay", "clip+decay", "clip-inactive+decay"],
+    "clip, weight_decay, mode",
+    [
+        (None, 0.0, "decoupled"),
+        (0.5, 0.0, "decoupled"),
+        (None, 0.1, "decoupled"),
+        (0.5, 0.1, "decoupled"),
+        (100.0, 0.1, "decoupled"),
+        (None, 0.1, "l2"),
+        (0.5, 0.1, "l2"),
+    ],
+    ids=["plain", "clip", "decay", "clip+decay", "clip-inactive+decay", "l2", "clip+l2"],
 )
-def test_make_optimizer_update_rule(clip, weight_decay):
-    """``u = -lr * (clip(g) + wd * p)`` with ``clip(g) = g * min(1, c / ||g||)``."""
+def test_make_optimizer_update_rule(clip, weight_decay, mode):
+    """SGD: ``u = -lr * (clip(g) + wd * w)`` with ``clip(g) = g * min(1, c / ||g||)``, in both
+    modes (plain SGD is the one optimizer where they agree); the bias is not decayed."""
     lr = 0.1
     params = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.array([0.25, -1.0])}
     grads = {"w": jnp.array([[3.0, 0.0], [-4.0, 1.0]]), "b": jnp.array([2.0, -2.0])}
     opt = train.make_optimizer(
-        optax.sgd, learning_rate=lr, clip_global_norm=clip, weight_decay=weight_decay
+        optax.sgd,
+        learning_rate=lr,
+        clip_global_norm=clip,
+        weight_decay=weight_decay,
+        weight_decay_mode=mode,
     )
     updates = apply_once(opt, params, grads)
     norm = np.sqrt(sum(np.sum(np.square(g)) for g in leaves(grads)))
     scale = 1.0 if clip is None else min(1.0, clip / norm)
     for name in params:
-        expected = -lr * (scale * grads[name] + weight_decay * params[name])
+        decay = weight_decay if name == "w" else 0.0
+        expected = -lr * (scale * grads[name] + decay * params[name])
         np.testing.assert_allclose(updates[name], expected, rtol=1e-12)
+
+
+def run_optimizer(opt, params, grads_per_step):
+    state = opt.init(params)
+    for grads in grads_per_step:
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+# A weight with a small gradient and a bias with none: the issue's example (Adam, lr 0.1,
+# weight decay 0.01). Coupled L2 makes Adam normalise g + wd*w, so the bias moves a full -lr
+# step and the weight moves the wrong way; decoupled decay is AdamW's -lr*wd*w.
+DECAY_PARAMS = {"w": jnp.array([[2.0]]), "b": jnp.array([3.0])}
+DECAY_GRADS = {"w": jnp.array([[-1e-3]]), "b": jnp.array([0.0])}
+
+
+@pytest.mark.parametrize(
+    "learning_rate",
+    [0.1, optax.cosine_decay_schedule(0.1, decay_steps=5)],
+    ids=["constant", "cosine"],
+)
+def test_decoupled_decay_with_adam_is_optax_adamw(learning_rate):
+    grads = [jax.tree_util.tree_map(lambda g, i=i: g * (i + 1), DECAY_GRADS) for i in range(5)]
+    ours = run_optimizer(
+        train.make_optimizer(optax.adam, learning_rate=learning_rate, weight_decay=0.01),
+        DECAY_PARAMS,
+        grads,
+    )
+    adamw = optax.adamw(learning_rate, weight_decay=0.01, mask=train.weights_mask)
+    assert_trees_close(ours, run_optimizer(adamw, DECAY_PARAMS, grads), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(ours["b"], DECAY_PARAMS["b"])  # no gradient, not decayed
+
+
+def test_the_issues_example_moves_each_parameter_the_right_way():
+    """One step of Adam (lr 0.1, wd 0.01) from w = 2 with gradient -1e-3, b = 3 with none."""
+    decoupled = run_optimizer(
+        train.make_optimizer(optax.adam, learning_rate=0.1, weight_decay=0.01),
+        DECAY_PARAMS,
+        [DECAY_GRADS],
+    )
+    # Adam's first step is -lr * g / (|g| + eps) ~ +0.1 (rtol: eps = 1e-8 against |g| = 1e-3);
+    # decoupled decay adds -lr * wd * w = -0.002.
+    np.testing.assert_allclose(decoupled["w"], 2.0 + 0.1 - 0.002, rtol=1e-5)
+    np.testing.assert_array_equal(decoupled["b"], 3.0)
+    coupled = run_optimizer(
+        train.make_optimizer(
+            optax.adam, learning_rate=0.1, weight_decay=0.01, weight_decay_mode="l2"
+        ),
+        DECAY_PARAMS,
+        [DECAY_GRADS],
+    )
+    # L2: Adam of g + wd*w = -1e-3 + 0.02 > 0, whose first step is a full -lr.
+    np.testing.assert_allclose(coupled["w"], 2.0 - 0.1, rtol=1e-5)
+    everything = run_optimizer(
+        train.make_optimizer(
+            optax.adam, learning_rate=0.1, weight_decay=0.01, weight_decay_mask="all"
+        ),
+        DECAY_PARAMS,
+        [DECAY_GRADS],
+    )
+    np.testing.assert_allclose(everything["b"], 3.0 - 0.1 * 0.01 * 3.0, rtol=1e-12)
+
+
+def test_l2_mode_is_the_gradient_of_the_penalty_before_momentum():
+    """Coupled L2 with momentum: the trace accumulates g + wd * w (textbook SGD + L2)."""
+    opt = train.make_optimizer(
+        optax.sgd, learning_rate=0.1, momentum=0.9, weight_decay=0.1, weight_decay_mode="l2"
+    )
+    reference = optax.chain(
+        optax.add_decayed_weights(0.1, train.weights_mask), optax.sgd(0.1, momentum=0.9)
+    )
+    grads = [DECAY_GRADS] * 3
+    assert_trees_close(
+        run_optimizer(opt, DECAY_PARAMS, grads),
+        run_optimizer(reference, DECAY_PARAMS, grads),
+        rtol=1e-12,
+    )
+
+
+def test_an_optimizer_with_its_own_decay_gets_the_weights_mask():
+    zero = [{"w": jnp.zeros((1, 1)), "b": jnp.zeros(1)}]
+    # optax.adamw's default decay is 1e-4; a config binds another (`_partial_: true`).
+    for factory, decay in (
+        (functools.partial(optax.adamw, weight_decay=0.5), 0.5),
+        (optax.adamw, 1e-4),
+    ):
+        params = run_optimizer(train.make_optimizer(factory, learning_rate=0.1), DECAY_PARAMS, zero)
+        np.testing.assert_array_equal(params["b"], DECAY_PARAMS["b"])
+        np.testing.assert_allclose(params["w"], 2.0 * (1 - 0.1 * decay), rtol=1e-12)
+    everything = train.make_optimizer(optax.adamw, learning_rate=0.1, mask=None)
+    np.testing.assert_allclose(run_optimizer(everything, DECAY_PARAMS, zero)["b"], 3.0 * (1 - 1e-5))
+    with pytest.raises(ValueError, match="weight decay given twice"):
+        train.make_optimizer(optax.adamw, learning_rate=0.1, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_updates_applied_counts_updates_not_microbatches(k):
+    """Under gradient accumulation (optax.MultiSteps) k minibatch steps make one update."""
+    opt = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k)
+    _, _, _, _, _, final, _ = train_steps(opt, steps=12)
+    assert int(final.step) == 12
+    assert int(train.updates_applied(final)) == 12 // k
+
+
+def test_updates_applied_without_accumulation_is_the_step_count():
+    _, _, _, _, _, final, _ = train_steps(optax.chain(optax.sgd(0.1)), steps=5)
+    assert int(train.updates_applied(final)) == int(final.step) == 5
+
+
+def test_weights_mask_marks_only_leaves_named_w():
+    net = bpjax.serial(bpjax.dense(3), bpjax.relu(), bpjax.dense(2, use_bias=False))
+    _, params = net.init(jax.random.PRNGKey(0), (1, 4))
+    assert train.weights_mask(params) == ({"w": True, "b": False}, (), {"w": True})
 
 
 def test_make_optimizer_passes_kwargs_and_returns_bare_factory_when_plain():
@@ -379,6 +510,8 @@ def test_make_optimizer_passes_kwargs_and_returns_bare_factory_when_plain():
         ({"learning_rate": 0.1, "clip_global_norm": 0.0}, "clip_global_norm"),
         ({"learning_rate": 0.1, "clip_global_norm": -1.0}, "clip_global_norm"),
         ({"learning_rate": 0.1, "weight_decay": -1e-4}, "weight_decay"),
+        ({"learning_rate": 0.1, "weight_decay_mode": "adamw"}, "decoupled, l2"),
+        ({"learning_rate": 0.1, "weight_decay_mask": "biases"}, "weights, all"),
     ],
 )
 def test_make_optimizer_rejects_bad_hyperparameters(kwargs, match):

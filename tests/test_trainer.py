@@ -182,6 +182,18 @@ def test_same_seed_same_result_other_seed_other_result(small, reference):
     assert trees_differ(other.state.params, reference["plain"].state.params)
 
 
+def test_steps_and_updates_under_gradient_accumulation(small):
+    """``steps`` counts minibatches, ``updates`` optimizer updates: k = 2 halves them."""
+    result = fit(
+        NET, CE, optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2), small, epochs=2, **SMALL
+    )
+    steps = 2 * (small.n_train // SMALL["batch_size"])
+    assert result.metrics["steps"] == int(result.state.step) == steps
+    assert result.metrics["updates"] == steps // 2
+    plain = fit(NET, CE, optax.sgd(0.1), small, epochs=2, **SMALL)
+    assert plain.metrics["updates"] == plain.metrics["steps"] == steps
+
+
 def test_manual_and_autodiff_fit_agree(small):
     # Plain momentum SGD: adam's normalisation would turn rounding-level differences in the
     # near-zero gradients of blank pixels into full-size steps.
