@@ -27,12 +27,13 @@ from bpjax.checkpoint import CheckpointManager, _to_json, load_metadata, restore
 from bpjax.data import Dataset
 from bpjax.layers import Layer
 from bpjax.losses import Loss
+from bpjax.precision import as_compute_dtype
 from bpjax.train import (
     TrainState,
-    _compute_dtype,
+    chunk_plan,
     encode_targets,
     init_state,
-    make_epoch,
+    make_chunk,
     make_eval,
     output_shape,
     pad_batches,
@@ -92,20 +93,43 @@ class TrainingDiverged(RuntimeError):
 
 @functools.lru_cache(maxsize=16)
 def _compiled(net, loss, optimizer, *, task, loss_name, compute_dtype, **epoch_options):
-    """The jitted epoch and evaluation functions, memoised on their (hashable) ingredients.
+    """The jitted epoch-order, chunk and evaluation functions, memoised on their (hashable)
+    ingredients.
 
     Building the same network, loss and optimizer objects again (e.g. identical jobs of a Hydra
     sweep in one process, with objects memoised by config) then reuses jax's compilation
     instead of recompiling. Nothing here is mutable: the cache only holds pure functions.
     """
-    epoch_fn = make_epoch(
+    order_fn, chunk_fn = make_chunk(
         net,
         loss,
         optimizer,
         compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
         **epoch_options,
     )
-    return epoch_fn, make_eval(net, loss, task=task, loss_name=loss_name)
+    return order_fn, chunk_fn, make_eval(net, loss, task=task, loss_name=loss_name)
+
+
+def _plan_from(plan: tuple[tuple[int, int], ...], done: int) -> list[tuple[int, int]]:
+    """The chunks of ``plan`` after the first ``done`` steps (a resumed epoch), starting with the
+    rest of a chunk when ``done`` falls inside one (a plan made with another chunk size)."""
+    rest = []
+    for start, length in plan:
+        if start + length <= done:
+            continue
+        if start < done:
+            rest.append((done, start + length - done))
+        else:
+            rest.append((start, length))
+    return rest
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per-step metrics of an epoch's chunks, joined (empty arrays for a resumed epoch whose
+    steps were all done before the interrupt)."""
+    if not parts:
+        return {"loss": np.zeros((0,), np.float32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def make_mesh(devices: int | str | Sequence[Any] = 1) -> jax.sharding.Mesh:
@@ -227,6 +251,8 @@ def fit(
     devices: int | str = 1,
     eval_splits: Sequence[str] = ("val",),
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+    chunk_steps: int | None = 200,
+    on_chunk: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> FitResult:
     """Trains ``net`` on ``data`` and evaluates it on held-out data.
 
@@ -262,6 +288,13 @@ def fit(
       eval_splits: splits evaluated every ``eval_every`` epochs, for the record (``"val"``
         always drives early stopping; ``"test"`` may be logged but never selects anything).
       callbacks: called with each epoch's record (a dict) after it is evaluated.
+      chunk_steps: run each epoch's scan in chunks of at most this many steps
+        (``bpjax.train.chunk_plan``; None or 0: one scan per epoch). Between chunks ``fit``
+        reports progress (``on_chunk``), checks the loss, and answers an interrupt: Ctrl-C (a
+        ``KeyboardInterrupt``) checkpoints the steps done, mid-epoch, and a resume continues
+        from there with the same result as a run that never stopped.
+      on_chunk: called after every chunk with ``{"epoch", "step", "epoch_step",
+        "steps_per_epoch", "train_loss" (the epoch's running mean), "step_metrics"}``.
 
     Raises:
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
@@ -297,7 +330,7 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
-    compute_dtype = _compute_dtype(compute_dtype)
+    compute_dtype = as_compute_dtype(compute_dtype)
     if not 1 <= batch_size <= data.n_train:
         raise ValueError(
             f"batch_size must be between 1 and the training set size ({data.n_train}), "
@@ -310,6 +343,8 @@ def fit(
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 0):
+        raise ValueError(f"chunk_steps must be an integer >= 0 or None, got {chunk_steps!r}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 or None (never stop early), got {patience}")
     if checkpoint_dir is not None and keep_checkpoints < 1:
@@ -385,7 +420,7 @@ def fit(
         )
         for name, (x, y) in splits.items()
     }
-    epoch_fn, evaluate = _compiled(
+    order_fn, chunk_fn, evaluate = _compiled(
         net,
         loss_fn,
         optimizer,
@@ -406,6 +441,7 @@ def fit(
     state = init_state(net, optimizer, jax.random.PRNGKey(seed), (batch_size, *data.input_shape))
     state = jax.device_put(state, replicated)
     start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
+    resumed_steps, resumed_loss_sum = 0, 0.0
     best_params, best_net_state = state.params, state.net_state
     if resume_from is not None:
         try:
@@ -415,7 +451,11 @@ def fit(
             raise ResumeError(f"cannot resume: {e}{hint}") from e
         state = jax.device_put(state, replicated)
         saved = meta["metrics"]
-        start_epoch = int(meta["step"])
+        start_epoch = int(saved.get("epoch", meta["step"]))
+        if saved.get("epoch_step"):  # saved mid-epoch: the steps done of the next epoch
+            resumed_steps = int(saved["epoch_step"])
+            resumed_loss_sum = float(saved["epoch_loss_sum"])
+            start_epoch -= 1
         best_epoch, bad_evals = int(saved["best_epoch"]), int(saved["bad_evals"])
         best = None if best_epoch < 0 else float(saved["best"])
         best_params, best_net_state = state.params, state.net_state
@@ -423,25 +463,30 @@ def fit(
             best_state = jax.device_put(manager.restore_best(state)[0], replicated)
             best_params, best_net_state = best_state.params, best_state.net_state
 
-    def checkpoint(epoch, record):
+    def checkpoint(record, **in_progress):
+        """Saves ``state`` as checkpoint ``record["epoch"]``: the state after that epoch, or,
+        with ``in_progress``, after its first ``epoch_step`` steps (``epoch_loss_sum`` their
+        summed loss). An epoch saved mid-way is saved again, whole, once it ends."""
         if manager is None:
             return
         monitor_value = record.get(monitor, math.nan) if record.get("evaluated") else math.nan
         manager.save(
             state,
-            step_or_epoch=epoch,
+            step_or_epoch=int(record["epoch"]),
             metrics={
                 "monitor": monitor_value,
                 "best": math.nan if best is None else best,
                 "best_epoch": best_epoch,
                 "bad_evals": bad_evals,
                 **{k: v for k, v in record.items() if isinstance(v, int | float)},
+                **in_progress,
             },
             config=config,
             run=run_info,
         )
 
     steps_per_epoch = data.n_train // batch_size
+    plan = chunk_plan(steps_per_epoch, chunk_steps)
     history: list[dict[str, Any]] = []
     # A run that stopped early stays stopped when resumed (unless patience was raised).
     stopped_early = patience is not None and bad_evals >= patience
@@ -449,37 +494,63 @@ def fit(
     train_seconds, trained_examples = 0.0, 0
     t_start = time.perf_counter()
     epoch = start_epoch
+    # The epoch being trained, between its chunks: {"epoch", "epoch_step", "epoch_loss_sum"}.
+    in_progress: dict[str, Any] = {}
     try:
         for epoch in range(start_epoch + 1, last_epoch + 1):
-            step_before = int(state.step)
             t0 = time.perf_counter()
-            new_state, step_metrics = epoch_fn(state, x_train, y_train, jnp.int32(epoch))
-            step_metrics = jax.device_get(step_metrics)
-            seconds = time.perf_counter() - t0
-            losses = step_metrics["loss"]
-            if not np.all(np.isfinite(losses)):
-                bad = int(np.argmin(np.isfinite(losses)))
-                result = FitResult(state, best_params, {}, history, best_net_state)
-                latest = None if manager is None else manager.latest()
-                raise TrainingDiverged(
-                    f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, step "
-                    f"{step_before + bad + 1} (step {bad + 1} of {steps_per_epoch} in the epoch); "
-                    f"last finite checkpoint: {latest or 'none yet'}",
-                    epoch=epoch,
-                    step=step_before + bad + 1,
-                    result=result,
+            done, loss_sum = 0, 0.0
+            if epoch == start_epoch + 1:
+                done, loss_sum = resumed_steps, resumed_loss_sum
+            order = order_fn(state, data.n_train, jnp.int32(epoch))
+            parts = []
+            for start, length in _plan_from(plan, done):
+                step_before = int(state.step)
+                new_state, chunk_metrics = chunk_fn(
+                    state, x_train, y_train, order, jnp.int32(start), length=length
                 )
+                chunk_metrics = jax.device_get(chunk_metrics)
+                losses = chunk_metrics["loss"]
+                if not np.all(np.isfinite(losses)):
+                    bad = int(np.argmin(np.isfinite(losses)))
+                    result = FitResult(state, best_params, {}, history, best_net_state)
+                    latest = None if manager is None else manager.latest()
+                    raise TrainingDiverged(
+                        f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, "
+                        f"step {step_before + bad + 1} (step {start + bad + 1} of "
+                        f"{steps_per_epoch} in the epoch); last finite checkpoint: "
+                        f"{latest or 'none yet'}",
+                        epoch=epoch,
+                        step=step_before + bad + 1,
+                        result=result,
+                    )
+                state = new_state
+                done, loss_sum = start + length, loss_sum + float(np.sum(losses, dtype=np.float64))
+                in_progress = {"epoch_step": done, "epoch_loss_sum": loss_sum}
+                parts.append(chunk_metrics)
+                chunk_record = {
+                    "epoch": epoch,
+                    "step": int(state.step),
+                    "epoch_step": done,
+                    "steps_per_epoch": steps_per_epoch,
+                    "train_loss": loss_sum / done,
+                    "step_metrics": chunk_metrics,
+                }
+                for callback in on_chunk:
+                    callback(chunk_record)
+            seconds = time.perf_counter() - t0
+            step_metrics = _concat(parts)
             if epoch > start_epoch + 1 or epochs == start_epoch + 1:
                 train_seconds += seconds
-                trained_examples += steps_per_epoch * batch_size
+                trained_examples += sum(len(p["loss"]) for p in parts) * batch_size
             record: dict[str, Any] = {
                 "epoch": epoch,
-                "step": int(new_state.step),
-                "train_loss": float(np.mean(losses)),
+                "step": int(state.step),
+                "train_loss": loss_sum / steps_per_epoch,
                 "epoch_seconds": seconds,
-                "examples_per_second": steps_per_epoch * batch_size / seconds,
+                "examples_per_second": len(step_metrics["loss"]) * batch_size / seconds,
                 "step_metrics": step_metrics,
-                "params": new_state.params,
+                "params": state.params,
                 "evaluated": False,
             }
             if epoch % eval_every == 0 or epoch == epochs:
@@ -487,20 +558,20 @@ def fit(
                 for split in eval_splits:
                     if split in eval_inputs:
                         # "train_loss" stays the epoch's mean minibatch loss.
-                        evaluated = run_eval(new_state.params, new_state.net_state, split)
+                        evaluated = run_eval(state.params, state.net_state, split)
                         evaluated.pop("train_loss", None)
                         record.update(evaluated)
                 value = record.get(monitor, record["train_loss"])
                 if _is_better(value, best, mode):
                     best, best_epoch, bad_evals = value, epoch, 0
-                    best_params, best_net_state = new_state.params, new_state.net_state
+                    best_params, best_net_state = state.params, state.net_state
                 else:
                     bad_evals += 1
                 record["best_" + monitor] = best
-            # From here on `state` is the state history[-1] describes: an interrupt while
-            # evaluating (above) checkpoints the previous epoch, not an unrecorded update.
+            # From here on the epoch is recorded: an interrupt before this line (in a chunk or
+            # while evaluating) checkpoints the steps done, mid-epoch.
             history.append(record)
-            state = new_state
+            in_progress = {}
             for callback in callbacks:
                 callback(record)
             stopped_early = patience is not None and bad_evals >= patience
@@ -512,12 +583,14 @@ def fit(
                 or best_epoch == epoch
                 or stopped_early
             ):
-                checkpoint(epoch, record)
+                checkpoint(record)
             if stopped_early:
                 break
     except KeyboardInterrupt:
-        if history:
-            checkpoint(history[-1]["epoch"], history[-1])
+        if in_progress:
+            checkpoint({"epoch": epoch, "step": int(state.step)}, **in_progress)
+        elif history:
+            checkpoint(history[-1])
         raise
 
     wall = time.perf_counter() - t_start

@@ -48,6 +48,11 @@ TESTED = {
     "single_output_binary": "test_single_output_binary",
     "target_mismatch": "test_target_mismatch",
     "updates_applied": "test_updates_applied_*",
+    "WEIGHT_DECAY_MASKS": "test_make_optimizer_rejects_bad_hyperparameters",
+    "WEIGHT_DECAY_MODES": "test_make_optimizer_rejects_bad_hyperparameters",
+    "chunk_plan": "test_chunk_plan_*",
+    "epoch_order": "test_epoch_order_is_the_documented_permutation",
+    "make_chunk": "test_make_chunk_*",
     "weights_mask": "test_weights_mask_marks_only_leaves_named_w",
 }
 
@@ -209,6 +214,57 @@ def loop_epoch(s: EpochSetup, state: TrainState, epoch_index: int):
         state, aux = s.step(state, s.x[idx], s.y[idx])
         losses_.append(float(aux["loss"]))
     return state, np.array(losses_), aux
+
+
+def test_epoch_order_is_the_documented_permutation(setup):
+    order = train.epoch_order(setup.state.key, 3, N_EPOCH, BATCH)
+    assert order.shape == (N_EPOCH // BATCH, BATCH)
+    expected = documented_order(setup.state, 3, N_EPOCH)[: order.size].reshape(order.shape)
+    np.testing.assert_array_equal(order, expected)
+    with pytest.raises(ValueError, match="larger than the training set"):
+        train.epoch_order(setup.state.key, 0, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("steps", "chunk_steps", "expected"),
+    [
+        (8, None, ((0, 8),)),
+        (8, 0, ((0, 8),)),
+        (8, 8, ((0, 8),)),
+        (8, 100, ((0, 8),)),
+        (8, 4, ((0, 4), (4, 4))),
+        (8, 3, ((0, 2), (2, 2), (4, 2), (6, 2))),  # 2 divides 8: one chunk length
+        (781, 200, tuple((i * 71, 71) for i in range(11))),  # 781 = 11 * 71
+        (997, 200, ((0, 200), (200, 200), (400, 200), (600, 200), (800, 197))),  # prime
+    ],
+)
+def test_chunk_plan_covers_the_epoch_with_at_most_two_lengths(steps, chunk_steps, expected):
+    plan = train.chunk_plan(steps, chunk_steps)
+    assert plan == expected
+    assert sum(length for _, length in plan) == steps
+    assert [start for start, _ in plan] == [sum(n for _, n in plan[:i]) for i in range(len(plan))]
+    assert len({length for _, length in plan}) <= 2
+
+
+def test_make_chunk_in_any_plan_equals_the_whole_epoch(setup):
+    """Chunks of the epoch's scan give the bit-identical state and per-step losses."""
+    s = setup
+    whole, metrics = s.epoch(s.state, s.x, s.y, jnp.int32(2))
+    order_fn, chunk = train.make_chunk(
+        s.net, s.loss, s.opt, batch_size=BATCH, with_layer_stats=True
+    )
+    for chunk_steps in (1, 2, 4):  # 6 steps: chunks of 1, 2, and 4 + 2 (two lengths)
+        state, losses = s.state, []
+        order = order_fn(state, N_EPOCH, jnp.int32(2))
+        for start, length in train.chunk_plan(6, chunk_steps):
+            state, m = chunk(state, s.x, s.y, order, jnp.int32(start), length=length)
+            losses.append(m["loss"])
+            stats = np.asarray(m["layer_stats/layer0/grad_norm"])
+            # layer statistics at the epoch's last step only, whichever chunk holds it
+            assert np.isfinite(stats[-1]) == (start + length == 6)
+            assert np.isnan(stats[:-1]).all()
+        assert_trees_equal(state, whole)
+        np.testing.assert_array_equal(np.concatenate(losses), metrics["loss"])
 
 
 def test_make_epoch_runs_n_over_batch_steps(setup):

@@ -348,11 +348,12 @@ def test_keyboard_interrupt_leaves_resumable_checkpoint(small, reference, tmp_pa
 def test_keyboard_interrupt_during_evaluation_resumes_exactly(
     small, reference, tmp_path, monkeypatch
 ):
-    """Ctrl-C while epoch 3 is being evaluated: its update is not saved as epoch 2's."""
+    """Ctrl-C while epoch 3 is being evaluated: its steps are all done, so they are saved as
+    epoch 3 in progress (not as epoch 2's), and the resume evaluates epoch 3 and goes on."""
     compiled = trainer._compiled
 
     def interrupting(*args, **kwargs):
-        epoch_fn, evaluate_fn = compiled(*args, **kwargs)
+        order_fn, chunk_fn, evaluate_fn = compiled(*args, **kwargs)
         calls = []
 
         def evaluate_fn_(*a):
@@ -361,7 +362,7 @@ def test_keyboard_interrupt_during_evaluation_resumes_exactly(
                 raise KeyboardInterrupt
             return evaluate_fn(*a)
 
-        return epoch_fn, evaluate_fn_
+        return order_fn, chunk_fn, evaluate_fn_
 
     options = {**SMALL, "checkpoint_dir": str(tmp_path)}
     monkeypatch.setattr(trainer, "_compiled", interrupting)
@@ -369,11 +370,70 @@ def test_keyboard_interrupt_during_evaluation_resumes_exactly(
         fit(NET_DROPOUT, CE, ADAM, small, epochs=6, **options)
     monkeypatch.undo()
     latest = checkpoint.CheckpointManager(tmp_path).latest()
-    assert latest.name == "ckpt_000002.npz"
+    assert latest.name == "ckpt_000003.npz"
+    metrics = checkpoint.load_metadata(latest)["metrics"]
+    assert metrics["epoch"] == 3 and metrics["epoch_step"] == 8
     restored, _ = checkpoint.restore(latest, reference["dropout"].state)
-    assert int(restored.step) == 2 * 8
+    assert int(restored.step) == 3 * 8
     resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
+    assert [r["epoch"] for r in resumed.history] == [3, 4, 5, 6]
+    reference_record = reference["dropout"].history[2]
+    assert resumed.history[0]["train_loss"] == pytest.approx(reference_record["train_loss"], 1e-6)
+    assert resumed.history[0]["val_loss"] == reference_record["val_loss"]
     assert_trees_equal(resumed.state, reference["dropout"].state)
+    assert_trees_equal(resumed.best_params, reference["dropout"].best_params)
+
+
+class InterruptAfterChunk:
+    """An ``on_chunk`` callback that raises KeyboardInterrupt after a given chunk."""
+
+    def __init__(self, epoch: int, epoch_step: int):
+        self.at, self.records = (epoch, epoch_step), []
+
+    def __call__(self, record):
+        self.records.append(record)
+        if (record["epoch"], record["epoch_step"]) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_chunks_give_the_same_run_as_whole_epochs(small, reference):
+    progress = InterruptAfterChunk(-1, -1)  # never interrupts; records the progress
+    chunked = fit(
+        NET_DROPOUT, CE, ADAM, small, epochs=6, chunk_steps=3, on_chunk=[progress], **SMALL
+    )
+    assert_trees_equal(chunked.state, reference["dropout"].state)
+    # 8 steps a epoch in chunks of 2 (the largest length <= 3 that divides 8)
+    assert [r["epoch_step"] for r in progress.records[:4]] == [2, 4, 6, 8]
+    assert {r["steps_per_epoch"] for r in progress.records} == {8}
+    assert [r["step"] for r in progress.records[:5]] == [2, 4, 6, 8, 10]
+    first = progress.records[3]
+    assert first["train_loss"] == pytest.approx(chunked.history[0]["train_loss"], rel=1e-12)
+    assert first["step_metrics"]["loss"].shape == (2,)
+    for a, b in zip(chunked.history, reference["dropout"].history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["step_metrics"]["loss"].shape == (8,)
+
+
+@pytest.mark.parametrize("at", [(2, 2), (4, 6)], ids=["epoch2-step2", "epoch4-step6"])
+def test_interrupt_mid_epoch_checkpoints_the_steps_done_and_resumes_exactly(
+    small, reference, tmp_path, at
+):
+    options = {**SMALL, "checkpoint_dir": str(tmp_path), "chunk_steps": 2}
+    stop = InterruptAfterChunk(*at)
+    with pytest.raises(KeyboardInterrupt):
+        fit(NET_DROPOUT, CE, ADAM, small, epochs=6, on_chunk=[stop], **options)
+    latest = checkpoint.CheckpointManager(tmp_path).latest()
+    assert latest.name == f"ckpt_{at[0]:06d}.npz"
+    saved = checkpoint.load_metadata(latest)["metrics"]
+    assert (saved["epoch"], saved["epoch_step"]) == at
+    restored, _ = checkpoint.restore(latest, reference["dropout"].state)
+    assert int(restored.step) == (at[0] - 1) * 8 + at[1]
+    resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
+    assert resumed.history[0]["epoch"] == at[0]
+    ref = reference["dropout"].history[at[0] - 1]
+    assert resumed.history[0]["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-6)
+    assert_trees_equal(resumed.state, reference["dropout"].state)
+    assert_trees_equal(resumed.best_params, reference["dropout"].best_params)
 
 
 def test_a_new_run_refuses_a_directory_with_checkpoints(small, tmp_path, monkeypatch):
