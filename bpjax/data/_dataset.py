@@ -17,11 +17,13 @@ Convention (the whole ``bpjax.data`` package):
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import numpy.typing as npt
 
-TASKS = ("classification", "regression")
+from bpjax.data._checks import TASKS, check_split
+
 SCALES = ("none", "unit", "standardize")
 
 # Features whose training std is below this are only centred, not divided: dividing by a tiny
@@ -140,80 +142,6 @@ class Dataset:
         )
 
 
-def check_split(
-    split: str, x: np.ndarray, y: np.ndarray, *, task: str, n_classes: int | None
-) -> None:
-    """Raises a ValueError naming ``split`` if ``x`` / ``y`` break the package convention.
-
-    Checks: matching lengths, numeric finite features, and for classification 1-D integer labels
-    in ``[0, n_classes)``; for regression 1-D or 2-D finite targets.
-
-    Args:
-        split: ``"train"``, ``"val"`` or ``"test"`` (used in messages).
-        x: features ``[n, ...]``.
-        y: labels ``[n]`` or targets ``[n]`` / ``[n, k]``.
-        task: ``"classification"`` or ``"regression"``.
-        n_classes: number of classes (classification), else ignored.
-    """
-    if x.ndim == 0 or y.ndim == 0:
-        raise ValueError(f"x_{split} and y_{split} must have a leading example axis")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{split} split: x_{split} has {x.shape[0]} examples but y_{split} has {y.shape[0]}"
-        )
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise ValueError(f"x_{split} must be numeric, got dtype {x.dtype}")
-    if np.issubdtype(x.dtype, np.inexact):
-        n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
-        if n_bad:
-            raise ValueError(
-                f"x_{split} contains {n_bad} non-finite value(s) (NaN or Inf) out of {x.size}"
-            )
-    if task == "classification":
-        if y.ndim != 1:
-            raise ValueError(f"y_{split} must be 1-D class labels [n], got shape {y.shape}")
-        if not is_integer_valued(y):
-            example = y[~_integral_mask(y)][:1]
-            raise ValueError(
-                f"classification needs integer class labels, but y_{split} has dtype {y.dtype}"
-                + (f" with non-integer values (e.g. {example[0]!r})" if example.size else "")
-            )
-        if y.size and y.min() < 0:  # before n_classes: an inferred one would be max + 1
-            raise ValueError(
-                f"y_{split} has negative labels (min {y.min()}): class labels are 0, 1, ..."
-            )
-        if y.size and n_classes is not None:
-            lo, hi = y.min(), y.max()
-            if lo < 0 or hi >= n_classes:
-                raise ValueError(
-                    f"y_{split} has labels outside [0, {n_classes}): min {lo}, max {hi}"
-                )
-    elif task == "regression":
-        if y.ndim not in (1, 2):
-            raise ValueError(f"y_{split} must be targets [n] or [n, k], got shape {y.shape}")
-        if not np.issubdtype(y.dtype, np.number):
-            raise ValueError(f"y_{split} must be numeric targets, got dtype {y.dtype}")
-        if np.issubdtype(y.dtype, np.inexact):
-            n_bad = y.size - int(np.count_nonzero(np.isfinite(y)))
-            if n_bad:
-                raise ValueError(f"y_{split} contains {n_bad} non-finite target value(s)")
-    else:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-
-
-def _integral_mask(y: np.ndarray) -> np.ndarray:
-    if np.issubdtype(y.dtype, np.floating):
-        return np.isfinite(y) & (np.floor(y) == y)
-    return np.full(y.shape, np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_)
-
-
-def is_integer_valued(y: np.ndarray) -> bool:
-    """Whether ``y`` holds integers: an integer / bool dtype, or floats that are all integral."""
-    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
-        return True
-    return bool(np.issubdtype(y.dtype, np.floating) and _integral_mask(y).all())
-
-
 def resolve_size(size: int | float, n: int, *, what: str) -> int:
     """Turns a count or a fraction of ``n`` into a count in ``[0, n)``.
 
@@ -317,6 +245,7 @@ def build(
     image: bool = False,
     per_feature: bool = True,
     standardize_targets: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Dataset:
     """Validates raw splits, carves validation data, preprocesses, and returns a `Dataset`.
 
@@ -350,9 +279,16 @@ def build(
             where per-pixel statistics would distort border pixels).
         standardize_targets: regression only: standardize targets with training mean / std and
             store them in ``Dataset.target_scale``.
+        source: the file or directory the arrays came from; errors about the arrays start with
+            it, so a message names what to fix.
 
     Returns:
         The preprocessed `Dataset`.
+
+    Raises:
+        ValueError: an option is invalid, or the arrays break the convention (see `check_split`;
+            also: an empty train or test split, feature shapes or target widths that differ
+            between splits).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -368,21 +304,30 @@ def build(
     if x_val is not None:
         splits["val"] = (x_val, y_val)
     splits = {s: (np.asarray(x), np.asarray(y)) for s, (x, y) in splits.items()}
+    at = f"{source}: " if source is not None else ""
     if task == "classification" and n_classes is None:
         for s, (x, y) in splits.items():
-            check_split(s, x, y, task=task, n_classes=None)
+            check_split(s, x, y, task=task, n_classes=None, source=source)
         n_classes = int(max((y.max() for _, y in splits.values() if y.size), default=-1)) + 1
     if task == "regression":
         n_classes = None
     for s, (x, y) in splits.items():
-        check_split(s, x, y, task=task, n_classes=n_classes)
+        check_split(s, x, y, task=task, n_classes=n_classes, source=source)
+        if s != "val" and not len(x):
+            raise ValueError(f"{at}x_{s} holds no examples; a {s} split needs at least one")
     shapes = {s: x.shape[1:] for s, (x, _) in splits.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError(f"per-example feature shapes differ between splits: {shapes}")
+        raise ValueError(
+            f"{at}per-example feature shapes differ between splits: {shapes}; every split "
+            f"needs the same feature shape"
+        )
     if task == "regression":
         widths = {s: (y.shape[1] if y.ndim == 2 else 1) for s, (_, y) in splits.items()}
         if len(set(widths.values())) > 1:
-            raise ValueError(f"target widths differ between splits: {widths}")
+            raise ValueError(
+                f"{at}target widths differ between splits: {widths}; every split needs the "
+                f"same number of targets"
+            )
 
     x_train, y_train = splits["train"]
     x_test, y_test = splits["test"]

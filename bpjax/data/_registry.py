@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bpjax.data._dataset import Dataset
-from bpjax.data._mnist import fashion_mnist, idx, kmnist, mnist
+from bpjax.data._idx_sets import fashion_mnist, idx, kmnist
+from bpjax.data._mnist import mnist
 from bpjax.data._npz import npz
 from bpjax.data._sklearn import breast_cancer, diabetes, digits, iris, wine
 from bpjax.data._synthetic import circles, sine, spirals, two_moons, xor
