@@ -55,7 +55,7 @@ DATASETS = {
     "circles": "bundled",
     "diabetes": "bundled",
     "digits": "bundled",
-    "fashion_mnist": "idx",
+    "fashion_mnist": "idx_default",  # the Debian package's directory unless a path is given
     "idx": "idx",
     "iris": "bundled",
     "kmnist": "idx",
@@ -244,8 +244,12 @@ def test_dataset_config(name, request):
     cfg = compose(f"dataset={name}")
     how = DATASETS[name]
     assert cfg.dataset._target_.startswith("bpjax.data.")
-    if how in ("idx", "npz"):
+    if how == "idx_default":
+        assert cfg.dataset.path is None  # a fixed local directory; nothing is downloaded
+        how = "idx"
+    elif how in ("idx", "npz"):
         assert OmegaConf.is_missing(cfg.dataset, "path")  # nothing is downloaded
+    if how in ("idx", "npz"):
         path = request.getfixturevalue("idx_dir" if how == "idx" else "npz_file")
         overrides = [f"dataset={name}", f"dataset.path={path}"]
         if how == "idx":
