@@ -430,23 +430,26 @@ def test_dfa_flattens_nested_serials():
 
 def test_dfa_error_is_the_output_layers_own():
     """An output softmax inside the network: e is the gradient at the last dense's output (after
-    the softmax's derivative), Nøkland's e = dL/da_out, not dL/dy."""
-    net = layers.serial(layers.dense(5), layers.tanh(), layers.dense(N_OUT), layers.softmax())
-    x = normal((BATCH, N_IN), 2)
+    the softmax's derivative), Nøkland's e = dL/da_out, not dL/dy. The flatten before the first
+    parametric layer is in no segment."""
+    net = layers.serial(
+        layers.flatten(), layers.dense(5), layers.tanh(), layers.dense(N_OUT), layers.softmax()
+    )
+    x = normal((BATCH, 2, 3), 2)
     target = jax.nn.softmax(normal((BATCH, N_OUT), 3))
     params = tree_cast(net.init(jax.random.key(0), x.shape)[1], jnp.float64)
     feedback = draw("direct_feedback_alignment", net, x.shape)
     _, grads = dfa(net, params, x, target, feedback, loss="quadratic")
 
-    (l1, _, l2, _), xn, t = np_tree(params), np.asarray(x), np.asarray(target)
+    (_, l1, _, l2, _), xn, t = np_tree(params), np.asarray(x).reshape(BATCH, 6), np.asarray(target)
     h = np.tanh(xn @ l1["w"] + l1["b"])
     z = h @ l2["w"] + l2["b"]
     y = np.exp(z - z.max(-1, keepdims=True))
     y /= y.sum(-1, keepdims=True)
     g = (y - t) / BATCH  # d quadratic / dy
     e = y * (g - (g * y).sum(-1, keepdims=True))  # back through the softmax
-    delta = (e @ np.asarray(feedback[0])) * (1 - h**2)
-    expected = ({"w": xn.T @ delta, "b": delta.sum(0)}, (), {"w": h.T @ e, "b": e.sum(0)}, ())
+    delta = (e @ np.asarray(feedback[1])) * (1 - h**2)
+    expected = ((), {"w": xn.T @ delta, "b": delta.sum(0)}, (), {"w": h.T @ e, "b": e.sum(0)}, ())
     assert_trees_close(grads, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -563,6 +566,8 @@ def test_alignment_keys_and_values(mode):
     np.testing.assert_allclose(signal["layer2/angle"], credit.angle(grads[2], true[2]), rtol=1e-12)
     np.testing.assert_allclose(signal["total/angle"], credit.angle(grads, true), rtol=1e-12)
     if mode in FEEDBACK_RULES:
+        with pytest.raises(TypeError, match="needs params="):
+            credit.alignment(grads, true, mode=mode)
         backward = credit.feedback_params(mode, params, kwargs.get("feedback"))
         np.testing.assert_allclose(
             signal["layer2/weight_angle"],

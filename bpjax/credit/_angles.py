@@ -31,8 +31,9 @@ def angle(a: Any, b: Any) -> jax.Array:
 
     ``2 atan2(||â - b̂||, ||â + b̂||)`` with ``â = a / ||a||``: the half-angle form, accurate at
     every angle (an arccos of the cosine loses half the digits near 0° and 180°: in float32 it
-    reads 0° below ~0.02°). At least float32, jittable. A zero vector is at 90° to any non-zero
-    one, and two zero vectors are at 0° (they agree), as ``bpjax.grad.cosine_similarity``'s 1.
+    reads 0° below about 0.015°). At least float32, jittable. A zero vector is at 90° to any
+    non-zero one, and two zero vectors are at 0° (they agree), as
+    ``bpjax.grad.cosine_similarity``'s 1.
 
     Raises:
       ValueError: trees of different structure or leaf shapes.
@@ -66,8 +67,12 @@ def alignment(
       true_grads: the true gradient of the same loss on the same minibatch (``mode="autodiff"``,
         i.e. ``jax.grad``), same structure.
       mode: the rule; for the feedback rules the weight angles are added.
-      params, feedback: the params and rule state the gradient was computed with (feedback
-        rules only).
+      params, feedback: the params and rule state the gradient was computed with (needed by
+        the feedback rules for the weight angles; ``feedback`` not by sign symmetry).
+
+    Raises:
+      ValueError: an unknown mode; gradient trees of different structure.
+      TypeError: a feedback rule without ``params``, or without the ``feedback`` it needs.
 
     Returns:
       ``layer{i}/angle`` (the angle between the rule's and the true gradient of layer ``i``)
@@ -90,15 +95,17 @@ def alignment(
         )
     weight_pairs = [((), ())] * len(per_layer)
     if mode in SUBSTITUTING:
-        backward_params = feedback_params(mode, params, feedback)
-        both = zip(
-            *(
-                (params, backward_params)
-                if isinstance(params, tuple)
-                else ((params, backward_params),)
+        if params is None:
+            raise TypeError(
+                f"alignment: {mode} needs params= (and feedback=) for the weight angles"
             )
+        backward_params = feedback_params(mode, params, feedback)
+        pairs = (
+            zip(params, backward_params)
+            if isinstance(params, tuple)
+            else [(params, backward_params)]
         )
-        weight_pairs = [(weights(p), weights(b)) for p, b in both]
+        weight_pairs = [(weights(p), weights(b)) for p, b in pairs]
     out = {}
     for i, (g, t, (w, b)) in enumerate(zip(per_layer, true_per_layer, weight_pairs)):
         if not jax.tree_util.tree_leaves(g):

@@ -95,11 +95,11 @@ def init_rule_state(
 
     The defaults, uniform with Glorot's scale, give ``B`` the distribution of a
     Glorot-initialised ``w`` of its shape, so feedback and forward paths start at the same
-    scale. Lillicrap et al. (2016) and Nøkland (2016) draw fixed feedback from zero-mean uniform
-    distributions whose range they choose per experiment; Akrout et al.'s (2019) code for
-    feedback alignment and Kolen-Pollack uses a Gaussian of variance ``1 / (fan_in +
-    fan_out)`` (``distribution="normal"``, ``scale=`` that standard deviation as a float, or
-    half of Glorot's).
+    scale (biotorch's DFA layers default to this Xavier draw as well). Akrout et al.'s (2019)
+    reference code for feedback alignment and Kolen-Pollack draws a Gaussian of variance
+    ``1 / (fan_in + fan_out)``: ``distribution="normal", scale=(fan_in + fan_out) ** -0.5``.
+    Lillicrap et al. (2016) and Nøkland (2016) set the feedback's range per experiment: pass
+    ``scale`` to match one.
 
     Raises:
       ValueError: an unknown mode, distribution or scale; a network the rule can't apply to
