@@ -4,7 +4,7 @@ Public names are re-exported here explicitly. The layer convention is documented
 ``bpjax.layers``; the loss convention in ``bpjax.losses``.
 """
 
-from bpjax import data, initializers, losses
+from bpjax import credit, data, initializers, losses
 from bpjax.grad import (
     GradCheckResult,
     as_custom_vjp,
@@ -49,6 +49,7 @@ __all__ = [
     "activation",
     "as_custom_vjp",
     "check_grads",
+    "credit",
     "data",
     "dense",
     "dropout",

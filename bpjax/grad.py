@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax import credit
 from bpjax import losses as losses_lib
 from bpjax.layers import Layer, apply, check_layer, is_stateful, split_keys
 from bpjax.losses import Loss
@@ -43,7 +44,7 @@ __all__ = [
     "value_and_grad",
 ]
 
-MODES = ("manual", "autodiff")
+MODES = ("manual", "autodiff", *credit.RULES)
 _TINY = 1e-30
 
 
@@ -80,13 +81,15 @@ def value_and_grad(
     with_output: bool = False,
     with_state: bool = False,
 ) -> Callable:
-    """Returns ``f(params, x, target, *, key=None, state=None) -> (value, grads)``.
+    """Returns ``f(params, x, target, *, key=None, state=None, feedback=None) -> (value, grads)``.
 
     Args:
       net: the network Layer.
       loss: a ``bpjax.losses.Loss`` or its name.
-      mode: ``"manual"`` (forward with caches, then the hand-written layerwise backward) or
-        ``"autodiff"`` (``jax.value_and_grad`` of the forward pass).
+      mode: ``"manual"`` (forward with caches, then the hand-written layerwise backward),
+        ``"autodiff"`` (``jax.value_and_grad`` of the forward pass), or a learning rule of
+        ``bpjax.credit`` (below): ``"feedback_alignment"``, ``"direct_feedback_alignment"``,
+        ``"sign_symmetry"``, ``"kolen_pollack"``.
       with_output: if True, ``f`` returns ``((value, y), grads)`` with the network output ``y``
         (e.g. for training accuracy without a second forward pass).
       with_state: if True, ``f`` also returns the network's new state: ``((value, new_state),
@@ -99,10 +102,53 @@ def value_and_grad(
     per-example gradients average to the batch gradient of a mean loss). ``key`` enables
     dropout and batch statistics (training mode); None is evaluation mode.
 
+    **Learning rules** (``bpjax.credit``). ``grads`` is then the rule's update direction, not
+    the gradient; ``value``, ``y`` and the new state are the forward pass's, as for backprop.
+    ``feedback=`` is the rule state from ``bpjax.credit.init_rule_state`` (required by
+    ``feedback_alignment``, ``direct_feedback_alignment`` and ``kolen_pollack``; backprop and
+    ``sign_symmetry`` take none, or ``()``).
+
+    * ``feedback_alignment`` (Lillicrap et al. 2016), ``kolen_pollack`` (Akrout et al. 2019),
+      ``sign_symmetry`` (Liao, Leibo & Poggio 2016): the network's own backward, once, with
+      every parameter named ``"w"`` replaced by its feedback (``B``; ``B``; ``sign(w)``) and
+      every other parameter real. Each layer's weight gradient is its own (``x.T @ dy``: it does
+      not read ``w``); the ``dx`` it sends back is ``dy @ B.T`` (a conv's: the transposed
+      convolution with ``B``). Works through every combinator (residual, parallel) and state.
+      Sign symmetry's ``dx`` is larger than backprop's by about ``1 / mean|w|`` per layer.
+    * ``direct_feedback_alignment`` (Nøkland 2016), for a ``serial`` network (nested serials
+      flattened). A layer is *parametric* if it has parameters; the last one is the output
+      layer, the others are *hidden*. Each parametric layer's *segment* is it and the
+      parameter-free layers after it, up to the next parametric layer (the output layer's: up to
+      the network's output). The output error ``e`` is the gradient at the output layer's own
+      output: ``dL/dy`` sent back through the output segment's parameter-free layers (an output
+      softmax, say), which is Nøkland's ``e = dL/da_out``; with logits into
+      ``softmax_cross_entropy`` it is ``dL/dy = (softmax(y) - onehot) / batch``. The output
+      layer trains on ``e`` (its true gradient). Each hidden layer ``i`` gets ``e @ B_i``
+      (``B_i``: ``[n_outputs, units]``) reshaped to its segment's output and sent back through
+      the segment's parameter-free layers: activation derivatives (``f'(a_i)``), the dropout
+      mask of the same forward pass, pooling (to the pooled positions), flatten (a reshape);
+      that is the layer's ``dy``, and its weight gradient is its own backward's. Nothing is
+      chained through another parametric layer, so layers before the first parametric one get
+      nothing (they need nothing). Refused, with the layer named: residual/parallel blocks and
+      other branches, parametric layers without ``"w"`` (batch norm and layer norm have
+      scales: put no normalization between hidden layers), and an output layer whose output is
+      not ``[batch, n_outputs]``.
+
+    What a rule can't apply to raises here when the network's structure shows it (DFA and a
+    branch); when it takes the params' or the input's shapes to know (a layer without ``"w"``,
+    the output's shape, feedback that doesn't match), it raises when ``f`` is traced, before
+    anything is compiled, and already at ``bpjax.credit.init_rule_state``.
+
     Raises:
-      ValueError: an unknown mode (listing the valid ones).
+      ValueError: an unknown mode (listing the valid ones); a rule that can't apply to ``net``.
       TypeError: ``loss`` is not a Loss or a loss name (a factory gets the call that fixes it);
-        at call time, a network with state called without ``state=``.
+        at call time, a network with state called without ``state=``; ``feedback=`` missing
+        for a rule that needs it, or given to a mode that takes none.
+
+    References:
+      Lillicrap, Cownden, Tweed & Akerman, Nat. Commun. 7:13276, 2016. Nøkland, NeurIPS 2016.
+      Liao, Leibo & Poggio, "How Important Is Weight Symmetry in Backpropagation?", AAAI 2016.
+      Akrout, Wilson, Humphreys, Lillicrap & Tweed, NeurIPS 2019.
     """
     _check_mode(mode)
     loss = _resolve_loss(loss)
@@ -117,9 +163,22 @@ def value_and_grad(
             return (value, new_state), grads
         return value, grads
 
-    if mode == "manual":
+    def no_feedback(feedback):
+        if not (feedback is None or (isinstance(feedback, tuple) and not feedback)):
+            raise TypeError(f"mode {mode!r} takes no feedback= (only the learning rules do)")
 
-        def f(params, x, target, *, key=None, state=None):
+    if mode in credit.RULES:
+        rule = credit.rule_value_and_grad(net, loss, mode)
+
+        def f(params, x, target, *, key=None, state=None, feedback=None):
+            state = _state_for(net, state, "value_and_grad")
+            value, y, new_state, grads = rule(params, x, target, key, state, feedback)
+            return pack(value, y, new_state, grads)
+
+    elif mode == "manual":
+
+        def f(params, x, target, *, key=None, state=None, feedback=None):
+            no_feedback(feedback)
             state = _state_for(net, state, "value_and_grad")
             y, cache, new_state = apply(net, params, x, key=key, state=state)
             value, loss_cache = loss.forward(y, target)
@@ -128,7 +187,8 @@ def value_and_grad(
 
     else:
 
-        def f(params, x, target, *, key=None, state=None):
+        def f(params, x, target, *, key=None, state=None, feedback=None):
+            no_feedback(feedback)
             state = _state_for(net, state, "value_and_grad")
 
             def objective(p):

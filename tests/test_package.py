@@ -6,7 +6,7 @@ import tomllib
 import pytest
 
 import bpjax
-from bpjax import data, grad, initializers, layers, losses, train, trainer
+from bpjax import credit, data, grad, initializers, layers, losses, train, trainer
 
 # Where each top-level name comes from (a new re-export must be added here).
 SOURCES = {
@@ -40,7 +40,7 @@ SOURCES = {
     "tanh": layers,
     "value_and_grad": grad,
 }
-SUBMODULES = {"data": data, "initializers": initializers, "losses": losses}
+SUBMODULES = {"credit": credit, "data": data, "initializers": initializers, "losses": losses}
 
 
 def test_all_is_exactly_the_table():
