@@ -59,11 +59,9 @@ def _compute_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _check_input(name: str, x: Any, min_ndim: int, what: str) -> None:
+def _check_floating(name: str, x: Any) -> None:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: input must be floating point, got {x.dtype} of shape {x.shape}")
-    if x.ndim < min_ndim:
-        raise ValueError(f"{name}: input must be {what}, got shape {x.shape}")
 
 
 def _check_vectors(name: str, x_shape: _Shape, axis: int, tree: Any, what: str, keys: tuple):
@@ -250,7 +248,7 @@ def batch_norm(
                 f"layer.init_state(in_shape), then the new_state each call returns)"
             )
         _check_key(key, name)
-        _check_input(name, x, 2, "[batch, ..., features]")
+        _check_floating(name, x)
         ax = _feature_axis(name, axis, x.shape)
         _check_vectors(name, x.shape, ax, params, "params", ("scale", "offset"))
         _check_vectors(name, x.shape, ax, state, "state", ("mean", "var"))
@@ -299,6 +297,52 @@ def batch_norm(
 # layer norm and group norm: statistics per example, no state
 
 
+def _per_example_norm(
+    name: str,
+    eps: float,
+    scale_init: str | Callable,
+    offset_init: str | Callable,
+    dtype: Any,
+    check_shape: Callable,
+    grouped: Callable,
+) -> Layer:
+    """A stateless layer standardizing ``grouped(x) -> (x regrouped, statistics' axes)`` and
+    then scaling and offsetting each channel (the last axis): layer_norm, group_norm."""
+    eps = _check_eps(name, eps)
+    init_scale, init_offset = initializers.get(scale_init), initializers.get(offset_init)
+
+    def init(key, in_shape):
+        check_shape(tuple(in_shape))
+        return tuple(in_shape), _affine_params(key, in_shape[-1], init_scale, init_offset, dtype)
+
+    def forward(params, x, *, key=None):
+        _check_key(key, name)  # either mode: the statistics are the example's own
+        _check_floating(name, x)
+        check_shape(x.shape)
+        ax = x.ndim - 1
+        _check_vectors(name, x.shape, ax, params, "params", ("scale", "offset"))
+        xg, stats_axes = grouped(x.astype(_compute_dtype(x.dtype)))
+        centered, inv_std, _, _ = _standardize(xg, stats_axes, eps)
+        xhat = (centered * inv_std).reshape(x.shape)
+        scale, offset = (params[k].astype(xhat.dtype) for k in ("scale", "offset"))
+        y = xhat * _along(scale, x.ndim, ax) + _along(offset, x.ndim, ax)
+        return y.astype(x.dtype), (centered, inv_std, _Static(x.dtype))
+
+    def backward(params, cache, dy):
+        """dxhat = dy * scale; dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / sqrt(var +
+        eps) (means over the statistics' axes); dscale = sum(dy * xhat), doffset = sum(dy)
+        (sums over every axis but the last)."""
+        centered, inv_std, x_dtype = cache
+        ax = dy.ndim - 1
+        dyc = dy.astype(centered.dtype)
+        dxhat, stats_axes = grouped(dyc * _along(params["scale"].astype(dyc.dtype), dy.ndim, ax))
+        dx = _standardize_backward(dxhat, centered, inv_std, stats_axes).reshape(dy.shape)
+        sums = _affine_sums(dyc, (centered * inv_std).reshape(dy.shape), ax)
+        return _affine_grads(params, *sums), dx.astype(x_dtype.value)
+
+    return Layer(init, forward, backward, name)
+
+
 def layer_norm(
     *,
     eps: float = 1e-5,
@@ -335,38 +379,17 @@ def layer_norm(
     References:
       Ba, Kiros & Hinton, "Layer Normalization", arXiv:1607.06450 (2016), eq. 4.
     """
-    name = "layer_norm"
-    eps = _check_eps(name, eps)
-    init_scale, init_offset = initializers.get(scale_init), initializers.get(offset_init)
 
-    def init(key, in_shape):
-        if len(in_shape) < 1:
-            raise ValueError(f"{name}: input must have a feature axis, got shape {tuple(in_shape)}")
-        return tuple(in_shape), _affine_params(key, in_shape[-1], init_scale, init_offset, dtype)
+    def check_shape(shape):
+        if len(shape) < 1:
+            raise ValueError(f"layer_norm: input must have a feature axis, got shape {shape}")
 
-    def forward(params, x, *, key=None):
-        _check_key(key, name)  # either mode: the statistics are the example's own
-        _check_input(name, x, 1, "[..., features]")
-        ax = x.ndim - 1
-        _check_vectors(name, x.shape, ax, params, "params", ("scale", "offset"))
-        xc = x.astype(_compute_dtype(x.dtype))
-        centered, inv_std, _, _ = _standardize(xc, (ax,), eps)
-        scale, offset = (params[k].astype(xc.dtype) for k in ("scale", "offset"))
-        y = centered * inv_std * _along(scale, x.ndim, ax) + _along(offset, x.ndim, ax)
-        return y.astype(x.dtype), (centered, inv_std, _Static(x.dtype))
+    def grouped(x):
+        return x, (x.ndim - 1,)
 
-    def backward(params, cache, dy):
-        """dxhat = dy * scale; dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / sqrt(var +
-        eps) (means over the last axis); dscale = sum(dy * xhat), doffset = sum(dy)."""
-        centered, inv_std, x_dtype = cache
-        ax = dy.ndim - 1
-        dyc = dy.astype(centered.dtype)
-        dxhat = dyc * _along(params["scale"].astype(centered.dtype), dy.ndim, ax)
-        dx = _standardize_backward(dxhat, centered, inv_std, (ax,))
-        sums = _affine_sums(dyc, centered * inv_std, ax)
-        return _affine_grads(params, *sums), dx.astype(x_dtype.value)
-
-    return Layer(init, forward, backward, name)
+    return _per_example_norm(
+        "layer_norm", eps, scale_init, offset_init, dtype, check_shape, grouped
+    )
 
 
 def group_norm(
@@ -413,61 +436,29 @@ def group_norm(
     """
     n_groups = _check_positive_int("group_norm", "n_groups", n_groups)
     name = f"group_norm({n_groups})"
-    eps = _check_eps(name, eps)
-    init_scale, init_offset = initializers.get(scale_init), initializers.get(offset_init)
 
     def check_shape(shape):
         if len(shape) < 2:
             raise ValueError(
-                f"{name}: input must be [batch, ..., channels] (at least 2 axes), got shape "
-                f"{tuple(shape)}"
+                f"{name}: input must be [batch, ..., channels] (at least 2 axes), got shape {shape}"
             )
         if shape[-1] % n_groups:
             raise ValueError(
-                f"{name}: {shape[-1]} channels (input shape {tuple(shape)}) are not divisible "
-                f"into {n_groups} groups"
+                f"{name}: {shape[-1]} channels (input shape {shape}) are not divisible into "
+                f"{n_groups} groups"
             )
 
-    def grouped(a):
+    def grouped(x):
         """``[b, ..., c] -> [b, ..., n_groups, c / n_groups]``, and the statistics' axes.
 
         One group (statistics over all of an example) and one channel per group (instance
         norm) need no extra axis; without it XLA fuses the reductions better.
         """
         if n_groups == 1:
-            return a, tuple(range(1, a.ndim))
-        if n_groups == a.shape[-1]:
-            return a, tuple(range(1, a.ndim - 1))
-        shape = (*a.shape[:-1], n_groups, a.shape[-1] // n_groups)
-        return a.reshape(shape), (*range(1, a.ndim - 1), a.ndim)
+            return x, tuple(range(1, x.ndim))
+        if n_groups == x.shape[-1]:
+            return x, tuple(range(1, x.ndim - 1))
+        shape = (*x.shape[:-1], n_groups, x.shape[-1] // n_groups)
+        return x.reshape(shape), (*range(1, x.ndim - 1), x.ndim)
 
-    def init(key, in_shape):
-        check_shape(in_shape)
-        return tuple(in_shape), _affine_params(key, in_shape[-1], init_scale, init_offset, dtype)
-
-    def forward(params, x, *, key=None):
-        _check_key(key, name)  # either mode: the statistics are the example's own
-        _check_input(name, x, 2, "[batch, ..., channels]")
-        check_shape(x.shape)
-        ax = x.ndim - 1
-        _check_vectors(name, x.shape, ax, params, "params", ("scale", "offset"))
-        xg, stats_axes = grouped(x.astype(_compute_dtype(x.dtype)))
-        centered, inv_std, _, _ = _standardize(xg, stats_axes, eps)
-        xhat = (centered * inv_std).reshape(x.shape)
-        scale, offset = (params[k].astype(xhat.dtype) for k in ("scale", "offset"))
-        y = xhat * _along(scale, x.ndim, ax) + _along(offset, x.ndim, ax)
-        return y.astype(x.dtype), (centered, inv_std, _Static(x.dtype))
-
-    def backward(params, cache, dy):
-        """dxhat = dy * scale; dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / sqrt(var +
-        eps) (means over each group's positions and channels); dscale = sum(dy * xhat),
-        doffset = sum(dy)."""
-        centered, inv_std, x_dtype = cache
-        ax = dy.ndim - 1
-        dyc = dy.astype(centered.dtype)
-        dxhat, stats_axes = grouped(dyc * _along(params["scale"].astype(dyc.dtype), dy.ndim, ax))
-        dx = _standardize_backward(dxhat, centered, inv_std, stats_axes).reshape(dy.shape)
-        sums = _affine_sums(dyc, (centered * inv_std).reshape(dy.shape), ax)
-        return _affine_grads(params, *sums), dx.astype(x_dtype.value)
-
-    return Layer(init, forward, backward, name)
+    return _per_example_norm(name, eps, scale_init, offset_init, dtype, check_shape, grouped)
