@@ -169,6 +169,98 @@ LAYERS += [
         has_params=True,
     ),
 ]
+# Normalization (normalization.py). Random scale and offset (the default ones and zeros would
+# hide a missing factor of scale in dx) and, in evaluation mode, running statistics other than
+# the initial zeros and ones. Batch 1 on [batch, features] is batch norm's zero-variance case.
+_AFFINE = {
+    "scale_init": jax.nn.initializers.uniform(2.0),
+    "offset_init": jax.nn.initializers.normal(1.0),
+}
+
+
+def _running(layer: layers.Layer) -> layers.Layer:
+    """A batch norm whose initial running mean and variance vary by channel."""
+
+    def init_state(in_shape):
+        c = layer.init_state(in_shape)["mean"].shape[0]
+        return {"mean": jnp.linspace(-1.0, 1.0, c), "var": jnp.linspace(0.5, 2.0, c)}
+
+    return layer._replace(init_state=init_state)
+
+
+LAYERS += [
+    Case(
+        "batch_norm-train",
+        "batch_norm",
+        lambda: layers.batch_norm(**_AFFINE),
+        (5,),
+        train=True,
+        has_params=True,
+    ),
+    Case(
+        "batch_norm-eval",
+        "batch_norm",
+        lambda: _running(layers.batch_norm(**_AFFINE)),
+        (5,),
+        has_params=True,
+    ),
+    Case(
+        "batch_norm-nhwc-train",
+        "batch_norm",
+        lambda: layers.batch_norm(momentum=0.5, **_AFFINE),
+        (3, 5, 4),
+        train=True,
+        has_params=True,
+    ),
+    Case(
+        "batch_norm-nhwc-eval",
+        "batch_norm",
+        lambda: _running(layers.batch_norm(**_AFFINE)),
+        (3, 5, 4),
+        has_params=True,
+    ),
+    Case(
+        "batch_norm-axis1-nchw-train",
+        "batch_norm",
+        lambda: layers.batch_norm(axis=1, **_AFFINE),
+        (3, 5, 2),
+        train=True,
+        has_params=True,
+    ),
+    Case(
+        "batch_norm-axis-2-eval",
+        "batch_norm",
+        lambda: _running(layers.batch_norm(axis=-2, **_AFFINE)),
+        (3, 5, 2),
+        has_params=True,
+    ),
+    Case("layer_norm", "layer_norm", lambda: layers.layer_norm(**_AFFINE), (5,), has_params=True),
+    Case(
+        "layer_norm-nhwc",
+        "layer_norm",
+        lambda: layers.layer_norm(**_AFFINE),
+        (3, 2, 5),
+        train=True,  # a key changes nothing: the statistics are each position's own
+        has_params=True,
+    ),
+    *(
+        Case(
+            f"group_norm({g})-nhwc",
+            "group_norm",
+            lambda g=g: layers.group_norm(g, **_AFFINE),
+            (3, 2, 6),
+            has_params=True,
+        )
+        for g in (1, 2, 6)  # 1: the whole example; 2: groups of 3; 6 = c: instance norm
+    ),
+    Case(
+        "group_norm(3)-no-spatial",
+        "group_norm",
+        lambda: layers.group_norm(3, **_AFFINE),
+        (9,),
+        has_params=True,
+    ),
+]
 LAYER_IDS = [c.id for c in LAYERS]
 CASES = {c.id: c for c in LAYERS}
 BATCHES = [1, 7]

@@ -97,6 +97,7 @@ from bpjax.layers.combinators import (
 from bpjax.layers.dense import dense
 from bpjax.layers.dropout import dropout
 from bpjax.layers.models import mlp
+from bpjax.layers.normalization import batch_norm, group_norm, layer_norm
 from bpjax.layers.shape import flatten
 
 __all__ = [
@@ -104,6 +105,7 @@ __all__ = [
     "Layer",
     "activation",
     "apply",
+    "batch_norm",
     "default_w_init",
     "dense",
     "dropout",
@@ -113,9 +115,11 @@ __all__ = [
     "fan_out",
     "flatten",
     "gelu",
+    "group_norm",
     "identity",
     "init_state",
     "is_stateful",
+    "layer_norm",
     "leaky_relu",
     "log_softmax",
     "mlp",
