@@ -905,6 +905,46 @@ def test_script_command_line(tmp_path):
     assert list((run_dir / "tb" / name).glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
+def test_script_on_a_terminal_keeps_a_line_per_epoch_above_the_bar(tmp_path):
+    # The bar used to replace the epoch lines: on a terminal the history disappeared.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    # 24 x 100 characters (a new pty has none, and tqdm draws no bar 0 columns wide)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        script(*TINY[:-1], "trainer.epochs=3", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert proc.wait(timeout=300) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    # What stays on screen: each line's text after its last carriage return.
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).rsplit("\r", 1)[-1] for line in
+             screen.splitlines()]  # fmt: skip
+    epochs = [line.split()[1] for line in lines if line.startswith("epoch ")]
+    assert epochs == ["1/3", "2/3", "3/3"], screen
+    assert re.search(r"100%\|.*\| 3/3", screen), screen  # and the bar, drawn below them
+    assert lines[-1].startswith("bpjax: test_accuracy")
+
+
 def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int, swept: str) -> None:
     jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert [p.name for p in jobs] == [str(i) for i in range(n_jobs)]
