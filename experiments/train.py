@@ -541,6 +541,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         encode_targets(data.y_train[:hist_n], task=data.task, loss_name=loss_name, n_outputs=n_out),
     )
     grad_fn = _jitted_grad(net, loss, trainer.grad_mode)
+    console.start(trainer.epochs)
+    console.say(f"bpjax: {data.summary()}")
+    console.say(
+        f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
+        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}"
+    )
     on_resume = None
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
         console.say(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch")
@@ -570,12 +576,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"the learning rate may be too large "
             f"(optimizer.learning_rate={cfg.optimizer.get('learning_rate')})"
         ),
-    )
-    console.start(trainer.epochs)
-    console.say(f"bpjax: {data.summary()}")
-    console.say(
-        f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
-        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}"
     )
     status = "completed"
     message = ""
