@@ -3,8 +3,10 @@
 Convention: a logger writes one TensorBoard *run*: every event file lives directly in its
 ``logdir``, including the HParams record (tensorboardX's ``SummaryWriter.add_hparams`` and
 ``add_scalars`` would create subdirectories, which TensorBoard shows as extra runs, so they are
-not used). Values may be Python, numpy or jax scalars; steps are integers. Which tags exist is
-up to the caller.
+not used). The HParams record is the run's session only, never an experiment summary, so that
+TensorBoard shows the union of the hyperparameters of all the runs it reads (``hparams``).
+Values may be Python, numpy or jax scalars; steps are integers. Which tags exist is up to the
+caller.
 """
 
 from __future__ import annotations
@@ -139,24 +141,30 @@ class TensorBoardLogger:
     def hparams(
         self, hparams: Mapping[str, Any], metrics: Mapping[str, Any], *, step: int | None = None
     ) -> None:
-        """Writes an HParams record for this run, with its final metrics, into ``logdir``.
+        """Writes this run's hyperparameters for the HParams tab, and its final metrics.
 
-        The HParams dashboard reads a metric's value from the scalar of the same tag in this run,
-        so each metric is also logged as a scalar. Call once per run.
+        Only the run's session (its hyperparameters' values, start and end) is written, no
+        *experiment summary*: TensorBoard takes the experiment (the tab's columns) from the
+        first experiment summary it finds in any run, so runs that declared their own would
+        show only one run's hyperparameters (``-m optimizer=sgd,adam``: adam's b1, b2, eps
+        missing). Without one, TensorBoard builds the experiment from every run's session: the
+        columns are the union of all runs' hyperparameters (a run without one shows a blank),
+        and the metric columns are the runs' scalar tags.
 
         Args:
             hparams: possibly nested mapping, flattened by ``flatten_hparams``.
-            metrics: ``{tag: final value}``. A tag may be one already logged by ``scalar``
-                (then the latest value of that curve is shown), or a new one.
+            metrics: ``{tag: final value}``, each logged as a scalar of this run (the HParams
+                tab shows a metric's latest scalar). A tag may be one already logged by
+                ``scalar`` (that curve then ends with this value), or a new one.
             step: step of the metric scalars; defaults to the largest step logged so far.
         """
         self._check_open()
         flat = flatten_hparams(hparams)
         final = {str(tag): _float(value) for tag, value in metrics.items()}
-        experiment, session_start, session_end = hparams_summaries(flat, final)
+        _, session_start, session_end = hparams_summaries(flat, final)
         # The same writer's event file: add_hparams would open a new one in a subdirectory.
         file_writer = self._writer._get_file_writer()
-        for summary in (experiment, session_start, session_end):
+        for summary in (session_start, session_end):
             file_writer.add_summary(summary)
         metric_step = self._last_step if step is None else self._seen(step)
         for tag, value in final.items():

@@ -4,7 +4,10 @@ Each job of ``experiments/train.py`` writes ``metrics.json`` (with ``objective``
 ``objective_name`` and its ``overrides``) into its own directory. At the end of a multirun,
 ``SweepSummary`` reads them all, sorts by the objective (best first; lower is better for losses
 and RMSE, higher otherwise) and writes ``summary.csv`` and ``summary.md`` into the sweep
-directory, and prints the table.
+directory, and prints the table. A job without a finite objective (``null`` in strict JSON: a
+diverged or invalid job; older records may hold a bare ``NaN``) ranks last; an empty cell is a
+value the job doesn't have. ``loss_exploded`` is the epoch at which a job's loss exploded
+(``bpjax.reporting.EXPLODED``), if it did.
 """
 
 import csv
@@ -28,7 +31,15 @@ _COLUMNS = (
     "epochs",
     "wall_seconds",
     "status",
+    "loss_exploded",
 )
+
+
+def _cell(row: dict[str, Any], column: str) -> Any:
+    value = row.get(column)
+    if column == "loss_exploded":
+        return value.get("epoch", "") if isinstance(value, dict) else ""
+    return "" if value is None else value
 
 
 def _lower_is_better(name: str) -> bool:
@@ -41,7 +52,8 @@ def _objective_name(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def collect(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """Reads every ``*/metrics.json`` under ``sweep_dir``, best objective first."""
+    """Reads every ``*/metrics.json`` under ``sweep_dir``, best objective first (a job
+    without a finite objective last)."""
     rows = []
     for path in sorted(pathlib.Path(sweep_dir).glob("*/metrics.json")):
         record = json.loads(path.read_text())
@@ -70,7 +82,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for rank, row in enumerate(rows, 1):
         cells = [str(rank), row["job_dir"], " ".join(row.get("overrides", []))]
         for column in _COLUMNS:
-            value = row.get(column, "")
+            value = _cell(row, column)
             cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -93,7 +105,7 @@ def write_summary(sweep_dir: str | pathlib.Path) -> str:
                     " ".join(row.get("overrides", [])),
                     _objective_name(rows),
                 ]
-                + [row.get(c, "") for c in _COLUMNS]
+                + [_cell(row, c) for c in _COLUMNS]
             )
     return table
 

@@ -1,43 +1,79 @@
-"""Train an MLP by hand-written backpropagation, configured by Hydra.
+"""Train a network by hand-written backpropagation, configured by Hydra.
 
     python experiments/train.py                                   # MLP on real MNIST
     python experiments/train.py experiment=nielsen_ch1            # a preset
     python experiments/train.py dataset=digits model.features=[64,10] optimizer=adam seed=3
     python experiments/train.py -m optimizer.learning_rate=0.3,0.1,0.03   # a sweep
 
-The run directory gets ``metrics.json``, TensorBoard event files (``tb/``) and checkpoints
-(``checkpoints/``). ``train(cfg)`` does the work and is what tests call; ``main`` is the thin
-Hydra wrapper that turns bad configs into one clear line and a non-zero exit, and returns the
-objective for sweepers. This script owns printing, the progress bar and wall-clock time; the
-math lives in ``bpjax``.
+The run directory gets ``metrics.json`` (strict JSON: a value that is not a finite number is
+``null``), TensorBoard event files (``tb/<run name>/``) and checkpoints (``checkpoints/``).
+``train(cfg)`` does the work and is what tests call; ``main`` is the thin Hydra wrapper that
+turns bad configs into one clear line and a non-zero exit, and returns the objective for
+sweepers. This script owns printing, the progress bar and wall-clock time; the math lives in
+``bpjax``.
+
+What a run says and records:
+
+- Every config key must be read by something (``bpjax.cli.check_keys``): a key its
+  ``_target_`` doesn't take, or that no code reads (``+logger.flush_sec=3``), is one ``error:``
+  line naming the nearest valid key, exit 2, before any data are loaded. So is a damaged or
+  missing data file. In a ``-m`` sweep such a job is recorded as ``"status": "invalid"`` and
+  the sweep goes on.
+- TensorBoard names each run after its command-line overrides: the events of
+  ``train.py -m optimizer=sgd,adam`` go to ``multirun/DATE/TIME/0/tb/optimizer=sgd/`` and
+  ``.../1/tb/optimizer=adam/`` (``defaults`` without overrides; bookkeeping overrides such as
+  ``trainer.run_dir``, ``trainer.resume``, ``trainer.progress``, ``logger.*`` and ``hydra.*``
+  are left out; ``/`` becomes ``_``). A resumed run writes into its run's existing directory,
+  so its curves continue. Every run records its hyperparameters for the HParams tab without
+  an experiment summary, so TensorBoard lists the union of every run's hyperparameters.
+  Events are flushed at the end of every epoch.
+- On a terminal, one line per epoch is kept above the progress bar; elsewhere (a log file, a
+  pipe) the same lines are printed plainly. In a sweep every line is labelled ``[job N]``.
+- A loss that explodes (an epoch's mean training loss above ``bpjax.reporting.EXPLODED``,
+  1000, times the loss of the first step trained, i.e. of the untrained network) is warned
+  about when it happens, recorded (``loss_exploded`` in ``metrics.json``) and repeated in the
+  final line.
+- An interrupt (Ctrl-C, SIGTERM) prints the command that resumes the run, with the running
+  interpreter. A resume says which checkpoint and epoch it continues from (after the first
+  resumed epoch: only then has ``fit`` accepted the checkpoint) and which settings changed; a
+  run that already reached ``trainer.epochs`` (or stopped early) has nothing to do and leaves
+  ``metrics.json`` as it was. A resume stays in its run directory (``hydra.run.dir`` follows
+  ``trainer.run_dir``, see ``conf/config.yaml``).
 """
 
 import functools
 import inspect
 import json
 import math
+import os
 import pathlib
-import shlex
 import signal
 import sys
 import tempfile
 import time
+import zipfile
+import zlib
 from typing import Any
 
 import hydra
 import jax
-import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    OverrideParseException,
+)
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
+from bpjax import cli
 from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
+from bpjax.reporting import Console, EpochReporter, format_number, run_name, tensorboard_dir
 from bpjax.train import (
     encode_targets,
     make_optimizer,
@@ -98,12 +134,54 @@ class ConfigError(ValueError):
     """A configuration that cannot run; reported as one line before anything is compiled."""
 
 
-def _target_name(node: DictConfig) -> str:
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"  # as @hydra.main's config_path below
+SCRIPT = pathlib.Path(__file__).resolve()
+
+# Parameters of a group's _target_ that this script passes itself: a config must not set them.
+_SUPPLIED = {"dataset": ("seed",)}
+_SCHEMA: list[dict[str, Any]] = []
+
+
+def _schema() -> dict[str, Any]:
+    """What each config group may hold: conf/'s primary file and its groups' default files
+    (read once per process; ``bpjax.cli.schema_from_conf``)."""
+    if not _SCHEMA:
+        _SCHEMA.append(cli.schema_from_conf(CONF_DIR))
+    return _SCHEMA[0]
+
+
+def _target_name(node: Any) -> str:
+    if not isinstance(node, DictConfig):
+        return ""
     return str(node.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def _takes(node: Any, parameter: str) -> bool:
+    """Whether a config node's ``_target_`` takes ``parameter`` (False without a target)."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return False
+    names, takes_any, _ = cli.target_parameters(str(node._target_))
+    return parameter in names or takes_any
+
+
+def _model_setting(cfg: DictConfig, key: str) -> Any:
+    """``model.<key>`` where the model is one node that has it (not a list of layer specs)."""
+    return cfg.model.get(key) if isinstance(cfg.model, DictConfig) else None
+
+
+def check_config_keys(cfg: DictConfig) -> None:
+    """Raises ConfigError naming every key that nothing reads (``bpjax.cli.check_keys``)."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # Hydra checks its own
+    problems = cli.check_keys(config, _schema(), supplied=_SUPPLIED)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def validate(cfg: DictConfig) -> None:
     """Checks what can be checked without data: one clear error before any expensive work."""
+    check_config_keys(cfg)  # first: a misspelt dataset.pth would read as a missing path
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:  # `???` in a config, e.g. dataset=npz without dataset.path
         example = "/path/to/the/files" if missing[0].endswith("path") else "<value>"
@@ -122,9 +200,13 @@ def validate(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("learning_rate")
     if not isinstance(lr, int | float) or not lr > 0:
         raise ConfigError(f"optimizer.learning_rate must be a positive number, got {lr}")
-    features = list(cfg.model.get("features", []))
-    if not features or not all(isinstance(f, int) and f > 0 for f in features):
-        raise ConfigError(f"model.features must be positive layer sizes, got {features}")
+    if _takes(cfg.model, "features"):
+        features = cfg.model.get("features")
+        features = list(features) if isinstance(features, ListConfig) else features
+        if not features or not all(
+            isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features
+        ):
+            raise ConfigError(f"model.features must be positive layer sizes, got {features}")
     positive = ("epochs", "batch_size", "eval_batch_size", "eval_every", "checkpoint_every")
     for key in (*positive, "keep_checkpoints"):
         value = trainer[key]
@@ -318,72 +400,8 @@ def _jitted_grad(net, loss, mode):
     return jax.jit(bpjax.value_and_grad(net, loss, mode=mode))
 
 
-class EpochReporter:
-    """Per-epoch TensorBoard scalars/histograms and a progress bar (or plain lines)."""
-
-    def __init__(self, cfg, logger, schedule, steps_per_epoch, grad_fn, batch):
-        self.cfg, self.logger, self.schedule = cfg, logger, schedule
-        self.steps_per_epoch, self.grad_fn, self.batch = steps_per_epoch, grad_fn, batch
-        self.epochs = cfg.trainer.epochs
-        self.bar = None
-        if cfg.trainer.progress and sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.epochs, unit="epoch", dynamic_ncols=True)
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        epoch, step = record["epoch"], record["step"]
-        log = self.logger
-        scalars = {"train/loss": record["train_loss"]}
-        for split in ("train", "val", "test"):
-            for metric in ("loss", "accuracy", "rmse", "r2"):
-                if f"{split}_{metric}" in record:
-                    scalars[f"{split}/{metric}"] = record[f"{split}_{metric}"]
-        scalars["opt/learning_rate"] = float(self.schedule(step))
-        scalars["perf/examples_per_second"] = record["examples_per_second"]
-        scalars["perf/epoch_seconds"] = record["epoch_seconds"]
-        first_step = step - self.steps_per_epoch
-        for name, values in record["step_metrics"].items():
-            finite = np.flatnonzero(np.isfinite(values))
-            if name.startswith("layer_stats/") and finite.size:
-                scalars["layers/" + name.removeprefix("layer_stats/")] = float(values[finite[-1]])
-            elif name.startswith("grad_check/"):
-                # the signature signal: manual vs autodiff, per layer, at the steps checked
-                tag = "gradcheck/" + name.removeprefix("grad_check/")
-                for j in finite:
-                    log.scalar(tag, float(values[j]), first_step + int(j))
-        log.scalars(scalars, step)
-        every = self.cfg.trainer.histogram_every
-        if every and (epoch % every == 0 or epoch == self.epochs):
-            params = record["params"]
-            _, grads = self.grad_fn(params, *self.batch)
-            for i, (p, g) in enumerate(zip(params, grads)):
-                if not isinstance(p, dict):  # parameter-free layers: ()
-                    continue
-                for leaf in sorted(p):
-                    log.histogram(f"weights/layer{i}/{leaf}", np.asarray(p[leaf]), step)
-                    log.histogram(f"grads/layer{i}/{leaf}", np.asarray(g[leaf]), step)
-        self._progress(record)
-
-    def _progress(self, record):
-        parts = [f"loss {record['train_loss']:.4f}"]
-        for key in ("val_loss", "val_accuracy", "val_rmse"):
-            if key in record:
-                parts.append(f"{key} {record[key]:.4f}")
-        parts.append(f"{record['examples_per_second']:,.0f} ex/s")
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str("  ".join(parts))
-        else:
-            print(f"epoch {record['epoch']}/{self.epochs}  " + "  ".join(parts), flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _write_json_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=2, default=float)
+    text = cli.strict_json(payload) + "\n"
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
@@ -395,8 +413,56 @@ def _run_dir(cfg: DictConfig) -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix="bpjax-run-"))
 
 
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _tensorboard_dir(run_dir: pathlib.Path) -> pathlib.Path:
+    return tensorboard_dir(
+        run_dir, run_name(_task_overrides()) if HydraConfig.initialized() else "run"
+    )
+
+
+def _job_label() -> str:
+    """``[job N] `` in a multirun (parallel jobs' lines interleave), else nothing."""
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN":
+        return f"[job {HydraConfig.get().job.num}] "
+    return ""
+
+
+# What a data loader raises for a damaged, missing or unreadable file: numpy's np.load raises
+# zipfile.BadZipFile for a truncated .npz, EOFError for an empty file, zlib.error for a corrupt
+# compressed member; the rest are ValueError (wrong arrays, dtypes, a text file) or OSError.
+_DATA_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _data_error(cfg: DictConfig, error: BaseException) -> ConfigError:
+    message = str(error) or type(error).__name__
+    if not isinstance(error, ValueError | OSError):  # names no file and says little
+        message = f"{message} ({type(error).__module__}.{type(error).__name__})"
+    path = cfg.dataset.get("path")
+    where = f" from {path}" if path and str(path) not in message else ""
+    return ConfigError(f"dataset {_target_name(cfg.dataset)} could not be loaded{where}: {message}")
+
+
+def _load_data(cfg: DictConfig):
+    try:
+        return instantiate(cfg.dataset, seed=cfg.seed)
+    except InstantiationException as e:  # Hydra's wrapper; report the loader's own error
+        if isinstance(e.__cause__, _DATA_ERRORS):
+            raise _data_error(cfg, e.__cause__) from None
+        raise
+    except _DATA_ERRORS as e:
+        raise _data_error(cfg, e) from None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one configured experiment; returns its metrics (also written to metrics.json)."""
+    """Runs one configured experiment; returns its metrics (also written to metrics.json,
+    where a non-finite number is ``null``)."""
     validate(cfg)
     _listen_for_compilations()
     t_start = time.perf_counter()
@@ -420,15 +486,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"continues it; a new run needs another trainer.run_dir (nothing was deleted)"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Data first: a missing file is reported before anything is compiled.
-    try:
-        data = instantiate(cfg.dataset, seed=cfg.seed)
-    except InstantiationException as e:  # Hydra's wrapper; report the loader's own error
-        if isinstance(e.__cause__, FileNotFoundError):
-            raise e.__cause__ from None
-        if isinstance(e.__cause__, ValueError):
-            raise ConfigError(str(e.__cause__)) from None
-        raise
+    # Data first: a missing or damaged file is reported before anything is compiled.
+    data = _load_data(cfg)
     trainer = cfg.trainer
     if trainer.batch_size > data.n_train:
         raise ConfigError(
@@ -439,14 +498,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     mismatch = target_mismatch(_target_name(cfg.loss), data.task, data.y_train)
     if mismatch:
         raise ConfigError(f"loss on {data.name}: {mismatch}")
+    console = Console(_job_label(), progress=trainer.progress)
     squash = _SQUASHED_TWICE.get(_target_name(cfg.loss))
-    if squash is not None and cfg.model.get("output_activation") == squash:
-        print(
+    if squash is not None and _model_setting(cfg, "output_activation") == squash:
+        console.say(
             f"bpjax: warning: model.output_activation={squash} before {_target_name(cfg.loss)}, "
             f"which applies {squash} itself to its logits: outputs are squashed twice, which "
             f"usually trains badly (model.output_activation=null gives it logits)",
-            file=sys.stderr,
-            flush=True,
+            err=True,
         )
     steps_per_epoch = data.n_train // trainer.batch_size
     spec = {
@@ -461,13 +520,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loss_name = loss.name
     n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
     if n_out != data.n_outputs and not single_output_binary(n_out, data.n_classes, loss_name):
+        hint = (
+            f" (set model.features=[..., {data.n_outputs}])"
+            if _takes(cfg.model, "features")
+            else f" (make its last layer {data.n_outputs} wide)"
+        )
         raise ConfigError(
-            f"the model has {n_out} outputs but {data.name} needs {data.n_outputs} "
-            f"(set model.features=[..., {data.n_outputs}])"
+            f"the model has {n_out} outputs but {data.name} needs {data.n_outputs}{hint}"
         )
     config = _container(cfg)
     logger = (
-        TensorBoardLogger(run_dir / "tb", flush_secs=cfg.logger.flush_secs)
+        TensorBoardLogger(_tensorboard_dir(run_dir), flush_secs=cfg.logger.flush_secs)
         if cfg.logger.enabled
         else NullLogger()
     )
@@ -478,21 +541,45 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         encode_targets(data.y_train[:hist_n], task=data.task, loss_name=loss_name, n_outputs=n_out),
     )
     grad_fn = _jitted_grad(net, loss, trainer.grad_mode)
-    reporter = EpochReporter(cfg, logger, schedule, steps_per_epoch, grad_fn, hist_batch)
-    print(f"bpjax: {data.summary()}", flush=True)
-    print(
+    console.start(trainer.epochs)
+    console.say(f"bpjax: {data.summary()}")
+    console.say(
         f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
-        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}",
-        flush=True,
+        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}"
     )
+    on_resume = None
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
-        print(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch", flush=True)
+        console.say(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch")
     elif trainer.resume:
+        # Read now, before this run checkpoints its first epoch; said once fit has accepted
+        # the checkpoint (a refused resume says only why).
         changed = changed_settings(checkpoint_dir, config)
-        if changed:
-            print(f"bpjax: resuming with changed settings: {'; '.join(changed)}", flush=True)
+
+        def on_resume(start: int) -> list[str]:
+            path = CheckpointManager(checkpoint_dir).path_for(start)
+            lines = [f"bpjax: resumed from {path} (epoch {start} of {trainer.epochs})"]
+            if changed:
+                lines.append(f"bpjax: resuming with changed settings: {'; '.join(changed)}")
+            return lines
+
+    reporter = EpochReporter(
+        logger,
+        epochs=trainer.epochs,
+        steps_per_epoch=steps_per_epoch,
+        schedule=schedule,
+        console=console,
+        histogram_every=trainer.histogram_every,
+        grad_fn=grad_fn,
+        batch=hist_batch,
+        on_resume=on_resume,
+        explosion_hint=(
+            f"the learning rate may be too large "
+            f"(optimizer.learning_rate={cfg.optimizer.get('learning_rate')})"
+        ),
+    )
     status = "completed"
     message = ""
+    nothing_done = False
     try:
         result = fit(
             net,
@@ -520,6 +607,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             callbacks=[reporter],
         )
         metrics = dict(result.metrics)
+        # Only a resume of a run that had already ended trains no epoch.
+        nothing_done = not result.history
     except TrainingDiverged as e:
         status, message = "diverged", str(e)
         metrics = {"epochs": e.epoch, "diverged_step": e.step}
@@ -528,6 +617,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     finally:
         reporter.close()
+    record_path = run_dir / "metrics.json"
+    if nothing_done:
+        last = CheckpointManager(checkpoint_dir).path_for(metrics["epochs"])
+        ended = (
+            f"stopped early at epoch {metrics['epochs']} (trainer.patience={trainer.patience})"
+            if metrics.get("stopped_early")
+            else f"reached epoch {metrics['epochs']} (trainer.epochs={trainer.epochs})"
+        ) + f": {last.name} is its last checkpoint"
+        if record_path.exists():
+            logger.close()
+            console.say(
+                f"bpjax: nothing to do: the run in {run_dir} already {ended}; metrics.json "
+                f"is left as it was (raise trainer.epochs to train on)"
+            )
+            return json.loads(record_path.read_text())
+        # Killed between its last checkpoint and its record: write the record now, without
+        # the timings of a run that did not happen here.
+        console.say(f"bpjax: the run in {run_dir} already {ended}; writing its metrics.json")
+        metrics.update(wall_seconds=None, train_seconds=None, examples_per_second=None)
     objective = metrics.get(objective_name, math.nan)
     metrics.update(
         {
@@ -535,12 +643,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "message": message,
             "objective_name": objective_name,
             "objective": objective,
+            "loss_exploded": reporter.exploded,
             "compilations": _COMPILATIONS[0] - compilations_before,
             "total_seconds": time.perf_counter() - t_start,
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-            "overrides": list(HydraConfig.get().overrides.task)
-            if HydraConfig.initialized()
-            else [],
+            "overrides": _task_overrides(),
         }
     )
     hparams = {
@@ -560,47 +667,58 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last_step = metrics.get("steps", metrics.get("diverged_step", 0))
     logger.scalar("perf/compilations", metrics["compilations"], last_step)
     logger.close()
-    _write_json_atomic(run_dir / "metrics.json", metrics)
+    _write_json_atomic(record_path, metrics)
     if status == "diverged":
-        print(f"bpjax: {message}", file=sys.stderr, flush=True)
-    else:
-        if metrics.get("stopped_early"):
-            print(
-                f"bpjax: stopped early after epoch {metrics['epochs']}: no better {monitor} "
-                f"in {trainer.patience} evaluations; the best epoch, {metrics['best_epoch']}, "
-                f"gives the test metrics",
-                flush=True,
-            )
-        summary = "  ".join(
-            f"{k} {metrics[k]:.4f}"
-            for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
-            if k in metrics
+        console.say(f"bpjax: {message}", err=True)
+        return metrics
+    if metrics.get("stopped_early"):
+        console.say(
+            f"bpjax: stopped early after epoch {metrics['epochs']}: no better {monitor} "
+            f"in {trainer.patience} evaluations; the best epoch, {metrics['best_epoch']}, "
+            f"gives the test metrics"
         )
-        print(
-            f"bpjax: {summary}  ({metrics['epochs']} epochs, {metrics['wall_seconds']:.1f} s, "
-            f"{metrics['examples_per_second']:,.0f} examples/s, "
-            f"{metrics['compilations']} compilations)",
-            flush=True,
-        )
+    summary = "  ".join(
+        f"{k} {format_number(metrics[k])}"
+        for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
+        if k in metrics
+    )
+    timing = (
+        f"{metrics['wall_seconds']:.1f} s, {metrics['examples_per_second']:,.0f} examples/s, "
+        if metrics["wall_seconds"] is not None
+        else ""
+    )
+    warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
+    console.say(
+        f"bpjax: {summary}  ({metrics['epochs']} epochs, {timing}"
+        f"{metrics['compilations']} compilations){warning}"
+    )
     return metrics
+
+
+def _original_cwd() -> str:
+    return hydra.utils.get_original_cwd() if HydraConfig.initialized() else os.getcwd()
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that resumes this run: its overrides, ``trainer.resume=true`` and its run
+    directory, run by the interpreter running now (``bpjax.cli.rerun_command``)."""
+    overrides = [
+        o
+        for o in _task_overrides()
+        if _override_key(o) not in ("trainer.resume", "trainer.run_dir")
+    ]
+    resume = ["trainer.resume=true", f"trainer.run_dir={cli.hydra_quote(str(_run_dir(cfg)))}"]
+    return cli.rerun_command(SCRIPT, [*overrides, *resume], cwd=_original_cwd(), project_root=ROOT)
 
 
 def interrupted_message(cfg: DictConfig) -> str:
     """What an interrupted run says: where its last epoch is and the command that resumes it."""
-    run_dir = _run_dir(cfg)
-    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint_dir = _run_dir(cfg) / "checkpoints"
     if not _has_checkpoints(checkpoint_dir):
         return "interrupted before the first epoch ended: nothing was checkpointed"
-    overrides = [
-        o
-        for o in (HydraConfig.get().overrides.task if HydraConfig.initialized() else [])
-        if not o.startswith(("trainer.resume=", "trainer.run_dir="))
-    ]
-    resume = ["trainer.resume=true", f"trainer.run_dir={run_dir}"]
-    command = shlex.join(["python", "experiments/train.py", *overrides, *resume])
     return (
         f"interrupted: the last completed epoch is checkpointed in {checkpoint_dir}; "
-        f"resume with: {command}"
+        f"resume with: {resume_command(cfg)}"
     )
 
 
@@ -613,18 +731,19 @@ def _raise_interrupt(signum, frame):
 def main(cfg: DictConfig) -> float:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    label = _job_label()
     try:
         metrics = train(cfg)
     except ResumeError as e:  # about this job's directory, not a swept value: fatal in a sweep
         print(
-            f"error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> picks "
-            f"the directory)",
+            f"{label}error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> "
+            f"picks the directory)",
             file=sys.stderr,
             flush=True,
         )
         sys.exit(2)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"{label}error: {e}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
         # One invalid job (a sampled learning rate out of range, say) does not end a sweep: it
@@ -635,18 +754,20 @@ def main(cfg: DictConfig) -> float:
             invalid = {
                 "status": "invalid",
                 "message": str(e),
-                "objective": math.nan,
-                "overrides": list(HydraConfig.get().overrides.task),
+                "objective": None,
+                "overrides": _task_overrides(),
             }
             _write_json_atomic(record, invalid)
         return worst_objective()
     except KeyboardInterrupt:
-        print(f"\n{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+        print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
         sys.exit(130)
     if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)
-    objective = float(metrics["objective"])
-    return objective if math.isfinite(objective) or not multirun else worst_objective()
+    objective = metrics.get("objective")
+    if isinstance(objective, int | float) and math.isfinite(objective):
+        return float(objective)
+    return worst_objective() if multirun else math.nan
 
 
 def worst_objective() -> float:
@@ -658,5 +779,24 @@ def worst_objective() -> float:
     return {"minimize": math.inf, "maximize": -math.inf}.get(str(direction), math.nan)
 
 
+def run() -> None:
+    """The command line: ``main``, with Hydra's refusals of the command line itself (a key
+    that no config file holds, given without ``+``; an option that doesn't exist; bad override
+    syntax) as one ``error:`` line naming the nearest valid choice, exit 2, like every other
+    config error. Any other exception keeps its traceback."""
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing and exiting 1
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        print(f"error: {cli.composition_error(e, CONF_DIR)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
 if __name__ == "__main__":
-    main()
+    run()

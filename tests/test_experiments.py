@@ -9,12 +9,16 @@ divergence. Runs use ``trainer.run_dir`` / ``hydra.run.dir`` / ``hydra.sweep.dir
 """
 
 import csv
+import gc
 import gzip
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,13 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from test_cli import strict_loads
+from test_logging import hparams_experiment
 
 import bpjax
-from bpjax import checkpoint
+from bpjax import checkpoint, cli
 from bpjax import data as data_lib
 from bpjax.grad import MODES
 from bpjax.layers import ACTIVATIONS
+from bpjax.reporting import EXPLODED
 from bpjax.train import make_optimizer, output_shape
 from bpjax.trainer import ResumeError
 
@@ -159,7 +167,7 @@ def run_train(tmp_path: pathlib.Path, *overrides: str) -> dict:
     """``train(cfg)`` in this process, in ``tmp_path``; checks metrics.json matches."""
     cfg = compose(*overrides, f"trainer.run_dir={tmp_path}")
     metrics = train_script.train(cfg)
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = strict_loads((tmp_path / "metrics.json").read_text())
     assert written.keys() == metrics.keys()
     return metrics
 
@@ -374,6 +382,71 @@ def test_hparams_search_config(name):
     train_script.validate(compose(f"hparams_search={name}"))
 
 
+@pytest.mark.parametrize(
+    ("group", "name"),
+    [(g, n) for g, table in GROUP_TABLES.items() if not g.startswith("hydra") for n in table],
+)
+def test_every_config_option_has_only_keys_that_are_read(group, name):
+    # The key check must not refuse a config that ships: every option's keys are read.
+    train_script.check_config_keys(compose(f"{group}={name}"))
+
+
+def test_every_trainer_and_logger_setting_is_read_by_the_script():
+    # The schema of a group without a _target_ is its default file: each key there must be read
+    # by train.py, or the check would accept a key that nothing reads.
+    source = SCRIPT.read_text()
+    schema = cli.schema_from_conf(CONF)
+    for group in ("trainer", "logger"):
+        for key in schema[group]:
+            # as an attribute (trainer.epochs, cfg.logger.enabled) or by name (trainer[key])
+            assert re.search(rf'(\.{key}\b|"{key}")', source), f"{group}.{key} is read nowhere"
+
+
+# overrides -> the words the ConfigError names (the nearest valid key among them)
+UNREAD_KEYS = {
+    "+logger.flush_sec=3": ["logger.flush_sec is not a setting", "did you mean logger.flush_secs?"],
+    "+optimizer.learning_rte=0.5": [
+        "optimizer.learning_rte is not a parameter of optax.sgd",
+        "did you mean optimizer.learning_rate?",
+    ],
+    "+trainer.epoch=3": ["trainer.epoch is not a setting", "trainer.epochs?"],
+    "+sed=1": ["sed is not a setting", "did you mean seed?"],
+    "+dataset.seed=3": ["dataset.seed is set by the script itself"],
+    "+model.activaton=tanh": ["model.activaton is not a parameter of bpjax.mlp", "activation?"],
+    "+schedule.alpa=0.1": ["schedule.alpa", "optax.cosine_decay_schedule", "schedule.alpha?"],
+    "+loss.delta=1.0": ["loss.delta is not a parameter of bpjax.losses.softmax_cross_entropy"],
+    "loss=huber +loss.delt=1.0": ["loss.delt", "did you mean loss.delta?"],
+    "+dataset.tst_size=0.3": ["dataset.tst_size", "bpjax.data.digits", "dataset.test_size?"],
+    "hydra.job.chdir=false": [],  # Hydra's own keys are Hydra's to check
+}
+
+
+@pytest.mark.parametrize("overrides", list(UNREAD_KEYS))
+def test_unread_keys_are_config_errors(overrides):
+    cfg = compose(*TINY, "optimizer=sgd", *overrides.split(), "logger=none")
+    words = UNREAD_KEYS[overrides]
+    if not words:
+        train_script.check_config_keys(cfg)
+        return
+    with pytest.raises(train_script.ConfigError) as info:
+        train_script.validate(cfg)  # first of all the checks
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_features_are_checked_only_where_the_model_takes_them():
+    # A model whose target takes no `features` (a CNN, a list of layers) is not an MLP.
+    cfg = compose(*TINY)
+    with pytest.raises(train_script.ConfigError, match=r"model\.features must be positive"):
+        train_script.validate(compose(*TINY, "model.features=[0,10]"))
+    layers = [{"_target_": "bpjax.dense", "n_out": 16}, {"_target_": "bpjax.relu"}]
+    cfg.model = OmegaConf.create([*layers, {"_target_": "bpjax.dense", "n_out": 10}])
+    train_script.validate(cfg)
+    cfg.model = OmegaConf.create([*layers, {"_target_": "bpjax.dense", "nout": 10}])
+    with pytest.raises(train_script.ConfigError, match=r"model\[2\]\.nout .* model\[2\]\.n_out"):
+        train_script.validate(cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. train(cfg) in this process.
 
@@ -524,6 +597,8 @@ def test_train_diverged(tmp_path):
     assert f"epoch {metrics['epochs']}" in metrics["message"]
     assert f"step {metrics['diverged_step']}" in metrics["message"]
     assert math.isnan(metrics["objective"])
+    # metrics.json is strict JSON: it used to hold the bare token NaN
+    assert strict_loads((tmp_path / "metrics.json").read_text())["objective"] is None
 
 
 @pytest.mark.parametrize(
@@ -535,7 +610,9 @@ def test_train_diverged(tmp_path):
         (["seed=1", "trainer.resume=true"], r"cannot resume from .*seed 0 there, 1 here"),
     ],
 )
-def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run, overrides, match):
+def test_train_refuses_a_run_dir_with_another_runs_checkpoints(
+    digits_run, overrides, match, capsys
+):
     run_dir, _ = digits_run
     before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     cfg = compose(*DIGITS_RUN, *overrides, f"trainer.run_dir={run_dir}")
@@ -543,6 +620,8 @@ def test_train_refuses_a_run_dir_with_another_runs_checkpoints(digits_run, overr
         train_script.train(cfg)
     after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
     assert after == before  # not a file added, changed or deleted
+    # A refused resume used to say "resuming with changed settings: seed: 0 -> 1" first.
+    assert "resum" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -589,6 +668,104 @@ def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
     assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say
 
 
+def test_resume_of_a_finished_run_has_nothing_to_do(digits_run, capsys):
+    # It used to rewrite metrics.json with wall_seconds 2.7e-6 and 0 examples/s.
+    run_dir, metrics = digits_run
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    record = (run_dir / "metrics.json").read_bytes()
+    cfg = compose(*DIGITS_RUN, "trainer.resume=true", f"trainer.run_dir={run_dir}")
+    again = train_script.train(cfg)
+    assert again == strict_loads(record) and again["epochs"] == metrics["epochs"] == 2
+    after = sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    assert after == before and (run_dir / "metrics.json").read_bytes() == record
+    out = capsys.readouterr().out
+    assert (
+        f"nothing to do: the run in {run_dir} already reached epoch 2 (trainer.epochs=2): "
+        f"ckpt_000002.npz is its last checkpoint; metrics.json is left as it was"
+    ) in out
+    assert "epoch 3" not in out and "resumed from" not in out
+
+
+def test_resume_says_where_it_continues(tmp_path, capsys):
+    run_train(tmp_path, *TINY, "trainer.epochs=1", "logger=none")
+    capsys.readouterr()
+    metrics = run_train(tmp_path, *TINY, "trainer.epochs=2", "logger=none", "trainer.resume=true")
+    assert metrics["epochs"] == 2
+    out = capsys.readouterr().out.splitlines()
+    said = [line for line in out if line.startswith(("bpjax: resum", "epoch "))]
+    assert said == [
+        f"bpjax: resumed from {tmp_path / 'checkpoints' / 'ckpt_000001.npz'} (epoch 1 of 2)",
+        "bpjax: resuming with changed settings: trainer.epochs: 1 -> 2",
+        said[2],
+    ]
+    assert said[2].startswith("epoch 2/2 ")
+
+
+def test_train_warns_when_the_loss_explodes(tmp_path, capsys):
+    # Finite but exploding (8e20 on digits in the first epoch): it passed as "completed".
+    metrics = run_train(
+        tmp_path, *TINY, "trainer.epochs=1", "logger=none", "optimizer=sgd",
+        "optimizer.learning_rate=1e6",
+    )  # fmt: skip
+    assert metrics["status"] == "completed"
+    exploded = metrics["loss_exploded"]
+    assert exploded["epoch"] == 1
+    assert exploded["train_loss"] > EXPLODED * exploded["first_step_loss"]
+    assert exploded["first_step_loss"] == pytest.approx(math.log(10), rel=0.2)  # untrained
+    out, err = capsys.readouterr()
+    assert "warning: the training loss exploded at epoch 1" in err
+    assert "(optimizer.learning_rate=1000000.0)" in err
+    final = out.strip().splitlines()[-1]
+    assert (
+        final.startswith("bpjax: test_accuracy") and "WARNING: the training loss exploded" in final
+    )
+    record = strict_loads((tmp_path / "metrics.json").read_text())
+    assert record["loss_exploded"] == exploded
+
+
+def test_a_healthy_run_records_no_explosion(digits_run):
+    _, metrics = digits_run
+    assert metrics["loss_exploded"] is None
+
+
+def _damaged_data(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Files a user might give as dataset.path, each wrong in its own way."""
+    good = directory / "good.npz"
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.normal(size=(50, 3)), "y_train": np.arange(50) % 2,
+              "x_test": rng.normal(size=(20, 3)), "y_test": np.arange(20) % 2}  # fmt: skip
+    np.savez(good, **arrays)
+    files = {"good": good}
+    files["truncated"] = directory / "truncated.npz"
+    files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["text"] = directory / "text.npz"
+    files["text"].write_text("x_train,y_train\n1,2\n")
+    files["empty"] = directory / "empty.npz"
+    files["empty"].write_bytes(b"")
+    files["no_arrays"] = directory / "no_arrays.npz"
+    np.savez(files["no_arrays"], x_train=arrays["x_train"])
+    files["directory"] = directory / "a_directory"
+    files["directory"].mkdir()
+    return files
+
+
+# numpy's np.load leaves the file of a truncated .npz open when it raises (bpjax.data's npz
+# loader opens it through np.load); it is closed when collected, here, not in a later test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["truncated", "text", "empty", "no_arrays", "directory"])
+def test_damaged_data_file_is_a_config_error(tmp_path, damage):
+    # A truncated .npz ended in a traceback (zipfile.BadZipFile), naming no file.
+    path = _damaged_data(tmp_path)[damage]
+    cfg = compose("dataset=npz", f"dataset.path={path}", "model.features=[4,2]", "logger=none",
+                  f"trainer.run_dir={tmp_path / 'run'}")  # fmt: skip
+    with pytest.raises((train_script.ConfigError, FileNotFoundError)) as info:
+        train_script.train(cfg)
+    gc.collect()
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_batch_must_divide_over_the_devices(monkeypatch):
     def make_mesh(devices):  # as if there were 4 devices (one, repeated: only the size counts)
         n = 4 if devices == "all" else devices
@@ -610,6 +787,18 @@ def test_interrupted_message_says_what_was_saved(digits_run, tmp_path):
     message = train_script.interrupted_message(cfg)
     assert f"checkpointed in {run_dir / 'checkpoints'}" in message
     assert message.endswith(f"trainer.resume=true trainer.run_dir={run_dir}")
+    # The command names the interpreter running now (it said `python`, which outside an
+    # activated venv is another interpreter or none), and quotes what the shell and Hydra
+    # would split: a run directory with a space and a comma.
+    odd = tmp_path / "my run, 1"
+    shutil.copytree(run_dir / "checkpoints", odd / "checkpoints")
+    message = train_script.interrupted_message(compose(*TINY, f"trainer.run_dir='{odd}'"))
+    words = shlex.split(message.split("resume with: ", 1)[1])
+    assert os.path.abspath(words[0]) == os.path.abspath(sys.executable)
+    assert pathlib.Path(words[1]).resolve() == SCRIPT
+    assert words[2] == "trainer.resume=true"
+    override = OverridesParser.create().parse_override(words[3])
+    assert (override.key_or_group, override.value()) == ("trainer.run_dir", str(odd))
 
 
 def test_train_rejects_bad_config_before_compiling(tmp_path):
@@ -647,7 +836,8 @@ def events(digits_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = digits_run
-    tb = run_dir / "tb"
+    assert [p.name for p in (run_dir / "tb").iterdir()] == ["run"]  # the run's name, in-process
+    tb = run_dir / "tb" / "run"
     assert [p for p in tb.iterdir() if p.is_dir()] == []  # one run: no hparams subdirectory
     accumulator = EventAccumulator(str(tb), size_guidance={"scalars": 0, "histograms": 0})
     accumulator.Reload()
@@ -676,18 +866,15 @@ def test_tensorboard_hparams(events):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     content = events.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= content.keys()
+    # the run's session only: an experiment summary would stand for every run (see logging)
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/session_start_info"]
     ).session_start_info
     assert start.hparams["grad_mode"].string_value == "manual"
     assert start.hparams["dataset"].string_value == "digits"
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        content["_hparams_/experiment"]
-    ).experiment
-    metric_tags = {m.name.tag for m in experiment.metric_infos}
-    assert {"hparam/test_accuracy", "hparam/best_val_accuracy"} <= metric_tags
-    assert metric_tags <= set(events.Tags()["scalars"])  # the dashboard reads these scalars
+    scalars = set(events.Tags()["scalars"])
+    assert {"hparam/test_accuracy", "hparam/best_val_accuracy"} <= scalars
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,15 +901,60 @@ def test_script_command_line(tmp_path):
     assert metrics["epochs"] == 2 and metrics["status"] == "completed"
     assert "seed=3" in metrics["overrides"]
     assert f"test_accuracy {metrics['test_accuracy']:.4f}" in result.stdout
-    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # the TensorBoard run is named after the overrides (hydra.* left out), not a timestamp
+    name = (
+        "dataset=digits,model.features=[64,10],model.activation=tanh,optimizer=adam,"
+        "optimizer.learning_rate=1e-3,trainer.epochs=2,trainer.grad_mode=autodiff,seed=3"
+    )
+    assert list((run_dir / "tb" / name).glob("events.out.tfevents.*"))
 
 
-def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int) -> None:
+@pytest.mark.slow
+def test_script_on_a_terminal_keeps_a_line_per_epoch_above_the_bar(tmp_path):
+    # The bar used to replace the epoch lines: on a terminal the history disappeared.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    # 24 x 100 characters (a new pty has none, and tqdm draws no bar 0 columns wide)
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen(
+        script(*TINY[:-1], "trainer.epochs=3", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    assert proc.wait(timeout=300) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    # What stays on screen: each line's text after its last carriage return.
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).rsplit("\r", 1)[-1] for line in
+             screen.splitlines()]  # fmt: skip
+    epochs = [line.split()[1] for line in lines if line.startswith("epoch ")]
+    assert epochs == ["1/3", "2/3", "3/3"], screen
+    assert re.search(r"100%\|.*\| 3/3", screen), screen  # and the bar, drawn below them
+    assert lines[-1].startswith("bpjax: test_accuracy")
+
+
+def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int, swept: str) -> None:
     jobs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
     assert [p.name for p in jobs] == [str(i) for i in range(n_jobs)]
     objectives = {}
     for job in jobs:
-        metrics = json.loads((job / "metrics.json").read_text())
+        metrics = strict_loads((job / "metrics.json").read_text())
         assert metrics["status"] == "completed"
         objectives[job.name] = metrics["objective"]
     with open(sweep_dir / "summary.csv", newline="") as f:
@@ -734,7 +966,7 @@ def _check_sweep(sweep_dir: pathlib.Path, n_jobs: int) -> None:
     assert all(row["objective_name"] == "best_val_accuracy" for row in rows)
     table = (sweep_dir / "summary.md").read_text().splitlines()
     assert "best_val_accuracy" in table[0] and len(table) == 2 + n_jobs
-    assert "optimizer.learning_rate=" in table[2]
+    assert swept in table[2]
 
 
 def _digits_sweep(tmp_path, *overrides: str):
@@ -752,13 +984,78 @@ def _digits_sweep(tmp_path, *overrides: str):
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode == 0, result.stderr
-    _check_sweep(sweep_dir, 2)
+    _check_sweep(sweep_dir, 2, "optimizer.learning_rate=")
     return sweep_dir, result
 
 
-def test_script_multirun(tmp_path):
-    _, result = _digits_sweep(tmp_path)
+# A sweep over optimizers whose hyperparameters differ (sgd: learning_rate; adam: also b1, b2,
+# eps), with TensorBoard on.
+OPTIMIZER_SWEEP = ["dataset=digits", "model.features=[32,10]", "trainer.epochs=1",
+                   "optimizer=sgd,adam"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def optimizer_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimizer_sweep")
+    sweep_dir = root / "sweep"
+    result = run_script(
+        root, "-m", *OPTIMIZER_SWEEP, "logger=tensorboard", f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert result.returncode == 0, result.stderr
+    return sweep_dir, result
+
+
+def test_script_multirun(optimizer_sweep):
+    sweep_dir, result = optimizer_sweep
+    _check_sweep(sweep_dir, 2, "optimizer=")
     assert "sweep summary" in result.stdout
+
+
+def test_sweep_hparams_tab_shows_every_runs_hyperparameters(optimizer_sweep):
+    # The tab took the first run's experiment summary: sgd's, without adam's b1, b2, eps.
+    sweep_dir, _ = optimizer_sweep
+    experiment = hparams_experiment(sweep_dir)  # TensorBoard's own hparams backend
+    columns = {h.name: h for h in experiment.hparam_infos}
+    assert {"optimizer.b1", "optimizer.b2", "optimizer.eps", "optimizer.learning_rate"} <= set(
+        columns
+    )
+    assert sorted(columns["optimizer._target_"].domain_discrete) == ["optax.adam", "optax.sgd"]
+    assert {"hparam/test_accuracy", "hparam/best_val_accuracy"} <= {
+        m.name.tag for m in experiment.metric_infos
+    }
+
+
+def test_sweep_runs_are_named_and_lines_labelled(optimizer_sweep):
+    sweep_dir, result = optimizer_sweep
+    for job, optimizer in (("0", "sgd"), ("1", "adam")):
+        runs = [p.name for p in (sweep_dir / job / "tb").iterdir()]
+        assert runs == [",".join([*OPTIMIZER_SWEEP[:3], f"optimizer={optimizer}"])]
+    epochs = [line for line in result.stdout.splitlines() if "epoch 1/1" in line]
+    assert [line.split("]")[0] for line in epochs] == ["[job 0", "[job 1"]
+    assert any(
+        line.startswith("[job 1] bpjax: test_accuracy") for line in result.stdout.splitlines()
+    )
+
+
+def test_sweep_of_damaged_data_files_records_them_and_goes_on(tmp_path):
+    # A damaged file ended the sweep at its job (exit 1), with no summary.
+    files = _damaged_data(tmp_path)
+    paths = ",".join(str(files[k]) for k in ("truncated", "text", "good"))
+    sweep_dir = tmp_path / "sweep"
+    result = run_script(
+        tmp_path, "-m", "dataset=npz", f"dataset.path={paths}", "model.features=[4,2]",
+        "trainer.batch_size=8", "trainer.epochs=1", "logger=none", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = [strict_loads((sweep_dir / j / "metrics.json").read_text()) for j in "012"]
+    assert [r["status"] for r in records] == ["invalid", "invalid", "completed"]
+    for job, name in (("0", "truncated.npz"), ("1", "text.npz")):
+        assert name in records[int(job)]["message"]
+        errors = [line for line in result.stderr.splitlines() if f"[job {job}] error:" in line]
+        assert len(errors) == 1 and name in errors[0]
+    assert "Traceback" not in result.stderr
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert len(table) == 5 and "| 2 |" in table[2]  # the good job first
 
 
 def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
@@ -768,12 +1065,12 @@ def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     result = run_script(tmp_path, *sweep, f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr
     assert "error: optimizer.learning_rate must be a positive number, got -1" in result.stderr
-    invalid = json.loads((sweep_dir / "0" / "metrics.json").read_text())
-    assert invalid["status"] == "invalid" and math.isnan(invalid["objective"])
+    invalid = strict_loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert invalid["status"] == "invalid" and invalid["objective"] is None
     assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["status"] == "completed"
     table = (sweep_dir / "summary.md").read_text().splitlines()
     assert "best_val_accuracy" in table[0]
-    assert "| 1 | 1 |" in table[2] and table[3].endswith("invalid |")  # the invalid job last
+    assert "| 1 | 1 |" in table[2] and "| invalid |" in table[3]  # the invalid job last
     # The same sweep again into the same directory: its jobs' run directories hold the first
     # sweep's checkpoints. That stops the sweep (exit 2), and no finished record is replaced.
     before = {job: (sweep_dir / job / "metrics.json").read_bytes() for job in ("0", "1")}
@@ -837,6 +1134,15 @@ BAD_INPUTS = {
     "seed=1.5": ["seed", "1.5"],
     "seed=-1": ["seed", "-1"],
     "trainer.distributed=true": ["trainer.distributed=true", "jax.distributed.initialize"],
+    # Keys that nothing reads: ignored, or a TypeError traceback from optax.
+    "+logger.flush_sec=3": ["logger.flush_sec", "did you mean logger.flush_secs?"],
+    "+optimizer.learning_rte=0.5": ["optimizer.learning_rte", "optimizer.learning_rate?"],
+    # Hydra's own refusals of the command line (exit 1, several lines, no suggestion).
+    "trainer.epoch=3": ["trainer.epoch", "did you mean trainer.epochs?"],
+    "optimizer=adamm": ["optimizer=adamm", "did you mean optimizer=adam?"],
+    # Damaged data files (a traceback: zipfile.BadZipFile; numpy's allow_pickle advice).
+    "dataset=npz dataset.path={bad}/truncated.npz": ["{bad}/truncated.npz"],
+    "dataset=npz dataset.path={bad}/text.npz": ["{bad}/text.npz"],
 }
 
 
@@ -844,10 +1150,14 @@ BAD_INPUTS = {
 def bad_runs(tmp_path_factory):
     """Every bad command line, started at once (they are short: mostly interpreter start-up)."""
     root = tmp_path_factory.mktemp("bad")
+    bad = root / "files"
+    bad.mkdir()
+    _damaged_data(bad)
     procs = {}
     for i, overrides in enumerate(BAD_INPUTS):
         run_dir = root / str(i)
-        args = script("dataset=digits", *overrides.split(), f"hydra.run.dir={run_dir}")
+        overrides_here = overrides.format(bad=bad).split()
+        args = script("dataset=digits", *overrides_here, f"hydra.run.dir={run_dir}")
         procs[overrides] = (
             run_dir,
             subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
@@ -855,19 +1165,19 @@ def bad_runs(tmp_path_factory):
     results = {}
     for overrides, (run_dir, proc) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
-        results[overrides] = (run_dir, proc.returncode, stdout.decode(), stderr.decode())
+        results[overrides] = (run_dir, proc.returncode, stdout.decode(), stderr.decode(), bad)
     return results
 
 
 @pytest.mark.parametrize("overrides", list(BAD_INPUTS))
 def test_script_bad_input(bad_runs, overrides):
-    run_dir, returncode, stdout, stderr = bad_runs[overrides]
+    run_dir, returncode, stdout, stderr, bad = bad_runs[overrides]
     assert returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     for word in BAD_INPUTS[overrides]:
-        assert word in errors[0]
+        assert word.format(bad=bad) in errors[0]
     assert "epoch" not in stdout  # stopped before compiling or training
     assert not (run_dir / "checkpoints").exists()
     assert not (run_dir / "metrics.json").exists()
@@ -915,22 +1225,54 @@ def test_script_sigterm_then_resume(tmp_path):
         run_dir / "checkpoints" / f"ckpt_{stopped:06d}.npz"
     )  # a complete file, readable
 
+    # The printed command, as a user would paste it (it said `python`), with more epochs.
     epochs = stopped + 2
-    result = run_script(
-        tmp_path,
-        *common,
-        f"trainer.epochs={epochs}",
-        "trainer.resume=true",
-        f"trainer.run_dir={run_dir}",
-        f"hydra.run.dir={tmp_path / 'resumed'}",
+    command = shlex.split(stderr.split("resume with: ", 1)[1].strip())
+    assert os.path.abspath(command[0]) == os.path.abspath(sys.executable)
+    hydra_record = (run_dir / ".hydra" / "config.yaml").read_bytes()
+    result = subprocess.run(
+        [*command, f"trainer.epochs={epochs}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
+    checkpoint_file = run_dir / "checkpoints" / f"ckpt_{stopped:06d}.npz"
+    assert f"resumed from {checkpoint_file} (epoch {stopped} of {epochs})" in result.stdout
     assert f"resuming with changed settings: trainer.epochs: 100000 -> {epochs}" in result.stdout
+    # The resume stays in its run directory: no outputs/DATE/TIME/.hydra of its own, and the
+    # run's .hydra/ record is kept; the resume's is beside it.
+    assert not (tmp_path / "outputs").exists()
+    assert (run_dir / ".hydra" / "config.yaml").read_bytes() == hydra_record
+    (resumed,) = [p for p in (run_dir / ".hydra").iterdir() if p.is_dir()]
+    assert OmegaConf.load(resumed / "config.yaml").trainer.resume is True
     lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in lines] == [f"{stopped + 1}/{epochs}", f"{epochs}/{epochs}"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == epochs and metrics["status"] == "completed"
     assert metrics["steps"] == epochs * (1150 // 16)  # the step counter was restored too
+
+
+@pytest.mark.slow
+def test_script_resume_stays_in_its_run_directory(tmp_path):
+    # Each resume left a stray outputs/DATE/TIME/.hydra; one of a finished run rewrote its
+    # metrics.json (wall_seconds 2.7e-6, 0 examples/s).
+    first = run_script(tmp_path, *TINY, "trainer.epochs=1", "logger=none")
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    again = run_script(
+        tmp_path, *TINY, "trainer.epochs=1", "logger=none", "trainer.resume=true",
+        f"trainer.run_dir={run_dir}",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stdout and "ckpt_000001.npz is its last" in again.stdout
+    assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]  # no stray directory
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert {p: after[p] for p in before} == before  # metrics.json, .hydra/: as they were
+    added = sorted(p.relative_to(run_dir).parts[:2] for p in set(after) - set(before))
+    assert {parts[0] for parts in added} == {".hydra"} and len({p[1] for p in added}) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,11 +110,8 @@ def test_hparams_are_written_into_the_same_run(tmp_path):
     assert_single_run(tmp_path)
     run = read_run(tmp_path)
     content = run.PluginTagToContent("hparams")
-    assert set(content) == {
-        "_hparams_/experiment",
-        "_hparams_/session_start_info",
-        "_hparams_/session_end_info",
-    }
+    # No experiment summary: TensorBoard would take the first it finds for every run.
+    assert set(content) == {"_hparams_/session_start_info", "_hparams_/session_end_info"}
     start = plugin_data_pb2.HParamsPluginData.FromString(
         content["_hparams_/session_start_info"]
     ).session_start_info
@@ -128,16 +125,55 @@ def test_hparams_are_written_into_the_same_run(tmp_path):
         "batch": 32.0,
         "seed": 0.0,
     }
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(
-        content["_hparams_/experiment"]
-    ).experiment
-    assert {m.name.tag for m in experiment.metric_infos} == {"val/loss", "hparams/best_acc"}
+    experiment = hparams_experiment(tmp_path)  # as the HParams tab builds it
+    assert {h.name for h in experiment.hparam_infos} == set(values)
+    assert {"val/loss", "hparams/best_acc"} <= {m.name.tag for m in experiment.metric_infos}
     # Final metrics are scalars of this run, at the last step logged.
     (best_acc,) = run.Scalars("hparams/best_acc")
     assert (best_acc.step, best_acc.value) == (4, 0.75)
     val_loss = run.Scalars("val/loss")
     assert val_loss[-1].step == 4
     assert val_loss[-1].value == pytest.approx(0.2)
+
+
+def hparams_experiment(logdir: pathlib.Path):
+    """The experiment (the HParams tab's columns) that TensorBoard's hparams plugin builds for
+    every run under ``logdir``, through the plugin's own backend."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
+    hparams = backend_context.Context(
+        base_plugin.TBContext(data_provider=provider, multiplexer=multiplexer, logdir=str(logdir))
+    )
+    request = context.RequestContext()
+    return hparams.experiment_from_metadata(
+        request,
+        "",
+        True,
+        hparams.hparams_metadata(request, ""),
+        hparams.hparams_from_data_provider(request, "", limit=None),
+    )
+
+
+def test_hparams_tab_shows_the_union_of_all_runs(tmp_path):
+    # Runs that each declared their own experiment showed only the first run's columns
+    # (a sweep over sgd and adam lost adam's b1, b2, eps).
+    for name, optimizer in (("sgd", {"lr": 0.1}), ("adam", {"lr": 1e-3, "b1": 0.9, "eps": 1e-8})):
+        with TensorBoardLogger(tmp_path / name) as log:
+            log.scalar("val/loss", 1.0, 3)
+            log.hparams({"optimizer": {"name": name, **optimizer}}, {"hparam/acc": 0.5})
+    experiment = hparams_experiment(tmp_path)
+    columns = {h.name: h for h in experiment.hparam_infos}
+    assert set(columns) == {"optimizer.name", "optimizer.lr", "optimizer.b1", "optimizer.eps"}
+    assert sorted(columns["optimizer.name"].domain_discrete) == ["adam", "sgd"]
+    assert columns["optimizer.lr"].domain_interval.min_value == pytest.approx(1e-3)
+    assert {"hparam/acc", "val/loss"} <= {m.name.tag for m in experiment.metric_infos}
 
 
 def test_hparams_metric_step_may_be_given(tmp_path):

@@ -12,7 +12,7 @@ import pathlib
 import pytest
 from omegaconf import OmegaConf
 
-from bpjax import sweep
+from bpjax import cli, sweep
 
 # What each public name of `bpjax.sweep` is tested by (a new name must be added here).
 TESTED = {
@@ -37,8 +37,8 @@ def _job(sweep_dir: pathlib.Path, name: str, objective: float, objective_name: s
         "status": "completed" if math.isfinite(objective) else "diverged",
         **extra,
     }
-    # json.dumps writes NaN as the bare token NaN, as train.py's metrics.json does
-    (job / "metrics.json").write_text(json.dumps(record))
+    # strict JSON, as train.py writes it: a non-finite objective is null
+    (job / "metrics.json").write_text(cli.strict_json(record))
 
 
 def _sweep(tmp_path, objective_name, objectives):
@@ -63,15 +63,36 @@ def test_an_invalid_job_ranks_last_and_the_objective_comes_from_the_others(tmp_p
     # train.py records a job whose config was invalid without an objective_name: job 0 here.
     job = tmp_path / "0"
     job.mkdir()
-    invalid = {"status": "invalid", "objective": math.nan, "overrides": ["lr=-1"]}
+    invalid = {"status": "invalid", "objective": None, "overrides": ["lr=-1"]}
     (job / "metrics.json").write_text(json.dumps(invalid))
     _job(tmp_path, "1", 0.3, "best_val_loss")
     _job(tmp_path, "2", 0.1, "best_val_loss")
     assert [row["job_dir"] for row in sweep.collect(tmp_path)] == ["2", "1", "0"]  # lower first
     table = sweep.write_summary(tmp_path)
-    assert "best_val_loss" in table.splitlines()[0] and table.splitlines()[-1].endswith("invalid |")
+    last = table.splitlines()[-1].split(" | ")
+    assert "best_val_loss" in table.splitlines()[0] and last[3] == "" and last[-2] == "invalid"
     csv_rows = (tmp_path / "summary.csv").read_text().splitlines()[1:]
     assert all(",best_val_loss," in row for row in csv_rows)
+
+
+def test_collect_reads_records_with_a_bare_nan(tmp_path):
+    # Records written before metrics.json was strict JSON still rank (last).
+    _sweep(tmp_path, "best_val_loss", {"0": 0.3})
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "metrics.json").write_text('{"objective": NaN, "status": "diverged"}')
+    assert [row["job_dir"] for row in sweep.collect(tmp_path)] == ["0", "1"]
+
+
+def test_loss_exploded_column(tmp_path):
+    _sweep(tmp_path, "best_val_accuracy", {"0": 0.8})
+    exploded = {"epoch": 3, "train_loss": 8e29, "first_step_loss": 2.3}
+    _job(tmp_path, "1", 0.1, "best_val_accuracy", loss_exploded=exploded)
+    table = sweep.write_summary(tmp_path).splitlines()
+    assert table[0].endswith("| status | loss_exploded |")
+    assert table[2].endswith("| completed |  |") and table[3].endswith("| completed | 3 |")
+    with open(tmp_path / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["loss_exploded"] for row in rows] == ["", "3"]
 
 
 def test_collect_ignores_unfinished_jobs(tmp_path):

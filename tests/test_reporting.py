@@ -1,0 +1,218 @@
+"""Tests of `bpjax.reporting`: console lines and the progress bar, TensorBoard events on disk at
+every epoch end (read back by TensorBoard's own reader), the exploding-loss watch, run names.
+
+Epoch records are built by hand, with the keys ``bpjax.fit`` gives its callbacks; the real
+script is tested in ``test_experiments.py``.
+"""
+
+import io
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from bpjax import reporting
+from bpjax.logging import NullLogger, TensorBoardLogger
+from bpjax.reporting import EXPLODED, Console, EpochReporter, run_name, tensorboard_dir
+
+# What each public name of `bpjax.reporting` is tested by (a new name must be added here).
+TESTED = {
+    "EXPLODED": "test_exploding_loss_*",
+    "Console": "test_console_*",
+    "EpochReporter": "test_events_are_on_disk_after_each_epoch",
+    "format_number": "test_format_number",
+    "run_name": "test_run_name",
+    "tensorboard_dir": "test_tensorboard_dir",
+}
+
+
+def test_public_names_are_tested():
+    assert set(TESTED) == set(reporting.__all__)
+
+
+def record(epoch: int, losses, *, steps_per_epoch: int = 4, **extra) -> dict:
+    """An epoch record as ``bpjax.fit`` passes it to callbacks."""
+    losses = np.asarray(losses, np.float32)
+    return {
+        "epoch": epoch,
+        "step": epoch * steps_per_epoch,
+        "train_loss": float(losses.mean()),
+        "epoch_seconds": 0.5,
+        "examples_per_second": 1000.0,
+        "step_metrics": {"loss": losses},
+        "params": (),
+        "evaluated": True,
+        **extra,
+    }
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_plain_lines_off_a_terminal(capsys):
+    console = Console("[job 1] ")
+    console.start(3)
+    assert console.bar is None  # pytest's stdout is no terminal
+    console.say("first\nsecond")
+    console.say("oops", err=True)
+    console.advance(1, "x")
+    console.close()
+    out, err = capsys.readouterr()
+    assert out == "[job 1] first\n[job 1] second\n"
+    assert err == "[job 1] oops\n"
+
+
+def test_console_keeps_each_line_above_the_bar(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    reporter = EpochReporter(
+        NullLogger(), epochs=3, steps_per_epoch=4, schedule=lambda step: 0.1, console=Console()
+    )
+    reporter.console.start(3)
+    assert reporter.console.bar is not None
+    for epoch in (1, 2, 3):
+        reporter(record(epoch, [1.0 / epoch] * 4, val_accuracy=0.5 + epoch / 10))
+    reporter.close()
+    lines = [line.rsplit("\r", 1)[-1] for line in terminal.getvalue().splitlines()]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"]
+    assert "val_accuracy 0.8000" in epochs[-1]
+    assert "3/3" in terminal.getvalue().rsplit("epoch 3/3", 1)[-1]  # the bar, drawn after it
+
+
+def test_console_bar_starts_where_a_resumed_run_left_off(monkeypatch):
+    monkeypatch.setattr("sys.stdout", FakeTerminal())
+    console = Console(progress=True)
+    console.start(10)
+    console.advance(7, "resumed")
+    assert console.bar.n == 7
+    console.close()
+    assert console.bar is None
+
+
+def test_events_are_on_disk_after_each_epoch(tmp_path):
+    # A kill -9 used to lose the last ~10 s of curves (an empty event file after two epochs).
+    logger = TensorBoardLogger(tmp_path, flush_secs=3600)  # never by the clock
+    reporter = EpochReporter(logger, epochs=2, steps_per_epoch=4, schedule=lambda step: 0.1)
+    for epoch in (1, 2):
+        reporter(record(epoch, [2.0, 1.0, 1.0, 0.0], val_loss=0.5 * epoch))
+        run = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+        run.Reload()  # before close: what a kill -9 now would leave on disk
+        assert [(e.step, e.value) for e in run.Scalars("train/loss")][-1] == (4 * epoch, 1.0)
+        assert len(run.Scalars("val/loss")) == epoch
+        assert {"opt/learning_rate", "perf/examples_per_second"} <= set(run.Tags()["scalars"])
+    logger.close()
+
+
+def test_resume_lines_are_said_once_at_the_first_epoch(capsys):
+    starts = []
+
+    def on_resume(start):
+        starts.append(start)
+        return [f"resumed from epoch {start}"]
+
+    reporter = EpochReporter(
+        NullLogger(), epochs=9, steps_per_epoch=4, schedule=lambda s: 0.1, on_resume=on_resume
+    )
+    reporter(record(6, [1.0]))
+    reporter(record(7, [1.0]))
+    assert starts == [5]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "resumed from epoch 5" and out[1].startswith("epoch 6/9")
+    fresh = EpochReporter(
+        NullLogger(), epochs=9, steps_per_epoch=4, schedule=lambda s: 0.1, on_resume=on_resume
+    )
+    fresh(record(1, [1.0]))  # epoch 1: nothing was resumed
+    assert starts == [5]
+
+
+def _watch(epoch_losses, **kwargs):
+    reporter = EpochReporter(
+        NullLogger(), epochs=len(epoch_losses), steps_per_epoch=2, schedule=lambda s: 0.1, **kwargs
+    )
+    for epoch, losses in enumerate(epoch_losses, 1):
+        reporter(record(epoch, losses, steps_per_epoch=2))
+    return reporter
+
+
+def test_exploding_loss_is_flagged_once(capsys):
+    # the first step's loss is 2.3: 1000x that is 2300
+    reporter = _watch([[2.3, 1.0], [2.0, 5000.0], [8e29, 8e29]], explosion_hint="lr 1e6")
+    assert reporter.exploded == {
+        "epoch": 2,
+        "train_loss": 2501.0,
+        "first_step_loss": 2.299999952316284,
+    }
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1
+    assert (
+        "the training loss exploded at epoch 2: 2501, over 1000 times the first step's 2.3" in err
+    )
+    assert err.rstrip().endswith("; lr 1e6")
+    assert reporter.explosion().startswith("the training loss exploded at epoch 2")
+
+
+@pytest.mark.parametrize(
+    "epoch_losses",
+    [
+        [[2.3, 0.5], [0.001, 0.002], [1e-6, 1e-6], [1e-3, 1e-3]],  # wobbles near zero
+        [[1.0, 1.0], [999.0, 999.0]],  # below EXPLODED times the first step
+        [[0.0, 0.0], [5.0, 5.0]],  # no scale to compare with
+    ],
+)
+def test_exploding_loss_not_flagged(epoch_losses, capsys):
+    reporter = _watch(epoch_losses)
+    assert reporter.exploded is None and reporter.explosion() == ""
+    assert "warning" not in capsys.readouterr().err
+    assert EXPLODED == 1e3 and math.isfinite(EXPLODED)
+
+
+def test_format_number():
+    assert reporting.format_number(0.12345) == "0.1235"
+    assert reporting.format_number(825314960644383965184.0) == "8.253e+20"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ([], "defaults"),
+        (
+            ["optimizer=adam", "optimizer.learning_rate=0.1"],
+            "optimizer=adam,optimizer.learning_rate=0.1",
+        ),
+        (
+            [
+                "dataset=npz",
+                "dataset.path=/data/x.npz",
+                "trainer.run_dir=/r",
+                "trainer.resume=true",
+            ],
+            "dataset=npz,dataset.path=_data_x.npz",
+        ),
+        (["logger=tensorboard", "logger.flush_secs=3", "trainer.progress=false"], "defaults"),
+        (["+trainer.resume=true", "~model.w_init", "seed=3"], "~model.w_init,seed=3"),
+    ],
+)
+def test_run_name(overrides, name):
+    assert run_name(overrides) == name
+
+
+def test_run_name_is_a_file_name():
+    name = run_name([f"model.features=[{','.join(['100'] * 100)}]"])
+    assert len(name.encode()) <= 200 and "/" not in name
+    assert name != run_name([f"model.features=[{','.join(['100'] * 101)}]"])  # the hash differs
+
+
+def test_tensorboard_dir(tmp_path):
+    assert tensorboard_dir(tmp_path, "seed=1") == tmp_path / "tb" / "seed=1"
+    (tmp_path / "tb" / "seed=1").mkdir(parents=True)
+    # a resume (other overrides, e.g. trainer.epochs) continues the run's own curves
+    assert tensorboard_dir(tmp_path, "seed=1,trainer.epochs=9") == tmp_path / "tb" / "seed=1"
+    old = pathlib.Path(tmp_path / "old")
+    (old / "tb").mkdir(parents=True)
+    (old / "tb" / "events.out.tfevents.1.host").write_bytes(b"")
+    assert tensorboard_dir(old, "seed=1") == old / "tb"  # a run from before run names
