@@ -94,9 +94,11 @@ from bpjax.layers.combinators import (
     residual,
     serial,
 )
+from bpjax.layers.conv import conv2d
 from bpjax.layers.dense import dense
 from bpjax.layers.dropout import dropout
 from bpjax.layers.models import mlp
+from bpjax.layers.pooling import avg_pool, global_avg_pool, max_pool
 from bpjax.layers.shape import flatten
 
 __all__ = [
@@ -104,6 +106,8 @@ __all__ = [
     "Layer",
     "activation",
     "apply",
+    "avg_pool",
+    "conv2d",
     "default_w_init",
     "dense",
     "dropout",
@@ -113,11 +117,13 @@ __all__ = [
     "fan_out",
     "flatten",
     "gelu",
+    "global_avg_pool",
     "identity",
     "init_state",
     "is_stateful",
     "leaky_relu",
     "log_softmax",
+    "max_pool",
     "mlp",
     "out_shape",
     "parallel",
