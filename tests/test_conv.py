@@ -368,3 +368,50 @@ def test_no_more_work_than_autodiff(kwargs, in_shape):
     assert manual["convolution"] == auto["convolution"] == 3  # forward, dx, dw
     for op in ("transpose", "copy", "reverse"):
         assert manual[op] <= auto[op], (op, manual, auto)
+
+
+@pytest.mark.parametrize(
+    ("net", "in_shape"),
+    [
+        (
+            layers.serial(
+                layers.conv2d(6, 5, padding=2),
+                layers.relu(),
+                layers.max_pool(2),
+                layers.conv2d(16, 5, padding="VALID"),
+                layers.relu(),
+                layers.max_pool(2),
+                layers.flatten(),
+                layers.dense(120),
+                layers.relu(),
+                layers.dense(10),
+            ),
+            (16, 28, 28, 1),
+        ),
+        (
+            layers.serial(
+                layers.conv2d(16, 3),
+                layers.residual(
+                    layers.serial(
+                        layers.relu(), layers.conv2d(16, 3), layers.relu(), layers.conv2d(16, 3)
+                    )
+                ),
+                layers.avg_pool(2),
+                layers.global_avg_pool(),
+                layers.dense(10),
+            ),
+            (16, 16, 16, 3),
+        ),
+    ],
+    ids=["lenet", "residual-block"],
+)
+def test_cnns_do_no_more_work_than_autodiff(net, in_shape):
+    out_shape, params = net.init(jax.random.key(0), in_shape)
+    x, dy = normal(in_shape, jnp.float32), normal(out_shape, jnp.float32, seed=1)
+    manual_fn, auto_fn = forward_backward(net), functools.partial(autodiff, net)
+    assert_no_more_work(
+        xla_cost(manual_fn, params, x, dy, None), xla_cost(auto_fn, params, x, dy, None)
+    )
+    manual, auto = hlo_ops(manual_fn, params, x, dy, None), hlo_ops(auto_fn, params, x, dy, None)
+    assert manual["convolution"] == auto["convolution"]
+    assert manual["transpose"] <= auto["transpose"]

@@ -124,10 +124,12 @@ def max_pool(
 
         dx[b, h, w, c] = sum over windows (i, j) whose first maximum is at (h, w) of dy[b, i, j, c]
 
-    This is ``jax.grad``'s rule (XLA's select-and-scatter with ``>=``) and the CS231n
-    ``max_pool_backward_naive`` one. Ties are common (after a ReLU, all-zero windows): a naive
-    mask ``x == max`` would send ``dy`` to every tied entry, multiplying the window's gradient by
-    the number of ties.
+    This is ``jax.grad``'s rule (XLA's select-and-scatter with ``>=``), and ``np.argmax``'s
+    choice in a loop such as CS231n's ``max_pool_backward_naive``. Ties are common (after a
+    ReLU, all-zero windows): a naive mask ``x == max`` would send ``dy`` to every tied entry,
+    multiplying the window's gradient by the number of ties. A window holding a NaN outputs
+    NaN, which no entry equals, so its ``dy`` is dropped (``jax.grad`` sends it to a finite
+    entry); the loss is NaN either way.
 
     Args:
       window: ``k`` or ``(k_h, k_w)``.
