@@ -261,6 +261,99 @@ LAYERS += [
         has_params=True,
     ),
 ]
+# Convolutions and pooling (conv.py, pooling.py). One example is [h, w, c]; odd sizes and
+# strides that do not divide them leave trailing rows/columns that no window reads. Outputs
+# stay small: float32 sums of many terms stray from float64 by more than ATOL, autodiff's too.
+LAYERS += [
+    Case("conv2d-3x3", "conv2d", lambda: layers.conv2d(4, 3), (4, 3, 2), has_params=True),
+    Case(
+        "conv2d-stride2-same-odd",  # SAME pads asymmetrically here: (1, 1) rows, (0, 1) columns
+        "conv2d",
+        lambda: layers.conv2d(3, 3, stride=2),
+        (5, 4, 2),
+        has_params=True,
+    ),
+    Case(
+        "conv2d-valid-rect-unread-he",  # row 5 and columns 5, 6 are never read
+        "conv2d",
+        lambda: layers.conv2d(
+            3, (3, 2), stride=(2, 3), padding="VALID", w_init="he_normal", b_init="normal"
+        ),
+        (6, 7, 2),
+        has_params=True,
+    ),
+    Case(
+        "conv2d-kernel5x3-stride3x2-dilation1x2",  # kernels larger than the strides
+        "conv2d",
+        lambda: layers.conv2d(2, (5, 3), stride=(3, 2), dilation=(1, 2)),
+        (8, 7, 2),
+        has_params=True,
+    ),
+    Case(
+        "conv2d-stride2-pad-wider-than-kernel",  # dx's low pad (k - 1) d - lo < 0: a crop
+        "conv2d",
+        lambda: layers.conv2d(2, 2, stride=2, padding=3),
+        (3, 4, 2),
+        has_params=True,
+    ),
+    Case(
+        "conv2d-groups2-stride2-explicit-pads",
+        "conv2d",
+        lambda: layers.conv2d(6, 3, stride=2, padding=[(2, 0), (1, 2)], feature_group_count=2),
+        (5, 4, 4),
+        has_params=True,
+    ),
+    Case(
+        "conv2d-depthwise-x2-no-bias",  # groups == c_in, two outputs per input channel
+        "conv2d",
+        lambda: layers.conv2d(6, 3, feature_group_count=3, use_bias=False),
+        (4, 4, 3),
+        has_params=True,
+    ),
+    Case("max_pool-2-odd", "max_pool", lambda: layers.max_pool(2), (5, 4, 3)),
+    Case(
+        "max_pool-3-stride2-same",  # overlapping windows
+        "max_pool",
+        lambda: layers.max_pool(3, stride=2, padding="SAME"),
+        (7, 6, 2),
+    ),
+    Case(
+        "max_pool-2x3-stride1x2-explicit-pads",
+        "max_pool",
+        lambda: layers.max_pool((2, 3), stride=(1, 2), padding=[(1, 0), (0, 2)]),
+        (5, 7, 2),
+    ),
+    Case("avg_pool-2-odd", "avg_pool", lambda: layers.avg_pool(2), (5, 7, 2)),
+    Case(
+        "avg_pool-3-stride2-same",
+        "avg_pool",
+        lambda: layers.avg_pool(3, stride=2, padding="SAME"),
+        (7, 6, 2),
+    ),
+    Case(
+        "avg_pool-3x2-stride1-pad1",
+        "avg_pool",
+        lambda: layers.avg_pool((3, 2), stride=1, padding=1),
+        (4, 5, 2),
+    ),
+    Case("global_avg_pool", "global_avg_pool", layers.global_avg_pool, (5, 3, 4)),
+    Case(
+        "serial-cnn",  # relu then max_pool: all-zero windows (ties) occur
+        "serial",
+        lambda: layers.serial(
+            layers.conv2d(4, 3),
+            layers.relu(),
+            layers.max_pool(2),
+            layers.conv2d(6, 3, stride=2, padding="VALID", feature_group_count=2),
+            layers.relu(),
+            layers.avg_pool(2, stride=1, padding="SAME"),
+            layers.global_avg_pool(),
+            layers.dense(3),
+        ),
+        (10, 9, 2),
+        has_params=True,
+    ),
+]
 LAYER_IDS = [c.id for c in LAYERS]
 CASES = {c.id: c for c in LAYERS}
 BATCHES = [1, 7]

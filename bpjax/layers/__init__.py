@@ -94,10 +94,12 @@ from bpjax.layers.combinators import (
     residual,
     serial,
 )
+from bpjax.layers.conv import conv2d
 from bpjax.layers.dense import dense
 from bpjax.layers.dropout import dropout
 from bpjax.layers.models import mlp
 from bpjax.layers.normalization import batch_norm, group_norm, layer_norm
+from bpjax.layers.pooling import avg_pool, global_avg_pool, max_pool
 from bpjax.layers.shape import flatten
 
 __all__ = [
@@ -106,6 +108,8 @@ __all__ = [
     "activation",
     "apply",
     "batch_norm",
+    "avg_pool",
+    "conv2d",
     "default_w_init",
     "dense",
     "dropout",
@@ -116,12 +120,14 @@ __all__ = [
     "flatten",
     "gelu",
     "group_norm",
+    "global_avg_pool",
     "identity",
     "init_state",
     "is_stateful",
     "layer_norm",
     "leaky_relu",
     "log_softmax",
+    "max_pool",
     "mlp",
     "out_shape",
     "parallel",
