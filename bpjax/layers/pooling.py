@@ -13,11 +13,9 @@ a strided slice of the padded input, so the scatter for one offset is a single `
 padding), and overlapping windows add up.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -76,34 +74,44 @@ def _offsets(window: Pair) -> list[Pair]:
     return [(p, q) for p in range(window[0]) for q in range(window[1])]
 
 
-@functools.partial(jax.jit, static_argnames=("window", "stride", "pads"))
-def _max_pool_dx(x: Any, y: Any, dy: Any, *, window: Pair, stride: Pair, pads: Pads) -> Any:
-    """``max_pool``'s dx (before the cast to x's dtype): each window's ``dy`` to its first
-    maximum, one strided slice and one ``_place`` per window offset.
+def _window_entries(padded: Any, offset: Pair, stride: Pair, out_hw: Pair) -> Any:
+    """The entries at ``offset`` of every window: a strided slice [batch, m_h, m_w, c]."""
+    (p, q), (m_h, m_w) = offset, out_hw
+    limit = (padded.shape[0], p + (m_h - 1) * stride[0] + 1, q + (m_w - 1) * stride[1] + 1)
+    return lax.slice(padded, (0, p, q, 0), (*limit, padded.shape[3]), (1, *stride, 1))
 
-    Jitted so that an eager call compiles one program, not each offset's half-dozen operations
-    one by one; inside a jitted step it is inlined like any other function.
+
+def _first_max(x: Any, *, window: Pair, stride: Pair, pads: Pads, out_hw: Pair) -> Any:
+    """The index (row-major offset in the window) of each window's FIRST maximum.
+
+    Found in the forward, by comparing the window's entries in order (a strict ``>``: a tie
+    keeps the earlier offset), and kept for the backward. A backward that compared ``x`` with
+    the maximum again (``x == y``) could find NO entry equal under ``jit``, where XLA may
+    compute ``x`` in two places with different rounding, and drop the window's gradient;
+    an index always names one entry. (NaNs: the index then names some entry of a window whose
+    output is NaN; the loss is NaN either way.)
     """
     padded = lax.pad(x, _lowest(x.dtype), [(*p, 0) for p in _pad_config(pads)])
-    m_h, m_w = y.shape[1:3]
-    taken = None  # windows whose maximum an earlier offset already received
-    dx = None
+    index = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+    best, first = None, None
+    for k, offset in enumerate(_offsets(window)):
+        entries = _window_entries(padded, offset, stride, out_hw)
+        if best is None:
+            best, first = entries, jnp.zeros(entries.shape, index)
+            continue
+        better = entries > best
+        best = jnp.where(better, entries, best)
+        first = jnp.where(better, jnp.asarray(k, index), first)
+    return first
+
+
+def _max_pool_dx(first: Any, dy: Any, *, window: Pair, stride: Pair, pads: Pads, in_hw: Any):
+    """``max_pool``'s dx: each window's ``dy`` to its first maximum, one ``_place`` per offset
+    (the entries of offset k of every window are a strided slice of the input)."""
     zeros = jnp.zeros((), dy.dtype)
-    for p, q in _offsets(window):
-        entries = lax.slice(
-            padded,
-            (0, p, q, 0),
-            (
-                x.shape[0],
-                p + (m_h - 1) * stride[0] + 1,
-                q + (m_w - 1) * stride[1] + 1,
-                x.shape[3],
-            ),
-            (1, *stride, 1),
-        )
-        first = entries == y if taken is None else (entries == y) & ~taken
-        taken = first if taken is None else taken | first
-        part = _place(jnp.where(first, dy, zeros), (p, q), stride, pads, x.shape[1:3])
+    dx = None
+    for k, offset in enumerate(_offsets(window)):
+        part = _place(jnp.where(first == k, dy, zeros), offset, stride, pads, in_hw)
         dx = part if dx is None else dx + part
     return dx
 
@@ -128,8 +136,10 @@ def max_pool(
     choice in a loop such as CS231n's ``max_pool_backward_naive``. Ties are common (after a
     ReLU, all-zero windows): a naive mask ``x == max`` would send ``dy`` to every tied entry,
     multiplying the window's gradient by the number of ties. A window holding a NaN outputs
-    NaN, which no entry equals, so its ``dy`` is dropped (``jax.grad`` sends it to a finite
-    entry); the loss is NaN either way.
+    NaN and its ``dy`` goes to one of its entries; the loss is NaN either way. The forward keeps
+    the index of each window's first maximum (``_first_max``), so the backward never compares
+    ``x`` with ``y`` again, which under ``jit`` could find no entry equal (XLA may compute ``x``
+    in two places with different rounding) and drop the window's gradient.
 
     Args:
       window: ``k`` or ``(k_h, k_w)``.
@@ -154,18 +164,20 @@ def max_pool(
 
     def forward(params, x, *, key=None):
         del params, key  # unused: no parameters, deterministic
-        pads, _ = _resolve(name, _image_shape(name, x.shape), padding, window, stride)
-        init_value = _lowest(x.dtype)
+        pads, out_hw = _resolve(name, _image_shape(name, x.shape), padding, window, stride)
         dims, strides = _spatial(window, stride)
-        y = lax.reduce_window(x, init_value, lax.max, dims, strides, _pad_config(pads))
-        return y, (x, y, _Static(pads))
+        y = lax.reduce_window(x, _lowest(x.dtype), lax.max, dims, strides, _pad_config(pads))
+        first = _first_max(
+            lax.stop_gradient(x), window=window, stride=stride, pads=pads, out_hw=out_hw
+        )
+        return y, (first, _Static((pads, x.shape[1:3], x.dtype)))
 
     def backward(params, cache, dy):
         """dx: each window's dy to its first maximum (row-major); overlaps add up."""
         del params  # unused: no parameters
-        x, y, pads = cache[0], cache[1], cache[2].value
-        dx = _max_pool_dx(x, y, dy, window=window, stride=stride, pads=pads)
-        return (), _as_input_dtype(dx, x.dtype)
+        first, (pads, in_hw, x_dtype) = cache[0], cache[1].value
+        dx = _max_pool_dx(first, dy, window=window, stride=stride, pads=pads, in_hw=in_hw)
+        return (), _as_input_dtype(dx, x_dtype)
 
     return Layer(init, forward, backward, name)
 
