@@ -97,7 +97,7 @@ from bpjax.layers.combinators import (
 from bpjax.layers.conv import conv2d
 from bpjax.layers.dense import dense
 from bpjax.layers.dropout import dropout
-from bpjax.layers.models import mlp
+from bpjax.layers.models import cnn, lenet5, mlp, resnet
 from bpjax.layers.normalization import batch_norm, group_norm, layer_norm
 from bpjax.layers.pooling import avg_pool, global_avg_pool, max_pool
 from bpjax.layers.shape import flatten
@@ -129,6 +129,9 @@ __all__ = [
     "log_softmax",
     "max_pool",
     "mlp",
+    "lenet5",
+    "cnn",
+    "resnet",
     "out_shape",
     "parallel",
     "relu",

@@ -1,0 +1,138 @@
+"""Model factories (``bpjax.layers.models``): the architectures they promise, the gradient
+through each checked against autodiff (the table in test_layers.py checks each backward against
+jax.vjp too), and their refusals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tree_cast
+
+import bpjax
+from bpjax import layers
+
+KEY = jax.random.PRNGKey(0)
+
+
+def count(params) -> int:
+    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+
+
+def test_lenet5_is_lecuns_architecture():
+    net = layers.lenet5()
+    out_shape, params = net.init(KEY, (2, 28, 28, 1))
+    assert out_shape == (2, 10)
+    shapes = [jax.tree_util.tree_map(jnp.shape, p) for p in params if p != ()]
+    assert shapes == [
+        {"w": (5, 5, 1, 6), "b": (6,)},  # C1: 28x28 padded by 2, as LeCun's 32x32
+        {"w": (5, 5, 6, 16), "b": (16,)},  # C3: 10x10x16
+        {"w": (400, 120), "b": (120,)},  # C5 on S4's 5x5x16
+        {"w": (120, 84), "b": (84,)},  # F6
+        {"w": (84, 10), "b": (10,)},
+    ]
+    assert count(params) == 61_706
+    names = [layer.name.split("(")[0] for layer in net.sublayers]
+    assert names[:3] == ["conv2d", "relu", "max_pool"]
+    classic = layers.lenet5(activation="tanh", pooling="avg")
+    assert [layer.name.split("(")[0] for layer in classic.sublayers][:3] == [
+        "conv2d",
+        "tanh",
+        "avg_pool",
+    ]
+
+
+def test_cnn_stages_batch_norm_and_dropout():
+    net = layers.cnn((8, 16), convs_per_stage=2, hidden=(32,), batch_norm=True, dropout_rate=0.5)
+    names = [layer.name.split("(")[0] for layer in net.sublayers]
+    stage = ["conv2d", "batch_norm", "relu"] * 2 + ["max_pool"]
+    assert names == stage * 2 + ["flatten", "dropout", "dense", "relu", "dropout", "dense"]
+    assert layers.is_stateful(net)
+    out_shape, params = net.init(KEY, (2, 28, 28, 1))
+    assert out_shape == (2, 10)
+    assert "b" not in params[0] and params[0]["w"].shape == (3, 3, 1, 8)  # the norm's offset
+    plain = layers.cnn((8,), convs_per_stage=1, hidden=())
+    assert [layer.name.split("(")[0] for layer in plain.sublayers] == [
+        "conv2d",
+        "relu",
+        "max_pool",
+        "flatten",
+        "dense",
+    ]
+    assert not layers.is_stateful(plain)
+
+
+def test_resnet_stages_shortcuts_and_state():
+    net = layers.resnet((8, 16), blocks_per_stage=[1, 2], n_classes=5)
+    out_shape, _ = net.init(KEY, (2, 28, 28, 3))
+    assert out_shape == (2, 5)
+    blocks = [layer for layer in net.sublayers if layer.combinator == "residual"]
+    assert len(blocks) == 3
+    # the first block of the second stage halves the resolution and projects the shortcut
+    assert [b.sublayers[1].name.split("(")[0] for b in blocks] == ["identity", "conv2d", "identity"]
+    assert layers.out_shape(blocks[1], (2, 28, 28, 8)) == (2, 14, 14, 16)
+    assert layers.is_stateful(net)
+    state = net.init_state((2, 28, 28, 3))
+    means = [
+        s["mean"].shape
+        for s in jax.tree_util.tree_leaves(
+            state, is_leaf=lambda n: isinstance(n, dict) and "mean" in n
+        )
+    ]
+    assert len(means) == 2 * 3 + 1  # two norms a block, one before the pool
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        layers.lenet5(4),
+        layers.cnn((3,), convs_per_stage=2, hidden=(6,), n_classes=4, batch_norm=True),
+        layers.resnet((2, 3), 1, n_classes=4),
+    ],
+    ids=["lenet5", "cnn-bn", "resnet"],
+)
+def test_manual_gradient_of_each_model_equals_autodiff(net):
+    """Training mode (batch statistics), float64, jitted: manual == jax.grad to 1e-10."""
+    in_shape = (3, 12, 12, 2)
+    _, params = net.init(KEY, in_shape)
+    params = tree_cast(params, jnp.float64)
+    state = tree_cast(layers.init_state(net, in_shape), jnp.float64)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(in_shape))
+    y = jnp.array([0, 1, 3])
+    key = jax.random.PRNGKey(1)
+    grads = {}
+    for mode in ("manual", "autodiff"):
+        f = bpjax.value_and_grad(net, "softmax_cross_entropy", mode=mode, with_state=True)
+        (_, new_state), grads[mode] = jax.jit(f)(params, x, y, key=key, state=state)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(grads["manual"]),
+        jax.tree_util.tree_leaves(grads["autodiff"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    if layers.is_stateful(net):  # training mode moved the running statistics
+        moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), new_state, state)
+        assert any(jax.tree_util.tree_leaves(moved))
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: layers.lenet5(0), "n_classes"),
+        (lambda: layers.lenet5(pooling="min"), "unknown pooling 'min'; valid: max, avg"),
+        (lambda: layers.lenet5(activation="nope"), "unknown activation"),
+        (lambda: layers.cnn(()), "channels"),
+        (lambda: layers.cnn((8, -1)), "channels"),
+        (lambda: layers.cnn(dropout_rate=1.0), "dropout_rate"),
+        (lambda: layers.cnn(hidden=(0,)), "hidden"),
+        (lambda: layers.resnet((8, 16), [1, 2, 3]), "3 entries for 2 stages"),
+        (lambda: layers.resnet((8,), 0), "blocks_per_stage"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_error(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_lenet5_on_flattened_images_names_the_input_it_needs():
+    with pytest.raises(ValueError, match=r"conv2d.*\(2, 784\)"):
+        layers.lenet5().init(KEY, (2, 784))
