@@ -47,12 +47,9 @@ MODES = ("manual", "autodiff")
 _TINY = 1e-30
 
 
-def _resolve_loss(loss: Loss | str) -> Loss:
-    if isinstance(loss, str):
-        return losses_lib.get(loss)
-    if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a bpjax.losses.Loss or a loss name, got {type(loss)}")
-    return loss
+def _resolve_loss(loss: Loss | str, where: str = "loss") -> Loss:
+    """The Loss ``loss`` names or is; a factory passed uncalled gets the call that fixes it."""
+    return losses_lib.resolve(loss, where)
 
 
 def _check_mode(mode: str) -> None:
@@ -105,7 +102,7 @@ def value_and_grad(
         at call time, a network with state called without ``state=``.
     """
     _check_mode(mode)
-    loss = _resolve_loss(loss)
+    loss = _resolve_loss(loss, "value_and_grad: loss")
     net = check_layer(net, "value_and_grad: net")
 
     def pack(value, y, new_state, grads):
@@ -475,7 +472,7 @@ def check_grads(
     Returns:
       A ``GradCheckResult``: ``print`` it for a table; ``.passed``, ``.first_failure``.
     """
-    loss = _resolve_loss(loss)
+    loss = _resolve_loss(loss, "check_grads: loss")
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("check_grads: the network has no parameters to check")
