@@ -39,13 +39,15 @@ def default_tolerances(dtype: Any) -> dict[str, float]:
     """Relative tolerances and finite-difference step for gradient checks in ``dtype``.
 
     ``rtol`` bounds manual-vs-autodiff relative error; ``fd_rtol`` bounds the finite-difference
-    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger. The
-    float32 step is small (1e-3) so the difference rarely straddles a ReLU kink; the rounding
-    allowance in the check covers the larger rounding error. Where a kink does fall within the
-    step, the finite-difference row is reported inconclusive, not failed (see
-    ``check_grads``); that test needs no threshold of its own per dtype: it compares the
-    non-smoothness it measures with the disagreement it would have to explain, above the
-    dtype's rounding floor ``10 * machine_eps * (|L| / eps + |dL/dt|)``.
+    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger, and
+    which also judges a gradient that was rounded to ``dtype``. The float32 step is small (1e-3)
+    so the difference rarely straddles a ReLU kink; the rounding allowance in the check covers
+    the larger rounding error (the difference itself runs in float64 where jax_enable_x64 is
+    on). Where a kink does fall within the step, the finite-difference row is reported
+    inconclusive, not failed (``finite_difference_row``). That kink test has no threshold of
+    its own per dtype: it compares the loss's departure from smoothness over the step with the
+    disagreement it would have to explain (a sixth of it), so it scales with whatever the
+    dtype's ``fd_rtol`` and rounding allowance let through.
 
     Raises:
       ValueError: ``dtype`` is not a floating-point dtype.
@@ -295,10 +297,11 @@ def finite_difference_row(
 
     ``v`` is a random unit direction over all parameter leaves (drawn from ``seed``). The params
     are cast to the widest float available (float64 with ``jax_enable_x64``, else float32: a
-    bfloat16 or float32 difference quotient is mostly rounding), so ``D`` of a low-precision
-    gradient is judged against the derivative of the same network in high precision. The row
-    passes when ``|C - D| <= fd_rtol * max(|C|, |D|) + 10 * machine_eps * |L| / eps`` (the last
-    term: the rounding error of ``C``, ``machine_eps`` that of the loss's dtype).
+    float32 difference at eps = 1e-3 rounds to ~1e-4 |L|, a bfloat16 one is noise), so ``D`` of
+    a low-precision gradient is judged against the derivative of the same network in high
+    precision. The row passes when
+    ``|C - D| <= fd_rtol * max(|C|, |D|) + 10 * machine_eps * |L| / eps`` (the last term: the
+    rounding error of ``C``, ``machine_eps`` that of the loss's dtype).
 
     When they disagree, the step is tested for a kink before the row is called failed. Along
     the line ``f(t) = L(p + t v)``, ``C`` is exactly the mean of ``f'`` over ``[-eps, eps]``.
@@ -308,9 +311,10 @@ def finite_difference_row(
     4 f'(eps/2) + f'(eps)) / 12`` equal it up to ``eps^4 f^(5) / 180`` where ``f`` is smooth,
     but not across a jump of ``f'``. So ``roughness = max(|C - S3|, |C - S5|)`` measures how far
     ``f`` is from smooth on the step, whatever layer makes the kink. The row is
-    ``"inconclusive"`` if the roughness exceeds a sixth of the disagreement ``|C - D|`` (and
-    the rounding floor ``10 * machine_eps * (|L| / eps + max|f'|)``); otherwise ``f`` is smooth
-    on the step and the row fails.
+    ``"inconclusive"`` if the roughness exceeds a sixth of the disagreement ``|C - D|`` (its
+    note says "or at its rounding limit" when the roughness is within ``C``'s rounding
+    allowance: then noise could explain both); otherwise ``f`` is smooth on the step and the
+    row fails.
 
     Why two rules and a sixth: for one kink at ``s * eps`` (``|s| < 1``) and a correct
     ``D = f'(0)``, the roughness is at least a third of the disagreement (the least at
@@ -321,6 +325,15 @@ def finite_difference_row(
     than ``f`` departs from smooth (``eps^4`` and rounding), so it fails; a kink outside the
     step is never looked at. The test trusts ``jax.jvp`` of the forward pass, as the layer and
     total rows trust ``jax.vjp`` and ``jax.grad``.
+
+    Args:
+      objective: ``params -> L``, a scalar (the network and loss at fixed inputs).
+      params: where to differentiate (floating-point leaves).
+      grads: the manual gradient at ``params`` (same tree).
+      eps: the step; fd_rtol: the relative tolerance; seed: seed of ``v``.
+
+    Returns:
+      The ``"fd"`` row: passed, failed or inconclusive, with a note unless passed.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     # The widest float there is: float64 where enabled (a float32 difference quotient at
