@@ -12,21 +12,29 @@
   the network runs the hand-written pass and composes with every JAX transformation.
 
 The relative error of two arrays is ``||a - b|| / max(||a||, ||b||, tiny)`` and their cosine is
-``<a, b> / (||a|| ||b||)`` (1 when both are zero).
+``<a, b> / (||a|| ||b||)`` (1 when both are zero). ``check_grads``' rows, result and
+finite-difference witness live in ``bpjax._gradcheck`` and are re-exported here.
 """
 
-import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bpjax import credit
 from bpjax import losses as losses_lib
+from bpjax._gradcheck import (
+    GradCheckResult,
+    GradCheckRow,
+    GradCheckWarning,
+    compare,
+    compare_inputs,
+    compare_trees,
+    default_tolerances,
+    finite_difference_row,
+)
 from bpjax.layers import Layer, apply, check_layer, is_stateful, split_keys
 from bpjax.losses import Loss
 
@@ -48,12 +56,9 @@ MODES = ("manual", "autodiff", *credit.RULES)
 _TINY = 1e-30
 
 
-def _resolve_loss(loss: Loss | str) -> Loss:
-    if isinstance(loss, str):
-        return losses_lib.get(loss)
-    if not isinstance(loss, Loss):
-        raise TypeError(f"loss must be a bpjax.losses.Loss or a loss name, got {type(loss)}")
-    return loss
+def _resolve_loss(loss: Loss | str, where: str = "loss") -> Loss:
+    """The Loss ``loss`` names or is; a factory passed uncalled gets the call that fixes it."""
+    return losses_lib.resolve(loss, where)
 
 
 def _check_mode(mode: str) -> None:
@@ -151,7 +156,7 @@ def value_and_grad(
       Akrout, Wilson, Humphreys, Lillicrap & Tweed, NeurIPS 2019.
     """
     _check_mode(mode)
-    loss = _resolve_loss(loss)
+    loss = _resolve_loss(loss, "value_and_grad: loss")
     net = check_layer(net, "value_and_grad: net")
 
     def pack(value, y, new_state, grads):
@@ -303,198 +308,11 @@ def grad_agreement(manual: Any, autodiff: Any) -> dict[str, jax.Array]:
 # check_grads
 
 
-class GradCheckWarning(UserWarning):
-    """Gradient checking at a precision too low for tight agreement (e.g. float32)."""
-
-
-def default_tolerances(dtype: Any) -> dict[str, float]:
-    """Relative tolerances and finite-difference step for gradient checks in ``dtype``.
-
-    ``rtol`` bounds manual-vs-autodiff relative error; ``fd_rtol`` bounds the finite-difference
-    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger. The
-    float32 step is small (1e-3) so the difference rarely straddles a ReLU kink; the rounding
-    allowance in the check covers the larger rounding error.
-    """
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float64:
-        return {"rtol": 1e-10, "fd_rtol": 1e-6, "eps": 1e-6}
-    if dtype == jnp.float32:
-        return {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-3}
-    if dtype == jnp.float16:
-        return {"rtol": 1e-2, "fd_rtol": 3e-1, "eps": 1e-1}
-    if dtype == jnp.bfloat16:
-        return {"rtol": 5e-2, "fd_rtol": 3e-1, "eps": 1e-1}
-    raise ValueError(f"gradient checks need floating-point params, got {dtype}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GradCheckRow:
-    """One comparison of a hand-written gradient with its reference.
-
-    ``check`` is ``"loss"`` (loss backward vs jax.grad of the loss), ``"layer"`` (a layer's
-    backward vs jax.vjp of that layer's forward, same upstream gradient), ``"total"`` (the
-    whole manual gradient vs jax.grad) or ``"fd"`` (directional derivative vs a central finite
-    difference; ``max_abs_err`` is then |fd - <g, v>| and ``cosine`` is NaN).
-    """
-
-    check: str
-    layer: int | None
-    layer_name: str
-    leaf: str
-    shape: tuple[int, ...]
-    max_abs_err: float
-    rel_err: float
-    cosine: float
-    tol: float
-    passed: bool
-
-
-@dataclasses.dataclass(frozen=True)
-class GradCheckResult:
-    """The outcome of ``check_grads``: rows in backward-pass order, then totals, then FD."""
-
-    rows: tuple[GradCheckRow, ...]
-    dtype: str
-    rtol: float
-    fd_rtol: float
-    eps: float
-    value: float
-
-    @property
-    def passed(self) -> bool:
-        return all(row.passed for row in self.rows)
-
-    @property
-    def failures(self) -> tuple[GradCheckRow, ...]:
-        return tuple(row for row in self.rows if not row.passed)
-
-    @property
-    def first_failure(self) -> GradCheckRow | None:
-        """The first failing row in backward-pass order: where the backward first goes wrong."""
-        return next(iter(self.failures), None)
-
-    def to_records(self) -> list[dict[str, Any]]:
-        """Rows as plain dicts (for CSV/JSON)."""
-        return [
-            {**dataclasses.asdict(row), "shape": "x".join(map(str, row.shape)) or "scalar"}
-            for row in self.rows
-        ]
-
-    def raise_if_failed(self) -> "GradCheckResult":
-        if not self.passed:
-            raise AssertionError(str(self))
-        return self
-
-    def __str__(self) -> str:
-        header = ("check", "layer", "leaf", "shape", "max_abs_err", "rel_err", "cosine", "ok")
-        lines = [header]
-        for r in self.rows:
-            layer = r.layer_name if r.layer is None else f"{r.layer}:{r.layer_name}"
-            lines.append(
-                (
-                    r.check,
-                    layer,
-                    r.leaf,
-                    "x".join(map(str, r.shape)) or "()",
-                    f"{r.max_abs_err:.2e}",
-                    f"{r.rel_err:.2e}",
-                    "-" if math.isnan(r.cosine) else f"{r.cosine:.8f}",
-                    "ok" if r.passed else "FAIL",
-                )
-            )
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        text = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines)
-        first = self.first_failure
-        if first is None:
-            verdict = f"PASSED: {len(self.rows)} checks"
-        else:
-            where = first.layer_name if first.layer is None else f"layer {first.layer}"
-            verdict = (
-                f"FAILED: {len(self.failures)} of {len(self.rows)} checks; the backward first "
-                f"goes wrong at {where} ({first.layer_name}, {first.check} check of {first.leaf})"
-            )
-        return (
-            f"gradient check ({self.dtype}, rtol={self.rtol:g}, fd_rtol={self.fd_rtol:g}, "
-            f"eps={self.eps:g}, loss={self.value:.6g})\n{text}\n{verdict}"
-        )
-
-
-def _leaf_name(path: tuple) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return "/".join(parts) or "value"
-
-
-def _compare(
-    check: str, layer: int | None, layer_name: str, leaf: str, a: Any, b: Any, tol: float
-) -> GradCheckRow:
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    max_abs = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
-    norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
-    rel = float(np.linalg.norm(a64 - b64)) / max(norm_a, norm_b, _TINY)
-    cos = 1.0 if norm_a == norm_b == 0 else float(np.vdot(a64, b64)) / max(norm_a * norm_b, _TINY)
-    finite = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)))
-    return GradCheckRow(
-        check, layer, layer_name, leaf, a64.shape, max_abs, rel, cos, tol, finite and rel <= tol
-    )
-
-
-def _compare_trees(check, layer, layer_name, a, b, tol, prefix=()) -> list[GradCheckRow]:
-    paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
-    if tree_a != tree_b:
-        raise ValueError(f"{layer_name}: gradient tree {tree_a} does not match {tree_b}")
-    return [
-        _compare(check, layer, layer_name, _leaf_name(prefix + path), leaf_a, leaf_b, tol)
-        for (path, leaf_a), leaf_b in zip(paths_a, leaves_b)
-    ]
-
-
-def _finite_difference_row(
-    objective: Callable, params: Any, grads: Any, eps: float, fd_rtol: float, seed: int
-) -> GradCheckRow:
-    """Compares ``<grads, v>`` with ``(L(p + eps v) - L(p - eps v)) / 2 eps`` for a unit ``v``.
-
-    Runs in at least float32 (a bfloat16 difference quotient is noise); the allowance for
-    rounding is ``10 * machine_eps * |L| / eps``.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    fd_dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    # Drawn with numpy: jax.random would compile a sampler for every new parameter shape.
-    rng = np.random.default_rng(seed)
-    direction = [rng.standard_normal(leaf.shape) for leaf in leaves]
-    norm = math.sqrt(sum(float(np.sum(np.square(d))) for d in direction))
-    direction = [jnp.asarray(d / norm, fd_dtype) for d in direction]
-
-    def shifted(step):
-        return jax.tree_util.tree_unflatten(
-            treedef, [leaf.astype(fd_dtype) + step * d for leaf, d in zip(leaves, direction)]
-        )
-
-    value = float(objective(shifted(0.0)))
-    fd = (float(objective(shifted(eps))) - float(objective(shifted(-eps)))) / (2 * eps)
-    directional = sum(
-        float(np.vdot(np.asarray(g, np.float64), np.asarray(d, np.float64)))
-        for g, d in zip(jax.tree_util.tree_leaves(grads), direction)
-    )
-    rounding = float(jnp.finfo(fd_dtype).eps) * abs(value) / eps
-    abs_err = abs(fd - directional)
-    rel = abs_err / max(abs(fd), abs(directional), _TINY)
-    ok = math.isfinite(fd) and abs_err <= fd_rtol * max(abs(fd), abs(directional)) + 10 * rounding
-    return GradCheckRow(
-        "fd", None, "network", "directional", (), abs_err, rel, math.nan, fd_rtol, ok
-    )
-
-
 def check_grads(
     net: Layer,
     loss: Loss | str,
     params: Any,
-    x: jax.Array,
+    x: Any,
     target: jax.Array,
     *,
     key: jax.Array | None = None,
@@ -515,16 +333,29 @@ def check_grads(
        the loss's own backward is checked first, against ``jax.grad``;
     2. the whole manual gradient vs ``jax.value_and_grad`` of the network and loss;
     3. a central finite difference ``(L(p + eps v) - L(p - eps v)) / 2 eps`` along a random unit
-       direction ``v`` vs ``<g, v>`` for the manual gradient.
+       direction ``v`` vs ``<g, v>`` for the manual gradient. Where the loss is not smooth
+       within the step (a ReLU at 0, a max over ties: any kink) a difference quotient is no
+       derivative; that is detected (``bpjax._gradcheck.finite_difference_row``: Simpson's
+       rule on ``jax.jvp``'s slopes vs the difference) and the row is ``"inconclusive"``,
+       never a failure of a correct backward; a wrong gradient where the loss is smooth fails.
+
+    Inputs of any dtype the network accepts are checked (uint8, int32 or bool images; float16,
+    bfloat16, float32, float64; a tuple of them for a branching network): an input leaf that is
+    not floating point has no gradient, so its ``dx`` row is ``"skipped"`` (with a note), and a
+    low-precision input's ``dx`` is compared at that dtype's tolerance. Only the params are
+    perturbed and differentiated, so every other witness is unaffected.
 
     Matmul precision is pinned to ``"highest"`` while checking (GPUs default to TF32 and TPUs to
     bfloat16 for float32 matmuls). Tolerances and step follow the params' dtype
     (``default_tolerances``); checking below float64 warns (``GradCheckWarning``).
 
     Args:
-      net: the network; if it has ``sublayers`` (``serial``), each is checked on its own.
+      net: the network; if it is a ``serial`` combinator, each sublayer is checked on its own.
       loss: a ``bpjax.losses.Loss`` or its name.
-      params, x, target: where to check.
+      params: the network's params (floating point).
+      x: the input ``[batch, ...]`` (or a tuple of inputs for a branching network), any dtype
+        the network accepts.
+      target: what the loss compares the output with.
       key: dropout key (training mode); the same draws are used by every witness.
       state: the network's state, for a network with state (batch norm's running statistics:
         used in evaluation mode, ``key=None``); never perturbed or compared.
@@ -533,9 +364,18 @@ def check_grads(
       warn: warn when checking in a precision below float64.
 
     Returns:
-      A ``GradCheckResult``: ``print`` it for a table; ``.passed``, ``.first_failure``.
+      A ``GradCheckResult``: ``print`` it for a table (statuses ok / FAIL / INCONCLUSIVE /
+      skipped, with a note on each that is not ok); ``.passed`` (no conclusive row failed),
+      ``.first_failure``, ``.inconclusive``, ``.skipped``.
+
+    Raises:
+      TypeError: ``net`` is not a Layer or ``loss`` not a Loss or loss name (a factory gets the
+        call that fixes it); a network with state checked without ``state=``.
+      ValueError: no parameters, params for the wrong number of layers, or an input the
+        network rejects (naming the layer).
     """
-    loss = _resolve_loss(loss)
+    net = check_layer(net, "check_grads: net")
+    loss = _resolve_loss(loss, "check_grads: loss")
     leaves = jax.tree_util.tree_leaves(params)
     if not leaves:
         raise ValueError("check_grads: the network has no parameters to check")
@@ -585,7 +425,7 @@ def check_grads(
         value, loss_cache = loss.forward(inputs[-1], target)
         dy = loss.backward(loss_cache)
         dy_ref = jax.grad(lambda pred: loss.forward(pred, target)[0])(inputs[-1])
-        rows.append(_compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
+        rows.append(compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
         for i in reversed(range(len(layers))):
             layer, p, k, st = layers[i], layer_params[i], layer_keys[i], layer_states[i]
             grads, dx = layer.backward(p, caches[i], dy)
@@ -593,10 +433,11 @@ def check_grads(
             def layer_forward(p_, x_, layer=layer, k=k, st=st):
                 return apply(layer, p_, x_, key=k, state=st)[0]
 
+            # An integer or bool input gets a float0 cotangent: compare_inputs skips it.
             _, vjp = jax.vjp(layer_forward, p, inputs[i])
             grads_ref, dx_ref = vjp(dy)
-            rows += _compare_trees("layer", i, layer.name, grads, grads_ref, rtol)
-            rows.append(_compare("layer", i, layer.name, "dx", dx, dx_ref, rtol))
+            rows += compare_trees("layer", i, layer.name, grads, grads_ref, rtol)
+            rows += compare_inputs(i, layer.name, inputs[i], dx, dx_ref, rtol)
             dy = dx
         # 2. the whole manual gradient vs autodiff.
         manual = value_and_grad(net, loss, mode="manual")
@@ -605,7 +446,11 @@ def check_grads(
         for i, layer in enumerate(layers):
             g_m = grads_manual[i] if in_sequence else grads_manual
             g_a = grads_auto[i] if in_sequence else grads_auto
-            rows += _compare_trees("total", i, layer.name, g_m, g_a, rtol)
+            rows += compare_trees("total", i, layer.name, g_m, g_a, rtol)
         # 3. central finite difference along a random unit direction.
-        rows.append(_finite_difference_row(objective, params, grads_manual, eps, fd_rtol, seed))
+        rows.append(
+            finite_difference_row(
+                objective, params, grads_manual, eps=eps, fd_rtol=fd_rtol, seed=seed
+            )
+        )
     return GradCheckResult(tuple(rows), jnp.dtype(dtype).name, rtol, fd_rtol, eps, float(value))

@@ -16,6 +16,7 @@ and the values against optax.
 """
 
 import math
+import typing
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax.layers import _log_softmax_parts
+from bpjax.layers._core import call_hint
 
 __all__ = [
     "LOSSES",
@@ -33,6 +35,7 @@ __all__ = [
     "huber",
     "mse",
     "quadratic",
+    "resolve",
     "softmax_cross_entropy",
 ]
 
@@ -139,8 +142,16 @@ def softmax_cross_entropy() -> Loss:
     computed with log-sum-exp so it stays finite for large logits. A 1-D ``pred`` is one example.
 
     Labels outside ``[0, n_classes)`` raise a ValueError when the labels are concrete (an eager
-    call). Under ``jit`` values can't be checked: a label of -1 would silently take the last
-    class, so validate labels where they are loaded (``bpjax.data`` does).
+    call). Under ``jit`` their values can't be checked, so an example with such a label gets a
+    NaN loss and a NaN row of ``dpred``: the mean value is NaN and so is the gradient of every
+    parameter it reaches, consistently (the backward stays the gradient of the value
+    returned), and training stops at its divergence guard instead of learning from a class
+    nobody meant (a label of -1 would otherwise read as the last class, or as none). Validate
+    labels where they are loaded (``bpjax.data`` does).
+
+    Probability targets need not sum to one (nor lie in ``[0, 1]``): the value is
+    ``-sum(target * log_softmax(pred))`` as written, and the gradient is that of this value.
+    ``pred`` must be finite.
 
     Returns:
         A :class:`Loss`.
@@ -154,10 +165,17 @@ def softmax_cross_entropy() -> Loss:
         log_probs, (exps, sums) = _log_softmax_parts(pred)
         is_labels = jnp.issubdtype(target.dtype, jnp.integer) and target.shape == pred.shape[:-1]
         if is_labels:
-            _check_label_range(target, pred.shape[-1])
-            nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
-            p_target = jax.nn.one_hot(target, pred.shape[-1], dtype=pred.dtype)
-            total = None  # a one-hot row sums to 1
+            n_classes = pred.shape[-1]
+            _check_label_range(target, n_classes)
+            # Under jit a label may be out of range: NaN for its example, in the value and (as
+            # the row scale of the backward) in the gradient alike.
+            valid = (target >= 0) & (target < n_classes)
+            in_range = jnp.where(valid, target, 0)
+            nan_if_invalid = jnp.where(valid, 1, jnp.nan).astype(pred.dtype)
+            picked = jnp.take_along_axis(log_probs, in_range[..., None], axis=-1)[..., 0]
+            nll = -picked * nan_if_invalid
+            p_target = jax.nn.one_hot(in_range, n_classes, dtype=pred.dtype)
+            total = nan_if_invalid[..., None]  # a one-hot row sums to 1 (NaN: no valid label)
         else:
             if target.shape != pred.shape:
                 raise ValueError(
@@ -174,8 +192,9 @@ def softmax_cross_entropy() -> Loss:
         """``dpred = (softmax(pred) * sum(p_target) - p_target) / batch``.
 
         ``sum(p_target)`` is over the class axis; it is 1 for labels and proper distributions,
-        giving the familiar ``(softmax(pred) - p_target) / batch``. ``softmax(pred)`` is the
-        forward pass's exps over their row sums, scaled per row rather than per element.
+        giving the familiar ``(softmax(pred) - p_target) / batch`` (and NaN for the row of an
+        out-of-range label, as its value). ``softmax(pred)`` is the forward pass's exps over
+        their row sums, scaled per row rather than per element.
         """
         exps, sums, p_target, total = cache
         inv_batch = 1.0 / _batch_count(exps.shape)
@@ -254,6 +273,48 @@ LOSSES: dict[str, Callable[..., Loss]] = {
 """Canonical name -> factory."""
 
 _ALIASES = {"cross_entropy": "softmax_cross_entropy", "bce": "binary_cross_entropy"}
+
+
+def _is_factory(obj: Any) -> bool:
+    """Whether ``obj`` makes a Loss: one of ``LOSSES`` or a function annotated to return one."""
+    if any(obj is factory for factory in LOSSES.values()):
+        return True
+    try:
+        return typing.get_type_hints(obj).get("return") is Loss
+    except (TypeError, NameError, AttributeError):  # no annotations to read
+        return False
+
+
+def resolve(loss: Any, where: str = "loss") -> Loss:
+    """The :class:`Loss` that ``loss`` is or names, for functions that take either.
+
+    Args:
+        loss: a :class:`Loss`, or a name for :func:`get`.
+        where: the argument's place, for the error (e.g. ``"value_and_grad: loss"``).
+
+    Returns:
+        A :class:`Loss`.
+
+    Raises:
+        TypeError: ``loss`` is neither; a loss factory passed uncalled (``bpjax.losses.mse``)
+            is named with the call that fixes it (``call it: bpjax.losses.mse()``).
+        ValueError: an unknown name (listing the valid ones).
+    """
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        return get(loss)
+    if callable(loss) and _is_factory(loss):
+        name = getattr(loss, "__qualname__", repr(loss))
+        module = getattr(loss, "__module__", "") or ""
+        raise TypeError(
+            f"{where} is the loss factory {module + '.' if module else ''}{name}, not a Loss: "
+            f"call it: {call_hint(loss)}"
+        )
+    raise TypeError(
+        f"{where} must be a bpjax.losses.Loss or a loss name ({', '.join(sorted(LOSSES))}), "
+        f"got {type(loss).__name__} {getattr(loss, '__qualname__', None) or repr(loss)}"
+    )
 
 
 def get(name: str, **kwargs: Any) -> Loss:

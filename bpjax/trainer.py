@@ -315,7 +315,9 @@ def fit(
             f"data must be a bpjax.data.Dataset (e.g. bpjax.data.load('digits')), got "
             f"{type(data).__name__} {data!r}"
         )
-    loss_fn = _loss_by_name(loss) if isinstance(loss, str) else loss
+    loss_fn = (
+        _loss_by_name(loss) if isinstance(loss, str) else losses_lib.resolve(loss, "fit: loss")
+    )
     # The factory's canonical name, so an alias ("bce") encodes and evaluates as its loss.
     loss_name = loss_fn.name or "custom"
     unknown = set(eval_splits) - {"train", "val", "test"}

@@ -12,6 +12,12 @@ difference ("fd"). Prints one line per combination, writes every row to ``gradch
 
 ``inject_bug=<layer kind>`` (``tanh``, ``relu``, ``dense``, ...) swaps that layer's backward for a
 deliberately wrong one, to show the checker naming the layer that goes wrong.
+
+``x_dtype`` sets the input's dtype (default: the combination's dtype): ``uint8`` and ``int32``
+inputs are image-like integers in ``[0, 256)``, ``bool`` inputs random bits; such inputs have no
+gradient, so their ``dx`` rows are skipped (and say so). A finite-difference row whose step
+meets a kink (a ReLU at 0, ...) is inconclusive, not failed: the line says so, and the exit code
+is 0 when every conclusive row passes.
 """
 
 import csv
@@ -34,7 +40,9 @@ from bpjax import losses
 from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
 from bpjax.layers import Layer
 
-COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype")
+COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
+X_DTYPES = ("uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64")
+DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 def layer_kind(layer: Layer) -> str:
@@ -85,6 +93,17 @@ def make_targets(key: jax.Array, loss_name: str, batch: int, n_out: int, dtype: 
     return jax.random.normal(key, (batch, n_out), jnp.float32).astype(dtype)
 
 
+def make_inputs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """Inputs of ``dtype``: image-like integers in ``[0, 256)`` for integer dtypes, random bits
+    for bool, standard normal values (drawn in float32 and cast) for floating dtypes."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bool_:
+        return jax.random.bernoulli(key, 0.5, shape)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jax.random.randint(key, shape, 0, 256, jnp.int32).astype(dtype)
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def check_one(
     features: list[int],
     activation: str,
@@ -97,12 +116,14 @@ def check_one(
     b_init: str = "normal",
     fd_eps: float | None = None,
     bug: str | None = None,
+    x_dtype: Any = None,
 ) -> GradCheckResult:
-    """Runs ``bpjax.check_grads`` on one combination (params and inputs cast to ``dtype``).
+    """Runs ``bpjax.check_grads`` on one combination (params cast to ``dtype``, inputs to
+    ``x_dtype``, by default ``dtype``; see ``make_inputs``).
 
     ``b_init`` defaults to small random biases: with zero biases a layer of dead ReLUs feeds the
     next one exact zeros, putting its pre-activations (or the logits) exactly on a kink, where
-    the derivative is a convention and a finite difference disagrees with any choice.
+    a finite difference is no derivative and the fd row can only be inconclusive.
     """
     init_key, x_key, target_key = jax.random.split(jax.random.PRNGKey(seed), 3)
     net = bpjax.mlp(features, activation=activation, b_init=b_init)
@@ -110,7 +131,7 @@ def check_one(
         net = inject_bug(net, bug)
     _, params = net.init(init_key, (batch, n_in))
     params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    x = jax.random.normal(x_key, (batch, n_in), jnp.float32).astype(dtype)
+    x = make_inputs(x_key, (batch, n_in), dtype if x_dtype is None else x_dtype)
     target = make_targets(target_key, loss_name, batch, features[-1], dtype)
     with warnings.catch_warnings():
         # Tolerances already follow the dtype; the header says float32 checks are loose.
@@ -120,8 +141,14 @@ def check_one(
         )
 
 
-def _worst(result: GradCheckResult, check: str) -> float:
-    return max((row.rel_err for row in result.rows if row.check == check), default=math.nan)
+def _worst(result: GradCheckResult, check: str) -> str:
+    """The largest relative error of the conclusive rows of ``check`` ("inconcl." when its
+    only row is inconclusive, "-" when there is none)."""
+    rows = [row for row in result.rows if row.check == check]
+    errors = [row.rel_err for row in rows if row.status in ("passed", "failed")]
+    if errors:
+        return f"{max(errors):.1e}"
+    return "inconcl." if any(row.status == "inconclusive" for row in rows) else "-"
 
 
 def _describe(row: GradCheckRow) -> str:
@@ -133,9 +160,11 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
     grid = " x ".join(
         f"{len(cfg[k])} {k}" for k in ("architectures", "activations", "losses", "dtypes")
     )
+    x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
         f"gradient check sweep: {grid} = {n_combinations} combinations "
-        f"(batch={cfg.batch}, n_in={cfg.n_in}, b_init={cfg.b_init}, seed={cfg.seed})"
+        f"(batch={cfg.batch}, n_in={cfg.n_in}, inputs in {x_dtype}, b_init={cfg.b_init}, "
+        f"seed={cfg.seed})"
     ]
     for name in cfg.dtypes:
         tols = default_tolerances(name)
@@ -144,6 +173,8 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
             f"  {name}: rtol={tols['rtol']:g} (layer, total), fd_rtol={tols['fd_rtol']:g}, "
             f"eps={fd_eps.get(name, tols['eps']):g}{note}"
         )
+    if cfg.x_dtype is not None and not jnp.issubdtype(jnp.dtype(cfg.x_dtype), jnp.inexact):
+        lines.append(f"  {cfg.x_dtype} inputs have no gradient: their dx rows are skipped")
     if cfg.inject_bug is not None:
         lines.append(
             f"  inject_bug={cfg.inject_bug}: that layer's backward is deliberately wrong; "
@@ -174,8 +205,8 @@ def validate(cfg: DictConfig) -> None:
     """Every name in the sweep is known, before anything is printed or compiled.
 
     Raises:
-      ValueError: an unknown activation, loss, dtype or ``inject_bug`` kind (listing the
-        valid ones), or an architecture that is not a list of positive sizes.
+      ValueError: an unknown activation, loss, dtype, ``x_dtype`` or ``inject_bug`` kind
+        (listing the valid ones), or an architecture that is not a list of positive sizes.
     """
     for features in cfg.architectures:
         if not features or not all(isinstance(f, int) and f > 0 for f in features):
@@ -184,9 +215,14 @@ def validate(cfg: DictConfig) -> None:
         bpjax.activation(activation)  # raises, listing the valid names
     for loss_name in cfg.losses:
         losses.get(loss_name)
-    unknown = [d for d in cfg.dtypes if d not in ("float64", "float32", "bfloat16", "float16")]
+    unknown = [d for d in cfg.dtypes if d not in DTYPES]
     if unknown:
-        raise ValueError(f"dtypes: unknown {unknown}; valid: float64, float32, bfloat16, float16")
+        raise ValueError(f"dtypes: unknown {unknown}; valid: {', '.join(DTYPES)}")
+    if cfg.x_dtype is not None and cfg.x_dtype not in X_DTYPES:
+        raise ValueError(
+            f"x_dtype: unknown {cfg.x_dtype!r}; valid: null (the params' dtype), "
+            f"{', '.join(X_DTYPES)}"
+        )
     if cfg.inject_bug is not None:
         kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
         if cfg.inject_bug not in kinds:
@@ -200,15 +236,16 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     """Runs the sweep described by ``cfg``, prints a summary and writes CSV + JSON.
 
     Args:
-      cfg: the ``gradcheck`` config (architectures, activations, losses, dtypes, batch, n_in,
-        b_init, fd_eps, seed, inject_bug).
+      cfg: the ``gradcheck`` config (architectures, activations, losses, dtypes, x_dtype,
+        batch, n_in, b_init, fd_eps, seed, inject_bug).
       output_dir: where to write; default the Hydra run directory, or the working directory
         outside Hydra.
 
     Returns:
-      ``{"passed", "n_checks", "n_failed", "rows", "csv", "json"}``: ``n_checks`` and
-      ``n_failed`` count combinations (one ``check_grads`` each), ``rows`` holds every row of
-      every check as a dict prefixed with its combination.
+      ``{"passed", "n_checks", "n_failed", "n_inconclusive", "rows", "csv", "json"}``:
+      ``n_checks``, ``n_failed`` and ``n_inconclusive`` count combinations (one ``check_grads``
+      each; inconclusive: passed, with an inconclusive row), ``rows`` holds every row of every
+      check as a dict prefixed with its combination. ``passed``: every conclusive row passed.
     """
     validate(cfg)
     jax.config.update("jax_enable_x64", True)  # float64 params need it; float32 is cast anyway
@@ -229,7 +266,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
 
     rows: list[dict[str, Any]] = []
-    n_failed = 0
+    n_failed = n_inconclusive = 0
     start = time.perf_counter()
     for features, activation, loss_name, dtype in grid:
         result = check_one(
@@ -243,33 +280,40 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             b_init=cfg.b_init,
             fd_eps=fd_eps.get(dtype),
             bug=cfg.inject_bug,
+            x_dtype=cfg.x_dtype,
         )
         architecture = "-".join(map(str, [cfg.n_in, *features]))
-        prefix = dict(zip(COMBINATION_KEYS, (architecture, activation, loss_name, dtype)))
+        x_dtype = cfg.x_dtype or dtype
+        prefix = dict(zip(COMBINATION_KEYS, (architecture, activation, loss_name, dtype, x_dtype)))
         rows += [{**prefix, **record} for record in result.to_records()]
         n_failed += not result.passed
+        n_inconclusive += result.passed and bool(result.inconclusive)
         cells = (
             architecture,
             activation,
             loss_name,
             dtype,
-            f"{_worst(result, 'layer'):.1e}",
-            f"{_worst(result, 'total'):.1e}",
-            f"{_worst(result, 'fd'):.1e}",
+            _worst(result, "layer"),
+            _worst(result, "total"),
+            _worst(result, "fd"),
             "PASS" if result.passed else "FAIL",
         )
         line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
         if not result.passed:
             line += f"  first failure: {_describe(result.first_failure)}"
+        elif result.inconclusive:
+            line += "  fd inconclusive: the loss is not smooth within the step (see its note)"
         print(line, flush=True)
 
     csv_path, json_path = write_rows(rows, Path(output_dir))
     print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s -> {csv_path}, {json_path}")
-    print(f"{len(grid) - n_failed} passed, {n_failed} failed")
+    inconclusive = f" ({n_inconclusive} with an inconclusive fd row)" if n_inconclusive else ""
+    print(f"{len(grid) - n_failed} passed{inconclusive}, {n_failed} failed")
     return {
         "passed": n_failed == 0,
         "n_checks": len(grid),
         "n_failed": n_failed,
+        "n_inconclusive": n_inconclusive,
         "rows": rows,
         "csv": str(csv_path),
         "json": str(json_path),

@@ -13,12 +13,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import ATOL, RTOL, assert_trees_close, tree_cast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpjax import grad, layers, losses
+from bpjax import grad, layers, losses, train
+from bpjax._gradcheck import finite_difference_row
 
 N_IN, N_OUT, BATCH = 5, 3, 7
 
@@ -363,7 +365,7 @@ def test_check_grads_reports_a_broken_loss():
     assert (first.check, first.layer, first.layer_name) == ("loss", None, "loss")
     assert "wrong at loss" in str(result)
     assert all(row.passed for row in result.rows if row.check == "layer")
-    assert result.failures == tuple(row for row in result.rows if not row.passed)
+    assert result.failures == tuple(row for row in result.rows if row.failed)
     assert result.failures[0] is first and len(result.failures) < len(result.rows)
 
 
@@ -382,6 +384,8 @@ def test_check_grads_records_serialise_to_json():
         "rel_err",
         "cosine",
         "tol",
+        "status",
+        "note",
         "passed",
     }
     fd = [r for r in records if r["check"] == "fd"]
@@ -437,6 +441,14 @@ def test_check_grads_bad_params_or_input_name_the_layer():
         grad.check_grads(net, loss, swapped, x, target)
     with pytest.raises(ValueError, match=r"^dense\(3\): input has shape \(7, 5\)"):
         grad.check_grads(layers.dense(N_OUT), loss, params[2], x, target)  # bare: no index
+
+
+def test_check_grads_names_the_call_for_a_factory():
+    x = jnp.ones((2, 3))
+    with pytest.raises(TypeError, match=r"check_grads: net .*call it: bpjax\.relu\(\)"):
+        grad.check_grads(layers.relu, "mse", (), x, x)
+    with pytest.raises(TypeError, match=r"check_grads: loss .*call it: bpjax\.losses\.mse\(\)"):
+        grad.check_grads(layers.dense(3), losses.mse, {}, x, x)
 
 
 def test_check_grads_needs_params():
@@ -560,3 +572,368 @@ def test_check_grads_tolerances_follow_low_precision_dtypes(dtype_name):
     assert result.dtype == dtype_name
     assert result.rtol == grad.default_tolerances(low)["rtol"] > 1e-3
     assert result.passed, str(result)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs of every dtype the network accepts: images as uint8, labels-as-features as int32,
+# masks as bool, and every float. An integer or bool input has no gradient (jax gives it a
+# float0 cotangent); the gradient of the params is that of the same network on the input cast
+# to float, exactly (every such input value is a float64 number).
+
+INPUT_DTYPES = ["uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64"]
+
+
+def input_of(dtype_name: str, shape: tuple[int, ...], rng: np.random.Generator) -> jax.Array:
+    """Image-like integers (uint8 0-255, int32 -128-127), random bits, or standard normals."""
+    dtype = jnp.dtype(dtype_name)
+    if dtype == jnp.bool_:
+        return jnp.asarray(rng.random(shape) < 0.5)
+    if dtype == jnp.uint8:
+        return jnp.asarray(rng.integers(0, 256, shape), dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(rng.integers(-128, 128, shape), dtype)
+    return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
+def has_gradient(x: jax.Array) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+class DtypeSetup(NamedTuple):
+    net: layers.Layer
+    loss: losses.Loss
+    params: Any
+    x: jax.Array
+    target: jax.Array
+    value_ref: jax.Array
+    grads_ref: Any
+
+
+def dtype_setup(dtype_name: str, *, batch: int = BATCH) -> DtypeSetup:
+    """A float64 mlp, an input of ``dtype_name``, labels, and the reference: jax.grad of the
+    same network on the input cast to float64."""
+    net = layers.mlp([6, N_OUT], dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    _, params = net.init(jax.random.key(0), (batch, N_IN))
+    x = input_of(dtype_name, (batch, N_IN), rng)
+    target = jnp.asarray(rng.integers(0, N_OUT, batch))
+    loss = losses.softmax_cross_entropy()
+    value_ref, grads_ref = jax.value_and_grad(
+        lambda p: loss.forward(net.forward(p, x.astype(jnp.float64))[0], target)[0]
+    )(params)
+    return DtypeSetup(net, loss, params, x, target, value_ref, grads_ref)
+
+
+def check_value_and_grad(s: DtypeSetup) -> None:
+    """Both modes under jit, and grad_agreement of the two."""
+
+    @jax.jit
+    def both(params, x, target):
+        manual = grad.value_and_grad(s.net, s.loss)(params, x, target)
+        auto = grad.value_and_grad(s.net, s.loss, mode="autodiff")(params, x, target)
+        return manual, auto, grad.grad_agreement(manual[1], auto[1])
+
+    (value, grads), (value_auto, grads_auto), agreement = both(s.params, s.x, s.target)
+    for v, g in ((value, grads), (value_auto, grads_auto)):
+        np.testing.assert_allclose(v, s.value_ref, rtol=1e-12)
+        assert_trees_close(g, s.grads_ref, rtol=1e-10, atol=1e-12)
+    assert float(agreement["total/rel_err"]) < 1e-12
+    assert abs(float(agreement["total/cosine"]) - 1) < 1e-12
+
+
+def check_custom_vjp(s: DtypeSetup) -> None:
+    """jax.grad of the params through as_custom_vjp; jax.vjp of the input where it has one."""
+    apply = grad.as_custom_vjp(s.net)
+
+    def objective(params, x):
+        return s.loss.forward(apply(params, x), s.target)[0]
+
+    grads = jax.jit(jax.grad(objective))(s.params, s.x)
+    assert_trees_close(grads, s.grads_ref, rtol=1e-10, atol=1e-12)
+    _, vjp = jax.vjp(apply, s.params, s.x)
+    _, dx = vjp(jnp.ones((BATCH, N_OUT)))
+    _, vjp_ref = jax.vjp(lambda p, x: s.net.forward(p, x)[0], s.params, s.x)
+    _, dx_ref = vjp_ref(jnp.ones((BATCH, N_OUT)))
+    assert dx.dtype == dx_ref.dtype  # float0 for an input without a gradient
+    if has_gradient(s.x):
+        np.testing.assert_allclose(
+            np.asarray(dx, np.float64), np.asarray(dx_ref, np.float64), rtol=1e-2
+        )
+
+
+def check_check_grads(s: DtypeSetup) -> None:
+    result = grad.check_grads(s.net, s.loss, s.params, s.x, s.target)
+    assert result.passed, str(result)
+    dx_rows = [r for r in result.rows if r.leaf == "dx" and r.layer == 0]
+    assert len(dx_rows) == 1
+    dtype_name = jnp.dtype(s.x.dtype).name
+    if has_gradient(s.x):
+        assert dx_rows[0].status == "passed", str(result)
+        assert dx_rows[0].tol == max(1e-10, grad.default_tolerances(s.x.dtype)["rtol"])
+    else:
+        assert dx_rows[0].status == "skipped" and result.skipped == (dx_rows[0],)
+        assert f"{dtype_name} input: no gradient" in dx_rows[0].note
+        assert f"layer 0:dense(6) dx: skipped: {dtype_name} input: no gradient" in str(result)
+    # Every other row compared something and agreed. The fd row may meet a kink: a bool
+    # example of all False is a zero input, and the biases are zero (item 2's example).
+    assert all(r.passed for r in result.rows[:-1] if r not in dx_rows), str(result)
+    assert result.rows[-1].status in ("passed", "inconclusive"), str(result)
+
+
+def check_make_step(s: DtypeSetup) -> None:
+    optimizer = optax.sgd(0.5)
+    state = train.TrainState(
+        s.params, optimizer.init(s.params), jnp.zeros((), jnp.int32), jax.random.key(1)
+    )
+    new_state, aux = jax.jit(train.make_step(s.net, s.loss, optimizer))(state, s.x, s.target)
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, s.params, s.grads_ref)
+    assert_trees_close(new_state.params, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(aux["loss"], s.value_ref, rtol=1e-12)
+
+
+def check_make_epoch(s: DtypeSetup) -> None:
+    """Two steps with the manual-vs-autodiff signal at every step (grad_check_every=1)."""
+    optimizer = optax.sgd(0.5)
+    state = train.TrainState(
+        s.params, optimizer.init(s.params), jnp.zeros((), jnp.int32), jax.random.key(1)
+    )
+    x = jnp.concatenate([s.x, s.x[::-1]])
+    target = jnp.concatenate([s.target, s.target[::-1]])
+    epoch = train.make_epoch(s.net, s.loss, optimizer, batch_size=BATCH, grad_check_every=1)
+    new_state, metrics = epoch(state, x, target, 0)
+    assert metrics["loss"].shape == (2,) and np.all(np.isfinite(metrics["loss"]))
+    rel_err = np.asarray(metrics["grad_check/total/rel_err"])
+    assert rel_err.shape == (2,) and np.all(rel_err < 1e-6), rel_err
+    assert int(new_state.step) == 2
+
+
+UTILITIES = {
+    "value_and_grad": check_value_and_grad,
+    "as_custom_vjp": check_custom_vjp,
+    "check_grads": check_check_grads,
+    "make_step": check_make_step,
+    "make_epoch": check_make_epoch,
+}
+
+
+@pytest.mark.parametrize("dtype_name", INPUT_DTYPES)
+@pytest.mark.parametrize("utility", sorted(UTILITIES))
+def test_every_gradient_utility_takes_inputs_of_every_dtype(utility, dtype_name):
+    UTILITIES[utility](dtype_setup(dtype_name))
+
+
+def branching_net() -> layers.Layer:
+    """Two inputs of their own dtypes, joined: ``relu(x0 @ w0 + x1 @ w1) @ w2``."""
+    return layers.serial(
+        layers.parallel(layers.dense(4, dtype=jnp.float64), layers.dense(4, dtype=jnp.float64)),
+        layers.fan_in_sum(),
+        layers.tanh(),
+        layers.dense(N_OUT, dtype=jnp.float64),
+    )
+
+
+TUPLE_DTYPES = [("uint8", "bfloat16"), ("bool", "float64"), ("float32", "int32")]
+
+
+@pytest.mark.parametrize("dtypes", TUPLE_DTYPES, ids="-".join)
+def test_tuple_inputs_of_mixed_dtypes(dtypes):
+    net, loss = branching_net(), losses.softmax_cross_entropy()
+    rng = np.random.default_rng(0)
+    x = tuple(input_of(d, (BATCH, n), rng) for d, n in zip(dtypes, (N_IN, 2)))
+    target = jnp.asarray(rng.integers(0, N_OUT, BATCH))
+    _, params = net.init(jax.random.key(0), ((BATCH, N_IN), (BATCH, 2)))
+
+    def objective(p, x):
+        return loss.forward(net.forward(p, x)[0], target)[0]
+
+    as_float = tuple(a.astype(jnp.float64) for a in x)
+    value_ref, grads_ref = jax.value_and_grad(objective)(params, as_float)
+    for mode in grad.MODES:
+        value, grads = jax.jit(grad.value_and_grad(net, loss, mode=mode))(params, x, target)
+        np.testing.assert_allclose(value, value_ref, rtol=1e-12)
+        assert_trees_close(grads, grads_ref, rtol=1e-10, atol=1e-12)
+
+    apply = grad.as_custom_vjp(net)
+    _, vjp = jax.vjp(lambda p, x: loss.forward(apply(p, x), target)[0], params, x)
+    grads, dx = vjp(1.0)
+    assert_trees_close(grads, grads_ref, rtol=1e-10, atol=1e-12)
+    _, dx_ref = jax.vjp(objective, params, x)[1](1.0)
+    assert [d.dtype for d in dx] == [d.dtype for d in dx_ref]
+    for a, d, d_ref in zip(x, dx, dx_ref):
+        if has_gradient(a):
+            np.testing.assert_allclose(
+                np.asarray(d, np.float64), np.asarray(d_ref, np.float64), rtol=1e-2, atol=1e-12
+            )
+
+    result = grad.check_grads(net, loss, params, x, target, warn=False)
+    assert result.passed, str(result)
+    rows = {r.leaf: r for r in result.rows if r.layer == 0 and r.leaf.startswith("dx")}
+    assert set(rows) == {"dx/0", "dx/1"}
+    for i, a in enumerate(x):
+        assert rows[f"dx/{i}"].status == ("passed" if has_gradient(a) else "skipped"), str(result)
+        assert rows[f"dx/{i}"].shape == a.shape
+
+
+# --------------------------------------------------------------------------------------------
+# the finite-difference witness at kinks: inconclusive, never a false failure; a wrong
+# gradient where the loss is smooth still fails.
+
+
+def kinked_setup(activation: str, scale: float, dtype=jnp.float64):
+    """The issue's example: a relu-family mlp at default init (zero biases) and an example
+    scaled to ``scale``: 0 puts every hidden pre-activation of that example exactly on the
+    kink; 1e-8 puts them within the step (~1e-8 from it), off centre."""
+    net = layers.mlp([8, N_OUT], activation=activation, dtype=dtype)
+    _, params = net.init(jax.random.PRNGKey(0), (4, 6))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6), dtype)
+    return net, params, x.at[0].multiply(scale), jnp.arange(4) % N_OUT
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("scale", [0.0, 1e-8], ids=["at-the-centre", "inside-the-step"])
+def test_fd_row_is_inconclusive_at_a_kink(activation, scale):
+    net, params, x, target = kinked_setup(activation, scale)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    fd = result.rows[-1]
+    assert fd.check == "fd" and fd.status == "inconclusive", str(result)
+    assert fd.rel_err > fd.tol  # it disagrees: without the kink test it would have failed
+    assert result.passed and result.inconclusive == (fd,)
+    assert all(r.passed for r in result.rows[:-1]), str(result)
+    text = str(result)
+    assert "INCONCLUSIVE" in text and "FAIL" not in text
+    assert "not smooth within the step" in fd.note and "not smooth within the step" in text
+    assert "PASSED" in text and "1 inconclusive" in text
+
+
+def test_fd_row_is_inconclusive_at_a_kink_in_float32():
+    net, params, x, target = kinked_setup("relu", 0.0, jnp.float32)
+    # seed=1: a direction along which the kink moves the difference beyond float32's fd_rtol.
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, target, warn=False, seed=1)
+    fd = result.rows[-1]
+    assert result.passed and fd.status == "inconclusive" and fd.rel_err > fd.tol, str(result)
+
+
+def pair_max(*, split_ties: bool = True) -> layers.Layer:
+    """``y = max(x[..., 0::2], x[..., 1::2])`` written with ``jnp.max`` (max pooling in one
+    dimension, window 2). The backward splits ``dy`` equally among tied inputs, as jax's rule
+    for ``max`` does; ``split_ties=False`` is a wrong backward that gives each tie all of it."""
+
+    def init(key, in_shape):
+        del key  # unused: no parameters
+        return (*in_shape[:-1], in_shape[-1] // 2), ()
+
+    def forward(params, x, *, key=None):
+        del params, key  # unused: no parameters, deterministic
+        pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+        y = jnp.max(pairs, axis=-1)
+        return y, (pairs, y)
+
+    def backward(params, cache, dy):
+        del params  # unused: no parameters
+        pairs, y = cache
+        winners = (pairs == y[..., None]).astype(dy.dtype)
+        if split_ties:
+            winners = winners / jnp.sum(winners, axis=-1, keepdims=True)
+        return (), (winners * dy[..., None]).reshape(*pairs.shape[:-2], -1)
+
+    return layers.Layer(init, forward, backward, "pair_max")
+
+
+def tied_setup(offset: float, *, split_ties: bool = True):
+    """``dense(4) -> pair_max -> dense(3)`` whose two dense columns of each pair differ by
+    ``offset`` in their bias only: ties at the point (0), or a tie ~offset away (inside the
+    finite-difference step for a tiny offset)."""
+    net = layers.serial(
+        layers.dense(4, dtype=jnp.float64),
+        pair_max(split_ties=split_ties),
+        layers.dense(N_OUT, dtype=jnp.float64),
+    )
+    _, params = net.init(jax.random.PRNGKey(0), (BATCH, N_IN))
+    w = params[0]["w"]
+    first = {"w": w.at[:, 1].set(w[:, 0]).at[:, 3].set(w[:, 2]), "b": jnp.array([0, offset] * 2)}
+    params = (first, *params[1:])
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((BATCH, N_IN)))
+    return net, params, x, jnp.arange(BATCH) % N_OUT
+
+
+def test_max_ties_at_the_centre_agree_with_the_difference():
+    """Ties split evenly: the derivative at a tie is the mean of the two sides, which is what
+    a central difference across it measures, so the fd row passes (and nothing fails)."""
+    net, params, x, target = tied_setup(0.0)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    assert all(r.passed for r in result.rows), str(result)
+
+
+def test_max_ties_inside_the_step_are_inconclusive():
+    net, params, x, target = tied_setup(1e-9)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    assert result.passed and result.rows[-1].status == "inconclusive", str(result)
+
+
+def test_wrong_backward_at_a_kink_fails():
+    """A max that gives every tie the whole gradient is wrong exactly at ties: the layer and
+    total rows fail, and name it, whatever the fd row can say there."""
+    net, params, x, target = tied_setup(0.0, split_ties=False)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    assert not result.passed
+    first = result.first_failure
+    assert (first.check, first.layer, first.leaf) == ("layer", 1, "dx"), str(result)
+    assert not result.rows[-1].passed
+    assert "FAILED" in str(result) and "layer 1" in str(result)
+
+
+def test_wrong_backward_in_a_smooth_region_fails_the_fd_row():
+    net = layers.serial(layers.dense(6), forgetful_tanh(), layers.dense(N_OUT))
+    net, loss, params, x, target, _ = setup(NETS[0]._replace(net=lambda: net))
+    result = grad.check_grads(net, loss, params, x, target)
+    fd = result.rows[-1]
+    assert fd.status == "failed" and "smooth on the step" in fd.note, str(result)
+    assert not result.passed and result.first_failure.layer == 1
+
+
+def test_smooth_network_fd_row_passes():
+    net, loss, params, x, target, _ = setup(NETS[0])  # tanh
+    result = grad.check_grads(net, loss, params, x, target)
+    assert result.rows[-1].status == "passed" and not result.inconclusive, str(result)
+
+
+# A kink at s * eps along the direction, anywhere in the step: each quadrature alone is blind
+# at some places (2/3 for Simpson's rule; 1/6 and 5/6 for the composite rule), not both.
+KINK_PLACES = [0.0, 1 / 6, -1 / 6, 1 / 3, -1 / 3, 1 / 2, 2 / 3, -2 / 3, 3 / 4, -3 / 4, 5 / 6]
+FD_DTYPES = {"f64": jnp.float64, "f32": jnp.float32}
+
+
+def ramp(kink: float) -> Callable:
+    """A smooth function plus a ReLU with its kink at ``kink``: slopes 1 and 4 on its sides."""
+    return lambda p: jnp.sum(3 * jax.nn.relu(p - kink) + jnp.sin(p) + 0.5 * p**2)
+
+
+def fd_row(objective: Callable, gradient_offset: float, dtype) -> grad.GradCheckRow:
+    """The fd witness of a one-parameter objective at 0 (its unit direction is +1 or -1)."""
+    p = jnp.zeros(1, dtype)
+    g = jax.grad(objective)(p) + gradient_offset
+    tols = grad.default_tolerances(dtype)
+    return finite_difference_row(objective, p, g, eps=tols["eps"], fd_rtol=tols["fd_rtol"], seed=0)
+
+
+@pytest.mark.parametrize("dtype", FD_DTYPES.values(), ids=FD_DTYPES)
+@pytest.mark.parametrize("place", KINK_PLACES, ids=lambda s: f"{s:+.2f}eps")
+def test_fd_witness_at_a_kink_anywhere_in_the_step(place, dtype):
+    eps = grad.default_tolerances(dtype)["eps"]
+    row = fd_row(ramp(place * eps), 0.0, dtype)
+    assert row.status == "inconclusive", row
+    assert row.rel_err > row.tol
+
+
+@pytest.mark.parametrize("dtype", FD_DTYPES.values(), ids=FD_DTYPES)
+@pytest.mark.parametrize(
+    "place", [1.5, -1.5, 3.0, math.inf], ids=["+1.5eps", "-1.5eps", "3eps", "none"]
+)
+def test_fd_witness_outside_a_kink_passes_right_and_fails_wrong(place, dtype):
+    """A kink outside the step is never looked at: a right gradient passes and a wrong one
+    (off by 0.5, an eighth of the slope) fails."""
+    eps = grad.default_tolerances(dtype)["eps"]
+    objective = ramp(place * eps if math.isfinite(place) else 1.0)
+    assert fd_row(objective, 0.0, dtype).status == "passed"
+    wrong = fd_row(objective, 0.5, dtype)
+    assert wrong.status == "failed" and "smooth on the step" in wrong.note, wrong

@@ -31,6 +31,7 @@ COLUMNS = [
     "activation",
     "loss",
     "dtype",
+    "x_dtype",
     "check",
     "layer",
     "layer_name",
@@ -40,6 +41,8 @@ COLUMNS = [
     "rel_err",
     "cosine",
     "tol",
+    "status",
+    "note",
     "passed",
 ]
 
@@ -64,6 +67,7 @@ def test_shipped_config_names_real_activations_and_losses():
     assert set(cfg.activations) <= set(ACTIVATIONS)
     assert set(cfg.losses) <= set(LOSSES)
     assert set(cfg.dtypes) == {"float64", "float32"}
+    assert cfg.x_dtype is None  # each combination's own dtype
     assert cfg.inject_bug is None
     assert all(features[-1] >= 2 for features in cfg.architectures)
 
@@ -80,7 +84,10 @@ def test_run_passes_and_writes_csv_and_json(tmp_path, capsys):
         records = list(csv.DictReader(f))
     assert list(records[0]) == COLUMNS
     assert len(records) == len(result["rows"])
-    assert {r["passed"] for r in records} == {"True"}
+    assert {r["passed"] for r in records} == {"True"} and {r["status"] for r in records} == {
+        "passed"
+    }
+    assert all(r["x_dtype"] == r["dtype"] for r in records)
     rows = json.loads(Path(result["json"]).read_text())
     assert len(rows) == len(records) and list(rows[0]) == COLUMNS
     assert Path(result["csv"]).parent == tmp_path
@@ -123,6 +130,7 @@ def test_unknown_bug_kind_is_rejected(tmp_path):
         ("losses=[crossent]", "crossent"),
         ("dtypes=[float8]", r"dtypes: unknown \['float8'\]"),
         ("architectures=[[4,0]]", "not a list of positive sizes"),
+        ("x_dtype=int4", r"x_dtype: unknown 'int4'; valid: null .*uint8"),
     ],
 )
 def test_unknown_names_are_rejected_before_anything_runs(tmp_path, capsys, override, match):
@@ -130,6 +138,54 @@ def test_unknown_names_are_rejected_before_anything_runs(tmp_path, capsys, overr
         gradcheck.run(compose([*SMALL, override]), output_dir=tmp_path)
     assert capsys.readouterr().out == ""  # not even the table's header
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("x_dtype", gradcheck.X_DTYPES)
+def test_inputs_of_every_dtype(tmp_path, capsys, x_dtype):
+    """uint8, int32 and bool inputs have no gradient: their dx rows are skipped, and say so;
+    every other row is checked and passes, in float64 and float32."""
+    cfg = compose([*SMALL[:-1], "dtypes=[float64,float32]", f"x_dtype={x_dtype}"])
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    out = capsys.readouterr().out
+
+    assert result["passed"] and result["n_failed"] == 0, out
+    assert {r["x_dtype"] for r in result["rows"]} == {x_dtype}
+    first_dx = [r for r in result["rows"] if r["layer"] == 0 and r["leaf"] == "dx"]
+    assert len(first_dx) == 4  # one per combination
+    integer = x_dtype in ("uint8", "int32", "bool")
+    for r in first_dx:
+        if integer:
+            assert r["status"] == "skipped" and f"{x_dtype} input: no gradient" in r["note"]
+        else:
+            assert r["status"] == "passed", r
+    assert all(r["status"] == "passed" for r in result["rows"] if r not in first_dx)
+    assert f"inputs in {x_dtype}" in out
+    assert ("dx rows are skipped" in out) == integer
+    json.loads(Path(result["json"]).read_text())  # NaN errors of skipped rows are null
+
+
+# Zero biases and two ReLUs per hidden layer: for some examples both units of the first
+# layer are dead, so the second layer's pre-activations are exactly 0, on the kink.
+KINKED = [
+    "architectures=[[2,2,3]]",
+    "activations=[relu]",
+    "losses=[mse]",
+    "dtypes=[float64,float32]",
+    "b_init=zeros",
+]
+
+
+def test_an_fd_row_at_a_kink_is_inconclusive_not_failed(tmp_path, capsys):
+    result = gradcheck.run(compose(KINKED), output_dir=tmp_path)
+    out = capsys.readouterr().out
+
+    assert result["passed"] and result["n_failed"] == 0, out
+    assert result["n_inconclusive"] == 2
+    fd = [r for r in result["rows"] if r["check"] == "fd"]
+    assert [r["status"] for r in fd] == ["inconclusive", "inconclusive"]
+    assert all("not smooth within the step" in r["note"] and not r["passed"] for r in fd)
+    assert "inconcl." in out and "fd inconclusive: the loss is not smooth" in out
+    assert out.rstrip().endswith("2 passed (2 with an inconclusive fd row), 0 failed")
 
 
 def test_script_reports_a_bad_name_in_one_line(tmp_path):
@@ -155,6 +211,19 @@ def test_script_exits_zero_when_all_pass(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 passed, 0 failed" in proc.stdout
     assert (tmp_path / "gradcheck.csv").is_file() and (tmp_path / "gradcheck.json").is_file()
+
+
+@pytest.mark.slow
+def test_script_exits_zero_when_the_only_doubt_is_a_kink(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *KINKED, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 passed (2 with an inconclusive fd row), 0 failed" in proc.stdout
 
 
 @pytest.mark.slow

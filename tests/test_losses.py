@@ -13,7 +13,8 @@ from conftest import ATOL, RTOL, assert_no_more_work, assert_trees_close, xla_co
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpjax import losses
+import bpjax
+from bpjax import losses, train
 
 
 class Case(NamedTuple):
@@ -294,13 +295,102 @@ def test_backward_matches_autodiff_random(case, batch_shape, n, seed, scale):
     check_backward(case, pred, target, jnp.float64)
 
 
-@pytest.mark.parametrize("labels", [[0, 3], [-1, 1], [0, 64]])
+OUT_OF_RANGE = [[0, 3], [-1, 1], [0, 64], [-4, -1]]
+
+
+@pytest.mark.parametrize("labels", OUT_OF_RANGE, ids=str)
 def test_out_of_range_labels_raise_when_their_values_are_known(labels):
     # They used to give a NaN value (labels >= n) or silently take the last class (-1).
     loss = losses.softmax_cross_entropy()
     pred = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 3\) for 3 logits"):
         loss.forward(pred, jnp.asarray(labels, jnp.int32))
-    # Under jit values are unknown: no check, no error (documented).
-    value, _ = jax.jit(loss.forward)(pred, jnp.asarray(labels, jnp.int32))
-    assert value.shape == ()
+
+
+@pytest.mark.parametrize("label_dtype", [jnp.int32, jnp.uint8, jnp.int8])
+@pytest.mark.parametrize("labels", OUT_OF_RANGE, ids=str)
+def test_out_of_range_labels_under_jit_are_nan_in_value_and_gradient(labels, label_dtype):
+    """Under jit the labels are not known: an out-of-range one makes its example's loss NaN,
+    and its row of the gradient NaN too, so the backward is still jax.grad of the value
+    (it used to be the last class's value with no class's gradient, or a NaN value with a
+    finite gradient)."""
+    labels = np.asarray(labels).astype(label_dtype)  # uint8 wraps -1 to 255: out of range too
+    loss = losses.softmax_cross_entropy()
+    pred = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)))
+
+    @jax.jit
+    def value_and_grads(pred, labels):
+        value, cache = loss.forward(pred, labels)
+        reference = jax.grad(lambda p: loss.forward(p, labels)[0])(pred)
+        return value, loss.backward(cache), reference
+
+    value, dpred, reference = value_and_grads(pred, jnp.asarray(labels))
+    assert np.isnan(value)
+    invalid = (labels < 0) | (labels >= 3)
+    np.testing.assert_array_equal(np.isnan(dpred), np.broadcast_to(invalid[:, None], (2, 3)))
+    np.testing.assert_allclose(dpred, reference, rtol=1e-12, atol=1e-15)  # NaN where NaN
+    # The examples with a valid label keep their gradient (a batch of two: 1/2 of each row's).
+    for i in np.flatnonzero(~invalid):
+        expected = jax.grad(lambda p, i=i: loss.forward(p, labels[i : i + 1])[0])(pred[i : i + 1])
+        np.testing.assert_allclose(dpred[i], expected[0] / 2, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# a loss factory passed where its Loss is expected (issue 10, item 16)
+
+
+def _net_and_batch():
+    net = bpjax.mlp([4, 3], dtype=jnp.float64)
+    _, params = net.init(jax.random.PRNGKey(0), (2, 2))
+    return net, params, jnp.ones((2, 2)), jnp.zeros((2, 3))
+
+
+def _check_grads(loss):
+    net, params, x, target = _net_and_batch()
+    return bpjax.check_grads(net, loss, params, x, target)
+
+
+ENTRY_POINTS = {
+    "value_and_grad": lambda loss: bpjax.value_and_grad(_net_and_batch()[0], loss),
+    "check_grads": lambda loss: _check_grads(loss),
+    "make_step": lambda loss: train.make_step(_net_and_batch()[0], loss, optax.sgd(0.1)),
+    "make_epoch": lambda loss: train.make_epoch(
+        _net_and_batch()[0], loss, optax.sgd(0.1), batch_size=2
+    ),
+    "fit": lambda loss: bpjax.fit(
+        _net_and_batch()[0], loss, optax.sgd(0.1), bpjax.data.load("xor"), epochs=1, batch_size=2
+    ),
+}
+
+
+@pytest.mark.parametrize("factory", sorted(losses.LOSSES))
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_an_uncalled_loss_factory_names_the_call(entry, factory):
+    with pytest.raises(TypeError) as info:
+        ENTRY_POINTS[entry](losses.LOSSES[factory])
+    message = str(info.value)
+    assert (
+        f"loss factory bpjax.losses.{factory}, not a Loss: call it: bpjax.losses.{factory}()"
+        in (message)
+    )
+
+
+def test_resolve():
+    mse = losses.mse()
+    assert losses.resolve(mse) is mse
+    assert losses.resolve("bce").name == "binary_cross_entropy"
+    with pytest.raises(ValueError, match="nope"):
+        losses.resolve("nope")
+
+    def my_loss(*, scale: float) -> losses.Loss:
+        return losses.mse()._replace(name=f"mine{scale}")
+
+    with pytest.raises(
+        TypeError, match=r"f: loss is the loss factory .*my_loss.*call it: .*my_loss\(\.\.\.\)"
+    ):
+        losses.resolve(my_loss, "f: loss")
+    # A callable that does not make a Loss is not called a factory.
+    for other in (jnp.mean, optax.l2_loss, 3, None):
+        with pytest.raises(TypeError, match=r"must be a bpjax\.losses\.Loss or a loss") as info:
+            losses.resolve(other, "f: loss")
+        assert "call it" not in str(info.value)

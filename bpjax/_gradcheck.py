@@ -1,0 +1,407 @@
+"""The rows, results and witnesses of ``bpjax.grad.check_grads`` (re-exported there).
+
+Every comparison is a ``GradCheckRow`` with a ``status``:
+
+* ``"passed"`` / ``"failed"``: the hand-written gradient agrees / disagrees with its reference;
+* ``"inconclusive"``: the reference cannot judge it here. Only the finite-difference row can be
+  inconclusive: when the loss is not smooth within the step (a ReLU or leaky ReLU at 0, a max
+  over ties, any kink), a difference quotient is not a derivative, so it can neither confirm
+  nor refute the manual one; the per-layer and total rows (exact autodiff) still decide;
+* ``"skipped"``: there is nothing to compare: the ``dx`` of an input without a gradient (an
+  integer or bool input, for which ``jax.vjp`` gives a ``float0`` cotangent).
+
+A result passes when no row failed: every conclusive row passed. ``note`` says why a row is
+inconclusive, skipped or failed.
+
+The relative error of two arrays is ``||a - b|| / max(||a||, ||b||, tiny)`` and their cosine is
+``<a, b> / (||a|| ||b||)`` (1 when both are zero).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_TINY = 1e-30
+STATUSES = ("passed", "failed", "inconclusive", "skipped")
+_SHOWN = {"passed": "ok", "failed": "FAIL", "inconclusive": "INCONCLUSIVE", "skipped": "skipped"}
+
+
+class GradCheckWarning(UserWarning):
+    """Gradient checking at a precision too low for tight agreement (e.g. float32)."""
+
+
+def default_tolerances(dtype: Any) -> dict[str, float]:
+    """Relative tolerances and finite-difference step for gradient checks in ``dtype``.
+
+    ``rtol`` bounds manual-vs-autodiff relative error; ``fd_rtol`` bounds the finite-difference
+    witness, whose own truncation (~eps^2) and rounding (~machine_eps/eps) errors are larger, and
+    which also judges a gradient that was rounded to ``dtype``. The float32 step is small (1e-3)
+    so the difference rarely straddles a ReLU kink; the rounding allowance in the check covers
+    the larger rounding error (the difference itself runs in float64 where jax_enable_x64 is
+    on). Where a kink does fall within the step, the finite-difference row is reported
+    inconclusive, not failed (``finite_difference_row``). That kink test has no threshold of
+    its own per dtype: it compares the loss's departure from smoothness over the step with the
+    disagreement it would have to explain (a sixth of it), so it scales with whatever the
+    dtype's ``fd_rtol`` and rounding allowance let through.
+
+    Raises:
+      ValueError: ``dtype`` is not a floating-point dtype.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64:
+        return {"rtol": 1e-10, "fd_rtol": 1e-6, "eps": 1e-6}
+    if dtype == jnp.float32:
+        return {"rtol": 1e-4, "fd_rtol": 3e-2, "eps": 1e-3}
+    if dtype == jnp.float16:
+        return {"rtol": 1e-2, "fd_rtol": 3e-1, "eps": 1e-1}
+    if dtype == jnp.bfloat16:
+        return {"rtol": 5e-2, "fd_rtol": 3e-1, "eps": 1e-1}
+    raise ValueError(f"gradient checks need floating-point params, got {dtype}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheckRow:
+    """One comparison of a hand-written gradient with its reference.
+
+    ``check`` is ``"loss"`` (loss backward vs jax.grad of the loss), ``"layer"`` (a layer's
+    backward vs jax.vjp of that layer's forward, same upstream gradient), ``"total"`` (the
+    whole manual gradient vs jax.grad) or ``"fd"`` (directional derivative vs a central finite
+    difference; ``max_abs_err`` is then |fd - <g, v>| and ``cosine`` is NaN). ``status`` is one
+    of ``STATUSES`` (see the module docstring) and ``note`` says why, where there is a why;
+    a skipped row's errors are NaN.
+    """
+
+    check: str
+    layer: int | None
+    layer_name: str
+    leaf: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    rel_err: float
+    cosine: float
+    tol: float
+    status: str
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """The comparison was made and agreed (False for inconclusive and skipped rows)."""
+        return self.status == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class GradCheckResult:
+    """The outcome of ``check_grads``: rows in backward-pass order, then totals, then FD."""
+
+    rows: tuple[GradCheckRow, ...]
+    dtype: str
+    rtol: float
+    fd_rtol: float
+    eps: float
+    value: float
+
+    @property
+    def passed(self) -> bool:
+        """No row failed: every conclusive comparison agreed."""
+        return not self.failures
+
+    @property
+    def failures(self) -> tuple[GradCheckRow, ...]:
+        return tuple(row for row in self.rows if row.failed)
+
+    @property
+    def inconclusive(self) -> tuple[GradCheckRow, ...]:
+        return tuple(row for row in self.rows if row.status == "inconclusive")
+
+    @property
+    def skipped(self) -> tuple[GradCheckRow, ...]:
+        return tuple(row for row in self.rows if row.status == "skipped")
+
+    @property
+    def first_failure(self) -> GradCheckRow | None:
+        """The first failing row in backward-pass order: where the backward first goes wrong."""
+        return next(iter(self.failures), None)
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """Rows as plain dicts (for CSV/JSON), with ``passed`` (the comparison agreed)."""
+        return [
+            {
+                **dataclasses.asdict(row),
+                "shape": "x".join(map(str, row.shape)) or "scalar",
+                "passed": row.passed,
+            }
+            for row in self.rows
+        ]
+
+    def raise_if_failed(self) -> "GradCheckResult":
+        if not self.passed:
+            raise AssertionError(str(self))
+        return self
+
+    def __str__(self) -> str:
+        header = ("check", "layer", "leaf", "shape", "max_abs_err", "rel_err", "cosine", "status")
+        lines = [header]
+        for r in self.rows:
+            lines.append(
+                (
+                    r.check,
+                    _layer_column(r),
+                    r.leaf,
+                    "x".join(map(str, r.shape)) or "()",
+                    "-" if math.isnan(r.max_abs_err) else f"{r.max_abs_err:.2e}",
+                    "-" if math.isnan(r.rel_err) else f"{r.rel_err:.2e}",
+                    "-" if math.isnan(r.cosine) else f"{r.cosine:.8f}",
+                    _SHOWN[r.status],
+                )
+            )
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        text = "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
+        )
+        notes = [
+            f"  {r.check} {_layer_column(r)} {r.leaf}: {_SHOWN[r.status]}: {r.note}"
+            for r in self.rows
+            if r.note
+        ]
+        if notes:
+            text += "\nnotes:\n" + "\n".join(notes)
+        n_conclusive = sum(r.status in ("passed", "failed") for r in self.rows)
+        others = []
+        if self.inconclusive:
+            others.append(f"{len(self.inconclusive)} inconclusive")
+        if self.skipped:
+            others.append(f"{len(self.skipped)} skipped")
+        aside = f" ({', '.join(others)}: see the notes)" if others else ""
+        first = self.first_failure
+        if first is None:
+            verdict = f"PASSED: {n_conclusive} of {n_conclusive} conclusive checks{aside}"
+        else:
+            verdict = (
+                f"FAILED: {len(self.failures)} of {n_conclusive} conclusive checks{aside}; the "
+                f"backward first goes wrong at {_where(first)} ({first.layer_name}, "
+                f"{first.check} check of {first.leaf})"
+            )
+        return (
+            f"gradient check ({self.dtype}, rtol={self.rtol:g}, fd_rtol={self.fd_rtol:g}, "
+            f"eps={self.eps:g}, loss={self.value:.6g})\n{text}\n{verdict}"
+        )
+
+
+def _layer_column(row: GradCheckRow) -> str:
+    return row.layer_name if row.layer is None else f"{row.layer}:{row.layer_name}"
+
+
+def _where(row: GradCheckRow) -> str:
+    return row.layer_name if row.layer is None else f"layer {row.layer}"
+
+
+def _leaf_name(path: tuple) -> str:
+    parts = []
+    for entry in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+    return "/".join(parts) or "value"
+
+
+def _dtype_rtol(dtype: Any, rtol: float) -> float:
+    """``rtol``, loosened to ``dtype``'s own where an array is stored in lower precision (a
+    bfloat16 input's ``dx`` is rounded to bfloat16 by the manual backward and jax.vjp alike)."""
+    if jnp.issubdtype(dtype, jnp.floating):
+        return max(rtol, default_tolerances(dtype)["rtol"])
+    return rtol
+
+
+def compare(
+    check: str, layer: int | None, layer_name: str, leaf: str, a: Any, b: Any, tol: float
+) -> GradCheckRow:
+    """Compares two arrays: passed when both are finite and their relative error is <= tol."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    max_abs = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+    norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    rel = float(np.linalg.norm(a64 - b64)) / max(norm_a, norm_b, _TINY)
+    cos = 1.0 if norm_a == norm_b == 0 else float(np.vdot(a64, b64)) / max(norm_a * norm_b, _TINY)
+    finite = bool(np.all(np.isfinite(a64)) and np.all(np.isfinite(b64)))
+    status = "passed" if finite and rel <= tol else "failed"
+    note = "" if finite else "non-finite values"
+    return GradCheckRow(
+        check, layer, layer_name, leaf, a64.shape, max_abs, rel, cos, tol, status, note
+    )
+
+
+def compare_trees(
+    check: str, layer: int | None, layer_name: str, a: Any, b: Any, tol: float
+) -> list[GradCheckRow]:
+    """One row per leaf of two gradient trees of the same structure."""
+    paths_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    if tree_a != tree_b:
+        raise ValueError(f"{layer_name}: gradient tree {tree_a} does not match {tree_b}")
+    return [
+        compare(check, layer, layer_name, _leaf_name(path), leaf_a, leaf_b, tol)
+        for (path, leaf_a), leaf_b in zip(paths_a, leaves_b)
+    ]
+
+
+def compare_inputs(
+    layer: int | None, layer_name: str, x: Any, dx: Any, dx_ref: Any, tol: float
+) -> list[GradCheckRow]:
+    """Rows for a layer's ``dx`` (``"dx"``, or ``"dx/0"``, ``"dx/1"``, ... for a tuple input).
+
+    An input leaf that is not floating point (uint8, int32, bool) has no gradient: jax.vjp
+    gives it a ``float0`` cotangent and the manual ``dx`` there means nothing, so its row is
+    ``"skipped"``. A low-precision input's ``dx`` is compared at that dtype's tolerance.
+    """
+    paths, tree_x = jax.tree_util.tree_flatten_with_path(x)
+    tree_dx, tree_ref = jax.tree_util.tree_structure(dx), jax.tree_util.tree_structure(dx_ref)
+    if not tree_x == tree_dx == tree_ref:
+        raise ValueError(
+            f"{layer_name}: dx has structure {tree_dx}, jax.vjp's {tree_ref}; the input {tree_x}"
+        )
+    rows = []
+    for (path, x_leaf), d, d_ref in zip(
+        paths, jax.tree_util.tree_leaves(dx), jax.tree_util.tree_leaves(dx_ref)
+    ):
+        leaf = "/".join(["dx", _leaf_name(path)]) if path else "dx"
+        dtype = jnp.result_type(x_leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            note = f"{jnp.dtype(dtype).name} input: no gradient (jax.vjp gives float0)"
+            errors = (math.nan, math.nan, math.nan)
+            shape = np.shape(x_leaf)
+            rows.append(
+                GradCheckRow("layer", layer, layer_name, leaf, shape, *errors, tol, "skipped", note)
+            )
+            continue
+        rows.append(compare("layer", layer, layer_name, leaf, d, d_ref, _dtype_rtol(dtype, tol)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the finite-difference witness
+
+
+def finite_difference_row(
+    objective: Callable, params: Any, grads: Any, *, eps: float, fd_rtol: float, seed: int
+) -> GradCheckRow:
+    """Compares ``D = <grads, v>`` with ``C = (L(p + eps v) - L(p - eps v)) / 2 eps``.
+
+    ``v`` is a random unit direction over all parameter leaves (drawn from ``seed``). The params
+    are cast to the widest float available (float64 with ``jax_enable_x64``, else float32: a
+    float32 difference at eps = 1e-3 rounds to ~1e-4 |L|, a bfloat16 one is noise), so ``D`` of
+    a low-precision gradient is judged against the derivative of the same network in high
+    precision. The row passes when
+    ``|C - D| <= fd_rtol * max(|C|, |D|) + 10 * machine_eps * |L| / eps`` (the last term: the
+    rounding error of ``C``, ``machine_eps`` that of the loss's dtype).
+
+    When they disagree, the step is tested for a kink before the row is called failed. Along
+    the line ``f(t) = L(p + t v)``, ``C`` is exactly the mean of ``f'`` over ``[-eps, eps]``.
+    Two quadratures of that mean from the slopes ``f'(t)`` by ``jax.jvp`` (of the forward pass,
+    not the manual backward) at ``t = 0, +-eps/2, +-eps``: Simpson's rule ``S3 = (f'(-eps) +
+    4 f'(0) + f'(eps)) / 6`` and the composite rule ``S5 = (f'(-eps) + 4 f'(-eps/2) + 2 f'(0) +
+    4 f'(eps/2) + f'(eps)) / 12`` equal it up to ``eps^4 f^(5) / 180`` where ``f`` is smooth,
+    but not across a jump of ``f'``. So ``roughness = max(|C - S3|, |C - S5|)`` measures how far
+    ``f`` is from smooth on the step, whatever layer makes the kink. The row is
+    ``"inconclusive"`` if the roughness exceeds a sixth of the disagreement ``|C - D|`` (its
+    note says "or at its rounding limit" when the roughness is within ``C``'s rounding
+    allowance: then noise could explain both); otherwise ``f`` is smooth on the step and the
+    row fails.
+
+    Why two rules and a sixth: for one kink at ``s * eps`` (``|s| < 1``) and a correct
+    ``D = f'(0)``, the roughness is at least a third of the disagreement (the least at
+    ``|s| = 3/4``; two thirds at ``s = 0``). Each rule alone is blind where its weights happen
+    to match the kink's place (``|s| = 2/3`` for ``S3``; ``1/6`` and ``5/6`` for ``S5``) and
+    the other sees it there; a sixth keeps a factor of two below the guarantee, for several
+    kinks and for curvature. A wrong gradient where the loss is smooth disagrees by far more
+    than ``f`` departs from smooth (``eps^4`` and rounding), so it fails; a kink outside the
+    step is never looked at. The test trusts ``jax.jvp`` of the forward pass, as the layer and
+    total rows trust ``jax.vjp`` and ``jax.grad``.
+
+    Args:
+      objective: ``params -> L``, a scalar (the network and loss at fixed inputs).
+      params: where to differentiate (floating-point leaves).
+      grads: the manual gradient at ``params`` (same tree).
+      eps: the step; fd_rtol: the relative tolerance; seed: seed of ``v``.
+
+    Returns:
+      The ``"fd"`` row: passed, failed or inconclusive, with a note unless passed.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    # The widest float there is: float64 where enabled (a float32 difference quotient at
+    # eps = 1e-3 rounds to ~1e-4 |L|, too coarse to judge small slopes), else float32.
+    fd_dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    # Drawn with numpy: jax.random would compile a sampler for every new parameter shape.
+    rng = np.random.default_rng(seed)
+    direction = [rng.standard_normal(np.shape(leaf)) for leaf in leaves]
+    norm = math.sqrt(sum(float(np.sum(np.square(d))) for d in direction))
+    direction = [jnp.asarray(d / norm, fd_dtype) for d in direction]
+
+    def at(step: float) -> Any:
+        return jax.tree_util.tree_unflatten(
+            treedef, [leaf.astype(fd_dtype) + step * d for leaf, d in zip(leaves, direction)]
+        )
+
+    value_array = objective(at(0.0))
+    value = float(value_array)
+    central = (float(objective(at(eps))) - float(objective(at(-eps)))) / (2 * eps)
+    directional = sum(
+        float(np.vdot(np.asarray(g, np.float64), np.asarray(d, np.float64)))
+        for g, d in zip(jax.tree_util.tree_leaves(grads), direction)
+    )
+    # The loss's own precision: a network that computes in a narrower dtype rounds to it.
+    machine_eps = float(jnp.finfo(jnp.result_type(value_array)).eps)
+    abs_err = abs(central - directional)
+    scale = max(abs(central), abs(directional))
+    rel = abs_err / max(scale, _TINY)
+
+    def row(status: str, note: str = "") -> GradCheckRow:
+        return GradCheckRow(
+            "fd", None, "network", "directional", (), abs_err, rel, math.nan, fd_rtol, status, note
+        )
+
+    if not (math.isfinite(central) and math.isfinite(directional)):
+        return row("failed", f"non-finite: central difference {central}, <g, v> {directional}")
+    if abs_err <= fd_rtol * scale + 10 * machine_eps * abs(value) / eps:
+        return row("passed")
+
+    tangent = jax.tree_util.tree_unflatten(treedef, direction)
+
+    def slope(step: float) -> float:
+        """``f'(step)``: forward-mode autodiff of the objective along ``v``."""
+        return float(jax.jvp(objective, (at(step),), (tangent,))[1])
+
+    slopes = {t: slope(t) for t in (-eps, -eps / 2, 0.0, eps / 2, eps)}
+    simpson = (slopes[-eps] + 4 * slopes[0.0] + slopes[eps]) / 6
+    composite = (
+        slopes[-eps] + 4 * slopes[-eps / 2] + 2 * slopes[0.0] + 4 * slopes[eps / 2] + slopes[eps]
+    ) / 12
+    roughness = max(abs(central - simpson), abs(central - composite))
+    if not math.isfinite(roughness) or roughness > abs_err / 6:
+        rounding = 10 * machine_eps * abs(value) / eps
+        reason = (
+            "the loss is not smooth within the step (a kink: ReLU at 0, a max over ties, ...)"
+            if roughness > rounding
+            else f"the loss is not smooth within the step, or the difference is at its "
+            f"rounding limit ({rounding:.1e})"
+        )
+        return row(
+            "inconclusive",
+            f"{reason}: on [-{eps:g}, {eps:g}] the central difference {central:.6e} differs "
+            f"from the quadratures of jax.jvp's slopes ({simpson:.6e}, {composite:.6e}); a "
+            f"difference across a kink is no derivative, so it cannot judge <g, v> = "
+            f"{directional:.6e}; the layer and total rows decide",
+        )
+    return row(
+        "failed",
+        f"the loss is smooth on the step (the quadratures of jax.jvp's slopes match the "
+        f"central difference {central:.6e}), yet <g, v> = {directional:.6e}",
+    )
