@@ -414,6 +414,34 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert metadata == {"epoch": 1}
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_an_interrupt_during_a_save_waits_for_it(tmp_path, monkeypatch, replace):
+    # SIGTERM (turned into KeyboardInterrupt, as experiments/train.py does) mid-save used to
+    # stop it there, leaving orbax's writer threads filling a directory the next save deleted.
+    write_json = ocp.JsonCheckpointHandler._save_fn
+
+    async def slow(self, item, directory):
+        os.kill(os.getpid(), signal.SIGALRM)  # handled in the main thread, which waits
+        time.sleep(0.5)
+        await write_json(self, item, directory)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    manager = checkpoint.CheckpointManager(tmp_path, keep=2)
+    if replace:
+        manager.save(make_state(0), step_or_epoch=1)
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow)
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal"):
+            manager.save(make_state(1), step_or_epoch=1)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001"]  # complete, alone
+    assert_bit_identical(manager.restore_latest(make_state(0))[0], make_state(1))
+
+
 def test_replacing_a_checkpoint(tmp_path):
     path = checkpoint.save(tmp_path / "s", make_state(1), metadata={"epoch": 1})
     checkpoint.save(path, make_state(2), metadata={"epoch": 2})

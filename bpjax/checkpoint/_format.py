@@ -8,7 +8,8 @@ import json
 import pathlib
 import shutil
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -156,7 +157,8 @@ def save(path: PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None
     Args:
         path: the checkpoint directory to create; its parent is created if needed. An existing
             checkpoint there is replaced: it is renamed aside, the new one written, and only
-            then the old one deleted (a failed save puts it back).
+            then the old one deleted (a failed save puts it back). A KeyboardInterrupt during
+            the save is raised once the save is complete.
         tree: a pytree whose leaves are arrays (jax arrays may be sharded, across processes
             too), numpy/Python scalars, or PRNG keys (raw or typed).
         metadata: JSON-able mapping (epoch, config, metrics, ...); numpy/jax scalars and arrays,
@@ -177,20 +179,70 @@ def save(path: PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None
         )
     args = save_args(tree, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    aside = set_aside(path, "replaced") if path.exists() else None
-    checkpointer = ocp().Checkpointer(ocp().CompositeCheckpointHandler(**item_handlers()))
-    try:
-        checkpointer.save(path, args=args)
-    except BaseException:
-        remove_unfinished(path)
-        if aside is not None and is_primary() and not path.exists():
-            aside.rename(path)
-        raise
-    finally:
-        checkpointer.close()
-    if aside is not None:
-        remove(aside)
+
+    def write() -> None:
+        checkpointer = ocp().Checkpointer(ocp().CompositeCheckpointHandler(**item_handlers()))
+        try:
+            checkpointer.save(path, args=args)
+        finally:
+            checkpointer.close()
+
+    replace(path, path if path.exists() else None, write)
     return path
+
+
+def replace(path: pathlib.Path, existing: pathlib.Path | None, write: Callable[[], None]) -> None:
+    """Runs ``write`` (an orbax save of ``path``) to completion, in place of ``existing``.
+
+    ``existing`` (the checkpoint ``path`` replaces, if any) is renamed aside first and deleted
+    once the new one is complete; if the save fails, what it left is deleted and ``existing``
+    put back. A KeyboardInterrupt (Ctrl-C, or a SIGTERM turned into one) does not stop a save
+    midway, where it would leave orbax's writer threads filling a directory that the next save
+    deletes: it is raised once the save is complete.
+    """
+
+    def replace_existing() -> None:
+        aside = None if existing is None else set_aside(existing, "replaced")
+        try:
+            write()
+        except BaseException:
+            remove_unfinished(path)
+            if aside is not None and is_primary() and not existing.exists():
+                aside.rename(existing)
+            raise
+        if aside is not None:
+            remove(aside)
+
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            replace_existing()
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            done.set()
+
+    # Signals are handled in the main thread only: the save goes on in another. (Waiting on an
+    # Event, not Thread.join: a join interrupted by a signal may mark a running thread stopped.)
+    thread = threading.Thread(target=run, name="bpjax-checkpoint-save")
+    interrupt = None
+    try:
+        thread.start()
+    except KeyboardInterrupt as e:  # not started (nothing written), or started: waited for
+        interrupt = e
+        if not thread.ident:
+            raise
+    while not done.is_set():
+        try:
+            done.wait()
+        except KeyboardInterrupt as e:
+            interrupt = e
+    if failure:
+        raise failure[0]
+    if interrupt is not None:
+        raise interrupt
 
 
 # ----------------------------------------------------------------------------------------------

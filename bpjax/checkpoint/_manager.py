@@ -177,7 +177,8 @@ class CheckpointManager:
             tree: the pytree to save (e.g. a ``TrainState``).
             step_or_epoch: number identifying the checkpoint; a checkpoint with the same
                 number is replaced (renamed aside, the new one written, then the old one
-                deleted; a failed save puts it back).
+                deleted; a failed save puts it back). A KeyboardInterrupt during the save is
+                raised once the save is complete.
             metrics: scalars to store (numpy/jax scalars become Python floats); ``metric``
                 is looked up here.
             config: the run's configuration, e.g. ``OmegaConf.to_container(cfg, resolve=True)``.
@@ -204,20 +205,15 @@ class CheckpointManager:
             metadata["run"] = dict(run)
         args = _format.save_args(tree, metadata)
         path = self.path_for(step)
-        existing = self._paths().get(step)
-        aside = None if existing is None else _format.set_aside(existing, "replaced")
-        manager = self._orbax_manager()
-        try:
-            manager.save(step, args=args, force=True)  # force: any step, not only a later one
-        except BaseException:
-            _format.remove_unfinished(path)
-            if aside is not None and _format.is_primary() and not existing.exists():
-                aside.rename(existing)
-            raise
-        finally:
-            manager.close()
-        if aside is not None:
-            _format.remove(aside)
+
+        def write() -> None:
+            manager = self._orbax_manager()
+            try:
+                manager.save(step, args=args, force=True)  # force: any step, not only a later one
+            finally:
+                manager.close()
+
+        _format.replace(path, self._paths().get(step), write)
         return path
 
     def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any]]:
