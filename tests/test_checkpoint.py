@@ -2,6 +2,7 @@
 damaged checkpoints, the former .npz format, and two processes saving and restoring together."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -908,8 +909,20 @@ def test_importing_bpjax_does_not_import_orbax():
     assert result.returncode == 0, result.stderr
 
 
+def test_orbax_logs_no_info_lines(tmp_path, caplog):
+    # Under Hydra the root logger shows INFO: orbax logged ~40 lines per save to the console.
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")
+    manager = checkpoint.CheckpointManager(tmp_path)
+    manager.save(make_state(1), step_or_epoch=1)
+    manager.restore_latest(make_state(0))
+    assert not [r.getMessage() for r in caplog.records if "orbax" in r.pathname]
+    logging.getLogger("absl").info("another absl user")  # is not silenced
+    assert caplog.records[-1].getMessage() == "another absl user"
+
+
 # --------------------------------------------------------------------------------------------
-# bpjax._atomic: the write underneath dataset caches and run metrics
+# bpjax._atomic: the write underneath dataset caches and run metrics (metrics.json)
 
 
 def test_atomic_write_creates_parents_and_replaces(tmp_path):

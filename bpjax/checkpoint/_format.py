@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
 import pathlib
 import shutil
 import sys
@@ -45,7 +47,23 @@ def ocp() -> Any:
     import time, which every command pays."""
     import orbax.checkpoint
 
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in absl.filters):
+        absl.addFilter(_QuietOrbax(os.path.dirname(os.path.dirname(orbax.checkpoint.__file__))))
     return orbax.checkpoint
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops orbax's INFO and DEBUG records: it logs through absl, dozens of lines per save,
+    which reach the console wherever the root logger shows INFO (as under Hydra). Its warnings
+    and errors, and every other absl user's records, pass."""
+
+    def __init__(self, orbax_dir: str):
+        super().__init__()
+        self.orbax_dir = os.path.join(orbax_dir, "")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.orbax_dir)
 
 
 def item_handlers() -> dict[str, Any]:
