@@ -14,7 +14,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from bpjax.checkpoint import _format
+from bpjax.checkpoint import _format, _orbax
 from bpjax.checkpoint._records import PathLike, UnreadableCheckpoint
 
 
@@ -95,7 +95,7 @@ class CheckpointManager:
         return self.directory / f"ckpt_{step:06d}"
 
     def _name_format(self) -> Any:
-        return _format.ocp().step.standard_name_format(
+        return _orbax.ocp().step.standard_name_format(
             step_prefix="ckpt", step_format_fixed_length=6
         )
 
@@ -146,7 +146,7 @@ class CheckpointManager:
         return best_step
 
     def _orbax_manager(self) -> Any:
-        ocp = _format.ocp()
+        ocp = _orbax.ocp()
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=False,  # a returned save is on disk
             step_name_format=self._name_format(),
@@ -159,7 +159,7 @@ class CheckpointManager:
             create=True,
         )
         return ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=_format.item_handlers()
+            self.directory, options=options, item_handlers=_orbax.item_handlers()
         )
 
     def save(
@@ -213,7 +213,7 @@ class CheckpointManager:
             finally:
                 manager.close()
 
-        _format.replace(path, self._paths().get(step), write)
+        _orbax.replace(path, self._paths().get(step), write)
         return path
 
     def restore_latest(self, like: Any) -> tuple[Any, dict[str, Any]]:
@@ -241,7 +241,7 @@ class CheckpointManager:
                 damaged.append(e)
                 continue
             for error in damaged:
-                aside = _format.set_aside(error.path, "damaged")
+                aside = _orbax.set_aside(error.path, "damaged")
                 warnings.warn(
                     f"{error}; renamed to {aside.name} (kept), resuming from {paths[step].name}",
                     DamagedCheckpointWarning,
