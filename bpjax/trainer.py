@@ -172,7 +172,7 @@ def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any])
     try:
         saved = load_metadata(path).get("run")
     except UnreadableCheckpoint:
-        return True  # damaged: restore_latest reports it and falls back; _check_run then
+        return True  # damaged: restore_latest passes over it, warning, and fit checks the run
     except (OSError, ValueError) as e:
         raise ResumeError(f"cannot resume: {e}") from e
     _check_run(path, saved, run)

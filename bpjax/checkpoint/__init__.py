@@ -42,7 +42,8 @@ The former format, one ``.npz`` file per checkpoint (``ckpt_000003.npz``), is st
 ``load_metadata``, ``restore`` and ``CheckpointManager``: a run checkpointed by an older bpjax
 resumes, and continues in the new format.
 
-orbax is imported on first use (it adds about a third of a second to the import of bpjax).
+orbax is imported on first use: importing it takes about 0.4 s on top of jax (measured 0.37 s
+and 0.45 s on the 2-core development machine), which commands that never checkpoint don't pay.
 """
 
 from bpjax.checkpoint._format import load_metadata, restore, save

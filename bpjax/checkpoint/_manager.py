@@ -125,7 +125,7 @@ class CheckpointManager:
     def best(self) -> pathlib.Path | None:
         """Path of the best checkpoint by ``metric``, or None (no metric, or no finite value)."""
         paths = self._paths()
-        step = self._best_step(paths, paths)
+        step = self._best_step(list(paths), paths)
         return None if step is None else paths[step]
 
     def _best_step(self, steps: Sequence[int], paths: Mapping[int, pathlib.Path]) -> int | None:
