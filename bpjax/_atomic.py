@@ -1,7 +1,8 @@
 """Atomic file writes: a temp file in the same directory, fsync, rename, fsync the directory.
 
 A crash mid-write never leaves a truncated file under the final name, and no temp file is left
-behind. Used for checkpoints, dataset caches and run metrics. (numpy only: no jax here.)
+behind. Used for dataset caches and run metrics (checkpoints are written by orbax: see
+``bpjax.checkpoint``). (numpy only: no jax here.)
 """
 
 import os

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from bpjax import losses as losses_lib
-from bpjax.checkpoint import CheckpointManager, _to_json, load_metadata, restore
+from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
 from bpjax.data import Dataset
 from bpjax.layers import Layer
 from bpjax.losses import Loss
@@ -183,12 +183,12 @@ def default_monitor(task: str) -> str:
     return "val_accuracy" if task == "classification" else "val_loss"
 
 
-def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any]) -> Any:
-    """The checkpoint this run continues from (None: start afresh), once it is known to be this
-    run's: its ``run`` metadata (when it has one) must match ``run``."""
+def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any]) -> bool:
+    """Whether this run continues from a checkpoint, once the latest is known to be this run's:
+    its ``run`` metadata (when it has one) must match ``run``."""
     steps = manager.all_steps()
     if not steps:
-        return None
+        return False
     if not resume:
         names = ", ".join(manager.path_for(s).name for s in steps[-3:])
         raise ResumeError(
@@ -198,8 +198,15 @@ def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any])
     path = manager.latest()
     try:
         saved = load_metadata(path).get("run")
+    except UnreadableCheckpoint:
+        return True  # damaged: restore_latest passes over it, warning, and fit checks the run
     except (OSError, ValueError) as e:
         raise ResumeError(f"cannot resume: {e}") from e
+    _check_run(path, saved, run)
+    return True
+
+
+def _check_run(path: Any, saved: dict[str, Any] | None, run: dict[str, Any]) -> None:
     if saved is not None:
         differ = [
             f"{key} {saved[key]!r} there, {value!r} here"
@@ -211,7 +218,6 @@ def _resume_point(manager: CheckpointManager, resume: bool, run: dict[str, Any])
                 f"cannot resume from {path}: another run saved it ({'; '.join(differ)}); use "
                 f"that run's settings, or start the new run in an empty directory"
             )
-    return path
 
 
 @functools.cache
@@ -278,7 +284,8 @@ def fit(
       checkpoint_every: save every that many epochs (and at the last, at a new best, and on
         interrupt).
       keep_checkpoints: how many recent checkpoints to keep (the best is kept as well).
-      resume: continue from the latest checkpoint in ``checkpoint_dir``, if any.
+      resume: continue from the latest checkpoint in ``checkpoint_dir``, if any (one that
+        cannot be read is renamed aside, with a warning, and the one before it used).
       config: stored in every checkpoint.
       grad_check_every: log manual-vs-autodiff agreement every that many steps (0: off).
       layer_stats: record per-layer gradient/weight norms and update ratios each epoch.
@@ -299,7 +306,8 @@ def fit(
     Raises:
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
       ResumeError: ``checkpoint_dir`` holds another run's checkpoints, or checkpoints that
-        ``resume=False`` would overwrite, or an unreadable one; before anything is compiled.
+        ``resume=False`` would overwrite, or none that can be read; before anything is
+        compiled.
       ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
         outputs than the data needs), before anything is compiled.
     """
@@ -383,7 +391,7 @@ def fit(
             f"needs {data.n_outputs}: make its last layer {data.n_outputs} wide"
         )
 
-    manager, resume_from = None, None
+    manager, resume_from = None, False
     if checkpoint_dir is not None:
         _to_json(config)  # a config that can't be stored fails now, not at the first checkpoint
         manager = CheckpointManager(
@@ -445,12 +453,13 @@ def fit(
     start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
     resumed_steps, resumed_loss_sum = 0, 0.0
     best_params, best_net_state = state.params, state.net_state
-    if resume_from is not None:
-        try:
-            state, meta = restore(resume_from, state)
+    if resume_from:
+        try:  # the latest readable checkpoint: a damaged one is renamed aside, with a warning
+            state, meta = manager.restore_latest(state)
         except ValueError as e:
             hint = " (this run's network or optimizer differs)" if "mismatch" in str(e) else ""
             raise ResumeError(f"cannot resume: {e}{hint}") from e
+        _check_run(manager.path_for(int(meta["step"])), meta.get("run"), run_info)
         state = jax.device_put(state, replicated)
         saved = meta["metrics"]
         start_epoch = int(saved.get("epoch", meta["step"]))
@@ -462,8 +471,13 @@ def fit(
         best = None if best_epoch < 0 else float(saved["best"])
         best_params, best_net_state = state.params, state.net_state
         if manager.best() is not None and best_epoch >= 0:
-            best_state = jax.device_put(manager.restore_best(state)[0], replicated)
+            best_state, best_meta = manager.restore_best(state)
+            best_state = jax.device_put(best_state, replicated)
             best_params, best_net_state = best_state.params, best_state.net_state
+            kept = best_meta["metrics"]
+            if int(kept.get("epoch", best_meta["step"])) != best_epoch:
+                # the recorded best was damaged and set aside: the next best stands in for it
+                best_epoch, best = int(kept.get("epoch", best_meta["step"])), float(kept["monitor"])
 
     def checkpoint(record, **in_progress):
         """Saves ``state`` as checkpoint ``record["epoch"]``: the state after that epoch, or,

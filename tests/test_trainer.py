@@ -69,8 +69,15 @@ def test_public_names_are_tested():
     assert set(TESTED) == set(trainer.__all__)
 
 
+def snapshot(directory) -> dict[str, bytes | None]:
+    """Every file and folder under ``directory`` (files with their bytes)."""
+    root = pathlib.Path(directory)
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in root.rglob("*")}  # fmt: skip
+
+
 def checkpoint_files(directory) -> list[str]:
-    return sorted(p.name for p in pathlib.Path(directory).glob("ckpt_*.npz"))
+    return sorted(p.name for p in pathlib.Path(directory).glob("ckpt_*"))
 
 
 def evaluate(net, loss, data, params, split: str) -> dict[str, float]:
@@ -282,7 +289,7 @@ def test_float64_data_into_float32_params_trains_in_manual_mode(small):
 def test_resume_equals_uninterrupted(name, small, reference, tmp_path):
     net = {"plain": NET, "dropout": NET_DROPOUT}[name]
     first = fit(net, CE, ADAM, small, epochs=3, checkpoint_dir=str(tmp_path), **SMALL)
-    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}.npz" for e in (1, 2, 3)]
+    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}" for e in (1, 2, 3)]
     resumed = fit(
         net, CE, ADAM, small, epochs=6, checkpoint_dir=str(tmp_path), resume=True, **SMALL
     )
@@ -337,7 +344,7 @@ def test_keyboard_interrupt_leaves_resumable_checkpoint(small, reference, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         fit(NET_DROPOUT, CE, ADAM, small, epochs=6, callbacks=[Interrupt(at)], **options)
     manager = checkpoint.CheckpointManager(tmp_path)
-    assert manager.latest().name == f"ckpt_{at:06d}.npz"
+    assert manager.latest().name == f"ckpt_{at:06d}"
     assert checkpoint.load_metadata(manager.latest())["step"] == at
     resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
     assert [r["epoch"] for r in resumed.history] == list(range(at + 1, 7))
@@ -370,7 +377,7 @@ def test_keyboard_interrupt_during_evaluation_resumes_exactly(
         fit(NET_DROPOUT, CE, ADAM, small, epochs=6, **options)
     monkeypatch.undo()
     latest = checkpoint.CheckpointManager(tmp_path).latest()
-    assert latest.name == "ckpt_000003.npz"
+    assert latest.name == "ckpt_000003"
     metrics = checkpoint.load_metadata(latest)["metrics"]
     assert metrics["epoch"] == 3 and metrics["epoch_step"] == 8
     restored, _ = checkpoint.restore(latest, reference["dropout"].state)
@@ -423,7 +430,7 @@ def test_interrupt_mid_epoch_checkpoints_the_steps_done_and_resumes_exactly(
     with pytest.raises(KeyboardInterrupt):
         fit(NET_DROPOUT, CE, ADAM, small, epochs=6, on_chunk=[stop], **options)
     latest = checkpoint.CheckpointManager(tmp_path).latest()
-    assert latest.name == f"ckpt_{at[0]:06d}.npz"
+    assert latest.name == f"ckpt_{at[0]:06d}"
     saved = checkpoint.load_metadata(latest)["metrics"]
     assert (saved["epoch"], saved["epoch_step"]) == at
     restored, _ = checkpoint.restore(latest, reference["dropout"].state)
@@ -440,11 +447,11 @@ def test_a_new_run_refuses_a_directory_with_checkpoints(small, tmp_path, monkeyp
     # It used to train anyway, and prune its own checkpoints as soon as it wrote them (the old
     # run's were later and better); a later resume then continued the old run.
     fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = snapshot(tmp_path)
     must_not_compile(monkeypatch)
-    with pytest.raises(ResumeError, match=r"already holds checkpoints .*ckpt_000002\.npz"):
+    with pytest.raises(ResumeError, match=r"already holds checkpoints .*ckpt_000002"):
         fit(NET, CE, ADAM, small, epochs=3, seed=1, checkpoint_dir=str(tmp_path), **SMALL)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing deleted
+    assert snapshot(tmp_path) == before  # nothing deleted
 
 
 @pytest.mark.parametrize(
@@ -460,7 +467,7 @@ def test_resume_refuses_another_runs_checkpoints(small, tmp_path, monkeypatch, c
     fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir=str(tmp_path), **SMALL)
     must_not_compile(monkeypatch)
     options = {**SMALL, "epochs": 2, "checkpoint_dir": str(tmp_path), "resume": True, **change}
-    with pytest.raises(ResumeError, match=f"cannot resume from .*ckpt_000001.npz: .*{match}"):
+    with pytest.raises(ResumeError, match=f"cannot resume from .*ckpt_000001: .*{match}"):
         fit(NET, options.pop("loss", CE), ADAM, small, **options)
 
 
@@ -473,13 +480,45 @@ def test_resume_with_another_optimizer_names_the_mismatch(small, tmp_path):
         )  # fmt: skip
 
 
-def test_resume_from_an_unreadable_checkpoint_names_it(small, tmp_path):
+def test_resume_passes_over_a_damaged_latest_checkpoint(small, reference, tmp_path):
+    # A damaged latest checkpoint used to block the resume (issue 10, item 7).
     fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
-    latest = tmp_path / "ckpt_000002.npz"
-    latest.write_bytes(latest.read_bytes()[:100])  # a copy cut short
-    with pytest.raises(ResumeError, match=r"ckpt_000002\.npz: not a readable checkpoint"):
+    (tmp_path / "ckpt_000002" / "meta" / "bpjax.json").write_text('{"format": "bpjax.chec')
+    with pytest.warns(checkpoint.DamagedCheckpointWarning, match=r"ckpt_000002: not a readable"):
+        resumed = fit(
+            NET, CE, ADAM, small, epochs=6, checkpoint_dir=str(tmp_path), resume=True, **SMALL
+        )
+    assert [r["epoch"] for r in resumed.history] == [2, 3, 4, 5, 6]  # from epoch 1
+    assert_trees_equal(resumed.state, reference["plain"].state)
+    assert (tmp_path / "ckpt_000002.damaged").is_dir()  # kept, renamed aside
+
+
+def test_resume_passes_over_a_damaged_best_checkpoint(small, reference, tmp_path):
+    """The best epoch's arrays are damaged: the resume warns, sets it aside and keeps the next
+    best as the run's best, instead of failing with orbax's error."""
+    options = {**SMALL, "checkpoint_dir": str(tmp_path), "keep_checkpoints": 1}
+    first = fit(NET, CE, ADAM, small, epochs=5, **options)
+    best = first.metrics["best_epoch"]
+    assert best < 5, "the test needs a best epoch before the last"
+    for leaf in (tmp_path / f"ckpt_{best:06d}").rglob("*"):
+        if leaf.is_file() and "meta" not in leaf.parts:
+            leaf.write_bytes(b"")
+    with pytest.warns(checkpoint.DamagedCheckpointWarning, match=f"ckpt_{best:06d}"):
+        resumed = fit(NET, CE, ADAM, small, epochs=6, resume=True, **options)
+    assert [r["epoch"] for r in resumed.history] == [6]
+    assert resumed.metrics["best_epoch"] in (5, 6)  # the damaged best no longer counts
+
+
+def test_resume_from_only_unreadable_checkpoints_names_them(small, tmp_path):
+    fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
+    for name in ("ckpt_000001", "ckpt_000002"):
+        (tmp_path / name / "meta" / "bpjax.json").write_bytes(b"")  # a copy cut short
+    before = snapshot(tmp_path)
+    with pytest.raises(
+        ResumeError, match=r"none of its 2 checkpoints can be read .*ckpt_000002: not a readable"
+    ):
         fit(NET, CE, ADAM, small, epochs=3, checkpoint_dir=str(tmp_path), resume=True, **SMALL)
-    assert (tmp_path / "ckpt_000001.npz").exists()  # nothing deleted
+    assert snapshot(tmp_path) == before  # nothing renamed or deleted
 
 
 def test_resume_of_a_run_that_stopped_early_stays_stopped(small, tmp_path):
@@ -504,9 +543,9 @@ def test_keeps_last_k_and_best_checkpoints(small, tmp_path):
     )
     best_epoch = result.metrics["best_epoch"]
     assert best_epoch == 3  # not among the last two
-    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}.npz" for e in (3, 4, 5)]
+    assert checkpoint_files(tmp_path) == [f"ckpt_{e:06d}" for e in (3, 4, 5)]
     manager = checkpoint.CheckpointManager(tmp_path)
-    best, meta = checkpoint.restore(tmp_path / "ckpt_000003.npz", result.state)
+    best, meta = checkpoint.restore(tmp_path / "ckpt_000003", result.state)
     assert_trees_equal(best.params, result.best_params)
     assert meta["metrics"]["monitor"] == result.metrics["best_val_loss"]
     latest, _ = manager.restore_latest(result.state)
@@ -558,8 +597,8 @@ def test_divergence_guard_keeps_last_finite_checkpoint(tmp_path):
     error = info.value
     assert error.epoch == 3 and 21 < error.step <= 30
     assert "epoch 3" in str(error) and f"step {error.step}" in str(error)
-    assert "ckpt_000002.npz" in str(error)
-    assert checkpoint_files(tmp_path) == ["ckpt_000001.npz", "ckpt_000002.npz"]
+    assert "ckpt_000002" in str(error)
+    assert checkpoint_files(tmp_path) == ["ckpt_000001", "ckpt_000002"]
     template = train.init_state(net, optax.sgd(schedule), jax.random.PRNGKey(0), (32, 1))
     restored, meta = checkpoint.CheckpointManager(tmp_path).restore_latest(template)
     assert meta["step"] == 2 and int(restored.step) == 20
