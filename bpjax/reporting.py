@@ -43,8 +43,8 @@ class Console:
     """A run's console lines: labelled (``label``, e.g. ``"[job 1] "`` in a sweep) and, on a
     terminal with ``progress``, written above a progress bar so every line stays.
 
-    The bar counts epochs: ``advance(epoch)`` sets its position (a resumed run starts where it
-    left off), so a finer position (a part of an epoch) would fit the same call.
+    The bar counts minibatch steps: ``advance(step)`` sets its position (moved at every chunk of
+    an epoch; a resumed run starts where it left off).
 
     Args:
         label: put before every line.
@@ -57,13 +57,13 @@ class Console:
         self.bar = None
 
     def start(self, total: int) -> None:
-        """Shows the bar (``total`` epochs), if there is to be one."""
+        """Shows the bar (``total`` steps), if there is to be one."""
         if self.progress and self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(
                 total=total,
-                unit="epoch",
+                unit="step",
                 dynamic_ncols=True,
                 file=sys.stdout,
                 desc=self.label.strip() or None,
@@ -79,10 +79,10 @@ class Console:
         else:
             print(text, file=file, flush=True)
 
-    def advance(self, epoch: int, postfix: str = "") -> None:
-        """Moves the bar to ``epoch`` with ``postfix`` after it."""
+    def advance(self, step: int, postfix: str = "") -> None:
+        """Moves the bar to ``step`` with ``postfix`` after it."""
         if self.bar is not None:
-            self.bar.update(epoch - self.bar.n)
+            self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(postfix)
 
     def close(self) -> None:
@@ -90,6 +90,10 @@ class Console:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# Per-step signals of a chunk (``bpjax.fit``'s step metrics) -> their TensorBoard tag prefix.
+STEP_SIGNALS = {"grad_check/": "gradcheck/"}
 
 
 class EpochReporter:
@@ -148,16 +152,10 @@ class EpochReporter:
         scalars["opt/learning_rate"] = float(self.schedule(step))
         scalars["perf/examples_per_second"] = record["examples_per_second"]
         scalars["perf/epoch_seconds"] = record["epoch_seconds"]
-        first_step = step - self.steps_per_epoch
         for name, values in record["step_metrics"].items():
             finite = np.flatnonzero(np.isfinite(values))
             if name.startswith("layer_stats/") and finite.size:
                 scalars["layers/" + name.removeprefix("layer_stats/")] = float(values[finite[-1]])
-            elif name.startswith("grad_check/"):
-                # the signature signal: manual vs autodiff, per layer, at the steps checked
-                tag = "gradcheck/" + name.removeprefix("grad_check/")
-                for j in finite:
-                    log.scalar(tag, float(values[j]), first_step + int(j))
         log.scalars(scalars, step)
         every = self.histogram_every
         if every and self.grad_fn is not None and (epoch % every == 0 or epoch == self.epochs):
@@ -172,6 +170,22 @@ class EpochReporter:
         log.flush()  # on disk at every epoch end: a kill -9 loses at most the epoch running
         self._watch_loss(record)
         self._progress(record)
+
+    def chunk(self, record: dict[str, Any]) -> None:
+        """A ``bpjax.fit`` ``on_chunk`` callback: the per-step signals of a chunk of an epoch
+        (``gradcheck/...``: manual vs autodiff, per layer) at the steps they were measured,
+        and the progress bar moved to the chunk's last step."""
+        log, step = self.logger, record["step"]
+        for name, values in record["step_metrics"].items():
+            prefix = next((p for p in STEP_SIGNALS if name.startswith(p)), None)
+            if prefix is None:
+                continue
+            first_step = step - len(values)
+            tag = STEP_SIGNALS[prefix] + name.removeprefix(prefix)
+            for j in np.flatnonzero(np.isfinite(values)):
+                log.scalar(tag, float(values[j]), first_step + int(j))
+        part = f"epoch {record['epoch']}/{self.epochs}  loss {format_number(record['train_loss'])}"
+        self.console.advance(step, part)
 
     def _watch_loss(self, record: dict[str, Any]) -> None:
         losses = np.asarray(record["step_metrics"]["loss"])
@@ -200,7 +214,7 @@ class EpochReporter:
                 parts.append(f"{key} {format_number(record[key])}")
         parts.append(f"{record['examples_per_second']:,.0f} ex/s")
         self.console.say(f"epoch {record['epoch']}/{self.epochs}  " + "  ".join(parts))
-        self.console.advance(record["epoch"], "  ".join(parts))
+        self.console.advance(record["step"], "  ".join(parts))
 
     def close(self) -> None:
         """Removes the progress bar."""

@@ -25,7 +25,7 @@ import optax
 from bpjax import losses as losses_lib
 from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
 from bpjax.data import Dataset
-from bpjax.layers import Layer
+from bpjax.layers import Layer, NeedsImages
 from bpjax.losses import Loss
 from bpjax.precision import as_compute_dtype
 from bpjax.train import (
@@ -372,9 +372,23 @@ def fit(
         monitor = "train_loss"
     mode = _monitor_mode(monitor)
 
-    out_shape = output_shape(net, (batch_size, *data.input_shape))
+    try:
+        out_shape = output_shape(net, (batch_size, *data.input_shape))
+    except NeedsImages as e:
+        if len(data.input_shape) != 1:
+            raise
+        raise ValueError(
+            f"{e}: {data.name} was loaded flat, {data.input_shape} per example; an image network "
+            f"needs the images: bpjax.data.load({data.name!r}, flatten=False) (on the command "
+            f"line: dataset.flatten=false)"
+        ) from None
     if len(out_shape) != 2 or out_shape[0] != batch_size:
-        hint = " (flatten the input first: mlp(..., flatten=True))" if len(out_shape) > 2 else ""
+        hint = (
+            " (flatten the images first: put bpjax.flatten() before the dense layers, or load "
+            "the data flat)"
+            if len(out_shape) > 2
+            else ""
+        )
         raise ValueError(
             f"the network {net.name} maps a batch {(batch_size, *data.input_shape)} of "
             f"{data.name} to {tuple(out_shape)}, not to (batch, outputs){hint}"

@@ -72,9 +72,12 @@ from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
+from bpjax.layers import NeedsImages
 from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
 from bpjax.reporting import Console, EpochReporter, format_number, run_name, tensorboard_dir
 from bpjax.train import (
+    WEIGHT_DECAY_MASKS,
+    WEIGHT_DECAY_MODES,
     encode_targets,
     make_optimizer,
     output_shape,
@@ -225,7 +228,18 @@ def validate(cfg: DictConfig) -> None:
     decay = trainer.weight_decay
     if not isinstance(decay, int | float) or not decay >= 0:
         raise ConfigError(f"trainer.weight_decay must be a number >= 0, got {decay}")
-    for key in ("grad_check_every", "histogram_every"):
+    for key, valid in (
+        ("weight_decay_mode", WEIGHT_DECAY_MODES),
+        ("weight_decay_mask", WEIGHT_DECAY_MASKS),
+    ):
+        if trainer[key] not in valid:
+            raise ConfigError(f"trainer.{key}={trainer[key]!r} is not one of {', '.join(valid)}")
+    if decay and _takes(cfg.optimizer, "weight_decay"):
+        raise ConfigError(
+            f"trainer.weight_decay={decay} and optimizer={_target_name(cfg.optimizer)}, which has "
+            f"its own optimizer.weight_decay: set one of them (e.g. trainer.weight_decay=0)"
+        )
+    for key in ("grad_check_every", "histogram_every", "chunk_steps"):
         if not isinstance(trainer[key], int) or trainer[key] < 0:
             raise ConfigError(f"trainer.{key} must be an integer >= 0, got {trainer[key]}")
     if trainer.devices != "all" and (not isinstance(trainer.devices, int) or trainer.devices < 1):
@@ -390,6 +404,8 @@ def _build(spec: str) -> tuple:
         learning_rate=schedule,
         clip_global_norm=cfg.trainer.clip_global_norm,
         weight_decay=cfg.trainer.weight_decay,
+        weight_decay_mode=cfg.trainer.weight_decay_mode,
+        weight_decay_mask=cfg.trainer.weight_decay_mask,
     )
     return net, loss, optimizer, schedule
 
@@ -513,12 +529,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "loss": _container(cfg.loss),
         "optimizer": _container(cfg.optimizer),
         "schedule": _container(cfg.schedule),
-        "trainer": {k: trainer[k] for k in ("clip_global_norm", "weight_decay")},
+        "trainer": {
+            k: trainer[k]
+            for k in ("clip_global_norm", "weight_decay", "weight_decay_mode", "weight_decay_mask")
+        },
         "total_steps": steps_per_epoch * trainer.epochs,
     }
     net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
     loss_name = loss.name
-    n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
+    try:
+        n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
+    except NeedsImages as e:
+        flat = len(data.input_shape) == 1
+        hint = " (dataset.flatten=false loads them as images)" if flat else ""
+        raise ConfigError(f"the model takes images [batch, h, w, c]: {e}{hint}") from None
     if n_out != data.n_outputs and not single_output_binary(n_out, data.n_classes, loss_name):
         hint = (
             f" (set model.features=[..., {data.n_outputs}])"
@@ -541,7 +565,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         encode_targets(data.y_train[:hist_n], task=data.task, loss_name=loss_name, n_outputs=n_out),
     )
     grad_fn = _jitted_grad(net, loss, trainer.grad_mode)
-    console.start(trainer.epochs)
+    console.start(trainer.epochs * steps_per_epoch)
     console.say(f"bpjax: {data.summary()}")
     console.say(
         f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
@@ -605,6 +629,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             devices=trainer.devices,
             eval_splits=("train", "val", "test"),
             callbacks=[reporter],
+            chunk_steps=trainer.chunk_steps,
+            on_chunk=[reporter.chunk],
         )
         metrics = dict(result.metrics)
         # Only a resume of a run that had already ended trains no epoch.

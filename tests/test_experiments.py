@@ -75,12 +75,16 @@ DATASETS = {
     "wine": "bundled",
     "xor": "bundled",
 }
-# model option -> layer sizes
+# model option -> (one example's input shape, outputs, the mlp's layer sizes or None)
 MODELS = {
-    "mlp": [100, 10],
-    "mlp_1024x2": [1024, 1024, 10],
-    "mlp_30": [30, 10],
-    "mlp_300_100": [300, 100, 10],
+    "mlp": ((784,), 10, [100, 10]),
+    "mlp_1024x2": ((784,), 10, [1024, 1024, 10]),
+    "mlp_30": ((784,), 10, [30, 10]),
+    "mlp_300_100": ((784,), 10, [300, 100, 10]),
+    "lenet5": ((28, 28, 1), 10, None),
+    "cnn": ((28, 28, 1), 10, None),
+    "resnet": ((28, 28, 1), 10, None),
+    "stack": ((28, 28, 1), 10, None),
 }
 # loss option -> the Loss's name
 LOSSES = {
@@ -278,10 +282,32 @@ def test_dataset_config(name, request):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_config(name):
     cfg = compose(f"model={name}")
-    assert list(cfg.model.features) == MODELS[name]
+    in_shape, n_out, features = MODELS[name]
+    if features is not None:
+        assert list(cfg.model.features) == features
+    # an image model loads its data unflattened, without a separate step to remember
+    assert cfg.dataset.flatten is (len(in_shape) == 1)
     net = hydra.utils.instantiate(cfg.model, _convert_="all")
     assert isinstance(net, bpjax.Layer)
-    assert output_shape(net, (2, 784)) == (2, MODELS[name][-1])
+    assert output_shape(net, (2, *in_shape)) == (2, n_out)
+
+
+def test_an_image_model_on_flattened_images_is_one_error_line(tmp_path):
+    cfg = compose(
+        "model=cnn", "dataset=digits", "dataset.flatten=true", f"trainer.run_dir={tmp_path}"
+    )
+    with pytest.raises(train_script.ConfigError, match=r"takes images.*dataset.flatten=false"):
+        train_script.train(cfg)
+
+
+def test_the_yaml_layer_stack_is_any_list_of_layers():
+    cfg = compose("model=stack", "model._args_.0.n_out=5")
+    net = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert net.sublayers[0].name.startswith("conv2d(5,")
+    assert [layer.name.split("(")[0] for layer in net.sublayers][-2:] == [
+        "global_avg_pool",
+        "dense",
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))

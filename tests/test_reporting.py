@@ -72,7 +72,7 @@ def test_console_keeps_each_line_above_the_bar(monkeypatch):
     reporter = EpochReporter(
         NullLogger(), epochs=3, steps_per_epoch=4, schedule=lambda step: 0.1, console=Console()
     )
-    reporter.console.start(3)
+    reporter.console.start(3 * 4)  # the bar counts steps
     assert reporter.console.bar is not None
     for epoch in (1, 2, 3):
         reporter(record(epoch, [1.0 / epoch] * 4, val_accuracy=0.5 + epoch / 10))
@@ -81,7 +81,40 @@ def test_console_keeps_each_line_above_the_bar(monkeypatch):
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == ["1/3", "2/3", "3/3"]
     assert "val_accuracy 0.8000" in epochs[-1]
-    assert "3/3" in terminal.getvalue().rsplit("epoch 3/3", 1)[-1]  # the bar, drawn after it
+    assert "12/12" in terminal.getvalue().rsplit("epoch 3/3", 1)[-1]  # the bar, drawn after it
+
+
+class RecordingLogger(NullLogger):
+    def __init__(self):
+        self.scalars_logged = []
+
+    def scalar(self, tag, value, step):
+        self.scalars_logged.append((tag, step, value))
+
+
+def test_chunk_logs_each_step_signal_at_its_step_and_moves_the_bar(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stdout", terminal)
+    logger = RecordingLogger()
+    reporter = EpochReporter(
+        logger, epochs=2, steps_per_epoch=8, schedule=lambda step: 0.1, console=Console()
+    )
+    reporter.console.start(16)
+    rel_err = np.array([np.nan, 1e-7, np.nan, np.nan], np.float32)  # measured at step 9 only
+    reporter.chunk(
+        {
+            "epoch": 2,
+            "step": 12,  # after steps 8..11, the first half of epoch 2
+            "epoch_step": 4,
+            "steps_per_epoch": 8,
+            "train_loss": 0.25,
+            "step_metrics": {"loss": np.ones(4), "grad_check/layer0/rel_err": rel_err},
+        }
+    )
+    assert logger.scalars_logged == [("gradcheck/layer0/rel_err", 9, pytest.approx(1e-7))]
+    assert reporter.console.bar.n == 12
+    assert "epoch 2/2  loss 0.2500" in terminal.getvalue()
+    reporter.close()
 
 
 def test_console_bar_starts_where_a_resumed_run_left_off(monkeypatch):

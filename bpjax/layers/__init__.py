@@ -60,6 +60,7 @@ combinators, its ``sublayers`` (so ``check_grads`` can check each layer on its o
 
 from bpjax.layers._core import (
     Layer,
+    NeedsImages,
     _Static,  # noqa: F401  (used by bpjax.train)
     apply,
     check_layer,  # noqa: F401  (a helper for modules that take layers: bpjax.grad)
@@ -105,6 +106,7 @@ from bpjax.layers.shape import flatten
 __all__ = [
     "ACTIVATIONS",
     "Layer",
+    "NeedsImages",
     "activation",
     "apply",
     "batch_norm",

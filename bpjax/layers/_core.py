@@ -14,6 +14,11 @@ Params = Any
 Shape = tuple[int, ...]
 
 
+class NeedsImages(ValueError):
+    """A layer that takes NHWC images ``[batch, h, w, c]`` (a convolution, a pool) was given
+    an input of another rank, e.g. flattened images ``[batch, 784]``."""
+
+
 class Layer(NamedTuple):
     """A layer as three pure functions (see ``bpjax.layers`` for the convention).
 

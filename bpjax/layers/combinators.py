@@ -60,6 +60,14 @@ def _layer(
     return Layer(init, forward_with_state, backward, name, tuple(sublayers), state_init, combinator)
 
 
+def _naming(error: ValueError, message: str) -> ValueError:
+    """``error`` again with ``message`` (naming the layer), of its own kind where it can be."""
+    try:
+        return type(error)(message)
+    except Exception:  # a subclass whose constructor takes other arguments
+        return ValueError(message)
+
+
 def _per_layer(n: int, state: Any) -> list[Any]:
     return [()] * n if state is None else list(state)
 
@@ -110,7 +118,7 @@ def serial(*layers: Layer) -> Layer:
             try:
                 x, cache, s = apply(layer, p, x, key=k, state=s)
             except ValueError as e:
-                raise ValueError(f"layer {i} of {n}: {e}") from None
+                raise _naming(e, f"layer {i} of {n}: {e}") from None
             caches.append(cache)
             states.append(s)
         return x, tuple(caches), tuple(states)
