@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hydra
@@ -39,6 +40,7 @@ from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
 from bpjax.train import (
+    check_rule,
     encode_targets,
     make_optimizer,
     output_shape,
@@ -347,16 +349,17 @@ class EpochReporter:
             finite = np.flatnonzero(np.isfinite(values))
             if name.startswith("layer_stats/") and finite.size:
                 scalars["layers/" + name.removeprefix("layer_stats/")] = float(values[finite[-1]])
-            elif name.startswith("grad_check/"):
-                # the signature signal: manual vs autodiff, per layer, at the steps checked
-                tag = "gradcheck/" + name.removeprefix("grad_check/")
+            elif name.startswith(("grad_check/", "alignment/")):
+                # the signature signals, per layer, at the steps checked: manual vs autodiff,
+                # and the angle of the step's update (a learning rule's) to the true gradient
+                tag = name.replace("grad_check/", "gradcheck/", 1)
                 for j in finite:
                     log.scalar(tag, float(values[j]), first_step + int(j))
         log.scalars(scalars, step)
         every = self.cfg.trainer.histogram_every
         if every and (epoch % every == 0 or epoch == self.epochs):
             params = record["params"]
-            _, grads = self.grad_fn(params, *self.batch)
+            _, grads = self.grad_fn(params, *self.batch, feedback=record.get("rule_state", ()))
             for i, (p, g) in enumerate(zip(params, grads)):
                 if not isinstance(p, dict):  # parameter-free layers: ()
                     continue
@@ -395,8 +398,14 @@ def _run_dir(cfg: DictConfig) -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix="bpjax-run-"))
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Runs one configured experiment; returns its metrics (also written to metrics.json)."""
+def train(
+    cfg: DictConfig, *, callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()
+) -> dict[str, Any]:
+    """Runs one configured experiment; returns its metrics (also written to metrics.json).
+
+    ``callbacks`` are called with each epoch's record after the reporter (``fit``'s
+    ``callbacks``): how ``experiments/compare_rules.py`` gets the curves it plots.
+    """
     validate(cfg)
     _listen_for_compilations()
     t_start = time.perf_counter()
@@ -465,6 +474,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"the model has {n_out} outputs but {data.name} needs {data.n_outputs} "
             f"(set model.features=[..., {data.n_outputs}])"
         )
+    rule_options = {
+        "distribution": trainer.feedback_distribution,
+        "scale": trainer.feedback_scale,
+        "kp_decay": trainer.kp_decay,
+    }
+    in_shape = (trainer.batch_size, *data.input_shape)
+    # A bad rule option (checked for every mode), then a rule that can't apply to the network.
+    for mode, keys in (
+        ("manual", "trainer.feedback_distribution, feedback_scale, kp_decay"),
+        (trainer.grad_mode, f"trainer.grad_mode={trainer.grad_mode}"),
+    ):
+        try:
+            check_rule(mode, net, in_shape, rule_options)
+        except ValueError as e:
+            raise ConfigError(f"{keys}: {e}") from None
     config = _container(cfg)
     logger = (
         TensorBoardLogger(run_dir / "tb", flush_secs=cfg.logger.flush_secs)
@@ -517,7 +541,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             compute_dtype=trainer.compute_dtype,
             devices=trainer.devices,
             eval_splits=("train", "val", "test"),
-            callbacks=[reporter],
+            callbacks=[reporter, *callbacks],
+            rule_options=rule_options,
         )
         metrics = dict(result.metrics)
     except TrainingDiverged as e:
