@@ -12,7 +12,8 @@ to every rule; ``compare.rules`` (default: backprop, ``manual``, and the four ru
 ``experiments/train.py``'s ``train(cfg)`` with ``trainer.grad_mode=<rule> seed=<seed>`` in
 ``<run dir>/<rule>/seed<seed>/`` (its ``metrics.json``, TensorBoard events and checkpoints:
 ``tensorboard --logdir <run dir>`` shows the rules side by side, and ``hydra.run.dir=<run dir>
-trainer.resume=true`` continues an interrupted comparison). The run directory gets:
+trainer.resume=true`` continues an interrupted comparison, whose plot then shows the epochs run
+after the resume). The run directory gets:
 
 * ``comparison.csv``: one row per rule and seed: status (``completed``, ``diverged`` or
   ``skipped``) and why, the test metric, every final angle of ``metrics.json``
@@ -43,8 +44,12 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bpjax.grad import MODES
+from bpjax.train import check_rule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TRAIN_SCRIPT: list[Any] = []
@@ -69,8 +74,6 @@ class CompareConfigError(ValueError):
 
 def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """``compare.rules`` and ``compare.seeds``, checked: known, distinct, non-empty."""
-    from bpjax.grad import MODES
-
     rules, seeds = list(cfg.compare.rules), list(cfg.compare.seeds)
     unknown = [r for r in rules if r not in MODES]
     if not rules or unknown or len(set(rules)) != len(rules):
@@ -90,8 +93,6 @@ def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
 
 def skipped_rules(rules: Sequence[str], net: Any, in_shape: tuple[int, ...]) -> dict[str, str]:
     """The rules that can't apply to ``net``, with the reason (``bpjax.train.check_rule``)."""
-    from bpjax.train import check_rule
-
     reasons = {}
     for rule in rules:
         try:
@@ -243,8 +244,14 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
     rules, seeds = check_compare(cfg)
     script = train_script()
     script.validate(rule_config(cfg, "manual", seeds[0], run_dir))  # one error, before any run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = instantiate(cfg.dataset, seed=cfg.seed)  # each run loads it again: not kept
+    try:  # each run loads it again: not kept
+        data = instantiate(cfg.dataset, seed=cfg.seed)
+    except InstantiationException as e:  # Hydra's wrapper; report the loader's own error
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise e.__cause__ from None
+        if isinstance(e.__cause__, ValueError):
+            raise script.ConfigError(str(e.__cause__)) from None
+        raise
     net = instantiate(cfg.model, _convert_="all")
     batch_size = min(cfg.trainer.batch_size, data.n_train)  # train() refuses a larger one
     skipped = skipped_rules(rules, net, (batch_size, *data.input_shape))
@@ -252,6 +259,7 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
     steps_per_epoch = data.n_train // batch_size
     title = f"{data.name}: {net.name}, seeds {', '.join(map(str, seeds))}"
     del data
+    run_dir.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
     for rule in rules:
         for seed in seeds:

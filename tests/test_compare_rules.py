@@ -182,6 +182,14 @@ def test_a_bad_train_setting_raises_before_any_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_dataset_is_a_file_not_found_error(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("dataset=")]
+    cfg = compose(*overrides, "dataset=idx", f"dataset.path={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        compare_rules.compare(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_config_composes_with_every_preset():
     cfg = compose("experiment=fa_mnist", return_hydra_config=True)
     assert list(cfg.compare.rules) == ["manual", *credit.RULES]
