@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._trees import path_name
+
 _TINY = 1e-30
 STATUSES = ("passed", "failed", "inconclusive", "skipped")
 _SHOWN = {"passed": "ok", "failed": "FAIL", "inconclusive": "INCONCLUSIVE", "skipped": "skipped"}
@@ -205,13 +207,7 @@ def _where(row: GradCheckRow) -> str:
 
 
 def _leaf_name(path: tuple) -> str:
-    parts = []
-    for entry in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-    return "/".join(parts) or "value"
+    return path_name(path) or "value"
 
 
 def _dtype_rtol(dtype: Any, rtol: float) -> float:

@@ -2,8 +2,12 @@
 
 * ``value_and_grad(net, loss, mode=...)`` is the only source of gradients for training:
   ``mode="manual"`` runs the forward pass with caches, the loss backward and the layerwise
-  backward pass; ``mode="autodiff"`` is ``jax.value_and_grad`` of the same forward. Both return
-  ``f(params, x, target, *, key=None) -> (value, grads)`` and are jit- and vmap-able.
+  backward pass; ``mode="autodiff"`` is ``jax.value_and_grad`` of the same forward; a learning
+  rule of ``bpjax.credit`` (``"feedback_alignment"``, ``"direct_feedback_alignment"``,
+  ``"sign_symmetry"``, ``"kolen_pollack"``) returns its update direction in place of the
+  gradient, from the network's own backward transformed by the rule (its state passed as
+  ``feedback=``). All return ``f(params, x, target, *, key=None, state=None, feedback=None) ->
+  (value, grads)`` and are jit- and vmap-able; ``MODES`` lists them.
 * ``check_grads`` is the witness: per layer and per leaf it compares each layer's hand-written
   backward with ``jax.vjp`` of that layer's forward (same upstream gradient, so a wrong layer is
   *named*), the whole manual gradient with autodiff, and both with a central finite difference.

@@ -21,8 +21,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from bpjax._trees import at_path, path_name
 from bpjax.logging import Logger
 
 __all__ = ["EXPLODED", "Console", "EpochReporter", "format_number", "run_name", "tensorboard_dir"]
@@ -93,7 +95,7 @@ class Console:
 
 
 # Per-step signals of a chunk (``bpjax.fit``'s step metrics) -> their TensorBoard tag prefix.
-STEP_SIGNALS = {"grad_check/": "gradcheck/"}
+STEP_SIGNALS = {"grad_check/": "gradcheck/", "alignment/": "alignment/"}
 
 
 class EpochReporter:
@@ -160,21 +162,30 @@ class EpochReporter:
         every = self.histogram_every
         if every and self.grad_fn is not None and (epoch % every == 0 or epoch == self.epochs):
             params = record["params"]
-            _, grads = self.grad_fn(params, *self.batch)
-            for i, (p, g) in enumerate(zip(params, grads)):
-                if not isinstance(p, dict):  # parameter-free layers: ()
-                    continue
-                for leaf in sorted(p):
-                    log.histogram(f"weights/layer{i}/{leaf}", np.asarray(p[leaf]), step)
-                    log.histogram(f"grads/layer{i}/{leaf}", np.asarray(g[leaf]), step)
+            # the step's own rule (feedback weights) and, for a network with state, its state
+            # in evaluation mode (the histograms' gradients are on a fixed batch, no key)
+            _, grads = self.grad_fn(
+                params,
+                *self.batch,
+                state=record.get("net_state") or None,
+                feedback=record.get("rule_state", ()),
+            )
+            per_layer = zip(params, grads) if isinstance(params, tuple) else [(params, grads)]
+            for i, (p, g) in enumerate(per_layer):
+                for path, leaf in jax.tree_util.tree_flatten_with_path(p)[0]:
+                    name = path_name(path)  # "w", "b", or e.g. "0/2/w" inside a residual block
+                    grad = at_path(g, path)
+                    log.histogram(f"weights/layer{i}/{name}", np.asarray(leaf), step)
+                    log.histogram(f"grads/layer{i}/{name}", np.asarray(grad), step)
         log.flush()  # on disk at every epoch end: a kill -9 loses at most the epoch running
         self._watch_loss(record)
         self._progress(record)
 
     def chunk(self, record: dict[str, Any]) -> None:
         """A ``bpjax.fit`` ``on_chunk`` callback: the per-step signals of a chunk of an epoch
-        (``gradcheck/...``: manual vs autodiff, per layer) at the steps they were measured,
-        and the progress bar moved to the chunk's last step."""
+        (``gradcheck/...``: manual vs autodiff, per layer; ``alignment/...``: the angle of each
+        layer's update to the true gradient) at the steps they were measured, and the progress
+        bar moved to the chunk's last step."""
         log, step = self.logger, record["step"]
         for name, values in record["step_metrics"].items():
             prefix = next((p for p in STEP_SIGNALS if name.startswith(p)), None)

@@ -8,6 +8,9 @@ Convention:
   key is ever reused and a resumed run redraws exactly what an uninterrupted run would have
   drawn.
 * Gradients come from ``bpjax.grad.value_and_grad(mode=grad_mode)``; the step never knows which.
+  A learning rule of ``bpjax.credit`` (``grad_mode="feedback_alignment"``, ...) gets its state
+  (feedback weights) from ``init_state``, drawn from ``fold_in(key, FEEDBACK)``; it rides in
+  ``TrainState.rule_state``, which the optimizer, weight decay and gradient checks never see.
 * An epoch shuffles the training set on device (``epoch_order``) and scans the update step over
   ``n // batch_size`` minibatches gathered by index. The ``n % batch_size`` examples left over
   by that epoch's permutation are not used *in that epoch* (they differ from epoch to epoch), so
@@ -18,7 +21,7 @@ Convention:
   Evaluation and target encoding are in ``bpjax.evaluate``; both are re-exported here.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +29,15 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from bpjax import credit
+from bpjax._rule_wiring import (
+    RULE_OPTIONS,
+    check_rule,
+    draw_rule_state,
+    gradient_step,
+    kolen_pollack_step,
+    resolve_rule_options,
+)
 from bpjax.evaluate import (
     encode_targets,
     make_eval,
@@ -42,10 +54,13 @@ from bpjax.precision import as_compute_dtype, mixed_precision_grad
 
 __all__ = [
     "DROPOUT",
+    "FEEDBACK",
+    "RULE_OPTIONS",
     "SHUFFLE",
     "WEIGHT_DECAY_MASKS",
     "WEIGHT_DECAY_MODES",
     "TrainState",
+    "check_rule",
     "chunk_plan",
     "encode_targets",
     "epoch_order",
@@ -65,7 +80,7 @@ __all__ = [
 ]
 
 # fold_in stream ids: each kind of randomness has its own stream.
-INIT, SHUFFLE, DROPOUT = 0, 1, 2
+INIT, SHUFFLE, DROPOUT, FEEDBACK = 0, 1, 2, 3
 
 
 class TrainState(NamedTuple):
@@ -86,20 +101,41 @@ class TrainState(NamedTuple):
 
 
 def init_state(
-    net: Layer, optimizer: optax.GradientTransformation, key: jax.Array, in_shape: tuple
+    net: Layer,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    in_shape: tuple,
+    *,
+    grad_mode: str = "manual",
+    rule_options: Mapping[str, Any] | None = None,
 ) -> TrainState:
-    """Initialises params (from ``fold_in(key, INIT)``) and the optimizer state.
+    """Initialises params (from ``fold_in(key, INIT)``), the optimizer state and, for a
+    learning rule, its state (from ``fold_in(key, FEEDBACK)``).
 
     Args:
       net: the network.
       optimizer: an optax GradientTransformation.
       key: the run's root key, e.g. ``jax.random.PRNGKey(seed)``.
       in_shape: a batch input shape, e.g. ``(batch, 784)``.
+      grad_mode: the mode the state will be trained with: a learning rule
+        (``bpjax.credit.RULES``) gets its ``rule_state`` (``bpjax.credit.init_rule_state``;
+        ``()`` for backprop and sign symmetry).
+      rule_options: how the feedback is drawn (see ``check_rule``).
+
+    Raises:
+      ValueError: as ``check_rule``.
     """
     in_shape = tuple(in_shape)
+    if grad_mode not in MODES:
+        raise ValueError(f"unknown grad_mode {grad_mode!r}; valid modes: {', '.join(MODES)}")
+    options = resolve_rule_options(rule_options)
+    rule_state = draw_rule_state(
+        grad_mode, net, in_shape, jax.random.fold_in(key, FEEDBACK), options
+    )
     _, params = net.init(jax.random.fold_in(key, INIT), in_shape)
     step = jnp.zeros((), jnp.int32)
-    return TrainState(params, optimizer.init(params), step, key, init_net_state(net, in_shape))
+    net_state = init_net_state(net, in_shape)
+    return TrainState(params, optimizer.init(params), step, key, net_state, rule_state)
 
 
 def output_shape(net: Layer, in_shape: tuple) -> tuple[int, ...]:
@@ -114,14 +150,8 @@ def updates_applied(state: TrainState) -> jax.Array:
     applied unless gradients are accumulated: with ``optax.MultiSteps(opt, every_k_schedule=k)``
     anywhere in the optimizer, k steps make one update, and its ``gradient_step`` is returned.
     """
-    found = [
-        node.gradient_step
-        for node in jax.tree_util.tree_leaves(
-            state.opt_state, is_leaf=lambda n: isinstance(n, optax.MultiStepsState)
-        )
-        if isinstance(node, optax.MultiStepsState)
-    ]
-    return found[0] if found else state.step
+    found = gradient_step(state.opt_state)
+    return state.step if found is None else found
 
 
 def layer_stats(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
@@ -156,23 +186,37 @@ def make_step(
     grad_mode: str = "manual",
     compute_dtype: Any = None,
     batch_sharding: Any = None,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> Callable:
     """Returns the pure update ``step(state, x, y) -> (state, aux)``.
 
     Args:
       net, loss, optimizer: what to train, on what, with what.
-      grad_mode: ``"manual"`` (hand-written backward) or ``"autodiff"`` (``jax.grad``).
+      grad_mode: ``"manual"`` (hand-written backward), ``"autodiff"`` (``jax.grad``) or a
+        learning rule of ``bpjax.credit`` (``bpjax.grad.MODES``). A rule's gradients are its
+        update direction, computed with ``feedback=state.rule_state`` (so ``state`` must come
+        from ``init_state(..., grad_mode=grad_mode)``). For ``"kolen_pollack"`` the step then
+        applies ``bpjax.credit.kolen_pollack_update`` to the optimizer's updates: the feedback
+        gets the weights' update and both decay by ``rule_options["kp_decay"]`` (with
+        ``optax.MultiSteps``, only at the steps that apply an update). The optimizer and its
+        weight decay see the rule's gradients and the params only, never the rule state.
       compute_dtype: e.g. ``jnp.bfloat16`` for mixed precision: params and inputs are cast for
         the forward and backward passes, the loss and the optimizer update stay in the params'
         dtype (float32 master weights).
       batch_sharding: a ``jax.sharding.Sharding`` for the batch (data parallelism): the batch is
         constrained to it and XLA inserts the gradient all-reduce.
+      rule_options: the learning rule's options (``check_rule``); the step uses ``kp_decay``.
 
     ``aux`` holds ``loss`` (the minibatch loss), ``output`` (the network output) and ``grads``
-    and ``updates`` (for optional statistics; XLA drops what the caller does not use).
+    and ``updates`` (the updates applied; for optional statistics; XLA drops what the caller
+    does not use).
+
+    Raises:
+      ValueError: an unknown mode or rule option.
     """
     if grad_mode not in MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; valid modes: {', '.join(MODES)}")
+    kp_decay = resolve_rule_options(rule_options)["kp_decay"]
     grad_fn = mixed_precision_grad(net, loss, grad_mode, as_compute_dtype(compute_dtype))
 
     def step(state: TrainState, x: jax.Array, y: jax.Array):
@@ -181,12 +225,19 @@ def make_step(
             y = lax.with_sharding_constraint(y, batch_sharding)
         key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
         (value, (output, net_state)), grads = grad_fn(
-            state.params, x, y, key=key, state=state.net_state
+            state.params, x, y, key=key, state=state.net_state, feedback=state.rule_state
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        rule_state = state.rule_state
+        if grad_mode == "kolen_pollack":
+            updates, rule_state = kolen_pollack_step(state, opt_state, updates, kp_decay)
         new_params = optax.apply_updates(state.params, updates)
         new_state = state._replace(
-            params=new_params, opt_state=opt_state, step=state.step + 1, net_state=net_state
+            params=new_params,
+            opt_state=opt_state,
+            step=state.step + 1,
+            net_state=net_state,
+            rule_state=rule_state,
         )
         return new_state, {"loss": value, "output": output, "grads": grads, "updates": updates}
 
@@ -245,6 +296,7 @@ def _scan_steps(
     batch_sharding: Any,
     grad_check_every: int,
     with_layer_stats: bool,
+    rule_options: Mapping[str, Any] | None,
 ) -> Callable:
     """``run(state, x, y, rows, first, steps) -> (state, metrics)``: the update step scanned
     over the minibatch index ``rows [k, batch]``, which are steps ``first .. first + k - 1`` of
@@ -256,10 +308,13 @@ def _scan_steps(
         grad_mode=grad_mode,
         compute_dtype=compute_dtype,
         batch_sharding=batch_sharding,
+        rule_options=rule_options,
     )
-    other_mode = "autodiff" if grad_mode == "manual" else "manual"
-    # The other mode in the same precision as the step, so that under a compute dtype the
-    # signal is manual against autodiff, not bfloat16 against float32 rounding.
+    backprop = grad_mode in ("manual", "autodiff")
+    # The reference in the same precision as the step, so that under a compute dtype the
+    # signals measure the backward (or the rule), not bfloat16 against float32 rounding: for
+    # backprop the other mode (manual against autodiff), for a rule the true gradient.
+    other_mode = {"manual": "autodiff", "autodiff": "manual"}.get(grad_mode, "autodiff")
     other_grad = mixed_precision_grad(net, loss, other_mode, as_compute_dtype(compute_dtype))
 
     def run(state, x, y, rows, first, steps):
@@ -271,21 +326,34 @@ def _scan_steps(
             if grad_check_every:
                 key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
 
-                def agreement(_):
+                def check(_):
                     _, g_other = other_grad(state.params, xb, yb, key=key, state=state.net_state)
-                    pair = (
-                        (aux["grads"], g_other)
-                        if grad_mode == "manual"
-                        else (g_other, aux["grads"])
+                    out = {}
+                    if backprop:
+                        manual, true = (
+                            (aux["grads"], g_other)
+                            if grad_mode == "manual"
+                            else (g_other, aux["grads"])
+                        )
+                        agreement = grad_agreement(manual, true)
+                        out.update({f"grad_check/{k}": v for k, v in agreement.items()})
+                    else:
+                        true = g_other
+                    angles = credit.alignment(
+                        aux["grads"],
+                        true,
+                        mode=grad_mode,
+                        params=state.params,
+                        feedback=state.rule_state,
                     )
-                    agreement = grad_agreement(*pair)
-                    return {f"grad_check/{k}": v.astype(jnp.float32) for k, v in agreement.items()}
+                    out.update({f"alignment/{k}": v for k, v in angles.items()})
+                    return {k: v.astype(jnp.float32) for k, v in out.items()}
 
-                shapes = jax.eval_shape(agreement, None)
+                shapes = jax.eval_shape(check, None)
                 metrics.update(
                     lax.cond(
                         state.step % grad_check_every == 0,
-                        agreement,
+                        check,
                         lambda _: _nan_like(shapes),
                         None,
                     )
@@ -323,6 +391,7 @@ def make_epoch(
     grad_check_every: int = 0,
     with_layer_stats: bool = False,
     donate: bool = False,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> Callable:
     """Returns a jitted ``epoch(state, x, y, epoch) -> (state, metrics)``: one ``lax.scan``.
 
@@ -330,12 +399,23 @@ def make_epoch(
     minibatches with ``epoch_order`` and scans the update step over them.
 
     Args:
-      net, loss, optimizer, grad_mode, compute_dtype, batch_sharding: as ``make_step``.
+      net, loss, optimizer, grad_mode, compute_dtype, batch_sharding, rule_options: as
+        ``make_step``.
       batch_size: examples per update.
-      grad_check_every: if > 0, every that many steps (global step count) the step also
-        computes the other mode's gradient and records ``grad_check/layer{i}/{rel_err,cosine}``
-        (NaN at the other steps): the manual-vs-autodiff signal, at the cost of one extra
-        backward on those steps only (``lax.cond``).
+      grad_check_every: if > 0, every that many steps (global step count, counted before the
+        step) the step also computes a reference gradient for the same minibatch, key and
+        network state, at the cost of one extra backward on those steps only (``lax.cond``),
+        and records (NaN at the other steps):
+
+        * ``alignment/layer{i}/angle`` and ``alignment/total/angle``, for every mode: the
+          angle in degrees between the step's gradients (a rule's update direction) and the
+          true gradient (``jax.grad``: ``mode="autodiff"``), and for the feedback rules
+          (``feedback_alignment``, ``sign_symmetry``, ``kolen_pollack``)
+          ``alignment/layer{i}/weight_angle``, between each layer's ``w`` and its feedback
+          (``bpjax.credit.alignment``). About 0 for ``manual`` (the control), exactly 0 for
+          ``autodiff``;
+        * for ``manual`` and ``autodiff``, ``grad_check/layer{i}/{rel_err,cosine}`` and
+          ``grad_check/total/...``: manual against autodiff (``bpjax.grad.grad_agreement``).
       with_layer_stats: record ``layer_stats/layer{i}/{grad_norm,weight_norm,update_ratio}``
         (see ``layer_stats``) at the last step of the epoch (NaN elsewhere).
       donate: donate the input state's buffers (saves a copy of params and optimizer state, but
@@ -354,6 +434,7 @@ def make_epoch(
         batch_sharding=batch_sharding,
         grad_check_every=grad_check_every,
         with_layer_stats=with_layer_stats,
+        rule_options=rule_options,
     )
 
     def epoch(state: TrainState, x: jax.Array, y: jax.Array, epoch_index: jax.Array):
@@ -375,6 +456,7 @@ def make_chunk(
     grad_check_every: int = 0,
     with_layer_stats: bool = False,
     donate: bool = False,
+    rule_options: Mapping[str, Any] | None = None,
 ) -> tuple[Callable, Callable]:
     """Returns jitted ``(order_fn, chunk)`` that run an epoch in chunks (see ``chunk_plan``).
 
@@ -397,6 +479,7 @@ def make_chunk(
         batch_sharding=batch_sharding,
         grad_check_every=grad_check_every,
         with_layer_stats=with_layer_stats,
+        rule_options=rule_options,
     )
 
     def order_fn(state: TrainState, n: int, epoch_index: jax.Array) -> jax.Array:

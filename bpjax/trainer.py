@@ -8,13 +8,15 @@ which receives one record per epoch through ``callbacks``.
 
 Resume is exact: the epoch's shuffle and every dropout draw are functions of the run key and
 the epoch/step counters stored in the checkpoint, so an interrupted and resumed run ends with the
-same parameters as one that never stopped (bit-identical on CPU).
+same parameters as one that never stopped (bit-identical on CPU). A learning rule's state (its
+feedback weights, ``bpjax.credit``) is part of the checkpointed ``TrainState``, so it resumes
+exactly too, Kolen-Pollack's evolving feedback included.
 """
 
 import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bpjax import credit
 from bpjax import losses as losses_lib
 from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
 from bpjax.data import Dataset
@@ -30,6 +33,7 @@ from bpjax.losses import Loss
 from bpjax.precision import as_compute_dtype
 from bpjax.train import (
     TrainState,
+    check_rule,
     chunk_plan,
     encode_targets,
     init_state,
@@ -63,7 +67,10 @@ class FitResult(NamedTuple):
       metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
         ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``,
         ``steps`` (minibatch steps taken) and ``updates`` (optimizer updates applied: fewer than
-        ``steps`` under gradient accumulation, ``optax.MultiSteps``).
+        ``steps`` under gradient accumulation, ``optax.MultiSteps``); with
+        ``grad_check_every``, the last measured alignment of this call,
+        ``alignment/layer{i}/angle``, ``alignment/layer{i}/weight_angle`` (feedback rules) and
+        ``alignment/total/angle``, in degrees (see ``bpjax.train.make_epoch``).
       history: one record per epoch run by this call.
       best_net_state: the network's state (batch norm's running statistics) that goes with
         ``best_params``; ``()`` for a network without state.
@@ -92,7 +99,9 @@ class TrainingDiverged(RuntimeError):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(net, loss, optimizer, *, task, loss_name, compute_dtype, **epoch_options):
+def _compiled(
+    net, loss, optimizer, *, task, loss_name, compute_dtype, rule_options, **epoch_options
+):
     """The jitted epoch-order, chunk and evaluation functions, memoised on their (hashable)
     ingredients.
 
@@ -105,6 +114,7 @@ def _compiled(net, loss, optimizer, *, task, loss_name, compute_dtype, **epoch_o
         loss,
         optimizer,
         compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
+        rule_options=dict(rule_options),
         **epoch_options,
     )
     return order_fn, chunk_fn, make_eval(net, loss, task=task, loss_name=loss_name)
@@ -130,6 +140,17 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not parts:
         return {"loss": np.zeros((0,), np.float32)}
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _last_measured(step_metrics: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
+    """The last finite value of each per-step metric named ``prefix...`` (NaN where the step
+    measured nothing)."""
+    last = {}
+    for name, values in step_metrics.items():
+        finite = np.flatnonzero(np.isfinite(values))
+        if name.startswith(prefix) and finite.size:
+            last[name] = float(values[finite[-1]])
+    return last
 
 
 def make_mesh(devices: int | str | Sequence[Any] = 1) -> jax.sharding.Mesh:
@@ -259,6 +280,7 @@ def fit(
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
     chunk_steps: int | None = 200,
     on_chunk: Sequence[Callable[[dict[str, Any]], None]] = (),
+    rule_options: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Trains ``net`` on ``data`` and evaluates it on held-out data.
 
@@ -270,8 +292,11 @@ def fit(
       data: the dataset (train / val / test splits).
       epochs: epochs to run (in total, counting those before a resume).
       batch_size: minibatch size; must not exceed the training set.
-      grad_mode: ``"manual"`` or ``"autodiff"``.
-      seed: root of every random draw (init, shuffling, dropout).
+      grad_mode: ``"manual"``, ``"autodiff"`` or a learning rule of ``bpjax.credit``
+        (``"feedback_alignment"``, ``"direct_feedback_alignment"``, ``"sign_symmetry"``,
+        ``"kolen_pollack"``): its state is drawn from the seed's own stream
+        (``bpjax.train.init_state``), carried in ``state.rule_state`` and checkpointed.
+      seed: root of every random draw (init, shuffling, dropout, feedback weights).
       eval_batch_size: batch size of the (padded, masked) evaluation.
       eval_every: evaluate the validation split every that many epochs (and at the last).
       monitor: the validation metric for early stopping and the best checkpoint
@@ -287,7 +312,10 @@ def fit(
       resume: continue from the latest checkpoint in ``checkpoint_dir``, if any (one that
         cannot be read is renamed aside, with a warning, and the one before it used).
       config: stored in every checkpoint.
-      grad_check_every: log manual-vs-autodiff agreement every that many steps (0: off).
+      grad_check_every: every that many steps (0: off), record the angle between the step's
+        update and the true gradient per layer (``alignment/...``, every mode) and, for
+        ``manual``/``autodiff``, their agreement (``grad_check/...``); see
+        ``bpjax.train.make_epoch``.
       layer_stats: record per-layer gradient/weight norms and update ratios each epoch.
       compute_dtype: e.g. ``"bfloat16"`` for mixed precision (float32 master params).
       devices: data-parallel devices: a count or ``"all"``; the batch is sharded, parameters are
@@ -302,6 +330,9 @@ def fit(
         from there with the same result as a run that never stopped.
       on_chunk: called after every chunk with ``{"epoch", "step", "epoch_step",
         "steps_per_epoch", "train_loss" (the epoch's running mean), "step_metrics"}``.
+      rule_options: a learning rule's options, ``distribution``, ``scale`` (how its feedback
+        weights are drawn) and ``kp_decay`` (Kolen-Pollack's decay); defaults and meaning in
+        ``bpjax.train.check_rule``. Unused by the modes they don't concern.
 
     Raises:
       TrainingDiverged: the training loss became non-finite (the last finite checkpoint stays).
@@ -309,7 +340,8 @@ def fit(
         ``resume=False`` would overwrite, or none that can be read; before anything is
         compiled.
       ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
-        outputs than the data needs), before anything is compiled.
+        outputs than the data needs), or a learning rule that can't apply to ``net`` (naming
+        the layer), before anything is compiled.
     """
     # Names are accepted for the loss only: say so, rather than fail on an attribute later.
     if not all(callable(getattr(optimizer, name, None)) for name in ("init", "update")):
@@ -404,6 +436,7 @@ def fit(
             f"the network {net.name} has {n_outputs} outputs but {data.name} ({data.task}) "
             f"needs {data.n_outputs}: make its last layer {data.n_outputs} wide"
         )
+    rule_options = check_rule(grad_mode, net, (batch_size, *data.input_shape), rule_options)
 
     manager, resume_from = None, False
     if checkpoint_dir is not None:
@@ -419,6 +452,8 @@ def fit(
             "dataset": data.name,
             "n_train": data.n_train,
             "input_shape": list(data.input_shape),
+            # Another rule's checkpoint holds other feedback (or none): not this run's.
+            "learning_rule": grad_mode if grad_mode in credit.RULES else "backprop",
         }
         resume_from = _resume_point(manager, resume, run_info)
 
@@ -456,13 +491,21 @@ def fit(
         with_layer_stats=layer_stats,
         task=data.task,
         loss_name=loss_name,
+        rule_options=tuple(sorted(rule_options.items())),
     )
 
     def run_eval(params, net_state, split):
         metrics = evaluate(params, *eval_inputs[split], net_state)
         return {f"{split}_{k}": float(v) for k, v in metrics.items()}
 
-    state = init_state(net, optimizer, jax.random.PRNGKey(seed), (batch_size, *data.input_shape))
+    state = init_state(
+        net,
+        optimizer,
+        jax.random.PRNGKey(seed),
+        (batch_size, *data.input_shape),
+        grad_mode=grad_mode,
+        rule_options=rule_options,
+    )
     state = jax.device_put(state, replicated)
     start_epoch, best, best_epoch, bad_evals = 0, None, -1, 0
     resumed_steps, resumed_loss_sum = 0, 0.0
@@ -518,6 +561,7 @@ def fit(
     steps_per_epoch = data.n_train // batch_size
     plan = chunk_plan(steps_per_epoch, chunk_steps)
     history: list[dict[str, Any]] = []
+    last_alignment: dict[str, float] = {}  # the last measured angles (grad_check_every)
     # A run that stopped early stays stopped when resumed (unless patience was raised).
     stopped_early = patience is not None and bad_evals >= patience
     last_epoch = start_epoch if stopped_early else epochs
@@ -570,6 +614,7 @@ def fit(
                     callback(chunk_record)
             seconds = time.perf_counter() - t0
             step_metrics = _concat(parts)
+            last_alignment.update(_last_measured(step_metrics, "alignment/"))
             if epoch > start_epoch + 1 or epochs == start_epoch + 1:
                 train_seconds += seconds
                 trained_examples += sum(len(p["loss"]) for p in parts) * batch_size
@@ -581,6 +626,8 @@ def fit(
                 "examples_per_second": len(step_metrics["loss"]) * batch_size / seconds,
                 "step_metrics": step_metrics,
                 "params": state.params,
+                "net_state": state.net_state,
+                "rule_state": state.rule_state,
                 "evaluated": False,
             }
             if epoch % eval_every == 0 or epoch == epochs:
@@ -639,6 +686,7 @@ def fit(
             "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
             "steps": int(state.step),
             "updates": int(updates_applied(state)),
+            **last_alignment,
         }
     )
     return FitResult(state, best_params, final, history, best_net_state)

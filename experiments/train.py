@@ -53,6 +53,7 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import hydra
@@ -78,6 +79,7 @@ from bpjax.reporting import Console, EpochReporter, format_number, run_name, ten
 from bpjax.train import (
     WEIGHT_DECAY_MASKS,
     WEIGHT_DECAY_MODES,
+    check_rule,
     encode_targets,
     make_optimizer,
     output_shape,
@@ -476,9 +478,15 @@ def _load_data(cfg: DictConfig):
         raise _data_error(cfg, e) from None
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, *, callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()
+) -> dict[str, Any]:
     """Runs one configured experiment; returns its metrics (also written to metrics.json,
-    where a non-finite number is ``null``)."""
+    where a non-finite number is ``null``).
+
+    ``callbacks`` are called with each epoch's record after the reporter (``fit``'s
+    ``callbacks``): how ``experiments/compare_rules.py`` gets the curves it plots.
+    """
     validate(cfg)
     _listen_for_compilations()
     t_start = time.perf_counter()
@@ -552,6 +560,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"the model has {n_out} outputs but {data.name} needs {data.n_outputs}{hint}"
         )
+    rule_options = {
+        "distribution": trainer.feedback_distribution,
+        "scale": trainer.feedback_scale,
+        "kp_decay": trainer.kp_decay,
+    }
+    in_shape = (trainer.batch_size, *data.input_shape)
+    # A bad rule option (checked for every mode), then a rule that can't apply to the network.
+    for mode, keys in (
+        ("manual", "trainer.feedback_distribution, feedback_scale, kp_decay"),
+        (trainer.grad_mode, f"trainer.grad_mode={trainer.grad_mode}"),
+    ):
+        try:
+            check_rule(mode, net, in_shape, rule_options)
+        except ValueError as e:
+            raise ConfigError(f"{keys}: {e}") from None
     config = _container(cfg)
     logger = (
         TensorBoardLogger(_tensorboard_dir(run_dir), flush_secs=cfg.logger.flush_secs)
@@ -628,9 +651,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             compute_dtype=trainer.compute_dtype,
             devices=trainer.devices,
             eval_splits=("train", "val", "test"),
-            callbacks=[reporter],
+            callbacks=[reporter, *callbacks],
             chunk_steps=trainer.chunk_steps,
             on_chunk=[reporter.chunk],
+            rule_options=rule_options,
         )
         metrics = dict(result.metrics)
         # Only a resume of a run that had already ended trains no epoch.

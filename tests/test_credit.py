@@ -6,18 +6,25 @@ Shapes are shared across tests (input 6, hidden 5 and 4, output 3, batch 7) so e
 compiles each operation once.
 """
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close, assert_trees_equal, tree_cast, trees_differ
+from conftest import assert_trees_close, assert_trees_equal, leaves, tree_cast, trees_differ
 from jax import lax
 from test_combinators import centering
 
-from bpjax import checkpoint, credit, grad, layers, losses
+from bpjax import checkpoint, credit, grad, layers, losses, precision, train, trainer
+from bpjax import data as data_lib
 
 N_IN, N_OUT, BATCH = 6, 3, 7
 FEEDBACK_RULES = ("feedback_alignment", "sign_symmetry", "kolen_pollack")
@@ -925,3 +932,410 @@ def test_unknown_rule_lists_the_valid_ones():
             call()
         for mode in grad.MODES:
             assert mode in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# training with a learning rule: the state in TrainState, the step, the signal, fit
+# (bpjax.train and bpjax.trainer; their public names are listed in test_train.py's TESTED)
+
+SGD = optax.sgd(0.1)
+CE = losses.softmax_cross_entropy()
+N_TRAIN, STEP_BATCH = 40, 8  # 5 steps per epoch
+
+
+def train_data(dtype=jnp.float64):
+    x = normal((N_TRAIN, N_IN), 11, dtype)
+    labels = np.random.default_rng(12).integers(0, N_OUT, N_TRAIN)
+    return x, jnp.asarray(np.eye(N_OUT)[labels], dtype)
+
+
+def train_state(mode, net=None, optimizer=SGD, **kwargs):
+    net = net or mlp()
+    state = train.init_state(
+        net, optimizer, jax.random.PRNGKey(3), (STEP_BATCH, N_IN), grad_mode=mode, **kwargs
+    )
+    state = tree_cast(state, jnp.float64)
+    return net, state._replace(opt_state=optimizer.init(state.params))  # float64 throughout
+
+
+@pytest.mark.parametrize("mode", ["manual", "autodiff", *credit.RULES])
+def test_init_state_draws_the_rule_state_from_its_own_stream(mode):
+    """``rule_state`` is ``init_rule_state(fold_in(key, FEEDBACK))``; the params and optimizer
+    state don't depend on the rule (their stream is INIT's)."""
+    key = jax.random.PRNGKey(3)
+    net = mlp()
+    state = train.init_state(net, SGD, key, (STEP_BATCH, N_IN), grad_mode=mode)
+    expected = credit.init_rule_state(
+        mode, net, (STEP_BATCH, N_IN), key=jax.random.fold_in(key, train.FEEDBACK)
+    )
+    assert_trees_equal(state.rule_state, expected)
+    if mode not in NEEDS_FEEDBACK:
+        assert state.rule_state == ()
+    backprop = train.init_state(net, SGD, key, (STEP_BATCH, N_IN))
+    assert backprop.rule_state == ()
+    assert_trees_equal(state._replace(rule_state=()), backprop)
+    if mode in NEEDS_FEEDBACK:  # not the params' draw, nor the INIT stream's
+        other = credit.init_rule_state(
+            mode, net, (STEP_BATCH, N_IN), key=jax.random.fold_in(key, 0)
+        )
+        assert trees_differ(state.rule_state, other)
+
+
+def test_rule_options_reach_the_draw_and_the_step():
+    net = mlp()
+    options = {"distribution": "normal", "scale": 0.3, "kp_decay": 0.05}
+    state = train.init_state(
+        net, SGD, jax.random.PRNGKey(3), (STEP_BATCH, N_IN), grad_mode="kolen_pollack",
+        rule_options=options,
+    )  # fmt: skip
+    expected = credit.init_rule_state(
+        "kolen_pollack", net, (STEP_BATCH, N_IN),
+        key=jax.random.fold_in(jax.random.PRNGKey(3), train.FEEDBACK),
+        distribution="normal", scale=0.3,
+    )  # fmt: skip
+    assert_trees_equal(state.rule_state, expected)
+    assert train.RULE_OPTIONS == {
+        "distribution": "uniform",
+        "scale": "fan_avg",
+        "kp_decay": credit.KP_DECAY,
+    }  # credit's documented defaults
+    assert train.check_rule("kolen_pollack", net, (STEP_BATCH, N_IN), {"scale": 0.3}) == {
+        **train.RULE_OPTIONS,
+        "scale": 0.3,
+    }
+    # kp_decay reaches the step: w - B shrinks by exactly (1 - decay) per step
+    x, y = train_data()
+    _, state = train_state("kolen_pollack", rule_options=options)
+    step = jax.jit(train.make_step(net, CE, SGD, grad_mode="kolen_pollack", rule_options=options))
+    new, _ = step(state, x[:STEP_BATCH], y[:STEP_BATCH])
+    for i in (0, 2, 4):
+        np.testing.assert_allclose(
+            new.params[i]["w"] - new.rule_state[i]["w"],
+            0.95 * (state.params[i]["w"] - state.rule_state[i]["w"]),
+            rtol=1e-10,
+        )
+
+
+@pytest.mark.parametrize("mode", credit.RULES)
+def test_make_step_runs_the_rule_and_kolen_pollack_after_the_optimizer(mode):
+    """One step is: the rule's gradient with feedback=state.rule_state, the optimizer on it
+    (whose state never holds the feedback), then for Kolen-Pollack ``kolen_pollack_update`` of
+    the optimizer's updates; the other rules' state is carried unchanged."""
+    optimizer = optax.adam(1e-2)
+    net, state = train_state(mode, optimizer=optimizer)
+    x, y = train_data()
+    xb, yb = x[:STEP_BATCH], y[:STEP_BATCH]
+    new, aux = jax.jit(train.make_step(net, CE, optimizer, grad_mode=mode))(state, xb, yb)
+    _, grads = grad.value_and_grad(net, CE, mode=mode)(
+        state.params, xb, yb, **feedback_kwargs(mode, state.rule_state)
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    rule_state = state.rule_state
+    if mode == "kolen_pollack":
+        updates, rule_state = credit.kolen_pollack_update(rule_state, state.params, updates)
+    assert_trees_close(aux["grads"], grads, rtol=1e-10, atol=1e-14)
+    assert_trees_close(aux["updates"], updates, rtol=1e-9, atol=1e-14)
+    assert_trees_close(new.params, optax.apply_updates(state.params, updates), rtol=1e-10)
+    assert_trees_close(new.opt_state, opt_state, rtol=1e-9, atol=1e-14)
+    assert_trees_close(new.rule_state, rule_state, rtol=1e-10)
+    assert jax.tree_util.tree_structure(new.opt_state) == jax.tree_util.tree_structure(
+        optimizer.init(state.params)
+    )
+    if mode == "kolen_pollack":
+        assert trees_differ(new.rule_state, state.rule_state)
+    else:
+        assert_trees_equal(new.rule_state, state.rule_state)
+
+
+def test_kolen_pollack_under_gradient_accumulation_moves_with_the_updates():
+    """With ``optax.MultiSteps(every_k_schedule=2)`` the first step applies no update: the
+    feedback, like the weights, stays put; the second applies one to both."""
+    optimizer = optax.MultiSteps(SGD, every_k_schedule=2)
+    options = {"kp_decay": 0.05}
+    net, state = train_state("kolen_pollack", optimizer=optimizer, rule_options=options)
+    x, y = train_data()
+    step = jax.jit(
+        train.make_step(net, CE, optimizer, grad_mode="kolen_pollack", rule_options=options)
+    )
+    first, _ = step(state, x[:STEP_BATCH], y[:STEP_BATCH])
+    assert_trees_equal(first.params, state.params)
+    assert_trees_equal(first.rule_state, state.rule_state)
+    second, _ = step(first, x[STEP_BATCH : 2 * STEP_BATCH], y[STEP_BATCH : 2 * STEP_BATCH])
+    assert int(train.updates_applied(second)) == 1
+    for i in (0, 2, 4):
+        np.testing.assert_allclose(
+            second.params[i]["w"] - second.rule_state[i]["w"],
+            0.95 * (state.params[i]["w"] - state.rule_state[i]["w"]),
+            rtol=1e-10,
+        )
+    assert trees_differ(second.rule_state, state.rule_state)
+
+
+@pytest.mark.parametrize("mode", ["manual", "autodiff", *credit.RULES])
+def test_epoch_records_the_alignment_signal(mode):
+    """Every ``grad_check_every`` steps: the angles of ``bpjax.credit.alignment`` between the
+    step's gradients and jax.grad's on the same minibatch; NaN at the other steps. Weight
+    angles for the feedback rules only; manual-vs-autodiff agreement for backprop only."""
+    net, state = train_state(mode)
+    x, y = train_data()
+    epoch = train.make_epoch(
+        net, CE, SGD, batch_size=STEP_BATCH, grad_mode=mode, grad_check_every=2
+    )
+    _, metrics = epoch(state, x, y, jnp.int32(1))
+    keys = {f"alignment/layer{i}/angle" for i in (0, 2, 4)} | {"alignment/total/angle"}
+    if mode in FEEDBACK_RULES:
+        keys |= {f"alignment/layer{i}/weight_angle" for i in (0, 2, 4)}
+    assert {k for k in metrics if k.startswith("alignment/")} == keys
+    checks = {k for k in metrics if k.startswith("grad_check/")}
+    assert bool(checks) == (mode in ("manual", "autodiff"))
+    for name in keys | checks:
+        values = np.asarray(metrics[name])
+        assert values.shape == (5,) and values.dtype == np.float32
+        np.testing.assert_array_equal(np.isfinite(values), np.arange(5) % 2 == 0)
+    # step 0: the signal of the initial state on the epoch's first minibatch
+    first = np.asarray(train.epoch_order(state.key, 1, N_TRAIN, STEP_BATCH))[0]
+    xb, yb = x[first], y[first]
+    _, grads = grad.value_and_grad(net, CE, mode=mode)(
+        state.params, xb, yb, **feedback_kwargs(mode, state.rule_state)
+    )
+    _, true = grad.value_and_grad(net, CE, mode="autodiff")(state.params, xb, yb)
+    expected = credit.alignment(
+        grads, true, mode=mode, params=state.params, feedback=state.rule_state
+    )
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[f"alignment/{name}"][0], value, rtol=1e-5, atol=1e-6)
+    total = np.asarray(metrics["alignment/total/angle"])[::2]
+    if mode == "autodiff":
+        np.testing.assert_array_equal(total, 0.0)  # the step's gradient is the true one
+    elif mode == "manual":
+        assert np.all(total < 1e-5)  # the control: float64 rounding
+    else:
+        assert np.all(total > 1.0)  # the rule is not the gradient
+
+
+# fit end to end, on digits (200 training examples, 8 steps of 25 per epoch)
+
+FIT_NET = layers.serial(
+    layers.dense(32), layers.tanh(), layers.dense(16), layers.tanh(), layers.dense(10)
+)
+FIT_ADAM = optax.adam(1e-2)
+FIT = {"batch_size": 25, "eval_batch_size": 512, "grad_check_every": 3}
+
+
+@pytest.fixture(scope="module")
+def digits_small():
+    return data_lib.load("digits", limit_train=200)
+
+
+@pytest.fixture(scope="module")
+def rule_runs(digits_small, tmp_path_factory):
+    """Uninterrupted 8-epoch runs of every rule, with checkpoints."""
+    runs = {}
+    for mode in credit.RULES:
+        directory = tmp_path_factory.mktemp(mode)
+        result = trainer.fit(
+            FIT_NET, CE, FIT_ADAM, digits_small, epochs=8, grad_mode=mode,
+            checkpoint_dir=str(directory), **FIT,
+        )  # fmt: skip
+        runs[mode] = (result, directory)
+    return runs
+
+
+@pytest.mark.parametrize("mode", credit.RULES)
+def test_fit_trains_with_every_rule(mode, rule_runs, digits_small):
+    result, directory = rule_runs[mode]
+    assert result.metrics["test_accuracy"] > 0.6, result.metrics  # chance: 0.1
+    # the rule state is the one drawn from the seed, carried (Kolen-Pollack: updated)
+    drawn = train.init_state(
+        FIT_NET, FIT_ADAM, jax.random.PRNGKey(0), (25, 64), grad_mode=mode
+    ).rule_state
+    if mode == "kolen_pollack":
+        assert jax.tree_util.tree_structure(result.state.rule_state) == (
+            jax.tree_util.tree_structure(drawn)
+        )
+        assert trees_differ(result.state.rule_state, drawn)
+    else:
+        assert_trees_equal(result.state.rule_state, drawn)
+    # the final angles: the last measured (step 63 of 64), in fit's metrics
+    steps = np.concatenate([r["step_metrics"]["alignment/total/angle"] for r in result.history])
+    assert steps.shape == (64,)
+    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(steps)), np.arange(0, 64, 3))
+    if mode in NEEDS_FEEDBACK:  # the hidden layers' updates come to align (from ~90°)
+        hidden = np.concatenate(
+            [r["step_metrics"]["alignment/layer0/angle"] for r in result.history]
+        )[::3]
+        assert hidden[0] > 75 and hidden[-1] < hidden[0] - 15, hidden
+    names = {k for k in result.metrics if k.startswith("alignment/")}
+    expected_names = {"alignment/total/angle"} | {f"alignment/layer{i}/angle" for i in (0, 2, 4)}
+    if mode in FEEDBACK_RULES:
+        expected_names |= {f"alignment/layer{i}/weight_angle" for i in (0, 2, 4)}
+    assert names == expected_names
+    for name in names:
+        last = result.history[-1]["step_metrics"][name]
+        assert result.metrics[name] == float(last[np.isfinite(last)][-1])
+    assert result.metrics["alignment/layer4/angle"] < 1e-3  # the output layer: its true gradient
+    # the checkpoint carries the rule state
+    path = checkpoint.CheckpointManager(directory).latest()
+    restored, _ = checkpoint.restore(path, result.state)
+    assert_trees_equal(restored.rule_state, result.state.rule_state)
+
+
+@pytest.mark.parametrize("mode", ["feedback_alignment", "kolen_pollack"])
+def test_fit_resumes_a_rule_bit_identically(mode, rule_runs, digits_small, tmp_path):
+    expected, _ = rule_runs[mode]
+    options = {"grad_mode": mode, "checkpoint_dir": str(tmp_path), **FIT}
+    trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=5, **options)
+    resumed = trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=8, resume=True, **options)
+    assert [r["epoch"] for r in resumed.history] == [6, 7, 8]
+    assert_trees_equal(resumed.state, expected.state)  # params, optimizer, rule state, step
+    assert resumed.metrics["test_loss"] == expected.metrics["test_loss"]
+    # another rule's checkpoints are not this run's
+    with pytest.raises(trainer.ResumeError, match="learning_rule"):
+        trainer.fit(
+            FIT_NET, CE, FIT_ADAM, digits_small, epochs=9, resume=True,
+            **{**options, "grad_mode": "sign_symmetry"},
+        )  # fmt: skip
+
+
+def forbid_compiling(monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("compiled or initialised before validating the arguments")
+
+    monkeypatch.setattr(trainer, "_compiled", must_not_run)
+    monkeypatch.setattr(trainer, "init_state", must_not_run)
+
+
+RESIDUAL_NET = layers.serial(layers.dense(16), layers.residual(layers.dense(16)), layers.dense(10))
+
+
+@pytest.mark.parametrize(
+    ("net", "kwargs", "match"),
+    [
+        (
+            RESIDUAL_NET,
+            {"grad_mode": "direct_feedback_alignment"},
+            r"layer 1 \(residual\(dense\(16\)\)\) is a residual block",
+        ),
+        (FIT_NET, {"grad_mode": "feedback_alignmnet"}, "feedback_alignmnet.*kolen_pollack"),
+        (FIT_NET, {"grad_mode": "feedback_alignment", "rule_options": {"decay": 0.1}}, "decay"),
+        (FIT_NET, {"rule_options": {"kp_decay": 1.0}}, r"kp_decay must be a number in \[0, 1\)"),
+        (
+            FIT_NET,
+            {"grad_mode": "feedback_alignment", "rule_options": {"distribution": "cauchy"}},
+            "cauchy",
+        ),
+        (
+            layers.serial(layers.dense(16), scale_layer(), layers.dense(10)),
+            {"grad_mode": "direct_feedback_alignment"},
+            r"layer 1 \(scale\): it has parameters",
+        ),
+    ],
+    ids=["dfa-residual", "unknown-rule", "unknown-option", "kp-decay", "distribution", "no-w"],
+)
+def test_fit_refuses_a_rule_before_compiling(net, kwargs, match, digits_small, monkeypatch):
+    forbid_compiling(monkeypatch)
+    before = COMPILATIONS[0]
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(net, CE, FIT_ADAM, digits_small, epochs=1, batch_size=25, **kwargs)
+    assert COMPILATIONS[0] == before
+
+
+def test_check_rule_applies_each_rule_to_residual_networks_or_refuses():
+    """The feedback rules go through branches; DFA refuses them; nothing is compiled."""
+    before = COMPILATIONS[0]
+    for mode in ("manual", "autodiff", *FEEDBACK_RULES):
+        assert train.check_rule(mode, RESIDUAL_NET, (25, 64)) == train.RULE_OPTIONS
+    with pytest.raises(ValueError, match="residual block"):
+        train.check_rule("direct_feedback_alignment", RESIDUAL_NET, (25, 64))
+    assert COMPILATIONS[0] == before
+
+
+@pytest.mark.parametrize("mode", credit.RULES)
+def test_mixed_precision_grad_of_every_rule(mode):
+    """Under a compute dtype the rule runs on the network as given (DFA walks its layers and
+    caches): bfloat16 gradients close to the float32 ones, in the params' dtype; the output
+    comes back in float32."""
+    net = mlp()
+    params = tree_cast(net.init(jax.random.key(0), (BATCH, N_IN))[1], jnp.float32)
+    x = normal((BATCH, N_IN), 2, jnp.float32)
+    y = jnp.asarray(np.eye(N_OUT)[np.arange(BATCH) % N_OUT], jnp.float32)
+    feedback = draw(mode, net, x.shape, dtype=jnp.float32)
+    kwargs = feedback_kwargs(mode, feedback)
+    low = precision.mixed_precision_grad(net, CE, mode, jnp.bfloat16)
+    (value, (output, _)), grads = jax.jit(lambda p: low(p, x, y, **kwargs))(params)
+    full = precision.mixed_precision_grad(net, CE, mode, None)
+    (value32, (output32, _)), grads32 = full(params, x, y, **kwargs)
+    assert output.dtype == jnp.float32 and value.dtype == jnp.float32
+    np.testing.assert_allclose(output, output32, rtol=0, atol=0.05 * float(jnp.abs(output32).max()))
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+    np.testing.assert_allclose(value, value32, rtol=2e-2)
+    for g, g32 in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads32)):
+        np.testing.assert_allclose(g, g32, rtol=0, atol=0.05 * float(jnp.abs(g32).max()))
+    assert float(credit.angle(grads, grads32)) < 3.0
+
+
+def test_fit_dfa_in_bfloat16(digits_small):
+    result = trainer.fit(
+        FIT_NET, CE, FIT_ADAM, digits_small, epochs=8, grad_mode="direct_feedback_alignment",
+        compute_dtype="bfloat16", **FIT,
+    )  # fmt: skip
+    assert all(a.dtype == np.float32 for a in leaves(result.state.params))
+    assert all(a.dtype == np.float32 for a in leaves(result.state.rule_state))
+    assert result.metrics["test_accuracy"] > 0.6
+    assert 0 < result.metrics["alignment/total/angle"] < 90
+
+
+DATA_PARALLEL = textwrap.dedent(
+    """
+    import json
+    import jax
+    import numpy as np
+    import optax
+    import bpjax
+    from bpjax.data import load
+    from bpjax.trainer import fit
+
+    data = load("two_moons", n_samples=400)
+    net = bpjax.mlp([16, 16, 2], activation="tanh")
+    loss = bpjax.losses.softmax_cross_entropy()
+    opt = optax.adam(1e-2)
+    out = {"device_count": jax.device_count()}
+    for mode in ("feedback_alignment", "direct_feedback_alignment", "kolen_pollack"):
+        for devices in (1, 4):
+            result = fit(
+                net, loss, opt, data, epochs=2, batch_size=32, grad_mode=mode, devices=devices,
+                grad_check_every=4,
+            )
+            out[f"{mode}/{devices}"] = {
+                "state": [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(
+                    (result.state.params, result.state.rule_state))],
+                "angle": result.metrics["alignment/total/angle"],
+            }
+    print(json.dumps(out))
+    """
+)
+
+
+def test_data_parallel_rule_matches_single_device():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL],
+        env=env,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    assert out["device_count"] == 4
+    for mode in ("feedback_alignment", "direct_feedback_alignment", "kolen_pollack"):
+        one, four = out[f"{mode}/1"], out[f"{mode}/4"]
+        for a, b in zip(one["state"], four["state"], strict=True):
+            np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+        assert four["angle"] == pytest.approx(one["angle"], abs=0.05)

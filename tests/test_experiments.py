@@ -116,8 +116,10 @@ TRAINERS = {"default": 20, "quick": 2}  # option -> epochs
 LOGGERS = {"none": False, "tensorboard": True}  # option -> enabled
 # experiment option -> (dataset target, input features, outputs, objective)
 EXPERIMENTS = {
+    "dfa_mnist": ("bpjax.data.mnist", 784, 10, "auto"),
     "diabetes": ("bpjax.data.diabetes", 10, 1, "best_val_loss"),
     "digits": ("bpjax.data.digits", 64, 10, "auto"),
+    "fa_mnist": ("bpjax.data.mnist", 784, 10, "auto"),
     "mnist_300_100": ("bpjax.data.mnist", 784, 10, "auto"),
     "nielsen_ch1": ("bpjax.data.mnist", 784, 10, "auto"),
     "xor": ("bpjax.data.xor", 2, 1, "best_val_accuracy"),

@@ -54,6 +54,10 @@ TESTED = {
     "epoch_order": "test_epoch_order_is_the_documented_permutation",
     "make_chunk": "test_make_chunk_*",
     "weights_mask": "test_weights_mask_marks_only_leaves_named_w",
+    # the learning rules' wiring: tests/test_credit.py, "training with a learning rule"
+    "FEEDBACK": "test_credit.py::test_init_state_draws_the_rule_state_from_its_own_stream",
+    "RULE_OPTIONS": "test_credit.py::test_rule_options_reach_the_draw_and_the_step",
+    "check_rule": "test_credit.py::test_check_rule_*",
 }
 
 

@@ -1,0 +1,304 @@
+"""Train one network under several learning rules, with the same seeds: one table, one plot.
+
+    python experiments/compare_rules.py experiment=fa_mnist
+    python experiments/compare_rules.py experiment=dfa_mnist \
+        'compare.rules=[manual,direct_feedback_alignment]' 'compare.seeds=[0,1,2]'
+    python experiments/compare_rules.py dataset=digits model.features=[64,10] trainer.epochs=5
+    python experiments/compare_rules.py -m experiment=fa_mnist,dfa_mnist   # one comparison a job
+
+Every key of ``conf/config.yaml`` (dataset, model, optimizer, trainer, experiment, ...) applies
+to every rule; ``compare.rules`` (default: backprop, ``manual``, and the four rules of
+``bpjax.credit``) and ``compare.seeds`` say what runs. Each (rule, seed) is one run of
+``experiments/train.py``'s ``train(cfg)`` with ``trainer.grad_mode=<rule> seed=<seed>`` in
+``<run dir>/<rule>/seed<seed>/`` (its ``metrics.json``, TensorBoard events and checkpoints:
+``tensorboard --logdir <run dir>`` shows the rules side by side, and ``hydra.run.dir=<run dir>
+trainer.resume=true`` continues an interrupted comparison, whose plot then shows the epochs run
+after the resume). The run directory gets:
+
+* ``comparison.csv``: one row per rule and seed: status (``completed``, ``diverged`` or
+  ``skipped``) and why, the test metric, every final angle of ``metrics.json``
+  (``alignment/...``: the last measured, in degrees) and the wall time of ``fit``.
+* ``comparison.md``: one row per rule: test metric, final total angle and per-layer angles (of
+  each layer's update to the true gradient), wall time; the mean over seeds, ``± sd`` with more
+  than one. A rule that can't apply to the network is listed as skipped, with the reason.
+* ``comparison.png``: the test metric (accuracy, or RMSE for regression) per epoch and the
+  total alignment angle per epoch (fractional epochs: measured every
+  ``trainer.grad_check_every`` steps), one line per rule (the mean over seeds).
+
+The runs are ``train(cfg)`` calls in this process, not subprocesses: each rule's config is the
+composed config with two keys changed (so every override, sweep value and preset reaches it
+unchanged, with nothing to forward), the epoch records that the plot needs come back through
+``train``'s ``callbacks``, and whether a rule applies is asked of ``bpjax.train.check_rule``
+before anything trains. A run that diverges is recorded as such and the comparison goes on.
+"""
+
+import csv
+import importlib.util
+import math
+import pathlib
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from bpjax.grad import MODES
+from bpjax.train import check_rule
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_TRAIN_SCRIPT: list[Any] = []
+
+
+def train_script() -> Any:
+    """``experiments/train.py`` as a module (``experiments`` is not a package). Loaded when first
+    needed, not at import: sweep launchers rebuild ``main`` in their workers by value."""
+    if not _TRAIN_SCRIPT:
+        spec = importlib.util.spec_from_file_location(
+            "bpjax_experiments_train", ROOT / "experiments" / "train.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TRAIN_SCRIPT.append(module)
+    return _TRAIN_SCRIPT[0]
+
+
+class CompareConfigError(ValueError):
+    """A ``compare.*`` setting that cannot run; reported as one line."""
+
+
+def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
+    """``compare.rules`` and ``compare.seeds``, checked: known, distinct, non-empty."""
+    rules, seeds = list(cfg.compare.rules), list(cfg.compare.seeds)
+    unknown = [r for r in rules if r not in MODES]
+    if not rules or unknown or len(set(rules)) != len(rules):
+        raise CompareConfigError(
+            f"compare.rules must be distinct modes of {', '.join(MODES)}, got {rules}"
+        )
+    if (
+        not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise CompareConfigError(
+            f"compare.seeds must be distinct non-negative integers, got {seeds}"
+        )
+    return rules, seeds
+
+
+def skipped_rules(rules: Sequence[str], net: Any, in_shape: tuple[int, ...]) -> dict[str, str]:
+    """The rules that can't apply to ``net``, with the reason (``bpjax.train.check_rule``)."""
+    reasons = {}
+    for rule in rules:
+        try:
+            check_rule(rule, net, in_shape)
+        except ValueError as e:
+            reasons[rule] = str(e)
+    return reasons
+
+
+def rule_config(cfg: DictConfig, rule: str, seed: int, run_dir: pathlib.Path) -> DictConfig:
+    """The composed config of one run: ``cfg`` without ``compare``, with the rule, the seed
+    and the run's own directory."""
+    one = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(one):
+        del one["compare"]
+        one.trainer.grad_mode = rule
+        one.trainer.run_dir = str(run_dir)
+        one.seed = seed
+    return one
+
+
+class Curves:
+    """A ``fit`` callback: the test metric per epoch, and the total angle at each step that
+    measured it, at ``step / steps_per_epoch`` (step 0: before the first update)."""
+
+    def __init__(self, metric: str, steps_per_epoch: int):
+        self.metric, self.steps_per_epoch = metric, steps_per_epoch
+        self.epochs: list[tuple[int, float]] = []
+        self.angles: list[tuple[float, float]] = []  # (fractional epoch, degrees)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        step_metrics = record["step_metrics"]
+        if f"test_{self.metric}" in record:
+            self.epochs.append((record["epoch"], float(record[f"test_{self.metric}"])))
+        angles = np.asarray(step_metrics.get("alignment/total/angle", []))
+        first = record["step"] - len(step_metrics["loss"])  # the epoch's first step
+        for j in np.flatnonzero(np.isfinite(angles)):
+            self.angles.append(((first + j) / self.steps_per_epoch, float(angles[j])))
+
+
+def _layer_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    names = {k for row in rows for k in row if k.startswith("alignment/layer")}
+    return sorted(
+        (n for n in names if n.endswith("/angle")),
+        key=lambda n: int(n.split("/")[1].removeprefix("layer")),
+    )
+
+
+def _summary(values: list[float], digits: int) -> str:
+    values = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: str) -> str:
+    """The Markdown table: one line per rule, the mean (± sd) over its seeds."""
+    layers = _layer_columns(rows)
+    header = [
+        "rule",
+        f"test {metric}",
+        "total angle (°)",
+        *(f"{n.split('/')[1]} angle (°)" for n in layers),
+        "wall time (s)",
+        "seeds",
+        "note",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rule in rules:
+        runs = [r for r in rows if r["rule"] == rule]
+        done = [r for r in runs if r["status"] == "completed"]
+        notes = sorted(
+            {f"{r['status']}: {r['reason']}" for r in runs if r["status"] != "completed"}
+        )
+        cells = [
+            rule,
+            _summary([r.get(f"test_{metric}") for r in done], 4),
+            _summary([r.get("alignment/total/angle") for r in done], 2),
+            *(_summary([r.get(n) for r in done], 2) for n in layers),
+            _summary([r.get("wall_seconds") for r in done], 1),
+            str(len(done)),
+            "; ".join(notes).replace("|", "/").replace("\n", " "),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -> None:
+    fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "alignment/total/angle"]
+    angles = sorted({k for row in rows for k in row if k.startswith("alignment/")} - set(fixed))
+    columns = [*fixed, *angles, "wall_seconds", "run_dir"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title: str) -> None:
+    """Test metric and total alignment angle vs epoch, one line per rule (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    from matplotlib import pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rule, runs in curves.items():
+        epochs = sorted({e for run in runs for e, _ in run.epochs})
+        if epochs:
+            means = [
+                statistics.fmean([v for run in runs for e, v in run.epochs if e == epoch])
+                for epoch in epochs
+            ]
+            left.plot(epochs, means, marker="o", markersize=3, label=rule)
+        points = sorted({x for run in runs for x, _ in run.angles})
+        if points:
+            means = [
+                statistics.fmean([v for run in runs for x, v in run.angles if x == point])
+                for point in points
+            ]
+            right.plot(points, means, label=rule)
+    left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric}")
+    right.set(
+        xlabel="epoch",
+        ylabel="angle to the true gradient (°)",
+        title="alignment: all parameters",
+        ylim=(0, 95),
+    )
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    """Runs every (rule, seed) of ``cfg.compare`` and writes the table, CSV and plot into
+    ``run_dir``; returns the CSV's rows.
+
+    Raises:
+      CompareConfigError: bad ``compare.rules`` or ``compare.seeds``.
+      ValueError (``experiments/train.py``'s ConfigError, ResumeError), FileNotFoundError: a
+        config that can't run, before anything trains.
+    """
+    rules, seeds = check_compare(cfg)
+    script = train_script()
+    script.validate(rule_config(cfg, "manual", seeds[0], run_dir))  # one error, before any run
+    try:  # each run loads it again: not kept
+        data = instantiate(cfg.dataset, seed=cfg.seed)
+    except InstantiationException as e:  # Hydra's wrapper; report the loader's own error
+        if isinstance(e.__cause__, FileNotFoundError):
+            raise e.__cause__ from None
+        if isinstance(e.__cause__, ValueError):
+            raise script.ConfigError(str(e.__cause__)) from None
+        raise
+    net = instantiate(cfg.model, _convert_="all")
+    batch_size = min(cfg.trainer.batch_size, data.n_train)  # train() refuses a larger one
+    skipped = skipped_rules(rules, net, (batch_size, *data.input_shape))
+    task_metric = "accuracy" if data.task == "classification" else "rmse"
+    steps_per_epoch = data.n_train // batch_size
+    title = f"{data.name}: {net.name}, seeds {', '.join(map(str, seeds))}"
+    del data
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows, curves = [], {}
+    for rule in rules:
+        for seed in seeds:
+            row = {"rule": rule, "seed": seed, "status": "skipped", "reason": skipped.get(rule)}
+            if rule in skipped:
+                rows.append(row)
+                continue
+            directory = run_dir / rule / f"seed{seed}"
+            curve = Curves(task_metric, steps_per_epoch)
+            print(f"compare_rules: {rule}, seed {seed} -> {directory}", flush=True)
+            metrics = script.train(rule_config(cfg, rule, seed, directory), callbacks=[curve])
+            row.update(
+                {k: v for k, v in metrics.items() if isinstance(v, int | float | str)},
+                status=metrics["status"],
+                reason=metrics.get("message", ""),
+                run_dir=str(directory.relative_to(run_dir)),
+            )
+            rows.append(row)
+            curves.setdefault(rule, []).append(curve)
+    table = format_table(rows, rules, task_metric)
+    if not cfg.trainer.grad_check_every:
+        table += "\n\nAngles: not measured (trainer.grad_check_every=0)."
+    (run_dir / "comparison.md").write_text(f"# {title}\n\n{table}\n")
+    write_csv(run_dir / "comparison.csv", rows, task_metric)
+    plot(run_dir / "comparison.png", curves, task_metric, title)
+    print(f"\ncompare_rules ({run_dir / 'comparison.md'}):\n{table}", flush=True)
+    return rows
+
+
+@hydra.main(config_path="../conf", config_name="compare_rules", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
+    script = train_script()
+    try:
+        compare(cfg, run_dir)
+    except (CompareConfigError, script.ConfigError, script.ResumeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

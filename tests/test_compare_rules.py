@@ -1,0 +1,277 @@
+"""``experiments/compare_rules.py``: the same network under several learning rules, on digits
+(2 epochs); its table, CSV and plot, the runs' TensorBoard angles and metrics.json, a rule that
+can't apply (listed as skipped), bad ``compare.*`` settings, a multirun; the rule presets."""
+
+import csv
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import hydra
+import jax
+import numpy as np
+import pytest
+
+from bpjax import credit, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "compare_rules.py"
+_spec = importlib.util.spec_from_file_location("compare_rules", SCRIPT)
+compare_rules = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_rules)
+
+# A residual block as the hidden activation: feedback alignment goes through it, DFA can't.
+RESIDUAL_TANH = (
+    "model.activation={_target_:bpjax.layers.residual,block:{_target_:bpjax.layers.tanh}}"
+)
+TINY = [
+    "dataset=digits",
+    "model.features=[16,10]",
+    "trainer.epochs=2",
+    "trainer.progress=false",
+    "trainer.grad_check_every=5",
+    "trainer.histogram_every=1",
+]
+
+
+def compose(*overrides: str, name: str = "compare_rules", **kwargs):
+    with hydra.initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra.compose(name, overrides=list(overrides), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("compare")
+    cfg = compose(
+        *TINY,
+        RESIDUAL_TANH,
+        "logger=tensorboard",
+        "compare.rules=[manual,direct_feedback_alignment,feedback_alignment]",
+        "compare.seeds=[0,1]",
+    )
+    rows = compare_rules.compare(cfg, run_dir)
+    return run_dir, rows
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_csv_has_a_row_per_rule_and_seed(comparison):
+    run_dir, _ = comparison
+    rows = read_csv(run_dir / "comparison.csv")
+    assert [(r["rule"], r["seed"], r["status"]) for r in rows] == [
+        ("manual", "0", "completed"),
+        ("manual", "1", "completed"),
+        ("direct_feedback_alignment", "0", "skipped"),
+        ("direct_feedback_alignment", "1", "skipped"),
+        ("feedback_alignment", "0", "completed"),
+        ("feedback_alignment", "1", "completed"),
+    ]
+    for row in rows:
+        if row["status"] == "skipped":
+            assert "layer 1 (residual(tanh)) is a residual block" in row["reason"]
+            assert row["test_accuracy"] == "" and row["alignment/total/angle"] == ""
+            assert not (run_dir / row["rule"]).exists()
+            continue
+        # the values are the run's own, from its metrics.json
+        metrics = json.loads((run_dir / row["run_dir"] / "metrics.json").read_text())
+        for key in ("test_accuracy", "wall_seconds", "alignment/total/angle"):
+            assert float(row[key]) == pytest.approx(metrics[key], rel=1e-12), key
+        assert float(row["test_accuracy"]) > 0.3  # 10 classes: chance is 0.1
+        angles = {k for k in row if k.startswith("alignment/") and row[k] != ""}
+        assert angles == {k for k in metrics if k.startswith("alignment/")}
+    manual = [r for r in rows if r["rule"] == "manual"]
+    assert all(float(r["alignment/total/angle"]) < 1e-3 for r in manual)  # the control
+    fa = [r for r in rows if r["rule"] == "feedback_alignment"]
+    assert all(5.0 < float(r["alignment/layer0/angle"]) < 90.0 for r in fa)
+    assert all(r["alignment/layer0/weight_angle"] != "" for r in fa)
+    # the seeds are the runs' seeds: different draws, different results
+    assert fa[0]["test_accuracy"] != fa[1]["test_accuracy"]
+
+
+def test_the_markdown_table_has_a_line_per_rule(comparison):
+    run_dir, rows = comparison
+    text = (run_dir / "comparison.md").read_text()
+    assert text.startswith("# digits: serial(dense(16), residual(tanh), dense(10)), seeds 0, 1")
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "rule",
+        "test accuracy",
+        "total angle (°)",
+        "layer0 angle (°)",
+        "layer2 angle (°)",
+        "wall time (s)",
+        "seeds",
+        "note",
+    ]
+    table = {
+        cells[0]: cells
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])
+    }
+    assert list(table) == ["manual", "direct_feedback_alignment", "feedback_alignment"]
+    fa = [r for r in rows if r["rule"] == "feedback_alignment"]
+    accuracies = [r["test_accuracy"] for r in fa]
+    mean, sd = np.mean(accuracies), np.std(accuracies, ddof=1)
+    assert table["feedback_alignment"][1] == f"{mean:.4f} ± {sd:.4f}"
+    assert table["feedback_alignment"][6] == "2"
+    assert table["manual"][2].startswith("0.00")
+    skipped = table["direct_feedback_alignment"]
+    assert skipped[1:6] == ["—"] * 5 and skipped[6] == "0"
+    assert skipped[7].startswith("skipped: direct_feedback_alignment can't apply")
+
+
+def test_the_plot_is_a_png_of_both_panels(comparison):
+    from matplotlib import image
+
+    run_dir, _ = comparison
+    path = run_dir / "comparison.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(path)
+    assert pixels.shape[0] == 420 and pixels.shape[1] == 1100  # 11 x 4.2 inches at 100 dpi
+    assert pixels.std() > 0.05  # drawn on, not blank
+
+
+def test_the_runs_log_the_angles_to_tensorboard(comparison):
+    """The live signal: ``alignment/...`` at the measured steps (every 5th: 0, 5, ..., 30 of
+    2 x 17), per layer, with weight angles for feedback alignment; the last is metrics.json's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = comparison
+    for rule in ("manual", "feedback_alignment"):
+        events = EventAccumulator(str(run_dir / rule / "seed0" / "tb"), {"scalars": 0})
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        expected = {"alignment/layer0/angle", "alignment/layer2/angle", "alignment/total/angle"}
+        if rule == "feedback_alignment":
+            expected |= {"alignment/layer0/weight_angle", "alignment/layer2/weight_angle"}
+        assert {t for t in tags if t.startswith("alignment/")} == expected
+        assert bool({t for t in tags if t.startswith("gradcheck/")}) == (rule == "manual")
+        metrics = json.loads((run_dir / rule / "seed0" / "metrics.json").read_text())
+        for tag in expected:
+            scalars = events.Scalars(tag)
+            assert [e.step for e in scalars] == list(range(0, 34, 5))
+            assert scalars[-1].value == pytest.approx(metrics[tag], rel=1e-6)
+        first = events.Scalars("alignment/layer0/angle")[0].value
+        assert first > 45.0 if rule == "feedback_alignment" else first < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("compare.rules=[manual,backprop]", "compare.rules must be distinct modes"),
+        ("compare.rules=[manual,manual]", "compare.rules must be distinct modes"),
+        ("compare.rules=[]", "compare.rules"),
+        ("compare.seeds=[-1]", "compare.seeds must be distinct non-negative integers"),
+    ],
+)
+def test_bad_compare_settings_raise_before_any_run(override, match, tmp_path):
+    with pytest.raises(compare_rules.CompareConfigError, match=match):
+        compare_rules.compare(compose(*TINY, override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_train_setting_raises_before_any_run(tmp_path):
+    script = compare_rules.train_script()
+    with pytest.raises(script.ConfigError, match="learning_rate"):
+        compare_rules.compare(compose(*TINY, "optimizer.learning_rate=-1"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_dataset_is_a_file_not_found_error(tmp_path):
+    overrides = [o for o in TINY if not o.startswith("dataset=")]
+    cfg = compose(*overrides, "dataset=idx", f"dataset.path={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        compare_rules.compare(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_config_composes_with_every_preset():
+    cfg = compose("experiment=fa_mnist", return_hydra_config=True)
+    assert list(cfg.compare.rules) == ["manual", *credit.RULES]
+    assert list(cfg.compare.seeds) == [0]
+    assert cfg.model.features == [1000, 10] and cfg.trainer.grad_check_every == 100
+    # train.py's sweep summary does not run on a comparison's sweep
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "hydra.experimental.callback.Callback"
+    cfg = compose("experiment=fa_mnist")  # as the job gets it: without hydra's own config
+    job = compare_rules.rule_config(cfg, "kolen_pollack", 3, pathlib.Path("/tmp/x"))
+    assert "compare" not in job and job.seed == 3
+    assert job.trainer.grad_mode == "kolen_pollack" and job.trainer.run_dir == "/tmp/x"
+    assert cfg.trainer.grad_mode == "manual"  # the composed config is left alone
+
+
+@pytest.mark.parametrize(
+    ("preset", "rule", "n_in", "hidden"),
+    [
+        ("fa_mnist", "feedback_alignment", 784, [1000]),
+        ("dfa_mnist", "direct_feedback_alignment", 784, [800, 800]),
+    ],
+)
+def test_rule_presets_build_and_their_rule_applies(preset, rule, n_in, hidden):
+    cfg = compose(f"experiment={preset}", f"trainer.grad_mode={rule}", name="config")
+    compare_rules.train_script().validate(cfg)
+    net = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert list(cfg.model.features) == [*hidden, 10] and cfg.model.activation == "tanh"
+    assert train.check_rule(rule, net, (cfg.trainer.batch_size, n_in)) == train.RULE_OPTIONS
+    state = train.init_state(
+        net,
+        hydra.utils.instantiate(cfg.optimizer)(learning_rate=1e-3),
+        jax.random.PRNGKey(0),
+        (cfg.trainer.batch_size, n_in),
+        grad_mode=rule,
+    )
+    feedback = [b.shape for b in jax.tree_util.tree_leaves(state.rule_state)]
+    if rule == "feedback_alignment":
+        assert feedback == [(784, 1000), (1000, 10)]
+    else:  # one [n_outputs, units] per hidden layer
+        assert feedback == [(10, 800), (10, 800)]
+
+
+def test_script_multirun_writes_one_comparison_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "-m",
+            *TINY,
+            "trainer.epochs=1",
+            "logger=none",
+            "compare.rules=[manual,sign_symmetry]",
+            "seed=0,1",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        assert {p.name for p in (sweep / job).glob("comparison.*")} == {
+            "comparison.md",
+            "comparison.csv",
+            "comparison.png",
+        }
+        rules = [r["rule"] for r in read_csv(sweep / job / "comparison.csv")]
+        assert rules == ["manual", "sign_symmetry"]
+    assert not (sweep / "summary.md").exists()  # train.py's sweep summary is off
+
+
+def test_script_bad_setting_is_one_error_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *TINY, "compare.rules=[feedback_alignmnet]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: compare.rules must be distinct modes of "
+        f"{', '.join(['manual', 'autodiff', *credit.RULES])}, got ['feedback_alignmnet']"
+    ]
