@@ -48,6 +48,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import bpjax.cli  # noqa: F401  (registers the resolvers conf/config.yaml uses)
 from bpjax.grad import MODES
 from bpjax.train import check_rule
 

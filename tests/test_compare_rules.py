@@ -143,7 +143,8 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
 
     run_dir, _ = comparison
     for rule in ("manual", "feedback_alignment"):
-        events = EventAccumulator(str(run_dir / rule / "seed0" / "tb"), {"scalars": 0})
+        tb = next((run_dir / rule / "seed0" / "tb").rglob("events.out.tfevents.*")).parent
+        events = EventAccumulator(str(tb), {"scalars": 0})
         events.Reload()
         tags = set(events.Tags()["scalars"])
         expected = {"alignment/layer0/angle", "alignment/layer2/angle", "alignment/total/angle"}

@@ -623,9 +623,9 @@ def test_init_is_deterministic_from_the_key(mode):
 def test_init_rule_state_survives_a_checkpoint(mode, tmp_path):
     net, _, x, _ = mlp_setup()
     feedback = credit.init_rule_state(mode, net, x.shape, key=jax.random.key(1))
-    checkpoint.save(tmp_path / "rule.npz", {"rule_state": feedback})
+    checkpoint.save(tmp_path / "rule", {"rule_state": feedback})
     like = {"rule_state": jax.eval_shape(lambda: feedback)}
-    restored, _ = checkpoint.restore(tmp_path / "rule.npz", like)
+    restored, _ = checkpoint.restore(tmp_path / "rule", like)
     assert_trees_equal(restored["rule_state"], feedback)
 
 

@@ -709,7 +709,7 @@ def test_resume_of_a_finished_run_has_nothing_to_do(digits_run, capsys):
     out = capsys.readouterr().out
     assert (
         f"nothing to do: the run in {run_dir} already reached epoch 2 (trainer.epochs=2): "
-        f"ckpt_000002.npz is its last checkpoint; metrics.json is left as it was"
+        f"ckpt_000002 is its last checkpoint; metrics.json is left as it was"
     ) in out
     assert "epoch 3" not in out and "resumed from" not in out
 
@@ -722,7 +722,7 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     said = [line for line in out if line.startswith(("bpjax: resum", "epoch "))]
     assert said == [
-        f"bpjax: resumed from {tmp_path / 'checkpoints' / 'ckpt_000001.npz'} (epoch 1 of 2)",
+        f"bpjax: resumed from {tmp_path / 'checkpoints' / 'ckpt_000001'} (epoch 1 of 2)",
         "bpjax: resuming with changed settings: trainer.epochs: 1 -> 2",
         said[2],
     ]
@@ -973,7 +973,7 @@ def test_script_on_a_terminal_keeps_a_line_per_epoch_above_the_bar(tmp_path):
              screen.splitlines()]  # fmt: skip
     epochs = [line.split()[1] for line in lines if line.startswith("epoch ")]
     assert epochs == ["1/3", "2/3", "3/3"], screen
-    assert re.search(r"100%\|.*\| 3/3", screen), screen  # and the bar, drawn below them
+    assert re.search(r"100%\|.*\| 51/51", screen), screen  # and the bar (steps), below them
     assert lines[-1].startswith("bpjax: test_accuracy")
 
 
@@ -1265,7 +1265,7 @@ def test_script_sigterm_then_resume(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    checkpoint_file = run_dir / "checkpoints" / f"ckpt_{stopped:06d}.npz"
+    checkpoint_file = run_dir / "checkpoints" / f"ckpt_{stopped:06d}"
     assert f"resumed from {checkpoint_file} (epoch {stopped} of {epochs})" in result.stdout
     assert f"resuming with changed settings: trainer.epochs: 100000 -> {epochs}" in result.stdout
     # The resume stays in its run directory: no outputs/DATE/TIME/.hydra of its own, and the
@@ -1294,7 +1294,7 @@ def test_script_resume_stays_in_its_run_directory(tmp_path):
         f"trainer.run_dir={run_dir}",
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert "nothing to do" in again.stdout and "ckpt_000001.npz is its last" in again.stdout
+    assert "nothing to do" in again.stdout and "ckpt_000001 is its last" in again.stdout
     assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]  # no stray directory
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert {p: after[p] for p in before} == before  # metrics.json, .hydra/: as they were
