@@ -98,6 +98,27 @@ class Console:
 STEP_SIGNALS = {"grad_check/": "gradcheck/", "alignment/": "alignment/"}
 
 
+def network_table(net: Any, in_shape: Sequence[int]) -> str:
+    """The network as a markdown table: one row per top-level layer (the ``layer{i}`` of the
+    per-layer TensorBoard tags) with its name, parameter count and output shape. Nothing is
+    allocated: shapes come from ``jax.eval_shape`` of ``init``."""
+    from bpjax.layers import out_shape
+
+    layers = net.sublayers if net.combinator == "serial" else (net,)
+    rows = ["| tag | layer | params | output |", "|---|---|---|---|"]
+    shape, total = tuple(in_shape), 0
+    for i, layer in enumerate(layers):
+        params = jax.eval_shape(
+            lambda k, layer=layer, shape=shape: layer.init(k, shape)[1], jax.random.PRNGKey(0)
+        )
+        count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+        shape = out_shape(layer, shape)
+        total += count
+        rows.append(f"| layer{i} | `{layer.name}` | {count:,} | {tuple(shape)} |")
+    rows.append(f"| | total | {total:,} | |")
+    return "\n".join(rows)
+
+
 class EpochReporter:
     """A ``bpjax.fit`` callback: per epoch, TensorBoard scalars and histograms (flushed to
     disk), one console line, and the exploding-loss watch (``EXPLODED``).

@@ -75,7 +75,14 @@ from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.layers import NeedsImages
 from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
-from bpjax.reporting import Console, EpochReporter, format_number, run_name, tensorboard_dir
+from bpjax.reporting import (
+    Console,
+    EpochReporter,
+    format_number,
+    network_table,
+    run_name,
+    tensorboard_dir,
+)
 from bpjax.train import (
     WEIGHT_DECAY_MASKS,
     WEIGHT_DECAY_MODES,
@@ -581,6 +588,8 @@ def train(
         if cfg.logger.enabled
         else NullLogger()
     )
+    # Which layer is layer{i} in the per-layer tags: the network, once, as a text summary.
+    logger.text("network", network_table(net, (trainer.batch_size, *data.input_shape)), 0)
     # A fixed training batch for gradient histograms.
     hist_n = min(256, data.n_train)
     hist_batch = (

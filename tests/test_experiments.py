@@ -875,6 +875,7 @@ def events(digits_run):
 def test_tensorboard_tags(events):
     tags = events.Tags()
     assert set(SCALAR_TAGS) <= set(tags["scalars"])
+    assert "network/text_summary" in tags["tensors"]  # which layer is layer{i}
     assert set(HISTOGRAM_TAGS) <= set(tags["histograms"])
     assert [e.step for e in events.Scalars("train/loss")] == [17, 34]  # per epoch, by step
     assert [e.step for e in events.Scalars("perf/compilations")] == [34]  # once, at the end
