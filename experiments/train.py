@@ -588,8 +588,6 @@ def train(
         if cfg.logger.enabled
         else NullLogger()
     )
-    # Which layer is layer{i} in the per-layer tags: the network, once, as a text summary.
-    logger.text("network", network_table(net, (trainer.batch_size, *data.input_shape)), 0)
     # A fixed training batch for gradient histograms.
     hist_n = min(256, data.n_train)
     hist_batch = (
@@ -632,6 +630,8 @@ def train(
             f"the learning rate may be too large "
             f"(optimizer.learning_rate={cfg.optimizer.get('learning_rate')})"
         ),
+        # which layer is layer{i} in the per-layer tags: the network, once, as a text summary
+        network=network_table(net, in_shape),
     )
     status = "completed"
     message = ""
