@@ -36,6 +36,7 @@ from bpjax._gradcheck import (
     compare,
     compare_inputs,
     compare_trees,
+    tree_norm,
     default_tolerances,
     finite_difference_row,
 )
@@ -440,17 +441,19 @@ def check_grads(
             # An integer or bool input gets a float0 cotangent: compare_inputs skips it.
             _, vjp = jax.vjp(layer_forward, p, inputs[i])
             grads_ref, dx_ref = vjp(dy)
-            rows += compare_trees("layer", i, layer.name, grads, grads_ref, rtol)
-            rows += compare_inputs(i, layer.name, inputs[i], dx, dx_ref, rtol)
+            scale = tree_norm((grads, dx), (grads_ref, dx_ref))  # this layer's whole gradient
+            rows += compare_trees("layer", i, layer.name, grads, grads_ref, rtol, scale)
+            rows += compare_inputs(i, layer.name, inputs[i], dx, dx_ref, rtol, scale)
             dy = dx
         # 2. the whole manual gradient vs autodiff.
         manual = value_and_grad(net, loss, mode="manual")
         _, grads_manual = manual(params, x, target, key=key, state=state)
         _, grads_auto = jax.value_and_grad(objective)(params)
+        scale = tree_norm(grads_manual, grads_auto)  # the network's whole gradient
         for i, layer in enumerate(layers):
             g_m = grads_manual[i] if in_sequence else grads_manual
             g_a = grads_auto[i] if in_sequence else grads_auto
-            rows += compare_trees("total", i, layer.name, g_m, g_a, rtol)
+            rows += compare_trees("total", i, layer.name, g_m, g_a, rtol, scale)
         # 3. central finite difference along a random unit direction.
         rows.append(
             finite_difference_row(

@@ -937,3 +937,65 @@ def test_fd_witness_outside_a_kink_passes_right_and_fails_wrong(place, dtype):
     assert fd_row(objective, 0.0, dtype).status == "passed"
     wrong = fd_row(objective, 0.5, dtype)
     assert wrong.status == "failed" and "smooth on the step" in wrong.note, wrong
+
+
+# --------------------------------------------------------------------------------------------
+# a leaf whose gradient cancels: zero to rounding is agreement, not a failure
+
+
+@pytest.mark.parametrize(
+    ("err", "scale", "status"),
+    [
+        (1e-6, 1.0, "passed"),  # both ~0 next to the whole gradient: zero to rounding
+        (1e-6, 0.0, "failed"),  # no scale given: the relative error alone decides
+        (1e-3, 1.0, "failed"),  # an error of 1e-3 of the whole gradient is a real one
+    ],
+)
+def test_compare_passes_a_leaf_that_is_zero_to_rounding(err, scale, status):
+    from bpjax._gradcheck import compare
+
+    row = compare("total", 0, "conv", "b", jnp.asarray([err, 0.0]), jnp.zeros(2), 1e-4, scale)
+    assert row.rel_err == 1.0 and row.status == status
+    assert ("zero to rounding" in row.note) == (status == "passed")
+
+
+def bias_before_batch_norm(conv: layers.Layer | None = None) -> layers.Layer:
+    return layers.serial(
+        conv or layers.conv2d(4, 3),
+        layers.batch_norm(),
+        layers.relu(),
+        layers.flatten(),
+        layers.dense(3),
+    )
+
+
+def test_check_grads_bias_before_batch_norm_in_float32():
+    # Batch norm in training mode removes every per-channel constant, so the conv bias has a zero
+    # gradient; manual and jax.grad both return float32 rounding noise, relative error ~1. It
+    # used to be reported as FAILED, a correct backward flagged.
+    net = bias_before_batch_norm()
+    shape = (8, 6, 6, 2)
+    _, params = net.init(jax.random.PRNGKey(0), shape)
+    params = tree_cast(params, jnp.float32)
+    x = jax.random.uniform(jax.random.PRNGKey(1), shape, jnp.float32)
+    y = jnp.arange(8) % 3
+    state = tree_cast(layers.init_state(net, shape), jnp.float32)
+    key = jax.random.PRNGKey(2)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, y, key=key, state=state,
+                              warn=False)  # fmt: skip
+    assert result.passed, str(result)
+    bias_rows = [r for r in result.rows if r.layer == 0 and r.leaf == "b"]
+    assert {r.check for r in bias_rows} == {"layer", "total"}
+    assert all(r.max_abs_err < 1e-4 for r in bias_rows)
+    # A wrong bias gradient there (off by a constant) is still a failure, named at the layer.
+    conv = layers.conv2d(4, 3)
+
+    def backward(p, cache, dy):
+        grads, dx = conv.backward(p, cache, dy)
+        return {**grads, "b": grads["b"] + 0.1}, dx
+
+    broken = bias_before_batch_norm(conv._replace(backward=backward))
+    result = grad.check_grads(broken, "softmax_cross_entropy", params, x, y, key=key,
+                              state=state, warn=False)  # fmt: skip
+    assert not result.passed and result.first_failure.layer == 0
+    assert result.first_failure.leaf == "b"

@@ -182,8 +182,8 @@ def _running(layer: layers.Layer) -> layers.Layer:
     """A batch norm whose initial running mean and variance vary by channel."""
 
     def init_state(in_shape):
-        c = layer.init_state(in_shape)["mean"].shape[0]
-        return {"mean": jnp.linspace(-1.0, 1.0, c), "var": jnp.linspace(0.5, 2.0, c)}
+        c = layer.init_state(in_shape)["running_mean"].shape[0]
+        return {"running_mean": jnp.linspace(-1.0, 1.0, c), "running_var": jnp.linspace(0.5, 2.0, c)}
 
     return layer._replace(init_state=init_state)
 

@@ -73,9 +73,9 @@ def test_resnet_stages_shortcuts_and_state():
     assert layers.is_stateful(net)
     state = net.init_state((2, 28, 28, 3))
     means = [
-        s["mean"].shape
+        s["running_mean"].shape
         for s in jax.tree_util.tree_leaves(
-            state, is_leaf=lambda n: isinstance(n, dict) and "mean" in n
+            state, is_leaf=lambda n: isinstance(n, dict) and "running_mean" in n
         )
     ]
     assert len(means) == 2 * 3 + 1  # two norms a block, one before the pool

@@ -130,11 +130,11 @@ def test_normalization_params_are_scale_and_offset_and_only_batch_norm_has_state
     assert layers.is_stateful(bn)
     state = bn.init_state((2, 3, 4))
     assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), state) == {
-        "mean": ((4,), jnp.float64),
-        "var": ((4,), jnp.float64),
+        "running_mean": ((4,), jnp.float64),
+        "running_var": ((4,), jnp.float64),
     }
-    np.testing.assert_array_equal(state["mean"], 0.0)
-    np.testing.assert_array_equal(state["var"], 1.0)
+    np.testing.assert_array_equal(state["running_mean"], 0.0)
+    np.testing.assert_array_equal(state["running_var"], 1.0)
     assert not layers.is_stateful(layers.layer_norm())
     assert not layers.is_stateful(layers.group_norm(2))
     _, zero = layers.batch_norm(scale_init="zeros").init(jax.random.key(0), (2, 3))
@@ -159,34 +159,34 @@ def test_running_averages_update_with_the_biased_batch_variance():
     layer = layers.batch_norm(momentum=0.8)
     x = normal((5, 3), loc=2.0, std=3.0)
     params = affine_params(layer, x.shape)
-    state = {"mean": normal((3,), 5), "var": jnp.asarray([0.5, 1.0, 2.0])}
+    state = {"running_mean": normal((3,), 5), "running_var": jnp.asarray([0.5, 1.0, 2.0])}
     _, _, new = train(layer, params, x, state)
     xn = np.asarray(x)
-    np.testing.assert_allclose(new["mean"], 0.8 * state["mean"] + 0.2 * xn.mean(0), rtol=1e-12)
-    biased = 0.8 * state["var"] + 0.2 * xn.var(0, ddof=0)
-    unbiased = 0.8 * state["var"] + 0.2 * xn.var(0, ddof=1)
-    np.testing.assert_allclose(new["var"], biased, rtol=1e-12)
-    assert np.all(np.abs(np.asarray(new["var"]) - unbiased) > 1e-3 * unbiased)
+    np.testing.assert_allclose(new["running_mean"], 0.8 * state["running_mean"] + 0.2 * xn.mean(0), rtol=1e-12)
+    biased = 0.8 * state["running_var"] + 0.2 * xn.var(0, ddof=0)
+    unbiased = 0.8 * state["running_var"] + 0.2 * xn.var(0, ddof=1)
+    np.testing.assert_allclose(new["running_var"], biased, rtol=1e-12)
+    assert np.all(np.abs(np.asarray(new["running_var"]) - unbiased) > 1e-3 * unbiased)
 
 
 @pytest.mark.parametrize(("momentum", "weight_of_batch"), [(0.0, 1.0), (1.0, 0.0)])
 def test_momentum_bounds(momentum, weight_of_batch):
     layer = layers.batch_norm(momentum=momentum)
     x = normal((6, 4, 2), loc=1.0)
-    state = {"mean": jnp.full(2, 7.0), "var": jnp.full(2, 9.0)}
+    state = {"running_mean": jnp.full(2, 7.0), "running_var": jnp.full(2, 9.0)}
     _, _, new = train(layer, affine_params(layer, x.shape), x, state)
     batch_mean = np.asarray(x).mean((0, 1))
     expected = weight_of_batch * batch_mean + (1 - weight_of_batch) * 7.0
-    np.testing.assert_allclose(new["mean"], expected, rtol=1e-12)
+    np.testing.assert_allclose(new["running_mean"], expected, rtol=1e-12)
 
 
 def test_evaluation_uses_the_running_averages_and_keeps_the_state(maybe_jit):
     layer = layers.batch_norm(axis=1)
     x = normal((4, 3, 5), loc=2.0)  # [batch, c, positions]
     params = affine_params(layer, x.shape)
-    state = {"mean": jnp.asarray([1.0, -2.0, 0.5]), "var": jnp.asarray([0.25, 4.0, 1.0])}
+    state = {"running_mean": jnp.asarray([1.0, -2.0, 0.5]), "running_var": jnp.asarray([0.25, 4.0, 1.0])}
     y, _, new = maybe_jit(functools.partial(layers.apply, layer))(params, x, state=state)
-    mean, var = state["mean"][None, :, None], state["var"][None, :, None]
+    mean, var = state["running_mean"][None, :, None], state["running_var"][None, :, None]
     expected = (x - mean) / jnp.sqrt(var + EPS) * params["scale"][None, :, None]
     np.testing.assert_allclose(y, expected + params["offset"][None, :, None], rtol=1e-12)
     assert_trees_close(new, state, rtol=0)
@@ -200,7 +200,7 @@ def test_training_output_ignores_the_running_averages():
     x = normal((6, 3), loc=4.0)
     params = affine_params(layer, x.shape)
     y, _, _ = train(layer, params, x)
-    y_other, _, _ = train(layer, params, x, {"mean": jnp.full(3, 9.0), "var": jnp.full(3, 0.1)})
+    y_other, _, _ = train(layer, params, x, {"running_mean": jnp.full(3, 9.0), "running_var": jnp.full(3, 0.1)})
     np.testing.assert_array_equal(y, y_other)
 
 
@@ -211,7 +211,7 @@ def test_a_batch_of_one_is_defined_by_eps():
     params = affine_params(layer, x.shape)
     y, cache, new = train(layer, params, x)
     np.testing.assert_array_equal(y, jnp.broadcast_to(params["offset"], (1, 4)))
-    np.testing.assert_allclose(new["var"], 0.9, rtol=1e-12)  # 0.9 * 1 + 0.1 * 0
+    np.testing.assert_allclose(new["running_var"], 0.9, rtol=1e-12)  # 0.9 * 1 + 0.1 * 0
     grads, dx = layer.backward(params, cache, normal((1, 4), 2))
     np.testing.assert_array_equal(dx, 0.0)
     np.testing.assert_array_equal(grads["scale"], 0.0)
@@ -236,7 +236,7 @@ def test_two_pass_variance_is_accurate_where_the_one_pass_formula_fails(layer):
     _, params = layer.init(jax.random.key(0), x.shape)
     y, _, new = train(layer, params, x)
     if stateful:  # momentum 0: the running variance IS the batch variance
-        np.testing.assert_allclose(new["var"], true_var, rtol=1e-3)
+        np.testing.assert_allclose(new["running_var"], true_var, rtol=1e-3)
     y = np.asarray(y, np.float64)
     np.testing.assert_allclose(y.var(axis=axes), true_var / (true_var + EPS), rtol=1e-3)
     np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-2)
@@ -291,8 +291,8 @@ def test_jit_carries_the_state_through_a_scan():
     for x in np.asarray(batches):
         mean = 0.7 * mean + 0.3 * x.mean((0, 1))
         var = 0.7 * var + 0.3 * x.var((0, 1))
-    np.testing.assert_allclose(state["mean"], mean, rtol=1e-12)
-    np.testing.assert_allclose(state["var"], var, rtol=1e-12)
+    np.testing.assert_allclose(state["running_mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(state["running_var"], var, rtol=1e-12)
     y_last, _, _ = train(layer, params, batches[-1])
     np.testing.assert_allclose(ys[-1], y_last, rtol=1e-12)
 
@@ -312,7 +312,7 @@ def test_manual_gradients_and_new_state_agree_with_autodiff_through_a_network():
         results[mode] = f(params, x, target, key=key, state=state)
     assert_trees_close(results["manual"], results["autodiff"], rtol=1e-10, atol=1e-12)
     (_, new_state), _ = results["manual"]
-    assert new_state[0] == () and set(new_state[1]) == {"mean", "var"}
+    assert new_state[0] == () and set(new_state[1]) == {"running_mean", "running_var"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,15 +336,15 @@ def _bn_params(c):
         ),
         (
             lambda: layers.batch_norm().forward(
-                _bn_params(4), jnp.ones((2, 4)), state={"mean": jnp.ones(5), "var": jnp.ones(5)}
+                _bn_params(4), jnp.ones((2, 4)), state={"running_mean": jnp.ones(5), "running_var": jnp.ones(5)}
             ),
             ValueError,
-            r"batch_norm: input has shape \(2, 4\).*state\['mean'\] has shape \(5,\)",
+            r"batch_norm: input has shape \(2, 4\).*state\['running_mean'\] has shape \(5,\)",
         ),
         (
             lambda: layers.batch_norm().forward(_bn_params(4), jnp.ones((2, 4)), state={}),
             ValueError,
-            r"batch_norm: state must be a dict with keys \['mean', 'var'\]",
+            r"batch_norm: state must be a dict with keys \['running_mean', 'running_var'\]",
         ),
         (
             lambda: layers.batch_norm().forward(_bn_params(4), jnp.ones((2, 4))),
@@ -373,7 +373,7 @@ def _bn_params(c):
         ),
         (
             lambda: layers.batch_norm(axis=-2).forward(
-                _bn_params(2), jnp.ones((2, 3)), state={"mean": jnp.ones(2), "var": jnp.ones(2)}
+                _bn_params(2), jnp.ones((2, 3)), state={"running_mean": jnp.ones(2), "running_var": jnp.ones(2)}
             ),
             ValueError,
             r"axis -2 is the batch axis",
@@ -569,8 +569,8 @@ SHARDED_CHILD = textwrap.dedent(
         y, new, grads, dx = step(*args)
         out[name] = {
             "y": np.asarray(y).tolist(),
-            "mean": np.asarray(new["mean"]).tolist(),
-            "var": np.asarray(new["var"]).tolist(),
+            "running_mean": np.asarray(new["running_mean"]).tolist(),
+            "running_var": np.asarray(new["running_var"]).tolist(),
             "grads": [np.asarray(g).tolist() for g in jax.tree_util.tree_leaves(grads)],
             "dx": np.asarray(dx).tolist(),
             "y_devices": len(y.sharding.device_set),
@@ -601,11 +601,11 @@ def test_sharded_batch_uses_the_global_batch_statistics():
     sharded, one = out["sharded"], out["one"]
     assert sharded["y_devices"] == 2 and one["y_devices"] == 1
     # running mean = 0.5 * 0 + 0.5 * the GLOBAL batch mean, not either device's half
-    np.testing.assert_allclose(sharded["mean"], 0.5 * np.array(out["global_mean"]), rtol=1e-12)
-    np.testing.assert_allclose(sharded["var"], 0.5 + 0.5 * np.array(out["global_var"]), rtol=1e-12)
+    np.testing.assert_allclose(sharded["running_mean"], 0.5 * np.array(out["global_mean"]), rtol=1e-12)
+    np.testing.assert_allclose(sharded["running_var"], 0.5 + 0.5 * np.array(out["global_var"]), rtol=1e-12)
     for half in out["halves_mean"]:
         assert np.all(np.abs(np.array(half) - np.array(out["global_mean"])) > 1.0)
-    for name in ("y", "mean", "var", "grads", "dx"):
+    for name in ("y", "running_mean", "running_var", "grads", "dx"):
         np.testing.assert_allclose(
             np.array(sharded[name]), np.array(one[name]), rtol=1e-10, atol=1e-12, err_msg=name
         )

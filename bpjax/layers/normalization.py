@@ -200,8 +200,8 @@ def batch_norm(
       dtype: dtype of the params and of the running statistics.
 
     Returns:
-      A Layer with params ``{"scale": [c], "offset": [c]}`` and state ``{"mean": [c], "var":
-      [c]}`` (zeros, ones); input ``[batch, ..., c, ...]`` (``c`` on ``axis``), output of the
+      A Layer with params ``{"scale": [c], "offset": [c]}`` and state
+      ``{"running_mean": [c], "running_var": [c]}`` (zeros, ones); input ``[batch, ..., c, ...]`` (``c`` on ``axis``), output of the
       same shape and dtype.
 
     Raises:
@@ -234,7 +234,7 @@ def batch_norm(
 
     def init_state(in_shape):
         c = in_shape[_feature_axis(name, axis, in_shape)]
-        return {"mean": jnp.zeros((c,), dtype), "var": jnp.ones((c,), dtype)}
+        return {"running_mean": jnp.zeros((c,), dtype), "running_var": jnp.ones((c,), dtype)}
 
     def running_average(running, batch):
         acc = jnp.promote_types(running.dtype, batch.dtype)
@@ -251,7 +251,7 @@ def batch_norm(
         _check_floating(name, x)
         ax = _feature_axis(name, axis, x.shape)
         _check_vectors(name, x.shape, ax, params, "params", ("scale", "offset"))
-        _check_vectors(name, x.shape, ax, state, "state", ("mean", "var"))
+        _check_vectors(name, x.shape, ax, state, "state", ("running_mean", "running_var"))
         xc = x.astype(_compute_dtype(x.dtype))
         training = key is not None
         if training:
@@ -260,12 +260,12 @@ def batch_norm(
             xhat = centered * inv_std
             inv_std = inv_std.reshape(-1)
             new_state = {
-                "mean": running_average(state["mean"], mean.reshape(-1)),
-                "var": running_average(state["var"], var.reshape(-1)),
+                "running_mean": running_average(state["running_mean"], mean.reshape(-1)),
+                "running_var": running_average(state["running_var"], var.reshape(-1)),
             }
         else:
-            inv_std = lax.rsqrt(state["var"].astype(xc.dtype) + eps)
-            mean = state["mean"].astype(xc.dtype)
+            inv_std = lax.rsqrt(state["running_var"].astype(xc.dtype) + eps)
+            mean = state["running_mean"].astype(xc.dtype)
             xhat = (xc - _along(mean, x.ndim, ax)) * _along(inv_std, x.ndim, ax)
             new_state = state
         scale, offset = (params[k].astype(xc.dtype) for k in ("scale", "offset"))
