@@ -48,12 +48,21 @@ TARGETS = (
 )
 
 
-@pytest.fixture(scope="module")
-def benchmark():
+def _load_script():
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Loading the script puts experiments/ on sys.path, where its modules (experiments/bench/) live.
+_SCRIPT = _load_script()
+from bench import epochs, measure, report, results  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    return _SCRIPT
 
 
 def quick_config(*overrides):
@@ -137,8 +146,8 @@ def test_matmul_only_epoch_is_sgd_on_least_squares_of_the_linear_network(benchma
     expected = ws
     for idx in np.asarray(batches):
         grads = jax.grad(loss)(expected, x[idx], t[idx])
-        expected = tuple(w - benchmark._FLOOR_LR * g for w, g in zip(expected, grads))
-    got = jax.jit(benchmark._matmul_only_epoch)(ws, x, t, batches)
+        expected = tuple(w - epochs.FLOOR_LR * g for w, g in zip(expected, grads))
+    got = jax.jit(epochs.matmul_only_epoch)(ws, x, t, batches)
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
         assert not np.allclose(g, ws[0] if g.shape == ws[0].shape else ws[1])
@@ -148,7 +157,7 @@ def test_matmul_only_epoch_is_sgd_on_least_squares_of_the_linear_network(benchma
     ("ceiling", "reachable"), [(None, None), (12.0, True), (10.0, True), (2.0, False)]
 )
 def test_reachable_says_whether_the_ceiling_clears_the_minimum(benchmark, ceiling, reachable):
-    assert benchmark._reachable(ceiling, 10.0) == {"ceiling": ceiling, "reachable": reachable}
+    assert results.reachable(ceiling, 10.0) == {"ceiling": ceiling, "reachable": reachable}
 
 
 def test_quick_run_counts_the_same_matmuls_and_no_more_work(quick_run):
@@ -213,9 +222,9 @@ def test_without_control_there_is_no_aa_ratio(benchmark):
 
 def test_quick_run_says_it_is_not_a_measurement(benchmark, quick_run):
     _, result, _ = quick_run
-    assert benchmark.format_tables(result).startswith("QUICK SMOKE RUN")
+    assert report.format_tables(result).startswith("QUICK SMOKE RUN")
     full = {**result, "config": {**result["config"], "quick": False}}
-    assert benchmark.format_tables(full).startswith("device:")
+    assert report.format_tables(full).startswith("device:")
 
 
 def test_quick_run_reports_targets_and_writes_json(quick_run):
@@ -238,7 +247,7 @@ def test_quick_run_reports_targets_and_writes_json(quick_run):
 
 def test_step_flops_counts_three_matmuls_per_layer_but_two_for_the_first(benchmark):
     # 784-30-10, batch 10: first layer forward + dw, second layer forward + dw + dx.
-    assert benchmark.step_flops([784, 30, 10], 10) == 2 * 10 * (784 * 30 * 2 + 30 * 10 * 3)
+    assert measure.step_flops([784, 30, 10], 10) == 2 * 10 * (784 * 30 * 2 + 30 * 10 * 3)
 
 
 @pytest.mark.parametrize("analysis", [None, NotImplementedError])
@@ -251,10 +260,10 @@ def test_memory_and_cost_stats_without_an_analysis(benchmark, analysis):
 
         cost_analysis = memory_analysis
 
-    stats = benchmark.memory_stats(Compiled())
+    stats = measure.memory_stats(Compiled())
     assert stats["available"] is False
     assert stats["peak_bytes"] is None
-    assert benchmark.cost_stats(Compiled()) == {
+    assert measure.cost_stats(Compiled()) == {
         "flops": None,
         "transcendentals": None,
         "bytes": None,
@@ -266,7 +275,7 @@ def test_cost_stats_of_a_compiled_program(benchmark):
     import jax.numpy as jnp
 
     a = jnp.ones((8, 4), jnp.float32)
-    stats = benchmark.cost_stats(jax.jit(lambda a: jnp.exp(a) @ a.T).lower(a).compile())
+    stats = measure.cost_stats(jax.jit(lambda a: jnp.exp(a) @ a.T).lower(a).compile())
     assert stats["transcendentals"] == 32  # one exp per element
     assert stats["flops"] >= 2 * 8 * 8 * 4  # the matmul, at least
     assert stats["bytes"] > 0
@@ -319,7 +328,7 @@ ENTRY %main.3 (x: f32[4,3], w: f32[3,2]) -> (f32[4,2], f32[3,4]) {
 
 
 def test_hlo_summary_counts_a_known_module(benchmark):
-    summary = benchmark.hlo_summary(FAKE_HLO)
+    summary = measure.hlo_summary(FAKE_HLO)
     assert summary == {
         "instructions": 16,
         # fusion, dot, transpose, copy, custom-call: not parameters, constants, gte or tuple
@@ -339,8 +348,8 @@ def test_hlo_summary_of_a_compiled_program(benchmark):
 
     a = jnp.ones((8, 4), jnp.float32)
     b = jnp.ones((4, 3), jnp.float32)
-    one = benchmark.hlo_summary(jax.jit(lambda a, b: a @ b).lower(a, b).compile().as_text())
-    two = benchmark.hlo_summary(
+    one = measure.hlo_summary(jax.jit(lambda a, b: a @ b).lower(a, b).compile().as_text())
+    two = measure.hlo_summary(
         jax.jit(lambda a, b: (a @ b, a.T @ (a @ b))).lower(a, b).compile().as_text()
     )
     assert one["dots"] == 1 and two["dots"] == 2
@@ -371,7 +380,7 @@ def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
         {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 500.0, "args": {}},
     ]
     _write_trace(tmp_path, events)
-    traced = benchmark.trace_ops(tmp_path, FAKE_HLO, calls=2)
+    traced = measure.trace_ops(tmp_path, FAKE_HLO, calls=2)
     rows = traced["ops"]
     assert [row["op"] for row in rows] == ["lib_fusion", "dot_general.2", "copy.1"]
     lib, dot, copy = rows
@@ -396,13 +405,13 @@ def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
 
 
 def test_busy_time_is_the_union_of_intervals(benchmark):
-    assert benchmark._busy_time([]) == 0.0
-    assert benchmark._busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0
+    assert measure.busy_time([]) == 0.0
+    assert measure.busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0
 
 
 def test_trace_ops_without_a_trace_says_where_it_looked(benchmark, tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        benchmark.trace_ops(tmp_path, FAKE_HLO, calls=1)
+        measure.trace_ops(tmp_path, FAKE_HLO, calls=1)
 
 
 def test_unknown_profile_point_lists_the_grid_before_any_timing(benchmark, capsys):
@@ -429,7 +438,7 @@ def _fake_point(medians, paired, cpu):
 def test_targets_judge_the_configured_ratio(benchmark, estimator, median, worst):
     cfg = quick_config(f"targets.ratio={estimator}")
     points = {"a": _fake_point(1.05, 0.98, 0.97), "b": _fake_point(1.15, 1.0, 0.93)}
-    targets = benchmark._targets(cfg, points)
+    targets = results.targets(cfg, points)
     assert targets["step_ratio_median"]["measured"] == pytest.approx(median)
     assert targets["step_ratio_median"]["estimator"] == estimator
     point, value = worst
