@@ -1,38 +1,41 @@
-"""The printed tables, and results made JSON-ready."""
+"""The printed tables (steps, call paths, HLO and cost, profiles, targets), and results made
+JSON-ready. The tables of epochs and training paths are in ``report_training``."""
 
 import math
 from typing import Any
 
 import numpy as np
 
-from .epochs import EPOCH_KINDS  # noqa: F401
 from .measure import COST_FIELDS
 from .points import MODES
+from .report_training import chunked_table, epoch_table, grad_check_table, rules_table
+from .tables import columns, fmt, mb
 
 
-def _columns(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def _fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
-def format_tables(result: dict[str, Any]) -> str:
-    """The step table, the epoch table and the targets, as text."""
+def _header(result: dict[str, Any]) -> list[str]:
     env, peak = result["environment"], result["matmul_reference"]
     refs = ", ".join(
         f"[{r['size']}]^2: {r['ms']:.2f} ms = {r['gflops']:.1f} GFLOP/s" for r in peak["sizes"]
     )
     quick = bool((result.get("config") or {}).get("quick"))
-    lines = [
+    cap = env.get("xla_cpu_max_isa")
+    isa = (
+        f"ISA: {env.get('isa')} (XLA_FLAGS --xla_cpu_max_isa={cap} caps XLA's generated code;"
+        f" the host has {env.get('cpu_isa')})"
+        if cap
+        else f"ISA: {env.get('isa')} (the host's; XLA_FLAGS sets no --xla_cpu_max_isa)"
+    )
+    return [
         *(["QUICK SMOKE RUN (quick=true: shrunk nets and batches): not a measurement"] * quick),
         f"device: {env['device_kind']} x{env['device_count']} ({env['cpu_model']}, "
         f"{env['cpu_count']} cores), jax {env['jax']}; load average {env['load_average']}",
+        isa,
         f"matmul references (float32): {refs}; peak {peak['gflops']:.1f} GFLOP/s",
         "",
     ]
+
+
+def _step_table(result: dict[str, Any]) -> list[str]:
     rows = [
         (
             "point",
@@ -48,6 +51,7 @@ def format_tables(result: dict[str, Any]) -> str:
             "GFLOP/s",
             "%peak",
             "%mm-only",
+            "XLA GFLOP/s",
             "compile s",
             "peak MB",
         )
@@ -56,75 +60,85 @@ def format_tables(result: dict[str, Any]) -> str:
         for mode in MODES:
             m = p["modes"][mode]
             manual = mode == "manual"
+            fractions = (m["fraction_of_matmul_peak"], m["fraction_of_matmul_only"])
             rows.append(
                 (
                     name,
-                    p["activation"],
+                    p["activation"] or "-",
                     str(p["batch"]),
                     mode,
                     f"{m['step_ms']:.4f}",
                     f"{m['step_cpu_ms']:.4f}",
-                    _fmt(p["step_ratio"], ".3f") if manual else "",
-                    _fmt(p["step_ratio_paired"], ".3f") if manual else "",
-                    _fmt(p["step_ratio_cpu"], ".3f") if manual else "",
-                    _fmt(p["control_ratio_paired"], ".3f") if manual else "",
-                    f"{m['gflops']:.1f}",
-                    f"{100 * m['fraction_of_matmul_peak']:.1f}",
-                    f"{100 * m['fraction_of_matmul_only']:.1f}",
+                    fmt(p["step_ratio"], ".3f") if manual else "",
+                    fmt(p["step_ratio_paired"], ".3f") if manual else "",
+                    fmt(p["step_ratio_cpu"], ".3f") if manual else "",
+                    fmt(p["control_ratio_paired"], ".3f") if manual else "",
+                    fmt(m["gflops"], ".1f"),
+                    *(fmt(None if f is None else 100 * f, ".1f") for f in fractions),
+                    fmt(m["xla_gflops"], ".1f"),
                     f"{m['lower_s'] + m['compile_s']:.2f}",
-                    _fmt(m["peak_bytes"] and m["peak_bytes"] / 2**20, ".3f"),
+                    fmt(mb(m["peak_bytes"]), ".3f"),
                 )
             )
-    lines += _columns(rows)
-    lines.append(
+    return [
+        "the step (make_step):",
+        *columns(rows),
         "(ratio, paired, cpu: manual / autodiff; A/A: a second autodiff executable / autodiff,"
-        " paired; %peak: of the best matmul reference)"
-    )
-    epochs = [(name, p["epoch"]) for name, p in result["points"].items() if p["epoch"]]
-    if epochs:
-        rows = [
-            (
-                "point",
-                "steps",
-                "mode",
-                "scan s",
-                "loop s",
-                "loop/scan",
-                "host loop s",
-                "host/scan",
-                "scan ratio",
-                "cpu",
-                "floor s",
-                "scan/floor",
-                "loop/floor",
-            )
-        ]
-        for name, e in epochs:
-            for mode in MODES:
-                manual = mode == "manual"
-                rows.append(
-                    (
-                        name,
-                        str(e["steps"]),
-                        mode,
-                        f"{e['scan_' + mode]['epoch_s']:.3f}",
-                        f"{e['loop_' + mode]['epoch_s']:.3f}",
-                        _fmt(e["loop_speedup_" + mode], ".1f") + "x",
-                        f"{e['host_loop_' + mode]['epoch_s']:.3f}",
-                        _fmt(e["host_loop_speedup_" + mode], ".1f") + "x",
-                        _fmt(e["scan_ratio"], ".3f") if manual else "",
-                        _fmt(e["scan_ratio_cpu"], ".3f") if manual else "",
-                        f"{e['matmul_only_scan']['epoch_s']:.3f}" if manual else "",
-                        _fmt(e["scan_over_floor_" + mode], ".2f") + "x",
-                        _fmt(e["loop_speedup_ceiling_" + mode], ".1f") + "x",
-                    )
-                )
-        lines += ["", *_columns(rows)]
-        lines.append(
-            "(loop: data on device, batch gathered by index in the jitted step; host loop: numpy"
-            " batches sliced on the host; floor: one scan of the same batches through the"
-            " matmuls and weight updates alone)"
+        " paired; GFLOP/s, %peak (of the best matmul reference), %mm-only: matmul FLOPs, MLP"
+        " points only; XLA GFLOP/s: XLA's cost-analysis flops, every point)",
+    ]
+
+
+def _paths_table(result: dict[str, Any]) -> list[str]:
+    rows = [
+        (
+            "point",
+            "path",
+            "manual ms",
+            "autodiff ms",
+            "ratio",
+            "paired",
+            "cpu",
+            "A/A",
+            "peak MB (man/auto)",
+            "XLA flops m/a",
+            "bytes m/a",
+            "dots m/a",
+            "compile s (m/a)",
         )
+    ]
+    for name, p in result["points"].items():
+        for path, r in p["paths"].items():
+            m, a = r["modes"]["manual"], r["modes"]["autodiff"]
+            rows.append(
+                (
+                    name,
+                    path,
+                    f"{m['step_ms']:.4f}",
+                    f"{a['step_ms']:.4f}",
+                    fmt(r["step_ratio"], ".3f"),
+                    fmt(r["step_ratio_paired"], ".3f"),
+                    fmt(r["step_ratio_cpu"], ".3f"),
+                    fmt(r["control_ratio_paired"], ".3f"),
+                    f"{fmt(mb(m['peak_bytes']), '.3f')} / {fmt(mb(a['peak_bytes']), '.3f')}",
+                    fmt(r["cost_ratio"]["flops"], ".4f"),
+                    fmt(r["cost_ratio"]["bytes"], ".4f"),
+                    f"{m['hlo']['dots']} / {a['hlo']['dots']}",
+                    f"{m['lower_s'] + m['compile_s']:.2f} / {a['lower_s'] + a['compile_s']:.2f}",
+                )
+            )
+    return [
+        "",
+        "every call path, manual / autodiff (make_step; value_and_grad: jit of"
+        " bpjax.value_and_grad + optax update, the README's; custom_vjp: jax.grad of a loss"
+        " through bpjax.as_custom_vjp, or through the forward):",
+        *columns(rows),
+        "(A/A: each path's own second autodiff executable / autodiff, paired; m/a: manual /"
+        " autodiff, XLA's cost analysis)",
+    ]
+
+
+def _hlo_table(result: dict[str, Any]) -> list[str]:
     rows = [
         (
             "point",
@@ -152,10 +166,14 @@ def format_tables(result: dict[str, Any]) -> str:
                     str(h["fusions"]),
                     library,
                     str(h["instructions"]),
-                    *(_fmt(cost[field], ".0f") for field in COST_FIELDS),
+                    *(fmt(cost[field], ".0f") for field in COST_FIELDS),
                 )
             )
-    lines += ["", "optimized HLO of each step, and XLA's cost analysis:", *_columns(rows)]
+    return ["", "optimized HLO of each step (make_step), and XLA's cost analysis:", *columns(rows)]
+
+
+def _profile_tables(result: dict[str, Any]) -> list[str]:
+    lines = []
     for name, p in result["points"].items():
         if not p.get("profile"):
             continue
@@ -181,24 +199,46 @@ def format_tables(result: dict[str, Any]) -> str:
             for m in MODES
         )
         lines += ["", f"profile of {name} ({calls} traced calls; per call: {walls}):"]
-        lines += _columns(rows)
-    rows = [("target", "point", "measured", "threshold", "met", "ratio", "ceiling", "reachable")]
+        lines += columns(rows)
+    return lines
+
+
+def _targets_table(result: dict[str, Any]) -> list[str]:
+    rows = [
+        (
+            "target",
+            "point",
+            "measured",
+            "threshold",
+            "met",
+            "ratio",
+            "noise (A/A)",
+            "ceiling",
+            "reachable",
+        )
+    ]
     for name, t in result["targets"].items():
         met = "yes" if t["met"] else "NO"
         reachable = {True: "yes", False: "NO", None: ""}[t.get("reachable")]
+        noise = fmt(t["noise"], ".3f") if "noise" in t else ""
         rows.append(
             (
                 name,
                 t.get("point") or "",
-                _fmt(t["measured"], ".3f"),
-                f"{t['threshold']:g}",
+                fmt(t["measured"], ".3f"),
+                f"{t['threshold']:g}" + (" + noise" if t.get("within_noise") else ""),
                 met,
                 t.get("estimator") or "",
-                _fmt(t.get("ceiling"), ".3f") if "ceiling" in t else "",
+                noise,
+                fmt(t.get("ceiling"), ".3f") if "ceiling" in t else "",
                 reachable,
             )
         )
-    lines += ["", *_columns(rows)]
+    lines = ["", "targets (reported, never asserted):", *columns(rows)]
+    lines.append(
+        "(noise: |A/A control - 1| at that point by the same estimator (for a median: the"
+        " largest over its points); differences within it are not resolved by this run)"
+    )
     if any("ceiling" in t for t in result["targets"].values()):
         lines.append(
             "(ceiling: the same measure for the work no step can skip, this run: the point's"
@@ -211,7 +251,26 @@ def format_tables(result: dict[str, Any]) -> str:
             f"{control['paired_max']:.3f} over the grid; manual/autodiff differences within "
             f"about {control['max_abs_deviation']:.1%} are not resolved by this run"
         )
-    lines += ["", f"runtime: {result['runtime_s']:.1f} s"]
+    return lines
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    """Every table of a run, as text: steps, call paths, epochs, HLO and cost, profiles, the
+    learning rules, the alignment signal's cost, chunked epochs and the targets."""
+    lines = [
+        *_header(result),
+        *_step_table(result),
+        *_paths_table(result),
+        *epoch_table(result),
+        *_hlo_table(result),
+        *_profile_tables(result),
+        *rules_table(result),
+        *grad_check_table(result),
+        *chunked_table(result),
+        *_targets_table(result),
+        "",
+        f"runtime: {result['runtime_s']:.1f} s",
+    ]
     return "\n".join(lines)
 
 

@@ -1,158 +1,155 @@
-"""Results: per-point step figures, the targets (reported, never asserted), the A/A summary."""
+"""Per-point step results: each path's times, ratios, A/A control, memory, HLO and cost."""
 
-import statistics
 from typing import Any
 
 import jax
 import numpy as np
-from omegaconf import DictConfig
 
 from .measure import COST_FIELDS, step_flops
-from .points import MODES
-from .timing import ms, paired, ratio
+from .paths import carry_params
+from .points import MODES, Point
+from .timing import Variant, ms, ratio, ratios
 
 
-def step_results(point: dict, built: dict, peak: dict[str, float]) -> dict[str, Any]:
-    variants, info = built["variants"], built["info"]
-    flops = step_flops(point["features"], point["batch"])
-    only = variants["matmul_only"]
-    only_gflops = flops / only.median / 1e9
+def finite(tree: Any) -> bool:
+    """Whether every leaf of ``tree`` is finite (a timed run that diverged is not a timing)."""
+    return all(bool(np.all(np.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def variant_stats(v: Variant, info: dict[str, Any]) -> dict[str, Any]:
+    """A timed step's figures: medians (wall and CPU ms), samples, compile, memory, HLO, cost.
+
+    ``xla_gflops`` is XLA's cost-analysis flops (every floating-point op) per second of wall
+    time, which any network has; the matmul GFLOP/s of an MLP point are separate.
+    """
+    flops = info["cost"]["flops"]
+    return {
+        "step_ms": ms(v.median),
+        "step_cpu_ms": ms(v.cpu_median),
+        "step_ms_samples": [ms(s) for s in v.samples],
+        "step_cpu_ms_samples": [ms(s) for s in v.cpu_samples],
+        "calls_per_sample": v.n,
+        "xla_gflops": None if flops is None else flops / v.median / 1e9,
+        "lower_s": info["lower_s"],
+        "compile_s": info["compile_s"],
+        "memory": info["memory"],
+        "peak_bytes": info["memory"]["peak_bytes"],
+        "hlo": info["hlo"],
+        "cost": info["cost"],
+    }
+
+
+def epoch_stats(v: Variant, info: dict[str, Any]) -> dict[str, Any]:
+    """A timed epoch's figures: medians (wall and CPU s), samples, compile time and memory."""
+    return {
+        "epoch_s": v.median,
+        "epoch_cpu_s": v.cpu_median,
+        "epoch_s_samples": list(v.samples),
+        "lower_s": info["lower_s"],
+        "compile_s": info["compile_s"],
+        "memory": info["memory"],
+        "peak_bytes": info["memory"]["peak_bytes"],
+    }
+
+
+def control_ratios(variants: dict[str, Variant], reference: str) -> dict[str, float | None]:
+    """The A/A control's ratios to ``reference`` (the same executable compiled twice: how far
+    from 1 a ratio strays when there is nothing to find); None without a control."""
+    if "control" not in variants:
+        return {"control_ratio": None, "control_ratio_paired": None, "control_ratio_cpu": None}
+    return ratios(variants["control"], variants[reference], "control_ratio")
+
+
+_MATMUL_FIELDS = (
+    "gflops",
+    "fraction_of_matmul_peak",
+    "fraction_of_matmul_peak_cpu",
+    "fraction_of_matmul_only",
+)
+
+
+def _matmul_figures(v: Variant, flops: int, peak: dict[str, float], only_gflops: float):
+    gflops = flops / v.median / 1e9
+    return {
+        "gflops": gflops,
+        "fraction_of_matmul_peak": gflops / peak["gflops"],
+        "fraction_of_matmul_peak_cpu": (flops / v.cpu_median / 1e9) / peak["gflops_cpu"],
+        "fraction_of_matmul_only": gflops / only_gflops,
+    }
+
+
+def path_results(
+    timed: dict[str, Any],
+    flops: int | None,
+    peak: dict[str, float],
+    only_gflops: float | None,
+) -> dict[str, Any]:
+    """One path's figures per mode and its manual/autodiff ratios (``step_ratio``,
+    ``_paired``, ``_cpu``), A/A control, memory and cost ratios.
+
+    ``flops`` (an MLP's matmul FLOPs; None for a model point) adds GFLOP/s and fractions of the
+    matmul peak and of the point's matmuls alone; a model point reports None there.
+    """
+    variants, info = timed["variants"], timed["info"]
     modes = {}
     for mode in MODES:
         v = variants[mode]
-        gflops = flops / v.median / 1e9
+        matmul = dict.fromkeys(_MATMUL_FIELDS)
+        if flops is not None:
+            matmul = _matmul_figures(v, flops, peak, only_gflops)
         modes[mode] = {
-            "step_ms": ms(v.median),
-            "step_cpu_ms": ms(v.cpu_median),
-            "step_ms_samples": [ms(s) for s in v.samples],
-            "step_cpu_ms_samples": [ms(s) for s in v.cpu_samples],
-            "calls_per_sample": v.n,
-            "gflops": gflops,
-            "fraction_of_matmul_peak": gflops / peak["gflops"],
-            "fraction_of_matmul_peak_cpu": (flops / v.cpu_median / 1e9) / peak["gflops_cpu"],
-            "fraction_of_matmul_only": gflops / only_gflops,
-            "lower_s": info[mode]["lower_s"],
-            "compile_s": info[mode]["compile_s"],
-            "memory": info[mode]["memory"],
-            "peak_bytes": info[mode]["memory"]["peak_bytes"],
-            "hlo": info[mode]["hlo"],
-            "cost": info[mode]["cost"],
-            "params_finite": all(
-                bool(np.all(np.isfinite(leaf)))
-                for leaf in jax.tree_util.tree_leaves(v.carry.params)
-            ),
+            **variant_stats(v, info[mode]),
+            **matmul,
+            "params_finite": finite(carry_params(v.carry)),
         }
-    manual, autodiff = variants["manual"], variants["autodiff"]
+    manual, autodiff = modes["manual"], modes["autodiff"]
     return {
-        "features": list(point["features"]),
-        "batch": point["batch"],
-        "activation": point["activation"],
-        "flops_per_step": flops,
         "modes": modes,
-        "step_ratio": ratio(manual.median, autodiff.median),
-        "step_ratio_paired": paired(manual, autodiff),
-        "step_ratio_cpu": ratio(manual.cpu_median, autodiff.cpu_median),
-        # The A/A control (autodiff against a second autodiff executable, timed the same way):
-        # how far from 1 a ratio strays when there is nothing to find.
-        "control_ratio_paired": paired(variants["control"], autodiff)
-        if "control" in variants
-        else None,
-        "control_ratio_cpu": ratio(variants["control"].cpu_median, autodiff.cpu_median)
-        if "control" in variants
-        else None,
-        "memory_ratio": ratio(modes["manual"]["peak_bytes"], modes["autodiff"]["peak_bytes"]),
-        "same_dots": modes["manual"]["hlo"]["dots"] == modes["autodiff"]["hlo"]["dots"],
+        **ratios(variants["manual"], variants["autodiff"], "step_ratio"),
+        **control_ratios(variants, "autodiff"),
+        "memory_ratio": ratio(manual["peak_bytes"], autodiff["peak_bytes"]),
+        "same_dots": manual["hlo"]["dots"] == autodiff["hlo"]["dots"],
         "cost_ratio": {
-            name: ratio(modes["manual"]["cost"][name], modes["autodiff"]["cost"][name])
-            for name in COST_FIELDS
+            name: ratio(manual["cost"][name], autodiff["cost"][name]) for name in COST_FIELDS
         },
-        "matmul_only": {
-            "ms": ms(only.median),
+    }
+
+
+def step_results(point: Point, built: dict[str, Any], peak: dict[str, float]) -> dict[str, Any]:
+    """A point's step figures: its description, ``make_step``'s figures at the top level (as
+    before the other paths existed), every path's under ``paths``, the matmul-only reference
+    (MLP; None for a model point)."""
+    spec = point.spec
+    flops = step_flops(spec["features"], point.batch) if point.is_mlp else None
+    only, only_gflops = None, None
+    if built["matmul_only"] is not None:
+        variant, info = built["matmul_only"]
+        only_gflops = flops / variant.median / 1e9
+        only = {
+            "ms": ms(variant.median),
             "gflops": only_gflops,
             "fraction_of_matmul_peak": only_gflops / peak["gflops"],
-            "compile_s": info["matmul_only"]["compile_s"],
-        },
+            "compile_s": info["compile_s"],
+        }
+    paths = {
+        path: path_results(timed, flops, peak, only_gflops)
+        for path, timed in built["paths"].items()
     }
-
-
-def target(measured: Any, threshold: float, met: bool, **where: Any) -> dict[str, Any]:
-    return {**where, "measured": measured, "threshold": threshold, "met": bool(met)}
-
-
-def reachable(ceiling: float | None, minimum: float) -> dict[str, Any]:
-    """A target's ``ceiling``, what this device reached in the same run doing only the work no
-    step can skip, and whether that clears the target's ``minimum`` (``None``: not measured)."""
-    return {"ceiling": ceiling, "reachable": None if ceiling is None else ceiling >= minimum}
-
-
-# Which manual/autodiff ratio the targets judge (``targets.ratio``): the key suffix per estimator.
-ESTIMATORS = {"paired": "_paired", "medians": "", "cpu": "_cpu"}
-
-
-def targets(cfg: DictConfig, points: dict[str, Any]) -> dict[str, Any]:
-    """Each target: measured value, threshold, met; manual/autodiff ratios by ``targets.ratio``."""
-    t = cfg.targets
-    suffix = ESTIMATORS[t.ratio]
-    ratios = {name: p["step_ratio" + suffix] for name, p in points.items()}
-    median = statistics.median(ratios.values())
-    worst = max(ratios, key=ratios.get)
-    out = {
-        "step_ratio_median": target(
-            median, t.step_ratio_median, median <= t.step_ratio_median, estimator=t.ratio
-        ),
-        "step_ratio_max": target(
-            ratios[worst],
-            t.step_ratio_max,
-            ratios[worst] <= t.step_ratio_max,
-            point=worst,
-            estimator=t.ratio,
-        ),
-    }
-    memory = {name: p["memory_ratio"] for name, p in points.items()}
-    known = {name: m for name, m in memory.items() if m is not None}
-    worst = max(known, key=known.get) if known else None
-    out["peak_memory_ratio_max"] = target(
-        known.get(worst), 1.0, bool(known) and known[worst] <= 1.0, point=worst
+    described = (
+        {"features": list(spec["features"]), "batch": point.batch}
+        if point.is_mlp
+        else {
+            "model": spec["model"],
+            "input_shape": list(point.example_shape),
+            "batch": point.batch,
+        }
     )
-    if t.matmul_fraction_point in points:
-        modes = points[t.matmul_fraction_point]["modes"]
-        fraction = modes["manual"]["fraction_of_matmul_peak"]
-        only = points[t.matmul_fraction_point]["matmul_only"]["fraction_of_matmul_peak"]
-        out["matmul_fraction"] = target(
-            fraction,
-            t.matmul_fraction_min,
-            fraction >= t.matmul_fraction_min,
-            point=t.matmul_fraction_point,
-            **reachable(only, t.matmul_fraction_min),
-        )
-    epoch = (points.get(t.epoch_point) or {}).get("epoch")
-    if epoch:
-        ratio, speedup = epoch["scan_ratio" + suffix], epoch["loop_speedup_manual"]
-        out["epoch_scan_ratio"] = target(
-            ratio,
-            t.epoch_scan_ratio_max,
-            ratio <= t.epoch_scan_ratio_max,
-            point=t.epoch_point,
-            estimator=t.ratio,
-        )
-        out["loop_speedup"] = target(
-            speedup,
-            t.loop_speedup_min,
-            speedup >= t.loop_speedup_min,
-            point=t.epoch_point,
-            **reachable(epoch["loop_speedup_ceiling_manual"], t.loop_speedup_min),
-        )
-    return out
-
-
-def control_summary(points: dict[str, Any]) -> dict[str, Any] | None:
-    """The spread of the A/A control's paired ratios over the grid (None without a control)."""
-    ratios = {n: p["control_ratio_paired"] for n, p in points.items()}
-    if any(r is None for r in ratios.values()):
-        return None
     return {
-        "paired_min": min(ratios.values()),
-        "paired_max": max(ratios.values()),
-        "paired_median": statistics.median(ratios.values()),
-        "max_abs_deviation": max(abs(r - 1) for r in ratios.values()),
+        "kind": "mlp" if point.is_mlp else "model",
+        **described,
+        "activation": spec.get("activation"),
+        "flops_per_step": flops,
+        **paths["make_step"],
+        "matmul_only": only,
+        "paths": paths,
     }

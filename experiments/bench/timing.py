@@ -10,10 +10,14 @@ import jax
 from .measure import cost_stats, hlo_summary, memory_stats
 
 
-def compile_timed(fn: Callable, *args: Any) -> tuple[Any, dict[str, Any]]:
-    """``jax.jit(fn).lower(*args).compile()``; returns it with its times and memory stats."""
+def compile_timed(fn: Callable, *args: Any, **static: Any) -> tuple[Any, dict[str, Any]]:
+    """``jax.jit(fn).lower(*args).compile()``; returns it with its times, memory, HLO and cost.
+
+    An already jitted ``fn`` (one with ``lower``, e.g. ``make_chunk``'s) is lowered as it is,
+    with its static keyword arguments ``static``; the executable then takes ``args`` only.
+    """
     start = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
+    lowered = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **static)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
@@ -99,3 +103,21 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def paired(a: Variant, b: Variant) -> float:
     """Median of per-round ratios of ``a`` to ``b`` (wall time)."""
     return statistics.median(x / y for x, y in zip(a.samples, b.samples))
+
+
+def equalize_calls(variants: list[Variant]) -> None:
+    """Gives ``variants`` the same number of calls per sample (the most any calibrated), so
+    that per-sample overheads match between the variants a ratio compares."""
+    calls = max(v.n for v in variants)
+    for v in variants:
+        v.n = calls
+
+
+def ratios(a: Variant, b: Variant, name: str) -> dict[str, float | None]:
+    """``a`` against ``b`` three ways: ``name`` (median over median, wall), ``name_paired``
+    (median of per-round ratios) and ``name_cpu`` (CPU-time medians)."""
+    return {
+        name: ratio(a.median, b.median),
+        f"{name}_paired": paired(a, b),
+        f"{name}_cpu": ratio(a.cpu_median, b.cpu_median),
+    }
