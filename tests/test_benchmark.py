@@ -36,6 +36,7 @@ EPOCH_VARIANTS = (
     "scan_control",
 )
 PROFILED = "mlp-30"
+ESTIMATOR_SUFFIX = {"paired": "_paired", "medians": "", "cpu": "_cpu"}
 EPOCH_RATIOS = ("scan_ratio", "scan_ratio_paired", "scan_ratio_cpu", "scan_control_ratio_paired")
 ENVIRONMENT_FIELDS = ("device_kind", "device_count", "jax", "jaxlib", "cpu_count", "platform")
 # The targets the quick grid (an MLP point with every section, a CNN point) reports.
@@ -51,6 +52,7 @@ TARGETS = (
     "matmul_fraction",
     "epoch_scan_ratio",
     "loop_speedup",
+    "cnn_epoch_scan_ratio_max",
     *(f"{rule}_step_ratio_max" for rule in RULES),
     "grad_check_cost_manual",
     "grad_check_cost_feedback_alignment",
@@ -163,6 +165,37 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
         assert epoch[f"scan_step_ms_{mode}"] == pytest.approx(step_ms)
         alone = point["modes"][mode]["step_ms"]
         assert epoch[f"scan_step_over_step_{mode}"] == pytest.approx(step_ms / alone)
+
+
+def test_quick_run_times_a_cnn_epoch_as_scan_and_loop(quick_run):
+    # A model point: the scan (the step inside XLA's while loop) and the loop of single calls,
+    # manual and autodiff, with the scan's A/A control; no host loop, no matmul floor.
+    cfg, result, _ = quick_run
+    (name,) = [n for n, p in result["points"].items() if p["kind"] == "model" and p["epoch"]]
+    point = result["points"][name]
+    epoch = point["epoch"]
+    assert epoch["kinds"] == ["scan", "loop"]
+    assert epoch["steps"] == cfg.quick_settings.epoch_examples // point["batch"]
+    for variant in ("scan_manual", "scan_autodiff", "loop_manual", "loop_autodiff", "scan_control"):
+        assert positive(epoch[variant]["epoch_s"]) and positive(epoch[variant]["compile_s"])
+    for field in EPOCH_RATIOS:
+        assert positive(epoch[field]), field
+    assert "host_loop_manual" not in epoch and "matmul_only_scan" not in epoch
+    for mode in MODES:
+        assert positive(epoch[f"loop_speedup_{mode}"])
+        # The loop runs the scan's steps (batch norm's statistics included): the same params.
+        assert epoch[f"loop_vs_scan_params_rel_err_{mode}"] < 1e-5, mode
+        for field in ("host_loop_speedup", "scan_over_floor", "loop_speedup_ceiling"):
+            assert epoch[f"{field}_{mode}"] is None, (field, mode)
+        step_ms = 1e3 * epoch[f"scan_{mode}"]["epoch_s"] / epoch["steps"]
+        assert epoch[f"scan_step_ms_{mode}"] == pytest.approx(step_ms)
+        alone = point["modes"][mode]["step_ms"]
+        assert epoch[f"scan_step_over_step_{mode}"] == pytest.approx(step_ms / alone)
+    target = result["targets"]["cnn_epoch_scan_ratio_max"]
+    assert target["point"] == name
+    suffix = ESTIMATOR_SUFFIX[target["estimator"]]
+    assert target["measured"] == epoch["scan_ratio" + suffix]
+    assert target["noise"] == pytest.approx(abs(epoch["scan_control_ratio" + suffix] - 1))
 
 
 def test_quick_run_times_every_learning_rule_against_manual(quick_run):
