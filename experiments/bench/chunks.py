@@ -4,9 +4,10 @@ signal on against off.
 ``fit`` (``bpjax.trainer``) runs an epoch as ``make_chunk``'s order function and, for each
 ``(start, length)`` of ``chunk_plan(steps, chunk_steps)``, one jitted chunk (a ``lax.scan`` of
 ``length`` steps) followed by ``jax.device_get`` of that chunk's per-step metrics, a finiteness
-check and the loss sum: progress, Ctrl-C and checkpoints act between chunks. ``fit_epoch`` does
-exactly that. The whole-epoch scan (``make_epoch``) is one call with the same steps; it fetches
-its metrics the same way once, so the two differ by the chunking only.
+check and the loss sum (and it reads the step count before each chunk): progress, Ctrl-C and
+checkpoints act between chunks. ``fit_epoch`` does exactly that, without the callbacks. The
+whole-epoch scan (``make_epoch``) is one call with the same steps; it fetches its metrics the
+same way once, so the two differ by the chunking only.
 
 * ``chunked_epochs``: chunked (``chunk_steps``, fit's default 200) against whole, the same mode
   and options, A/A control a second whole-epoch executable; one epoch of each from the same
@@ -91,6 +92,7 @@ def fit_epoch(
         order = order_c(state, epoch_index)
         parts, loss_sum, finite = [], 0.0, True
         for start, length in plan:
+            int(state.step)  # fit reads the step count before each chunk (its error messages)
             state, metrics = chunks[length](state, x, y, order, jnp.int32(start))
             losses, chunk_sum, chunk_finite = _fetch(metrics)
             parts.append(losses)
