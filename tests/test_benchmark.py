@@ -92,9 +92,11 @@ def positive(x):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, worker_id):
+def quick_run(tmp_path_factory, request):
     """One quick run per test session, shared by pytest-xdist's workers through its JSON (each
     worker would otherwise compile and time the same run; they share the CPU)."""
+    # xdist's worker id, without needing its plugin (``-p no:xdist``): "master" outside workers
+    worker_id = getattr(request.config, "workerinput", {}).get("workerid", "master")
     cfg = quick_config(f"profile=[{PROFILED}]", "dump_hlo=true")
     session = tmp_path_factory.getbasetemp()
     out = (session if worker_id == "master" else session.parent) / "benchmark-quick-run"
