@@ -1,5 +1,11 @@
-"""experiments/benchmark.py: the quick config runs and reports every field (never a speed)."""
+"""experiments/benchmark.py end to end: the quick config runs every section and reports every
+field and table (never a speed); bad settings are refused before anything compiles.
 
+The benchmark's parts (counting, ISA, targets, grid points, paths, chunked epochs) have their
+unit tests in test_benchmark_parts.py.
+"""
+
+import fcntl
 import importlib.util
 import json
 import math
@@ -13,47 +19,67 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SCRIPT = ROOT / "experiments" / "benchmark.py"
-
-MODE_FIELDS = (
-    "step_ms",
-    "step_cpu_ms",
+MODES = ("manual", "autodiff")
+PATHS = ("make_step", "value_and_grad", "custom_vjp")
+RULES = ("feedback_alignment", "direct_feedback_alignment", "sign_symmetry", "kolen_pollack")
+TIMES = ("step_ms", "step_cpu_ms", "xla_gflops", "lower_s", "compile_s")
+MATMUL_FIGURES = (
     "gflops",
     "fraction_of_matmul_peak",
     "fraction_of_matmul_peak_cpu",
     "fraction_of_matmul_only",
-    "lower_s",
-    "compile_s",
 )
-RATIO_FIELDS = (
-    "step_ratio",
-    "step_ratio_paired",
-    "step_ratio_cpu",
-    "memory_ratio",
-    "control_ratio_paired",
-    "control_ratio_cpu",
-)
-EPOCH_VARIANTS = tuple(
-    f"{kind}_{mode}" for kind in ("scan", "loop", "host_loop") for mode in ("manual", "autodiff")
+RATIOS = ("step_ratio", "step_ratio_paired", "step_ratio_cpu", "memory_ratio")
+CONTROL = ("control_ratio", "control_ratio_paired", "control_ratio_cpu")
+EPOCH_VARIANTS = (
+    *(f"{kind}_{mode}" for kind in ("scan", "loop", "host_loop") for mode in MODES),
+    "scan_control",
 )
 PROFILED = "mlp-30"
-EPOCH_RATIOS = ("scan_ratio", "scan_ratio_paired", "scan_ratio_cpu")
+ESTIMATOR_SUFFIX = {"paired": "_paired", "medians": "", "cpu": "_cpu"}
+EPOCH_RATIOS = ("scan_ratio", "scan_ratio_paired", "scan_ratio_cpu", "scan_control_ratio_paired")
 ENVIRONMENT_FIELDS = ("device_kind", "device_count", "jax", "jaxlib", "cpu_count", "platform")
+# The targets the quick grid (an MLP point with every section, a CNN point) reports.
 TARGETS = (
     "step_ratio_median",
     "step_ratio_max",
+    *(f"{path}_step_ratio_{stat}" for path in PATHS[1:] for stat in ("median", "max")),
     "peak_memory_ratio_max",
+    "cnn_step_ratio_median",
+    "cnn_step_ratio_max",
+    *(f"cnn_{path}_step_ratio_{stat}" for path in PATHS[1:] for stat in ("median", "max")),
+    "cnn_peak_memory_ratio_max",
     "matmul_fraction",
     "epoch_scan_ratio",
     "loop_speedup",
+    "cnn_epoch_scan_ratio_max",
+    *(f"{rule}_step_ratio_max" for rule in RULES),
+    "grad_check_cost_manual",
+    "grad_check_cost_feedback_alignment",
+    "chunked_epoch_ratio_max",
+)
+# A run of the make_step path at mlp-30 only, with no section beyond the steps.
+MINIMAL = (
+    "quick_settings.points=[mlp-30]",
+    "quick_settings.epoch_only=[]",
+    "quick_settings.rules.points=[]",
+    "quick_settings.chunked.points=[]",
+    "grad_check.point=null",
+    "paths=[make_step]",
 )
 
 
-@pytest.fixture(scope="module")
-def benchmark():
+def _load_script():
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Loading the script puts experiments/ on sys.path, where its modules (experiments/bench/) live.
+benchmark = _load_script()
+from bench import env as bench_env  # noqa: E402
+from bench import report  # noqa: E402
 
 
 def quick_config(*overrides):
@@ -66,29 +92,50 @@ def positive(x):
 
 
 @pytest.fixture(scope="module")
-def quick_run(benchmark, tmp_path_factory):
-    out = tmp_path_factory.mktemp("benchmark")
+def quick_run(tmp_path_factory, request):
+    """One quick run per test session, shared by pytest-xdist's workers through its JSON (each
+    worker would otherwise compile and time the same run; they share the CPU)."""
+    # xdist's worker id, without needing its plugin (``-p no:xdist``): "master" outside workers
+    worker_id = getattr(request.config, "workerinput", {}).get("workerid", "master")
     cfg = quick_config(f"profile=[{PROFILED}]", "dump_hlo=true")
-    return cfg, benchmark.run(cfg, output_dir=out), out
+    session = tmp_path_factory.getbasetemp()
+    out = (session if worker_id == "master" else session.parent) / "benchmark-quick-run"
+    out.mkdir(exist_ok=True)
+    with open(out.parent / "benchmark-quick-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker runs it, the others wait and read
+        if not (out / "benchmark.json").exists():
+            returned = benchmark.run(cfg, output_dir=out)
+            # What run() returns is what it wrote: the JSON round trip loses nothing.
+            assert json.loads((out / "benchmark.json").read_text()) == returned
+    return cfg, json.loads((out / "benchmark.json").read_text()), out
 
 
 def test_quick_run_reports_every_field(quick_run):
     cfg, result, _ = quick_run
-    assert all(result["environment"][k] is not None for k in ENVIRONMENT_FIELDS)
+    env = result["environment"]
+    assert all(env[k] is not None for k in ENVIRONMENT_FIELDS)
+    assert env["isa"] == bench_env.effective_isa(env["cpu_isa"], env["xla_cpu_max_isa"])
     assert positive(result["matmul_reference"]["gflops"])
     assert positive(result["runtime_s"])
-    assert list(result["points"]) == [p.name for p in cfg.grid]
+    assert list(result["points"]) == list(cfg.quick_settings.points)
     for name, point in result["points"].items():
-        assert point["flops_per_step"] > 0, name
-        for field in RATIO_FIELDS:
-            assert positive(point[field]), (name, field, point[field])
-        assert positive(point["matmul_only"]["gflops"]), name
-        for mode in ("manual", "autodiff"):
-            stats = point["modes"][mode]
-            for field in MODE_FIELDS:
-                assert positive(stats[field]), (name, mode, field, stats[field])
-            assert stats["memory"]["available"] and positive(stats["peak_bytes"])
-            assert stats["params_finite"], (name, mode)
+        mlp = point["kind"] == "mlp"
+        assert (point["flops_per_step"] > 0) if mlp else point["flops_per_step"] is None, name
+        assert positive(point["matmul_only"]["gflops"]) if mlp else point["matmul_only"] is None
+        assert list(point["paths"]) == list(PATHS), name
+        # The top-level figures are make_step's, as before the other paths existed.
+        assert {k: point[k] for k in RATIOS} == {k: point["paths"]["make_step"][k] for k in RATIOS}
+        for path, timed in point["paths"].items():
+            for field in (*RATIOS, *CONTROL):
+                assert positive(timed[field]), (name, path, field, timed[field])
+            for mode in MODES:
+                stats = timed["modes"][mode]
+                for field in TIMES:
+                    assert positive(stats[field]), (name, path, mode, field, stats[field])
+                for field in MATMUL_FIGURES:  # matmul FLOPs are an MLP's only
+                    assert positive(stats[field]) if mlp else stats[field] is None, field
+                assert stats["memory"]["available"] and positive(stats["peak_bytes"])
+                assert stats["params_finite"], (name, path, mode)
     # quick_settings.epoch_only keeps one epoch point; every other point reports None.
     timed = [name for name, point in result["points"].items() if point["epoch"]]
     assert timed == list(cfg.quick_settings.epoch_only)
@@ -104,7 +151,7 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
         assert positive(epoch[variant]["compile_s"]), variant
         assert epoch[variant]["peak_bytes"] is None or positive(epoch[variant]["peak_bytes"])
     for loop in ("loop", "host_loop"):
-        for mode in ("manual", "autodiff"):
+        for mode in MODES:
             assert positive(epoch[f"{loop}_speedup_{mode}"]), (loop, mode)
             assert positive(epoch[f"{loop}_speedup_ceiling_{mode}"]), (loop, mode)
             # Both Python loops run the scan's steps: the same params come out.
@@ -114,76 +161,138 @@ def test_quick_run_times_epochs_as_scan_and_loop(quick_run):
     floor = epoch["matmul_only_scan"]
     assert positive(floor["epoch_s"]) and positive(floor["compile_s"])
     assert floor["params_finite"] is True
-    for mode in ("manual", "autodiff"):
+    for mode in MODES:
         assert positive(epoch[f"scan_over_floor_{mode}"]), mode
+        step_ms = 1e3 * epoch[f"scan_{mode}"]["epoch_s"] / epoch["steps"]
+        assert epoch[f"scan_step_ms_{mode}"] == pytest.approx(step_ms)
+        alone = point["modes"][mode]["step_ms"]
+        assert epoch[f"scan_step_over_step_{mode}"] == pytest.approx(step_ms / alone)
 
 
-def test_matmul_only_epoch_is_sgd_on_least_squares_of_the_linear_network(benchmark):
-    # The floor does a real gradient step per batch: jax.grad of half the squared error of
-    # x @ w0 @ w1 (no biases, no activations), mean over the batch, in the batches' order.
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+def test_quick_run_times_a_cnn_epoch_as_scan_and_loop(quick_run):
+    # A model point: the scan (the step inside XLA's while loop) and the loop of single calls,
+    # manual and autodiff, with the scan's A/A control; no host loop, no matmul floor.
+    cfg, result, _ = quick_run
+    (name,) = [n for n, p in result["points"].items() if p["kind"] == "model" and p["epoch"]]
+    point = result["points"][name]
+    epoch = point["epoch"]
+    assert epoch["kinds"] == ["scan", "loop"]
+    assert epoch["steps"] == cfg.quick_settings.epoch_examples // point["batch"]
+    for variant in ("scan_manual", "scan_autodiff", "loop_manual", "loop_autodiff", "scan_control"):
+        assert positive(epoch[variant]["epoch_s"]) and positive(epoch[variant]["compile_s"])
+    for field in EPOCH_RATIOS:
+        assert positive(epoch[field]), field
+    assert "host_loop_manual" not in epoch and "matmul_only_scan" not in epoch
+    for mode in MODES:
+        assert positive(epoch[f"loop_speedup_{mode}"])
+        # The loop runs the scan's steps (batch norm's statistics included): the same params.
+        assert epoch[f"loop_vs_scan_params_rel_err_{mode}"] < 1e-5, mode
+        for field in ("host_loop_speedup", "scan_over_floor", "loop_speedup_ceiling"):
+            assert epoch[f"{field}_{mode}"] is None, (field, mode)
+        step_ms = 1e3 * epoch[f"scan_{mode}"]["epoch_s"] / epoch["steps"]
+        assert epoch[f"scan_step_ms_{mode}"] == pytest.approx(step_ms)
+        alone = point["modes"][mode]["step_ms"]
+        assert epoch[f"scan_step_over_step_{mode}"] == pytest.approx(step_ms / alone)
+    target = result["targets"]["cnn_epoch_scan_ratio_max"]
+    assert target["point"] == name
+    suffix = ESTIMATOR_SUFFIX[target["estimator"]]
+    assert target["measured"] == epoch["scan_ratio" + suffix]
+    assert target["noise"] == pytest.approx(abs(epoch["scan_control_ratio" + suffix] - 1))
 
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.random((12, 7), dtype=np.float32))
-    t = jnp.asarray(rng.random((12, 3), dtype=np.float32))
-    ws = tuple(jnp.asarray(rng.standard_normal(s, dtype=np.float32)) for s in ((7, 5), (5, 3)))
-    batches = jnp.asarray(rng.permutation(12).reshape(3, 4))
 
-    def loss(ws, xb, tb):
-        return 0.5 * jnp.sum((xb @ ws[0] @ ws[1] - tb) ** 2) / xb.shape[0]
+def test_quick_run_times_every_learning_rule_against_manual(quick_run):
+    cfg, result, _ = quick_run
+    for name, point in result["points"].items():
+        if name not in cfg.quick_settings.rules.points:
+            assert point["rules"] is None, name
+            continue
+        rules = point["rules"]
+        assert list(rules["modes"]) == ["manual", *RULES]
+        assert list(rules["vs_manual"]) == list(RULES)
+        for mode, stats in rules["modes"].items():
+            assert positive(stats["step_ms"]) and positive(stats["compile_s"]), mode
+            assert stats["params_finite"], mode
+        for rule, ratios in rules["vs_manual"].items():
+            for field in ("step_ratio", "step_ratio_paired", "step_ratio_cpu"):
+                assert positive(ratios[field]), (rule, field)
+        assert all(positive(rules[field]) for field in CONTROL)
+        # The rules change the backward only: the same forward matmuls, some fewer dx (DFA).
+        dots = {mode: stats["hlo"]["dots"] for mode, stats in rules["modes"].items()}
+        assert dots["feedback_alignment"] == dots["manual"], dots
+        assert dots["direct_feedback_alignment"] <= dots["manual"], dots
 
-    expected = ws
-    for idx in np.asarray(batches):
-        grads = jax.grad(loss)(expected, x[idx], t[idx])
-        expected = tuple(w - benchmark._FLOOR_LR * g for w, g in zip(expected, grads))
-    got = jax.jit(benchmark._matmul_only_epoch)(ws, x, t, batches)
-    for g, e in zip(got, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-        assert not np.allclose(g, ws[0] if g.shape == ws[0].shape else ws[1])
+
+def test_quick_run_times_the_alignment_signal_as_fit_runs_it(quick_run):
+    cfg, result, _ = quick_run
+    check = result["points"][cfg.grad_check.point]["grad_check"]
+    every = cfg.quick_settings.grad_check.every
+    assert check["every"] == every
+    batch = result["points"][cfg.grad_check.point]["batch"]
+    assert check["steps"] == cfg.quick_settings.epoch_examples // batch
+    assert check["checks_per_epoch"] == math.ceil(check["steps"] / every)
+    assert list(check["modes"]) == ["manual", cfg.grad_check.rule]
+    for mode, timed in check["modes"].items():
+        for variant in ("on", "off", "control"):
+            assert positive(timed[variant]["epoch_s"]), (mode, variant)
+        for field in ("cost_ratio", "cost_ratio_paired", "cost_ratio_cpu", *CONTROL):
+            assert positive(timed[field]), (mode, field)
+    others = [name for name, p in result["points"].items() if p["grad_check"]]
+    assert others == [cfg.grad_check.point]
 
 
-@pytest.mark.parametrize(
-    ("ceiling", "reachable"), [(None, None), (12.0, True), (10.0, True), (2.0, False)]
-)
-def test_reachable_says_whether_the_ceiling_clears_the_minimum(benchmark, ceiling, reachable):
-    assert benchmark._reachable(ceiling, 10.0) == {"ceiling": ceiling, "reachable": reachable}
+def test_quick_run_chunks_an_epoch_as_fit_does_with_the_same_result(quick_run):
+    cfg, result, _ = quick_run
+    (name,) = cfg.quick_settings.chunked.points
+    chunked = result["points"][name]["chunked"]
+    steps = cfg.quick_settings.epoch_examples // result["points"][name]["batch"]
+    chunk_steps = cfg.quick_settings.chunked.chunk_steps
+    assert (chunked["steps"], chunked["chunks"]) == (steps, steps // chunk_steps)
+    assert chunked["chunk_lengths"] == [chunk_steps] and chunked["chunk_executables"] == 1
+    # make_chunk's promise: the same steps give bit-identical params and losses on CPU.
+    assert chunked["params_identical"] is True and chunked["losses_identical"] is True
+    assert chunked["params_max_abs_diff"] == 0.0
+    for variant in ("chunked", "whole", "control"):
+        assert positive(chunked[variant]["epoch_s"]), variant
+    for field in ("chunked_ratio", "chunked_ratio_paired", "chunked_ratio_cpu", *CONTROL):
+        assert positive(chunked[field]), field
 
 
 def test_quick_run_counts_the_same_matmuls_and_no_more_work(quick_run):
     # Per dense layer: forward, dw and dx, but no dx for the first layer (dead code under jit
-    # in the manual backward; never computed by autodiff). A manual backward doing more matmul
-    # work than autodiff shows up here, whatever the timings.
+    # in the manual backward; never computed by autodiff), on every path. A manual backward
+    # doing more matmul work than autodiff shows up here, whatever the timings.
     _, result, _ = quick_run
     for name, point in result["points"].items():
-        layers = len(point["features"]) - 1
-        for mode in ("manual", "autodiff"):
-            hlo = point["modes"][mode]["hlo"]
-            assert hlo["dots"] == 3 * layers - 1, (name, mode, hlo)
-            assert hlo["entry_kernels"] > 0 and hlo["instructions"] >= hlo["entry_kernels"]
-        assert point["same_dots"] is True, name
-        # XLA's exact cost counts: the manual step evaluates no more transcendentals and moves
-        # no more bytes than the autodiff step (flops may differ by a few per example).
-        for mode in ("manual", "autodiff"):
-            cost = point["modes"][mode]["cost"]
-            assert positive(cost["flops"]) and positive(cost["bytes"]), (name, mode, cost)
-        assert point["cost_ratio"]["transcendentals"] <= 1.0, (name, point["cost_ratio"])
-        assert point["cost_ratio"]["bytes"] <= 1.0, (name, point["cost_ratio"])
+        for path, timed in point["paths"].items():
+            for mode in MODES:
+                hlo = timed["modes"][mode]["hlo"]
+                if point["kind"] == "mlp":
+                    assert hlo["dots"] == 3 * (len(point["features"]) - 1) - 1, (name, path)
+                assert hlo["entry_kernels"] > 0 and hlo["instructions"] >= hlo["entry_kernels"]
+                cost = timed["modes"][mode]["cost"]
+                assert positive(cost["flops"]) and positive(cost["bytes"]), (name, mode, cost)
+            assert timed["same_dots"] is True, (name, path)
+            # XLA's exact cost counts: the manual step evaluates no more transcendentals and
+            # moves no more bytes than the autodiff step (flops may differ by a few per example).
+            assert timed["cost_ratio"]["transcendentals"] <= 1.0, (name, path, timed)
+            assert timed["cost_ratio"]["bytes"] <= 1.0, (name, path, timed["cost_ratio"])
 
 
 def test_quick_run_profiles_and_dumps_hlo(quick_run):
     _, result, out = quick_run
     for name, point in result["points"].items():
-        for mode, path in point["hlo_files"].items():
-            assert Path(path) == out / "hlo" / f"{name}.{mode}.txt"
-            text = Path(path).read_text()
-            assert text.startswith("HloModule") and "ENTRY" in text
+        for path, timed in point["paths"].items():
+            stem = name if path == "make_step" else f"{name}.{path}"
+            for mode, file in timed["hlo_files"].items():
+                assert Path(file) == out / "hlo" / f"{stem}.{mode}.txt"
+                text = Path(file).read_text()
+                assert text.startswith("HloModule") and "ENTRY" in text
+        assert point["hlo_files"] == point["paths"]["make_step"]["hlo_files"]
         if name != PROFILED:
             assert point["profile"] is None, name
     profile = result["points"][PROFILED]["profile"]
     assert profile["calls"] > 0
-    for mode in ("manual", "autodiff"):
+    for mode in MODES:
         ops = profile[mode]["ops"]
         assert ops, mode
         assert 0 < profile[mode]["busy_us_per_call"] <= profile[mode]["op_us_per_call"] + 1e-9
@@ -204,26 +313,42 @@ def test_quick_run_reports_the_aa_control(quick_run):
     assert control["max_abs_deviation"] == max(abs(r - 1) for r in ratios)
 
 
-def test_without_control_there_is_no_aa_ratio(benchmark):
-    cfg = quick_config("control=false", "epoch_only=[]", "repeats=1")
-    result = benchmark.run(cfg)
-    assert result["control"] is None
-    assert all(p["control_ratio_paired"] is None for p in result["points"].values())
-
-
-def test_quick_run_says_it_is_not_a_measurement(benchmark, quick_run):
+def test_quick_run_prints_every_table(quick_run):
     _, result, _ = quick_run
-    assert benchmark.format_tables(result).startswith("QUICK SMOKE RUN")
+    text = report.format_tables(result)
+    assert text.startswith("QUICK SMOKE RUN")
     full = {**result, "config": {**result["config"], "quick": False}}
-    assert benchmark.format_tables(full).startswith("device:")
+    assert report.format_tables(full).startswith("device:")
+    for heading in (
+        "ISA: ",
+        "the step (make_step):",
+        "every call path, manual / autodiff",
+        "whole epochs (make_epoch: one lax.scan)",
+        "optimized HLO of each step",
+        f"profile of {PROFILED}",
+        "learning rules: make_step(grad_mode=rule) against the manual step:",
+        "the alignment signal's cost:",
+        "epochs as fit runs them",
+        "targets (reported, never asserted):",
+    ):
+        assert heading in text, heading
+    lines = text.splitlines()
+    for name, point in result["points"].items():
+        for path in point["paths"]:
+            assert any(line.split()[:2] == [name, path] for line in lines), (name, path)
+    for name in result["targets"]:
+        assert any(line.startswith(name + " ") for line in lines), name
 
 
 def test_quick_run_reports_targets_and_writes_json(quick_run):
     _, result, out = quick_run
-    for name in TARGETS:
-        target = result["targets"][name]
+    assert list(result["targets"]) == sorted(result["targets"], key=TARGETS.index)
+    assert set(result["targets"]) == set(TARGETS)
+    for name, target in result["targets"].items():
         assert {"measured", "threshold", "met"} <= set(target), name
         assert isinstance(target["met"], bool)
+        if "estimator" in target:  # a ratio: its A/A noise beside it
+            assert target["noise"] is None or target["noise"] >= 0, name
     # The two targets bounded by the device say what the unskippable work alone reaches.
     point = result["points"]
     matmul, loop = result["targets"]["matmul_fraction"], result["targets"]["loop_speedup"]
@@ -233,219 +358,106 @@ def test_quick_run_reports_targets_and_writes_json(quick_run):
     ceiling = point[loop["point"]]["epoch"]["loop_speedup_ceiling_manual"]
     assert loop["ceiling"] == ceiling
     assert loop["reachable"] is (ceiling >= loop["threshold"])
-    assert json.loads((out / "benchmark.json").read_text()) == result
-
-
-def test_step_flops_counts_three_matmuls_per_layer_but_two_for_the_first(benchmark):
-    # 784-30-10, batch 10: first layer forward + dw, second layer forward + dw + dx.
-    assert benchmark.step_flops([784, 30, 10], 10) == 2 * 10 * (784 * 30 * 2 + 30 * 10 * 3)
-
-
-@pytest.mark.parametrize("analysis", [None, NotImplementedError])
-def test_memory_and_cost_stats_without_an_analysis(benchmark, analysis):
-    class Compiled:
-        def memory_analysis(self):
-            if analysis is not None:
-                raise analysis("no memory analysis here")
-            return None
-
-        cost_analysis = memory_analysis
-
-    stats = benchmark.memory_stats(Compiled())
-    assert stats["available"] is False
-    assert stats["peak_bytes"] is None
-    assert benchmark.cost_stats(Compiled()) == {
-        "flops": None,
-        "transcendentals": None,
-        "bytes": None,
-    }
-
-
-def test_cost_stats_of_a_compiled_program(benchmark):
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((8, 4), jnp.float32)
-    stats = benchmark.cost_stats(jax.jit(lambda a: jnp.exp(a) @ a.T).lower(a).compile())
-    assert stats["transcendentals"] == 32  # one exp per element
-    assert stats["flops"] >= 2 * 8 * 8 * 4  # the matmul, at least
-    assert stats["bytes"] > 0
+    # "No measurable slowdown": the chunked epoch is judged within its A/A noise.
+    chunked = result["targets"]["chunked_epoch_ratio_max"]
+    assert chunked["within_noise"] is True
+    assert chunked["met"] is (chunked["measured"] <= chunked["threshold"] + chunked["noise"])
+    text = (out / "benchmark.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    assert result["command"] is None  # run() from Python: no command line
 
 
 @pytest.mark.slow
-def test_script_writes_json_to_the_hydra_run_dir(tmp_path):
+def test_without_control_every_section_runs_and_reports_no_aa_ratio():
+    cfg = quick_config(
+        "control=false",
+        "quick_settings.points=[mlp-30]",
+        "quick_settings.rules.points=[mlp-30]",
+        "rules.modes=[sign_symmetry]",
+        "grad_check.rule=sign_symmetry",
+        "paths=[make_step,custom_vjp]",
+    )
+    result = benchmark.run(cfg)
+    assert result["control"] is None
+    point = result["points"]["mlp-30"]
+    for path in ("make_step", "custom_vjp"):
+        assert all(point["paths"][path][field] is None for field in CONTROL), path
+    assert point["epoch"]["scan_control_ratio_paired"] is None
+    assert "scan_control" not in point["epoch"]
+    assert all(point["rules"][field] is None for field in CONTROL)
+    for timed in point["grad_check"]["modes"].values():
+        assert "control" not in timed and timed["control_ratio_paired"] is None
+    assert point["chunked"]["control_ratio_paired"] is None
+    assert point["chunked"]["params_identical"] is True
+    assert result["targets"]["chunked_epoch_ratio_max"]["noise"] is None
+    assert result["targets"]["step_ratio_max"]["noise"] is None
+
+
+def test_profile_without_an_output_directory_summarises_and_keeps_no_traces():
+    cfg = quick_config(f"profile=[{PROFILED}]", *MINIMAL)
+    profile = benchmark.run(cfg)["points"][PROFILED]["profile"]
+    for mode in MODES:
+        assert profile[mode]["trace_dir"] is None
+        assert profile[mode]["ops"] and profile[mode]["op_us_per_call"] > 0
+
+
+@pytest.mark.slow
+def test_script_writes_json_to_the_hydra_run_dir_and_caps_the_isa(tmp_path):
     run_dir = tmp_path / "run"
     subprocess.run(
-        [sys.executable, str(SCRIPT), "quick=true", f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "quick=true",
+            "max_isa=avx2",
+            f"hydra.run.dir={run_dir}",
+            *MINIMAL,
+        ],
         check=True,
         cwd=ROOT,
         capture_output=True,
         timeout=300,
     )
     result = json.loads((run_dir / "benchmark.json").read_text())
-    assert result["command"].startswith("python experiments/benchmark.py quick=true")
-    assert set(result["points"]) == {p.name for p in quick_config().grid}
-
-
-# A hand-written optimized-HLO module: two computations besides ENTRY, a library fusion, a
-# plain dot, a transpose, a copy and a cuBLAS-style GEMM custom call.
-FAKE_HLO = """HloModule jit_step, entry_computation_layout={(f32[4,3]{1,0})->f32[4,2]{1,0}}
-
-%fused_computation (param_0: f32[4,3], param_1: f32[3,2]) -> f32[4,2] {
-  %param_0 = f32[4,3]{1,0} parameter(0)
-  %param_1 = f32[3,2]{1,0} parameter(1)
-  ROOT %dot.1 = f32[4,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}
-}
-
-%region_0 (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %add = f32[] add(%a, %b)
-}
-
-ENTRY %main.3 (x: f32[4,3], w: f32[3,2]) -> (f32[4,2], f32[3,4]) {
-  %x = f32[4,3]{1,0} parameter(0)
-  %w = f32[3,2]{1,0} parameter(1)
-  %c = f32[] constant(0)
-  %lib_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation, {CONFIG}
-  %dot_general.2 = f32[3,2]{1,0} dot(%x, %lib_fusion), lhs_contracting_dims={0}
-  %transpose.1 = f32[3,4]{0,1} transpose(%x), dimensions={1,0}
-  %copy.1 = f32[3,4]{1,0} copy(%transpose.1)
-  %gemm = (f32[4,2]{1,0}, s8[0]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm"
-  %gte = f32[4,2]{1,0} get-tuple-element(%gemm), index=0
-  ROOT %tuple = (f32[4,2]{1,0}, f32[3,4]{1,0}) tuple(%gte, %copy.1)
-}
-""".replace("{CONFIG}", 'backend_config={"fusion_config":{"kind":"__ynn_fusion"}}')
-
-
-def test_hlo_summary_counts_a_known_module(benchmark):
-    summary = benchmark.hlo_summary(FAKE_HLO)
-    assert summary == {
-        "instructions": 16,
-        # fusion, dot, transpose, copy, custom-call: not parameters, constants, gte or tuple
-        "entry_kernels": 5,
-        "fusions": 1,
-        "dots": 3,  # the fused dot, the plain dot and the GEMM custom call
-        "transposes": 1,
-        "copies": 1,
-        "library_fusions": {"__ynn_fusion": 1},
-        "custom_calls": {"__cublas$gemm": 1},
-    }
-
-
-def test_hlo_summary_of_a_compiled_program(benchmark):
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((8, 4), jnp.float32)
-    b = jnp.ones((4, 3), jnp.float32)
-    one = benchmark.hlo_summary(jax.jit(lambda a, b: a @ b).lower(a, b).compile().as_text())
-    two = benchmark.hlo_summary(
-        jax.jit(lambda a, b: (a @ b, a.T @ (a @ b))).lower(a, b).compile().as_text()
-    )
-    assert one["dots"] == 1 and two["dots"] == 2
-    assert one["entry_kernels"] >= 1
-
-
-def _write_trace(directory, events):
-    import gzip
-
-    run = directory / "plugins" / "profile" / "2026_01_01_00_00_00"
-    run.mkdir(parents=True)
-    with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
-        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
-
-
-def _op_event(op, dur, module="jit_step", ph="X"):
-    return {"ph": ph, "name": op, "dur": dur, "args": {"hlo_op": op, "hlo_module": module}}
-
-
-def test_trace_ops_sums_this_modules_ops_per_call(benchmark, tmp_path):
-    events = [
-        *[_op_event("lib_fusion", 30.0) for _ in range(2)],
-        *[_op_event("dot_general.2", 5.0) for _ in range(4)],  # twice per call
-        _op_event("copy.1", 1.0),
-        _op_event("copy.1", 100.0, module="jit_other"),  # another program: ignored
-        _op_event("not_an_op", 100.0),  # not an instruction of this module: ignored
-        _op_event("lib_fusion", 100.0, ph="i"),  # not a complete event: ignored
-        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 500.0, "args": {}},
-    ]
-    _write_trace(tmp_path, events)
-    traced = benchmark.trace_ops(tmp_path, FAKE_HLO, calls=2)
-    rows = traced["ops"]
-    assert [row["op"] for row in rows] == ["lib_fusion", "dot_general.2", "copy.1"]
-    lib, dot, copy = rows
-    assert lib == {
-        "op": "lib_fusion",
-        "opcode": "fusion",
-        "library": "__ynn_fusion",
-        "us_per_call": 30.0,
-        "events_per_call": 1.0,
-    }
-    assert (dot["opcode"], dot["library"], dot["us_per_call"], dot["events_per_call"]) == (
-        "dot",
-        None,
-        10.0,
-        2.0,
-    )
-    assert copy["us_per_call"] == 0.5
-    assert traced["op_us_per_call"] == 30.0 + 10.0 + 0.5
-    # Every event above starts at ts 0 (none given): they all overlap the 30 us ones.
-    assert traced["busy_us_per_call"] == 15.0
-    assert traced["concurrent_us_per_call"] == 40.5 - 15.0
-
-
-def test_busy_time_is_the_union_of_intervals(benchmark):
-    assert benchmark._busy_time([]) == 0.0
-    assert benchmark._busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0
-
-
-def test_trace_ops_without_a_trace_says_where_it_looked(benchmark, tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-        benchmark.trace_ops(tmp_path, FAKE_HLO, calls=1)
-
-
-def test_unknown_profile_point_lists_the_grid_before_any_timing(benchmark, capsys):
-    cfg = quick_config("profile=[mlp-3o]")
-    with pytest.raises(ValueError, match=r"unknown grid points \['mlp-3o'\].*mlp-30"):
-        benchmark.run(cfg)
-    assert "timing" not in capsys.readouterr().out
-
-
-def test_dump_hlo_needs_an_output_directory(benchmark):
-    with pytest.raises(ValueError, match="dump_hlo=true needs an output directory"):
-        benchmark.run(quick_config("dump_hlo=true"))
-
-
-def _fake_point(medians, paired, cpu):
-    return {"step_ratio": medians, "step_ratio_paired": paired, "step_ratio_cpu": cpu,
-            "memory_ratio": 1.0}  # fmt: skip
+    assert result["command"].startswith("python experiments/benchmark.py quick=true max_isa=")
+    assert set(result["points"]) == {"mlp-30"}
+    env = result["environment"]
+    assert env["xla_cpu_max_isa"] == "AVX2"
+    assert "--xla_cpu_max_isa=AVX2" in env["xla_flags"]
+    assert env["isa"] == bench_env.effective_isa(env["cpu_isa"], "AVX2")
 
 
 @pytest.mark.parametrize(
-    ("estimator", "median", "worst"),
-    [("paired", 0.99, ("b", 1.0)), ("medians", 1.1, ("b", 1.15)), ("cpu", 0.95, ("a", 0.97))],
+    ("overrides", "message"),
+    [
+        (("profile=[mlp-3o]",), r"profile: unknown grid points \['mlp-3o'\].*mlp-30"),
+        (("dump_hlo=true",), "dump_hlo=true needs an output directory"),
+        (("targets.ratio=mean",), r"unknown targets\.ratio 'mean'; valid: paired, medians"),
+        (("paths=[value_and_grad]",), "make_step included"),
+        (("paths=[make_step,vjp]",), r"paths must name each of .*got \['make_step', 'vjp'\]"),
+        (("quick_settings.rules.points=[resnet-blocks]",), r"MLP points; \['resnet-blocks'\]"),
+        (("quick_settings.rules.points=[mlp-3o]",), r"rules.points: unknown grid points"),
+        (("rules.modes=[backprop]",), "rules.modes .*unknown learning rule 'backprop'"),
+        (("+rules.options.scale=huge",), r"rules.modes \(mlp-30\): .*scale"),
+        (("grad_check.point=mlp-3o",), r"grad_check.point: unknown grid points"),
+        (("quick_settings.grad_check.every=0",), r"grad_check.every must be >= 1, got 0"),
+        (("grad_check.rule=manual",), r"grad_check.rule: unknown learning rule 'manual'"),
+        (("quick_settings.chunked.points=[mlp-3o]",), r"chunked.points: unknown grid points"),
+        (("chunked.mode=backprop",), r"chunked.mode: unknown mode 'backprop'"),
+        (("quick_settings.chunked.chunk_steps=-1",), r"chunk_steps must be .*, got -1"),
+        (("max_isa=AVX3",), r"max_isa: unknown ISA 'AVX3' \(XLA would only log"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v[0],
 )
-def test_targets_judge_the_configured_ratio(benchmark, estimator, median, worst):
-    cfg = quick_config(f"targets.ratio={estimator}")
-    points = {"a": _fake_point(1.05, 0.98, 0.97), "b": _fake_point(1.15, 1.0, 0.93)}
-    targets = benchmark._targets(cfg, points)
-    assert targets["step_ratio_median"]["measured"] == pytest.approx(median)
-    assert targets["step_ratio_median"]["estimator"] == estimator
-    point, value = worst
-    assert targets["step_ratio_max"]["point"] == point
-    assert targets["step_ratio_max"]["measured"] == pytest.approx(value)
-    assert targets["step_ratio_median"]["met"] is (median <= 1.0)
+def test_a_bad_setting_is_one_error_before_anything_compiles(overrides, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        benchmark.run(quick_config(*overrides))
+    assert "compiled" not in capsys.readouterr().out
 
 
-def test_unknown_ratio_estimator_lists_the_valid_ones(benchmark):
-    with pytest.raises(ValueError, match=r"unknown targets\.ratio 'mean'; valid: paired, medians"):
-        benchmark.run(quick_config("targets.ratio=mean"))
+def test_max_isa_in_a_process_whose_backend_started_says_how_to_run_it():
+    import jax.numpy as jnp
 
-
-def test_profile_without_an_output_directory_summarises_and_keeps_no_traces(benchmark):
-    cfg = quick_config(f"profile=[{PROFILED}]", "epoch_only=[]", "repeats=1")
-    profile = benchmark.run(cfg)["points"][PROFILED]["profile"]
-    for mode in ("manual", "autodiff"):
-        assert profile[mode]["trace_dir"] is None
-        assert profile[mode]["ops"] and profile[mode]["op_us_per_call"] > 0
+    jnp.zeros(1).block_until_ready()  # XLA's backend has started, without a cap
+    with pytest.raises(ValueError, match=r"fresh process .*max_isa=AVX2"):
+        benchmark.run(quick_config("max_isa=AVX2", *MINIMAL))

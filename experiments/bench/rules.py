@@ -1,0 +1,68 @@
+"""The learning rules' steps against the manual step (issue 12: a rule must not cost more than
+the backprop it replaces).
+
+Per MLP point in ``rules.points``: ``make_step(..., grad_mode=rule)`` for each rule of
+``rules.modes``, jitted as the ``make_step`` path is (returning ``(new_state, loss)``), from the
+point's params and the rule state ``init_state(..., grad_mode=rule)`` draws, on the point's
+batch; ``manual`` beside them and, with ``control``, a second manual executable (the A/A
+control). One group per point, sampled in the steps' rounds: manual and the control at either
+end, the rules between, the order reversed every other round.
+"""
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bpjax.train import make_step
+
+from .paths import loss_only
+from .points import Point, state_for, synthetic_data
+from .results import control_ratios, finite, variant_stats
+from .timing import Variant, compile_timed, equalize_calls, ratios
+
+
+def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> dict[str, Any]:
+    """Compiles the point's manual step, each rule's step and the control.
+
+    Args:
+      seed: the point's data seed (the same batch as its other steps).
+      rules: the learning rules to time.
+
+    Returns:
+      ``variants`` (``manual``, each rule, ``control``: the same calls per sample), ``info``
+      and ``groups``.
+    """
+    x, y = synthetic_data(cfg, point.example_shape, point.n_outputs, point.batch, seed)
+    options = OmegaConf.to_container(cfg.rules.options, resolve=True) or None
+    names = ["manual", *rules, *(["control"] if cfg.control else [])]
+    variants, info = {}, {}
+    for name in names:
+        mode = "manual" if name == "control" else name
+        state = state_for(point, mode, options)
+        step = loss_only(
+            make_step(point.net, point.loss, point.optimizer, grad_mode=mode, rule_options=options)
+        )
+        compiled, info[name] = compile_timed(step, state, x, y)
+        variants[name] = Variant(
+            lambda s, c=compiled: c(s, x, y)[0], state, warmup=cfg.warmup, block=cfg.block_seconds
+        )
+    print(f"  compiled {point.name} rule steps: {', '.join(rules)}", flush=True)
+    equalize_calls(list(variants.values()))
+    return {"variants": variants, "info": info, "groups": [[variants[n] for n in names]]}
+
+
+def rule_results(built: dict[str, Any]) -> dict[str, Any]:
+    """Each rule's step figures and its ratios to the manual step (``step_ratio``,
+    ``_paired``, ``_cpu``: rule / manual); the A/A control's ratios to manual."""
+    variants, info = built["variants"], built["info"]
+    modes = {
+        name: {**variant_stats(v, info[name]), "params_finite": finite(v.carry.params)}
+        for name, v in variants.items()
+        if name != "control"
+    }
+    vs_manual = {
+        name: ratios(variants[name], variants["manual"], "step_ratio")
+        for name in modes
+        if name != "manual"
+    }
+    return {"modes": modes, "vs_manual": vs_manual, **control_ratios(variants, "manual")}
