@@ -12,9 +12,10 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
 def test_readme_has_the_examples():
-    assert len(BLOCKS) == 2
+    assert len(BLOCKS) == 3
     assert "check_grads" in BLOCKS[0] and "apply_updates" in BLOCKS[0]
-    assert "bpjax.fit" in BLOCKS[1]
+    assert "batch_norm" in BLOCKS[1] and "residual" in BLOCKS[1]
+    assert "bpjax.fit" in BLOCKS[2]
 
 
 def _run(code: str, tmp_path: pathlib.Path) -> str:
@@ -36,5 +37,13 @@ def test_ten_line_example(tmp_path):
 
 @pytest.mark.slow
 def test_fit_example_reaches_the_stated_accuracy(tmp_path):
-    out = _run(BLOCKS[1], tmp_path)
+    out = _run(BLOCKS[2], tmp_path)
     assert float(out.strip().splitlines()[-1]) > 0.94  # the README states 95.19%
+
+
+def test_cnn_example(tmp_path):
+    out = _run(BLOCKS[1], tmp_path)
+    # float32: the check warns (to stderr) and still passes, the bias before batch norm included
+    assert "PASSED" in out and "zero to rounding" in out
+    loss, mean = re.search(r"loss ([\d.]+), running_mean \[([^\]]*)\]", out).groups()
+    assert 0 < float(loss) < 10 and len(mean.split()) == 3
