@@ -104,6 +104,27 @@ class Console:
 STEP_SIGNALS = {"grad_check/": "gradcheck/", "alignment/": "alignment/"}
 
 
+def network_table(net: Any, in_shape: Sequence[int]) -> str:
+    """The network as a markdown table: one row per top-level layer (the ``layer{i}`` of the
+    per-layer TensorBoard tags) with its name, parameter count and output shape. Nothing is
+    allocated: shapes come from ``jax.eval_shape`` of ``init``."""
+    from bpjax.layers import out_shape
+
+    layers = net.sublayers if net.combinator == "serial" else (net,)
+    rows = ["| tag | layer | params | output |", "|---|---|---|---|"]
+    shape, total = tuple(in_shape), 0
+    for i, layer in enumerate(layers):
+        params = jax.eval_shape(
+            lambda k, layer=layer, shape=shape: layer.init(k, shape)[1], jax.random.PRNGKey(0)
+        )
+        count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+        shape = out_shape(layer, shape)
+        total += count
+        rows.append(f"| layer{i} | `{layer.name}` | {count:,} | {tuple(shape)} |")
+    rows.append(f"| | total | {total:,} | |")
+    return "\n".join(rows)
+
+
 class EpochReporter:
     """A ``bpjax.fit`` callback: per epoch, TensorBoard scalars and histograms (flushed to
     disk), one console line, and the exploding-loss watch (``EXPLODED``).
@@ -121,6 +142,9 @@ class EpochReporter:
             is not epoch 1), returning lines to say: only then has ``fit`` accepted the
             checkpoint.
         explosion_hint: added to the exploding-loss warning (e.g. the learning rate).
+        network: a text summary of the network (``network_table``), logged as ``network`` at
+            step 0 with the first record: a run that trains nothing (a refused or finished
+            resume) writes nothing.
     """
 
     def __init__(
@@ -136,6 +160,7 @@ class EpochReporter:
         batch: Sequence[Any] = (),
         on_resume: Callable[[int], list[str]] | None = None,
         explosion_hint: str = "",
+        network: str = "",
     ) -> None:
         self.logger, self.schedule = logger, schedule
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
@@ -145,11 +170,18 @@ class EpochReporter:
         self.first_loss: float | None = None
         self.exploded: dict[str, Any] | None = None  # epoch, train_loss, first_step_loss
         self.epochs_seen = 0
+        self.network = network
+
+    def _log_network(self) -> None:
+        if self.network:
+            self.logger.text("network", self.network, 0)
+            self.network = ""
 
     def __call__(self, record: dict[str, Any]) -> None:
         epoch, step = record["epoch"], record["step"]
         if self.epochs_seen == 0 and self.on_resume is not None and epoch > 1:
             self.console.say("\n".join(self.on_resume(epoch - 1)))
+        self._log_network()
         self.epochs_seen += 1
         log = self.logger
         scalars = {"train/loss": record["train_loss"]}
@@ -194,6 +226,7 @@ class EpochReporter:
         (``gradcheck/...``: manual vs autodiff, per layer; ``alignment/...``: the angle of each
         layer's update to the true gradient) at the steps they were measured, and the progress
         bar moved to the chunk's last step."""
+        self._log_network()
         log, step = self.logger, record["step"]
         for name, values in record["step_metrics"].items():
             prefix = next((p for p in STEP_SIGNALS if name.startswith(p)), None)

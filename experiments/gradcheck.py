@@ -1,8 +1,11 @@
 """Gradient-check sweep: every hand-written backward against autodiff, over a grid of networks.
 
 For each architecture x activation x loss x dtype in ``conf/gradcheck.yaml``, builds
-``bpjax.mlp(features, activation=...)``, draws params, inputs ``[batch, n_in]`` and targets
-suited to the loss, and runs ``bpjax.check_grads``: each layer's backward vs ``jax.vjp`` of its
+``bpjax.mlp(features, activation=...)`` (inputs ``[batch, n_in]``), and for each image
+architecture x image activation x image loss x dtype an image network (LeNet-5, a CNN with
+batch norm in training mode, a ResNet, strided/grouped/dilated convolutions and pools: inputs
+``[batch, h, w, c]``); draws params, inputs and targets suited to the loss, and runs
+``bpjax.check_grads``: each layer's backward vs ``jax.vjp`` of its
 forward ("layer"), the whole manual gradient vs ``jax.grad`` ("total"), and a central finite
 difference ("fd"). Prints one line per combination, writes every row to ``gradcheck.csv`` and
 ``gradcheck.json`` in the run directory, and exits non-zero if anything fails::
@@ -21,6 +24,7 @@ is 0 when every conclusive row passes.
 """
 
 import csv
+import inspect
 import json
 import math
 import sys
@@ -38,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 import bpjax
 from bpjax import losses
 from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
-from bpjax.layers import Layer
+from bpjax.layers import Layer, init_state, is_stateful
 
 COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
 X_DTYPES = ("uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64")
@@ -105,7 +109,7 @@ def make_inputs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array
 
 
 def check_one(
-    features: list[int],
+    features: list[int] | dict[str, Any],
     activation: str,
     loss_name: str,
     dtype: Any,
@@ -121,24 +125,62 @@ def check_one(
     """Runs ``bpjax.check_grads`` on one combination (params cast to ``dtype``, inputs to
     ``x_dtype``, by default ``dtype``; see ``make_inputs``).
 
+    ``features`` is an MLP's layer sizes (inputs ``[batch, n_in]``), or an image network: a
+    dict with the model's Hydra config (``model``, its ``activation`` set to ``activation``
+    where the model takes one) and one example's ``input_shape`` ``[h, w, c]``. A network with
+    state (batch norm) is checked in training mode (batch statistics, a key), the harder case.
+
     ``b_init`` defaults to small random biases: with zero biases a layer of dead ReLUs feeds the
     next one exact zeros, putting its pre-activations (or the logits) exactly on a kink, where
     a finite difference is no derivative and the fd row can only be inconclusive.
     """
     init_key, x_key, target_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    net = bpjax.mlp(features, activation=activation, b_init=b_init)
+    if isinstance(features, dict):
+        net, in_shape = build_image_net(features, activation), (batch, *features["input_shape"])
+    else:
+        net, in_shape = bpjax.mlp(features, activation=activation, b_init=b_init), (batch, n_in)
     if bug is not None:
         net = inject_bug(net, bug)
-    _, params = net.init(init_key, (batch, n_in))
+    out_shape, params = net.init(init_key, in_shape)
     params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    x = make_inputs(x_key, (batch, n_in), dtype if x_dtype is None else x_dtype)
-    target = make_targets(target_key, loss_name, batch, features[-1], dtype)
+    x = make_inputs(x_key, in_shape, dtype if x_dtype is None else x_dtype)
+    target = make_targets(target_key, loss_name, batch, out_shape[-1], dtype)
+    stateful = is_stateful(net)
+    state = init_state(net, in_shape) if stateful else None
     with warnings.catch_warnings():
         # Tolerances already follow the dtype; the header says float32 checks are loose.
         warnings.simplefilter("ignore", GradCheckWarning)
         return bpjax.check_grads(
-            net, losses.get(loss_name), params, x, target, eps=fd_eps, seed=seed
+            net,
+            losses.get(loss_name),
+            params,
+            x,
+            target,
+            key=jax.random.PRNGKey(seed + 1) if stateful else None,
+            state=state,
+            eps=fd_eps,
+            seed=seed,
         )
+
+
+def build_image_net(spec: dict[str, Any], activation: str) -> Layer:
+    """The image network of an ``image_architectures`` entry, with ``activation`` where its
+    factory takes one."""
+    model = dict(spec["model"])
+    if _takes(model, "activation"):
+        model["activation"] = activation
+    return hydra.utils.instantiate(model, _convert_="all")
+
+
+def _takes(model: dict[str, Any], argument: str) -> bool:
+    factory = hydra.utils.get_method(model["_target_"])
+    return argument in inspect.signature(factory).parameters
+
+
+def _architecture_name(features: list[int] | dict[str, Any], n_in: int) -> str:
+    if isinstance(features, dict):
+        return str(features["name"])
+    return "-".join(map(str, [n_in, *features]))
 
 
 def _worst(result: GradCheckResult, check: str) -> str:
@@ -160,6 +202,11 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
     grid = " x ".join(
         f"{len(cfg[k])} {k}" for k in ("architectures", "activations", "losses", "dtypes")
     )
+    if cfg.image_architectures:
+        grid += " + " + " x ".join(
+            f"{len(cfg[k])} {k}"
+            for k in ("image_architectures", "image_activations", "image_losses", "dtypes")
+        )
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
         f"gradient check sweep: {grid} = {n_combinations} combinations "
@@ -211,10 +258,21 @@ def validate(cfg: DictConfig) -> None:
     for features in cfg.architectures:
         if not features or not all(isinstance(f, int) and f > 0 for f in features):
             raise ValueError(f"architectures: {list(features)} is not a list of positive sizes")
-    for activation in cfg.activations:
+    for activation in [*cfg.activations, *cfg.image_activations]:
         bpjax.activation(activation)  # raises, listing the valid names
-    for loss_name in cfg.losses:
+    for loss_name in [*cfg.losses, *cfg.image_losses]:
         losses.get(loss_name)
+    for spec in cfg.image_architectures:
+        missing = {"name", "model", "input_shape"} - set(spec)
+        if missing:
+            raise ValueError(
+                f"image_architectures: an entry without {', '.join(sorted(missing))}: "
+                f"each is {{name, model: {{_target_: ...}}, input_shape: [h, w, c]}}"
+            )
+        try:
+            hydra.utils.get_method(spec.model._target_)
+        except Exception as e:  # Hydra's own error types vary: say which entry
+            raise ValueError(f"image_architectures: {spec.name}: {e}") from None
     unknown = [d for d in cfg.dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"dtypes: unknown {unknown}; valid: {', '.join(DTYPES)}")
@@ -225,6 +283,9 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.inject_bug is not None:
         kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
+        for spec in OmegaConf.to_container(cfg.image_architectures):
+            net = build_image_net(spec, cfg.image_activations[0])
+            kinds |= {layer_kind(layer) for layer in net.sublayers or (net,)}
         if cfg.inject_bug not in kinds:
             raise ValueError(
                 f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "
@@ -252,17 +313,29 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
     architectures = [list(map(int, f)) for f in OmegaConf.to_container(cfg.architectures)]
+    images = OmegaConf.to_container(cfg.image_architectures)
     grid = [
         (features, activation, loss_name, dtype)
         for features in architectures
         for activation in cfg.activations
         for loss_name in cfg.losses
         for dtype in cfg.dtypes
+    ] + [
+        (spec, activation, loss_name, dtype)
+        for spec in images
+        # a network whose factory takes no activation is checked once, not once per activation
+        for activation in (
+            cfg.image_activations
+            if _takes(spec["model"], "activation")
+            else cfg.image_activations[:1]
+        )
+        for loss_name in cfg.image_losses
+        for dtype in cfg.dtypes
     ]
     fd_eps = dict(cfg.get("fd_eps") or {})
     print(_header(cfg, len(grid), fd_eps), flush=True)
     columns = ("architecture", "activation", "loss", "dtype", "layer", "total", "fd", "result")
-    widths = (14, 10, 21, 7, 8, 8, 8, 6)
+    widths = (20, 10, 21, 7, 8, 8, 8, 6)
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
 
     rows: list[dict[str, Any]] = []
@@ -282,7 +355,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             bug=cfg.inject_bug,
             x_dtype=cfg.x_dtype,
         )
-        architecture = "-".join(map(str, [cfg.n_in, *features]))
+        architecture = _architecture_name(features, cfg.n_in)
         x_dtype = cfg.x_dtype or dtype
         prefix = dict(zip(COMBINATION_KEYS, (architecture, activation, loss_name, dtype, x_dtype)))
         rows += [{**prefix, **record} for record in result.to_records()]

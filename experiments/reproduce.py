@@ -74,6 +74,15 @@ def provenance() -> dict[str, str]:
     }
 
 
+def load_average() -> float:
+    """The 1-minute load average (nan where the OS has none): wall times measured while other
+    work runs are longer, and the table says how busy the machine was."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return math.nan
+
+
 def run_row(row: DictConfig, seed: int, run_dir: pathlib.Path, timeout: float) -> dict[str, Any]:
     """One run of a row: the train script as a subprocess; its metrics and wall time."""
     command = [sys.executable, "experiments/train.py", *row.overrides, f"seed={seed}"]
@@ -106,14 +115,23 @@ def _format(name: str, value: float) -> str:
     return f"{100 * value:.2f}%" if name == "test_accuracy" else f"{value:.4f}"
 
 
-def table(rows: list[dict[str, Any]], where: dict[str, str], seeds: list[int]) -> str:
-    """The results table in markdown, headed by its provenance."""
+def table(
+    rows: list[dict[str, Any]], where: dict[str, str], seeds: list[int], load: float = math.nan
+) -> str:
+    """The results table in markdown, headed by its provenance and, when known, the highest
+    1-minute load average seen at the start or end of a run (``load``)."""
+    busy = (
+        f" The machine's load average reached {load:.1f} during the runs (on "
+        f"{os.cpu_count()} cores: above that, wall times include waiting for a core)."
+        if math.isfinite(load)
+        else ""
+    )
     lines = [
         f"Measured by `python experiments/reproduce.py` on {where['date']} at commit "
         f"`{where['commit']}`; {where['jax']}; {where['device']}; CPU {where['cpu']} "
         f"(vector extensions: {where['cpu_flags']}). Test accuracy of the parameters with the "
         f"best validation accuracy; wall time of the whole command, seed 0. Seeds "
-        f"{', '.join(map(str, seeds))}: mean ± standard deviation, and the range.",
+        f"{', '.join(map(str, seeds))}: mean ± standard deviation, and the range.{busy}",
         "",
         "| command | network, cost, optimizer | test accuracy (seed 0) | over seeds | wall time "
         "| reference |",
@@ -155,11 +173,13 @@ def reproduce(cfg: DictConfig, out_dir: pathlib.Path) -> str:
     seeds = list(cfg.seeds)
     if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be non-negative integers, got {seeds}")
-    results = []
+    results, loads = [], []
     for row in rows:
         values, first, wall = [], math.nan, math.nan
         for seed in seeds:
+            loads.append(load_average())
             run = run_row(row, seed, out_dir / row.name / f"seed{seed}", cfg.timeout)
+            loads.append(load_average())
             metric, value = _metric(run["metrics"])
             values.append(value)
             if seed == seeds[0]:
@@ -178,7 +198,7 @@ def reproduce(cfg: DictConfig, out_dir: pathlib.Path) -> str:
                 "wall": wall,
             }
         )
-    text = table(results, provenance(), seeds)
+    text = table(results, provenance(), seeds, max(filter(math.isfinite, loads), default=math.nan))
     output = ROOT / cfg.output
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("# Results\n\n" + text)

@@ -84,7 +84,14 @@ from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.layers import NeedsImages
 from bpjax.logging import NullLogger, TensorBoardLogger, flatten_hparams
-from bpjax.reporting import Console, EpochReporter, format_number, run_name, tensorboard_dir
+from bpjax.reporting import (
+    Console,
+    EpochReporter,
+    format_number,
+    network_table,
+    run_name,
+    tensorboard_dir,
+)
 from bpjax.train import (
     WEIGHT_DECAY_MASKS,
     WEIGHT_DECAY_MODES,
@@ -678,6 +685,8 @@ def train(
             f"the learning rate may be too large "
             f"(optimizer.learning_rate={cfg.optimizer.get('learning_rate')})"
         ),
+        # which layer is layer{i} in the per-layer tags: the network, once, as a text summary
+        network=network_table(net, in_shape),
     )
     if _several():  # every process got this far, with the same settings, or none trains
         distributed.check_same(

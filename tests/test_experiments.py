@@ -120,8 +120,13 @@ EXPERIMENTS = {
     "diabetes": ("bpjax.data.diabetes", 10, 1, "best_val_loss"),
     "digits": ("bpjax.data.digits", 64, 10, "auto"),
     "fa_mnist": ("bpjax.data.mnist", 784, 10, "auto"),
+    "fashion_cnn": ("bpjax.data.fashion_mnist", (28, 28, 1), 10, "auto"),
+    "fashion_cnn_bn": ("bpjax.data.fashion_mnist", (28, 28, 1), 10, "auto"),
+    "lenet5": ("bpjax.data.mnist", (28, 28, 1), 10, "auto"),
     "mnist_300_100": ("bpjax.data.mnist", 784, 10, "auto"),
     "nielsen_ch1": ("bpjax.data.mnist", 784, 10, "auto"),
+    "resnet": ("bpjax.data.fashion_mnist", (28, 28, 1), 10, "auto"),
+    "ss_cnn": ("bpjax.data.mnist", (28, 28, 1), 10, "auto"),
     "xor": ("bpjax.data.xor", 2, 1, "best_val_accuracy"),
 }
 # Hydra's own groups: option -> the class its _target_ names
@@ -383,7 +388,9 @@ def test_experiment_config(name):
     assert cfg.objective == objective
     train_script.validate(cfg)
     net = hydra.utils.instantiate(cfg.model, _convert_="all")
-    assert output_shape(net, (2, n_in)) == (2, n_out)
+    in_shape = n_in if isinstance(n_in, tuple) else (n_in,)
+    assert output_shape(net, (2, *in_shape)) == (2, n_out)
+    assert cfg.dataset.get("flatten", True) is (len(in_shape) == 1)  # images for image models
     assert isinstance(hydra.utils.instantiate(cfg.loss), bpjax.Loss)
     schedule = train_script.build_schedule(cfg, total_steps=100_000)
     make_optimizer(hydra.utils.instantiate(cfg.optimizer), learning_rate=schedule)
@@ -875,6 +882,7 @@ def events(digits_run):
 def test_tensorboard_tags(events):
     tags = events.Tags()
     assert set(SCALAR_TAGS) <= set(tags["scalars"])
+    assert "network/text_summary" in tags["tensors"]  # which layer is layer{i}
     assert set(HISTOGRAM_TAGS) <= set(tags["histograms"])
     assert [e.step for e in events.Scalars("train/loss")] == [17, 34]  # per epoch, by step
     assert [e.step for e in events.Scalars("perf/compilations")] == [34]  # once, at the end

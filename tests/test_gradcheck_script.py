@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SCRIPT = ROOT / "experiments" / "gradcheck.py"
 SMALL = [
+    "image_architectures=[]",
     "architectures=[[4,3]]",
     "activations=[tanh]",
     "losses=[mse,softmax_cross_entropy]",
@@ -110,6 +111,42 @@ def test_injected_bug_is_named(tmp_path, capsys):
     assert out.rstrip().endswith("0 passed, 2 failed")
 
 
+IMAGES = [
+    "architectures=[]",
+    "image_activations=[relu]",
+    "image_losses=[softmax_cross_entropy]",
+    "dtypes=[float64]",
+]
+
+
+def test_image_networks_are_checked_layer_by_layer(tmp_path, capsys):
+    """Each image network of the shipped config: conv, pool and norm layers (batch norm in
+    training mode) all pass against jax.vjp, jax.grad and a finite difference."""
+    cfg = compose(IMAGES)
+    names = [spec.name for spec in cfg.image_architectures]
+    assert names == ["lenet5", "cnn-bn", "resnet", "conv-strided-groups"]
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert result["passed"] and result["n_checks"] == 4, out
+    layer_names = {r["layer_name"].split("(")[0] for r in result["rows"] if r["check"] == "layer"}
+    assert {"conv2d", "max_pool", "batch_norm", "residual", "avg_pool", "group_norm"} <= layer_names
+    assert {r["architecture"] for r in result["rows"]} == set(names)
+
+
+def test_an_injected_conv_bug_is_named(tmp_path, capsys):
+    cfg = compose(IMAGES)
+    cfg.image_architectures = cfg.image_architectures[:1]  # lenet5
+    cfg.inject_bug = "conv2d"
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    failing = {
+        (r["layer_name"].split("(")[0], r["leaf"])
+        for r in result["rows"]
+        if r["status"] == "failed"
+    }
+    assert ("conv2d", "b") in failing and not result["passed"]
+    assert "first failure: layer 3 (conv2d" in capsys.readouterr().out
+
+
 def test_injected_dense_bug_is_named(tmp_path):
     cfg = compose([*SMALL, "inject_bug=dense"])
     result = gradcheck.run(cfg, output_dir=tmp_path)
@@ -167,6 +204,7 @@ def test_inputs_of_every_dtype(tmp_path, capsys, x_dtype):
 # Zero biases and two ReLUs per hidden layer: for some examples both units of the first
 # layer are dead, so the second layer's pre-activations are exactly 0, on the kink.
 KINKED = [
+    "image_architectures=[]",
     "architectures=[[2,2,3]]",
     "activations=[relu]",
     "losses=[mse]",

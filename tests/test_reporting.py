@@ -249,3 +249,15 @@ def test_tensorboard_dir(tmp_path):
     (old / "tb").mkdir(parents=True)
     (old / "tb" / "events.out.tfevents.1.host").write_bytes(b"")
     assert tensorboard_dir(old, "seed=1") == old / "tb"  # a run from before run names
+
+
+def test_network_table_names_each_layer_tag():
+    import bpjax
+
+    table = reporting.network_table(bpjax.lenet5(), (2, 28, 28, 1)).splitlines()
+    assert table[0] == "| tag | layer | params | output |"
+    assert table[2].startswith("| layer0 | `conv2d(6, 5x5") and table[2].endswith(
+        "| 156 | (2, 28, 28, 6) |"
+    )
+    assert table[4] == "| layer2 | `max_pool(2x2)` | 0 | (2, 14, 14, 6) |"
+    assert table[-1] == "| | total | 61,706 | |"

@@ -54,6 +54,7 @@ def test_reproduce_writes_the_table_and_replaces_the_readme_block(tmp_path):
     where = reproduce.provenance()
     for part in (where["commit"], where["jax"], where["cpu_flags"], "Seeds 0, 1"):
         assert part in header
+    assert re.search(r"load average reached \d+\.\d", header)  # how busy the machine was
     assert row.startswith("| `python experiments/train.py dataset=digits model.features=[16,10]")
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "64-16-10" and cells[-1] == "none"

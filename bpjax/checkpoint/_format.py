@@ -248,11 +248,13 @@ def restore(path: PathLike, like: Any) -> tuple[Any, dict[str, Any]]:
         checkpointer = ocp().Checkpointer(ocp().CompositeCheckpointHandler(**item_handlers()))
         item = ocp().args.PyTreeRestore(item=target, restore_args=restore_args)
         failure = None
+        # Before the restore, not after its failure: the pending reads can hit the closed
+        # loop while orbax's exception is still on its way out.
+        ignore_reads_left_pending()
         try:
             arrays = checkpointer.restore(path, args=ocp().args.Composite(**{ARRAYS: item}))
             arrays = dict(arrays[ARRAYS])
         except Exception as e:  # whatever orbax or tensorstore raise for damaged files
-            ignore_reads_left_pending()
             # Only its first line is kept: its traceback holds orbax's frames, and with them
             # the reads still pending; freed now, most are cancelled rather than completed.
             failure = f"arrays: {_first_line(e)}"

@@ -166,14 +166,16 @@ def replace(path: pathlib.Path, existing: pathlib.Path | None, write: Callable[[
 
 
 def ignore_reads_left_pending() -> None:
-    """Silences what a failed orbax restore leaves behind, once its first read has failed.
+    """Silences what a failed orbax restore leaves behind once its first read has failed.
 
     orbax runs a restore in an event loop of its own, which it closes as soon as the first read
     fails; tensorstore then completes the reads still pending by scheduling their callbacks on
     that closed loop, which raises ``RuntimeError('Event loop is closed')`` in tensorstore's
     threads, reported by ``sys.unraisablehook`` ("Exception ignored in: None") some time later:
     noise after the one clear error. Only that report is dropped; every other goes on to the
-    hook that was there before. Installed only once a restore has failed.
+    hook that was there before. Installed (once) before the first restore: the pending reads
+    can meet the closed loop while orbax's exception is still propagating, before any
+    ``except`` clause runs.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_bpjax_closed_loop", False):
