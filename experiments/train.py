@@ -347,9 +347,11 @@ def _check_devices(trainer: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"trainer.devices: {e}") from None
     if trainer.batch_size % n:
+        processes = jax.process_count()  # trainer.devices counts per process
+        where = f" ({processes} processes x {n // processes})" if processes > 1 else ""
         raise ConfigError(
             f"trainer.batch_size={trainer.batch_size} is not divisible by the {n} devices of "
-            f"trainer.devices={trainer.devices}"
+            f"trainer.devices={trainer.devices}{where}"
         )
 
 

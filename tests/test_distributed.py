@@ -516,6 +516,22 @@ def test_processes_with_other_settings_are_refused(tmp_path):
 
 
 @pytest.mark.slow
+def test_batch_not_divisible_by_every_process_device_is_one_error_line(tmp_path):
+    # 2 processes x 2 devices: 4 devices in all, which 30 examples a step don't divide.
+    commands = _commands(tmp_path / "run", 2, "trainer.devices=all", "trainer.batch_size=30")
+    with processes(commands, env=_cpu_env(2), cwd=tmp_path) as procs:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], [e[-2000:] for _, e in outputs]
+    for index, (_, err) in enumerate(outputs):
+        (line,) = [x for x in err.splitlines() if "error:" in x]
+        assert line == (
+            f"[process {index}] error: trainer.batch_size=30 is not divisible by the 4 devices "
+            f"of trainer.devices=all (2 processes x 2)"
+        )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
 def test_unreachable_coordinator_is_one_error_line(tmp_path):
     port = _free_port()  # nobody serves it: process 0 is never started
     command = _commands(tmp_path / "run", 2, "trainer.initialization_timeout=3", port=port)[1]
