@@ -847,13 +847,20 @@ def interrupted_message(cfg: DictConfig) -> str:
     if _joined_several():
         return (
             f"interrupted: every process stopped after the same step, checkpointed in "
-            f"{checkpoint_dir}; resume by starting all {jax.process_count()} processes again, "
-            f"each with its own command plus trainer.resume=true trainer.run_dir="
-            f"{cli.hydra_quote(str(_run_dir(cfg)))} (process 0's: {resume_command(cfg)})"
+            f"{checkpoint_dir}; {_resume_every_process(cfg)}"
         )
     return (
         f"interrupted: the last completed epoch is checkpointed in {checkpoint_dir}; "
         f"resume with: {resume_command(cfg)}"
+    )
+
+
+def _resume_every_process(cfg: DictConfig) -> str:
+    """How a job of several processes resumes: all of them, each with its own command."""
+    return (
+        f"resume by starting all {jax.process_count()} processes again, each with its own "
+        f"command plus trainer.resume=true trainer.run_dir="
+        f"{cli.hydra_quote(str(_run_dir(cfg)))} (process 0's: {resume_command(cfg)})"
     )
 
 
@@ -890,8 +897,9 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except distributed.ProcessLost as e:
         print(f"{label}{_process_label()}error: {e}", file=sys.stderr, flush=True)
-        if distributed.is_primary():
-            print(f"{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+        if distributed.is_primary() and _has_checkpoints(_run_dir(cfg) / "checkpoints"):
+            # the lost process's error names the last checkpoint; this, how to go on from it
+            print(f"{label}{_resume_every_process(cfg)}", file=sys.stderr, flush=True)
         distributed.exit_now(distributed.EXIT_LOST)  # a normal exit would wait for the lost one
     except (
         ConfigError,

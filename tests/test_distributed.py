@@ -476,6 +476,7 @@ def test_kill_9_stops_the_other_process(tmp_path):
         (line,) = [x for x in err.splitlines() if "was lost" in x]
         assert line.startswith("[process 0] error: process 1 of 2 was lost")
         assert "start all 2 processes again" in line and "Traceback" not in err
+        assert f"trainer.resume=true trainer.run_dir={run_dir}" in err  # and how
     # Nothing checkpointed is lost: every checkpoint saved before the kill is still there, and
     # the latest reads back whole (resuming from one is test_sigterm_then_resume_is_bit_identical).
     assert set(saved) <= set(_finished_steps(run_dir))
