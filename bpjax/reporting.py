@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from bpjax._trees import at_path, path_name
+from bpjax.distributed import host_copy
 from bpjax.logging import Logger
 
 __all__ = ["EXPLODED", "Console", "EpochReporter", "format_number", "run_name", "tensorboard_dir"]
@@ -51,11 +52,14 @@ class Console:
     Args:
         label: put before every line.
         progress: show a bar when stdout is a terminal.
+        quiet: say nothing and show no bar (the processes other than process 0 of a job of
+            several, whose errors their caller prints).
     """
 
-    def __init__(self, label: str = "", *, progress: bool = True) -> None:
+    def __init__(self, label: str = "", *, progress: bool = True, quiet: bool = False) -> None:
         self.label = label
-        self.progress = progress and sys.stdout.isatty()
+        self.quiet = quiet
+        self.progress = progress and sys.stdout.isatty() and not quiet
         self.bar = None
 
     def start(self, total: int) -> None:
@@ -73,6 +77,8 @@ class Console:
 
     def say(self, text: str, *, err: bool = False) -> None:
         """Prints ``text`` (each line labelled) to stdout, or stderr with ``err``."""
+        if self.quiet:
+            return
         file = sys.stderr if err else sys.stdout
         text = "\n".join(f"{self.label}{line}" for line in text.split("\n"))
         if self.bar is not None:
@@ -193,14 +199,16 @@ class EpochReporter:
         log.scalars(scalars, step)
         every = self.histogram_every
         if every and self.grad_fn is not None and (epoch % every == 0 or epoch == self.epochs):
-            params = record["params"]
+            # Host copies: in a job of several processes, process 0 alone computes these, on its
+            # own device, where the run's arrays span every process's devices.
+            params = host_copy(record["params"])
             # the step's own rule (feedback weights) and, for a network with state, its state
             # in evaluation mode (the histograms' gradients are on a fixed batch, no key)
             _, grads = self.grad_fn(
                 params,
                 *self.batch,
-                state=record.get("net_state") or None,
-                feedback=record.get("rule_state", ()),
+                state=host_copy(record.get("net_state")) or None,
+                feedback=host_copy(record.get("rule_state", ())),
             )
             per_layer = zip(params, grads) if isinstance(params, tuple) else [(params, grads)]
             for i, (p, g) in enumerate(per_layer):

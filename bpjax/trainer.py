@@ -11,11 +11,22 @@ the epoch/step counters stored in the checkpoint, so an interrupted and resumed 
 same parameters as one that never stopped (bit-identical on CPU). A learning rule's state (its
 feedback weights, ``bpjax.credit``) is part of the checkpointed ``TrainState``, so it resumes
 exactly too, Kolen-Pollack's evolving feedback included.
+
+Several processes (``bpjax.distributed``): after ``jax.distributed.initialize`` in every process,
+the same ``fit`` call in each trains one model over all their devices. Every process holds the
+whole dataset and puts it on its own devices; the jitted epoch gathers each step's batch there and
+each device computes on its share of it, so no training data crosses the network, only the
+gradients' all-reduce (and the result is that of one process, up to the reduction's rounding).
+Metrics are read from each process's own copy, made the same in all of them (``agree``), so every
+process stops early, or on a diverged loss, at the same epoch and step; an interrupt stops them
+all at the same chunk; a lost process stops the others with ``bpjax.distributed.ProcessLost``.
 """
 
+import contextlib
 import functools
 import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bpjax import credit
+from bpjax import credit, distributed
 from bpjax import losses as losses_lib
 from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
 from bpjax.data import Dataset
@@ -154,20 +165,41 @@ def _last_measured(step_metrics: dict[str, np.ndarray], prefix: str) -> dict[str
 
 
 def make_mesh(devices: int | str | Sequence[Any] = 1) -> jax.sharding.Mesh:
-    """A one-axis ("data") mesh over ``devices``: a count, ``"all"``, or device objects."""
-    available = jax.devices()
-    if devices == "all":
-        chosen = available
-    elif isinstance(devices, int):
-        if not 1 <= devices <= len(available):
-            raise ValueError(
-                f"devices={devices} but {len(available)} {available[0].platform} device(s) "
-                "are available"
-            )
-        chosen = available[:devices]
-    else:
-        chosen = list(devices)
-    return jax.sharding.Mesh(np.array(chosen), ("data",))
+    """A one-axis ("data") mesh over ``devices``: a count, ``"all"``, or device objects.
+
+    In a job of several processes the count is per process and the mesh spans them all
+    (``bpjax.distributed.mesh_devices``).
+
+    Raises:
+        ValueError: a count below 1 or above the devices there are.
+    """
+    return jax.sharding.Mesh(np.array(distributed.mesh_devices(devices)), ("data",))
+
+
+def _digest(data: Dataset) -> str:
+    """A checksum of every split's arrays: processes that loaded different data differ here."""
+    crc = 0
+    for array in (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test):
+        array = np.ascontiguousarray(array)
+        crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.view(np.uint8).reshape(-1), crc) if array.size else crc
+    return f"{crc:08x}"
+
+
+@contextlib.contextmanager
+def _naming_lost_processes(manager: CheckpointManager | None):
+    """Turns a collective that failed because a process went away into ``ProcessLost``, in
+    every surviving process; any other error passes as it is."""
+    try:
+        yield
+    except TrainingDiverged:
+        raise
+    except (ValueError, RuntimeError) as e:
+        latest = None if manager is None else manager.latest()
+        lost = distributed.process_lost(e, last_checkpoint=latest)
+        if lost is None:
+            raise
+        raise lost from e
 
 
 def _monitor_mode(monitor: str) -> str:
@@ -381,7 +413,12 @@ def fit(
     mesh = make_mesh(devices)
     n_devices = mesh.devices.size
     if batch_size % n_devices:
-        raise ValueError(f"batch_size {batch_size} is not divisible by {n_devices} devices")
+        processes = jax.process_count()
+        where = f" ({processes} processes x {n_devices // processes})" if processes > 1 else ""
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by {n_devices} devices{where}: each "
+            f"device takes an equal share of every batch"
+        )
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -456,6 +493,28 @@ def fit(
             "learning_rule": grad_mode if grad_mode in credit.RULES else "backprop",
         }
         resume_from = _resume_point(manager, resume, run_info)
+    if jax.process_count() > 1:  # before anything is compiled: the same job everywhere
+        distributed.check_same(
+            "fit",
+            {
+                "data": _digest(data),
+                "dataset": data.name,
+                "seed": seed,
+                "batch_size": batch_size,
+                "epochs": epochs,
+                "grad_mode": grad_mode,
+                "loss": loss_name,
+                "monitor": monitor,
+                "patience": patience,
+                "eval_every": eval_every,
+                "chunk_steps": chunk_steps,
+                "devices": n_devices,
+                "checkpoints": None if manager is None else manager.all_steps(),
+                "checkpoint_dir": checkpoint_dir,
+            },
+            hint="start every process with the same settings and data, and checkpoints in "
+            "a directory they all share",
+        )
 
     def encode(y):
         return encode_targets(y, task=data.task, loss_name=loss_name, n_outputs=n_outputs)
@@ -495,7 +554,10 @@ def fit(
     )
 
     def run_eval(params, net_state, split):
-        metrics = evaluate(params, *eval_inputs[split], net_state)
+        # Process 0's values everywhere, for the decisions taken from them (early stopping).
+        metrics, _ = distributed.agree(
+            distributed.host_copy(evaluate(params, *eval_inputs[split], net_state))
+        )
         return {f"{split}_{k}": float(v) for k, v in metrics.items()}
 
     state = init_state(
@@ -570,123 +632,134 @@ def fit(
     epoch = start_epoch
     # The epoch being trained, between its chunks: {"epoch", "epoch_step", "epoch_loss_sum"}.
     in_progress: dict[str, Any] = {}
-    try:
-        for epoch in range(start_epoch + 1, last_epoch + 1):
-            t0 = time.perf_counter()
-            done, loss_sum = 0, 0.0
-            if epoch == start_epoch + 1:
-                done, loss_sum = resumed_steps, resumed_loss_sum
-            order = order_fn(state, data.n_train, jnp.int32(epoch))
-            parts = []
-            for start, length in _plan_from(plan, done):
-                step_before = int(state.step)
-                new_state, chunk_metrics = chunk_fn(
-                    state, x_train, y_train, order, jnp.int32(start), length=length
-                )
-                chunk_metrics = jax.device_get(chunk_metrics)
-                losses = chunk_metrics["loss"]
-                if not np.all(np.isfinite(losses)):
-                    bad = int(np.argmin(np.isfinite(losses)))
-                    result = FitResult(state, best_params, {}, history, best_net_state)
-                    latest = None if manager is None else manager.latest()
-                    raise TrainingDiverged(
-                        f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, "
-                        f"step {step_before + bad + 1} (step {start + bad + 1} of "
-                        f"{steps_per_epoch} in the epoch); last finite checkpoint: "
-                        f"{latest or 'none yet'}",
-                        epoch=epoch,
-                        step=step_before + bad + 1,
-                        result=result,
+    # One process stops where all do: a lost process stops the others, an interrupt stops all
+    # at the same chunk (bpjax.distributed).
+    with _naming_lost_processes(manager), distributed.deferred_interrupts() as interrupts:
+        try:
+            for epoch in range(start_epoch + 1, last_epoch + 1):
+                t0 = time.perf_counter()
+                done, loss_sum = 0, 0.0
+                if epoch == start_epoch + 1:
+                    done, loss_sum = resumed_steps, resumed_loss_sum
+                order = order_fn(state, data.n_train, jnp.int32(epoch))
+                parts = []
+                for start, length in _plan_from(plan, done):
+                    step_before = int(state.step)
+                    new_state, chunk_metrics = chunk_fn(
+                        state, x_train, y_train, order, jnp.int32(start), length=length
                     )
-                state = new_state
-                done, loss_sum = start + length, loss_sum + float(np.sum(losses, dtype=np.float64))
-                in_progress = {"epoch_step": done, "epoch_loss_sum": loss_sum}
-                parts.append(chunk_metrics)
-                chunk_record = {
+                    # Process 0's metrics everywhere, and whether any process was interrupted.
+                    chunk_metrics, stop = distributed.agree(
+                        distributed.host_copy(chunk_metrics), stop=bool(interrupts.requested)
+                    )
+                    losses = chunk_metrics["loss"]
+                    if not np.all(np.isfinite(losses)):
+                        bad = int(np.argmin(np.isfinite(losses)))
+                        result = FitResult(state, best_params, {}, history, best_net_state)
+                        latest = None if manager is None else manager.latest()
+                        raise TrainingDiverged(
+                            f"training diverged: non-finite loss ({losses[bad]}) at epoch {epoch}, "
+                            f"step {step_before + bad + 1} (step {start + bad + 1} of "
+                            f"{steps_per_epoch} in the epoch); last finite checkpoint: "
+                            f"{latest or 'none yet'}",
+                            epoch=epoch,
+                            step=step_before + bad + 1,
+                            result=result,
+                        )
+                    state = new_state
+                    done, loss_sum = (
+                        start + length,
+                        loss_sum + float(np.sum(losses, dtype=np.float64)),
+                    )
+                    in_progress = {"epoch_step": done, "epoch_loss_sum": loss_sum}
+                    parts.append(chunk_metrics)
+                    chunk_record = {
+                        "epoch": epoch,
+                        "step": int(state.step),
+                        "epoch_step": done,
+                        "steps_per_epoch": steps_per_epoch,
+                        "train_loss": loss_sum / done,
+                        "step_metrics": chunk_metrics,
+                    }
+                    for callback in on_chunk:
+                        callback(chunk_record)
+                    if stop:  # every process, after the same chunk: checkpointed below
+                        raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
+                seconds = time.perf_counter() - t0
+                step_metrics = _concat(parts)
+                last_alignment.update(_last_measured(step_metrics, "alignment/"))
+                if epoch > start_epoch + 1 or epochs == start_epoch + 1:
+                    train_seconds += seconds
+                    trained_examples += sum(len(p["loss"]) for p in parts) * batch_size
+                record: dict[str, Any] = {
                     "epoch": epoch,
                     "step": int(state.step),
-                    "epoch_step": done,
-                    "steps_per_epoch": steps_per_epoch,
-                    "train_loss": loss_sum / done,
-                    "step_metrics": chunk_metrics,
+                    "train_loss": loss_sum / steps_per_epoch,
+                    "epoch_seconds": seconds,
+                    "examples_per_second": len(step_metrics["loss"]) * batch_size / seconds,
+                    "step_metrics": step_metrics,
+                    "params": state.params,
+                    "net_state": state.net_state,
+                    "rule_state": state.rule_state,
+                    "evaluated": False,
                 }
-                for callback in on_chunk:
-                    callback(chunk_record)
-            seconds = time.perf_counter() - t0
-            step_metrics = _concat(parts)
-            last_alignment.update(_last_measured(step_metrics, "alignment/"))
-            if epoch > start_epoch + 1 or epochs == start_epoch + 1:
-                train_seconds += seconds
-                trained_examples += sum(len(p["loss"]) for p in parts) * batch_size
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "step": int(state.step),
-                "train_loss": loss_sum / steps_per_epoch,
-                "epoch_seconds": seconds,
-                "examples_per_second": len(step_metrics["loss"]) * batch_size / seconds,
-                "step_metrics": step_metrics,
-                "params": state.params,
-                "net_state": state.net_state,
-                "rule_state": state.rule_state,
-                "evaluated": False,
-            }
-            if epoch % eval_every == 0 or epoch == epochs:
-                record["evaluated"] = True
-                for split in eval_splits:
-                    if split in eval_inputs:
-                        # "train_loss" stays the epoch's mean minibatch loss.
-                        evaluated = run_eval(state.params, state.net_state, split)
-                        evaluated.pop("train_loss", None)
-                        record.update(evaluated)
-                value = record.get(monitor, record["train_loss"])
-                if _is_better(value, best, mode):
-                    best, best_epoch, bad_evals = value, epoch, 0
-                    best_params, best_net_state = state.params, state.net_state
-                else:
-                    bad_evals += 1
-                record["best_" + monitor] = best
-            # From here on the epoch is recorded: an interrupt before this line (in a chunk or
-            # while evaluating) checkpoints the steps done, mid-epoch.
-            history.append(record)
-            in_progress = {}
-            for callback in callbacks:
-                callback(record)
-            stopped_early = patience is not None and bad_evals >= patience
-            # A new best is saved too, so that a resumed run can restore the best params; so is
-            # the last epoch of a run stopped early.
-            if (
-                epoch % checkpoint_every == 0
-                or epoch == epochs
-                or best_epoch == epoch
-                or stopped_early
-            ):
-                checkpoint(record)
-            if stopped_early:
-                break
-    except KeyboardInterrupt:
-        if in_progress:
-            checkpoint({"epoch": epoch, "step": int(state.step)}, **in_progress)
-        elif history:
-            checkpoint(history[-1])
-        raise
+                if epoch % eval_every == 0 or epoch == epochs:
+                    record["evaluated"] = True
+                    for split in eval_splits:
+                        if split in eval_inputs:
+                            # "train_loss" stays the epoch's mean minibatch loss.
+                            evaluated = run_eval(state.params, state.net_state, split)
+                            evaluated.pop("train_loss", None)
+                            record.update(evaluated)
+                    value = record.get(monitor, record["train_loss"])
+                    if _is_better(value, best, mode):
+                        best, best_epoch, bad_evals = value, epoch, 0
+                        best_params, best_net_state = state.params, state.net_state
+                    else:
+                        bad_evals += 1
+                    record["best_" + monitor] = best
+                # From here on the epoch is recorded: an interrupt before this line (in a chunk or
+                # while evaluating) checkpoints the steps done, mid-epoch.
+                history.append(record)
+                in_progress = {}
+                for callback in callbacks:
+                    callback(record)
+                stopped_early = patience is not None and bad_evals >= patience
+                # A new best is saved too, so that a resumed run can restore the best params; so is
+                # the last epoch of a run stopped early.
+                if (
+                    epoch % checkpoint_every == 0
+                    or epoch == epochs
+                    or best_epoch == epoch
+                    or stopped_early
+                ):
+                    checkpoint(record)
+                if stopped_early:
+                    break
+        except KeyboardInterrupt:
+            if in_progress:
+                checkpoint({"epoch": epoch, "step": int(state.step)}, **in_progress)
+            elif history:
+                checkpoint(history[-1])
+            raise
 
-    wall = time.perf_counter() - t_start
-    final = run_eval(best_params, best_net_state, "test")
-    if data.n_val:
-        best_val = run_eval(best_params, best_net_state, "val")
-        final.update({f"best_{k}": v for k, v in best_val.items()})
-    final.update(run_eval(state.params, state.net_state, "train"))
-    final.update(
-        {
-            "epochs": int(history[-1]["epoch"]) if history else start_epoch,
-            "best_epoch": best_epoch,
-            "stopped_early": stopped_early,
-            "wall_seconds": wall,
-            "train_seconds": train_seconds,
-            "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
-            "steps": int(state.step),
-            "updates": int(updates_applied(state)),
-            **last_alignment,
-        }
-    )
-    return FitResult(state, best_params, final, history, best_net_state)
+        wall = time.perf_counter() - t_start
+        final = run_eval(best_params, best_net_state, "test")
+        if data.n_val:
+            best_val = run_eval(best_params, best_net_state, "val")
+            final.update({f"best_{k}": v for k, v in best_val.items()})
+        final.update(run_eval(state.params, state.net_state, "train"))
+        final.update(
+            {
+                "epochs": int(history[-1]["epoch"]) if history else start_epoch,
+                "best_epoch": best_epoch,
+                "stopped_early": stopped_early,
+                "wall_seconds": wall,
+                "train_seconds": train_seconds,
+                "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
+                "steps": int(state.step),
+                "updates": int(updates_applied(state)),
+                **last_alignment,
+            }
+        )
+        return FitResult(state, best_params, final, history, best_net_state)

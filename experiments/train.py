@@ -39,6 +39,15 @@ What a run says and records:
   run that already reached ``trainer.epochs`` (or stopped early) has nothing to do and leaves
   ``metrics.json`` as it was. A resume stays in its run directory (``hydra.run.dir`` follows
   ``trainer.run_dir``, see ``conf/config.yaml``).
+- Several processes (``trainer.distributed=true``, one per host or per accelerator, each started
+  with the same command but for its ``trainer.process_id`` where the cluster doesn't supply
+  it): they join before anything else (``bpjax.distributed.initialize``), work in process 0's
+  run directory, which all of them must see, and start together or not at all: an error in one
+  (a data file missing on its host, say) is every process's ``error:`` line, exit 2. Process 0
+  alone writes ``metrics.json`` and TensorBoard events and prints the run's lines; the others
+  print only their errors, labelled ``[process N]``. A lost process stops the others within
+  seconds (exit 75, ``bpjax.distributed.EXIT_LOST``), with a line naming it; restarting every
+  process with ``trainer.resume=true`` continues from the last checkpoint.
 """
 
 import functools
@@ -68,7 +77,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
-from bpjax import cli
+from bpjax import cli, distributed
 from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
 from bpjax.checkpoint import CheckpointManager, load_metadata
@@ -272,11 +281,58 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"objective={cfg.objective} would tune on the test set; use a best_val_* metric"
         )
+    _validate_processes(trainer)
     if trainer.compute_dtype not in (None, "bfloat16", "float16", "float32"):
         raise ConfigError(
             f"trainer.compute_dtype must be null, bfloat16, float16 or float32, "
             f"got {trainer.compute_dtype}"
         )
+
+
+# The settings of a job of several processes, besides trainer.distributed itself.
+_PROCESS_KEYS = ("coordinator_address", "num_processes", "process_id")
+
+
+def _validate_processes(trainer: DictConfig) -> None:
+    """``trainer.distributed`` and its settings, checked before any process joins a job."""
+    if not isinstance(trainer.distributed, bool):
+        raise ConfigError(f"trainer.distributed must be true or false, got {trainer.distributed}")
+    for key in ("initialization_timeout", "heartbeat_timeout"):
+        value = trainer[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"trainer.{key} must be a whole number of seconds >= 1, got {value}")
+    given = [f"trainer.{key}={trainer[key]}" for key in _PROCESS_KEYS if trainer[key] is not None]
+    if not trainer.distributed:
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} but trainer.distributed=false: set trainer.distributed=true "
+                f"to run as one of several processes"
+            )
+        return
+    try:  # the environment fills in what is not given; a bad value there is named too
+        distributed.resolve(*(trainer[key] for key in _PROCESS_KEYS), prefix="trainer.")
+    except ValueError as e:
+        raise ConfigError(f"trainer.distributed=true: {e}") from None
+
+
+def _join(trainer: DictConfig) -> None:
+    """Joins the job of several processes that ``trainer.distributed=true`` asks for."""
+    try:
+        distributed.initialize(
+            *(trainer[key] for key in _PROCESS_KEYS),
+            initialization_timeout=trainer.initialization_timeout,
+            heartbeat_timeout=trainer.heartbeat_timeout,
+        )
+    except ValueError as e:
+        raise ConfigError(
+            f"trainer.distributed=true: jax.distributed.initialize() could not start: {e} (see "
+            f'the README\'s "Several hosts")'
+        ) from None
+
+
+def _several() -> bool:
+    """Whether this run is one process of several (asked once jax has started)."""
+    return jax.process_count() > 1
 
 
 # Losses that take logits, and the squashing they apply to them.
@@ -291,9 +347,11 @@ def _check_devices(trainer: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"trainer.devices: {e}") from None
     if trainer.batch_size % n:
+        processes = jax.process_count()  # trainer.devices counts per process
+        where = f" ({processes} processes x {n // processes})" if processes > 1 else ""
         raise ConfigError(
             f"trainer.batch_size={trainer.batch_size} is not divisible by the {n} devices of "
-            f"trainer.devices={trainer.devices}"
+            f"trainer.devices={trainer.devices}{where}"
         )
 
 
@@ -499,16 +557,15 @@ def train(
     t_start = time.perf_counter()
     compilations_before = _COMPILATIONS[0]
     if cfg.trainer.distributed:
-        try:  # the coordinator, process count and id come from the cluster's environment
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(
-                f"trainer.distributed=true: jax.distributed.initialize() failed ({e}); run it "
-                f"under a cluster launcher (SLURM, ...) or set the coordinator as the README's "
-                f"multi-host section shows"
-            ) from None
+        _join(cfg.trainer)
+    primary = distributed.is_primary()
     _check_devices(cfg.trainer)
     run_dir = _run_dir(cfg)
+    if _several():  # process 0's (a timestamped default differs between processes)
+        try:
+            run_dir = distributed.shared_directory(run_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     checkpoint_dir = run_dir / "checkpoints"
     if not cfg.trainer.resume and _has_checkpoints(checkpoint_dir):
         # Before anything (a TensorBoard file, say) is written into the other run's directory.
@@ -529,7 +586,7 @@ def train(
     mismatch = target_mismatch(_target_name(cfg.loss), data.task, data.y_train)
     if mismatch:
         raise ConfigError(f"loss on {data.name}: {mismatch}")
-    console = Console(_job_label(), progress=trainer.progress)
+    console = Console(_job_label(), progress=trainer.progress, quiet=not primary)
     squash = _SQUASHED_TWICE.get(_target_name(cfg.loss))
     if squash is not None and _model_setting(cfg, "output_activation") == squash:
         console.say(
@@ -585,7 +642,7 @@ def train(
     config = _container(cfg)
     logger = (
         TensorBoardLogger(_tensorboard_dir(run_dir), flush_secs=cfg.logger.flush_secs)
-        if cfg.logger.enabled
+        if cfg.logger.enabled and primary
         else NullLogger()
     )
     # A fixed training batch for gradient histograms.
@@ -622,7 +679,7 @@ def train(
         steps_per_epoch=steps_per_epoch,
         schedule=schedule,
         console=console,
-        histogram_every=trainer.histogram_every,
+        histogram_every=trainer.histogram_every if primary else 0,
         grad_fn=grad_fn,
         batch=hist_batch,
         on_resume=on_resume,
@@ -633,6 +690,16 @@ def train(
         # which layer is layer{i} in the per-layer tags: the network, once, as a text summary
         network=network_table(net, in_shape),
     )
+    if _several():  # every process got this far, with the same settings, or none trains
+        distributed.check_same(
+            "config",
+            {
+                key: value
+                for key, value in flatten_hparams(config).items()
+                if key.removeprefix("trainer.") not in _PROCESS_KEYS
+            },
+            hint="start every process with the same command, but for trainer.process_id",
+        )
     status = "completed"
     message = ""
     nothing_done = False
@@ -706,6 +773,7 @@ def train(
             "compilations": _COMPILATIONS[0] - compilations_before,
             "total_seconds": time.perf_counter() - t_start,
             "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "processes": jax.process_count(),
             "overrides": _task_overrides(),
         }
     )
@@ -726,7 +794,8 @@ def train(
     last_step = metrics.get("steps", metrics.get("diverged_step", 0))
     logger.scalar("perf/compilations", metrics["compilations"], last_step)
     logger.close()
-    _write_json_atomic(record_path, metrics)
+    if primary:  # the run's one record, however many processes
+        _write_json_atomic(record_path, metrics)
     if status == "diverged":
         console.say(f"bpjax: {message}", err=True)
         return metrics
@@ -775,10 +844,34 @@ def interrupted_message(cfg: DictConfig) -> str:
     checkpoint_dir = _run_dir(cfg) / "checkpoints"
     if not _has_checkpoints(checkpoint_dir):
         return "interrupted before the first epoch ended: nothing was checkpointed"
+    if _joined_several():
+        return (
+            f"interrupted: every process stopped after the same step, checkpointed in "
+            f"{checkpoint_dir}; {_resume_every_process(cfg)}"
+        )
     return (
         f"interrupted: the last completed epoch is checkpointed in {checkpoint_dir}; "
         f"resume with: {resume_command(cfg)}"
     )
+
+
+def _resume_every_process(cfg: DictConfig) -> str:
+    """How a job of several processes resumes: all of them, each with its own command."""
+    return (
+        f"resume by starting all {jax.process_count()} processes again, each with its own "
+        f"command plus trainer.resume=true trainer.run_dir="
+        f"{cli.hydra_quote(str(_run_dir(cfg)))} (process 0's: {resume_command(cfg)})"
+    )
+
+
+def _joined_several() -> bool:
+    """Whether this process joined a job of several (without starting jax if it did not)."""
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _process_label() -> str:
+    """``[process N] `` in a job of several processes, for the lines every process prints."""
+    return f"[process {jax.process_index()}] " if _joined_several() else ""
 
 
 def _raise_interrupt(signum, frame):
@@ -794,22 +887,36 @@ def main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg)
     except ResumeError as e:  # about this job's directory, not a swept value: fatal in a sweep
+        distributed.announce_failure(str(e))  # to the other processes of a job, if any
         print(
-            f"{label}error: {e}\n(trainer.resume=true continues a run; trainer.run_dir=<dir> "
-            f"picks the directory)",
+            f"{label}{_process_label()}error: {e}\n(trainer.resume=true continues a run; "
+            f"trainer.run_dir=<dir> picks the directory)",
             file=sys.stderr,
             flush=True,
         )
         sys.exit(2)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"{label}error: {e}", file=sys.stderr, flush=True)
+    except distributed.ProcessLost as e:
+        print(f"{label}{_process_label()}error: {e}", file=sys.stderr, flush=True)
+        if distributed.is_primary() and _has_checkpoints(_run_dir(cfg) / "checkpoints"):
+            # the lost process's error names the last checkpoint; this, how to go on from it
+            print(f"{label}{_resume_every_process(cfg)}", file=sys.stderr, flush=True)
+        distributed.exit_now(distributed.EXIT_LOST)  # a normal exit would wait for the lost one
+    except (
+        ConfigError,
+        FileNotFoundError,
+        distributed.ProcessFailed,
+        distributed.JobMismatch,
+    ) as e:
+        distributed.announce_failure(str(e))
+        print(f"{label}{_process_label()}error: {e}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
         # One invalid job (a sampled learning rate out of range, say) does not end a sweep: it
         # is recorded, like a diverged one, and ranks last in the summary (a sweep of nothing
         # but invalid jobs exits 2: see bpjax.sweep.SweepSummary).
         record = pathlib.Path(HydraConfig.get().runtime.output_dir) / "metrics.json"
-        if not record.exists():  # never over a finished run's record
+        # Never over a finished run's record; in a job of several processes, process 0's.
+        if not record.exists() and not (_joined_several() and jax.process_index() > 0):
             invalid = {
                 "status": "invalid",
                 "message": str(e),
@@ -819,7 +926,8 @@ def main(cfg: DictConfig) -> float:
             _write_json_atomic(record, invalid)
         return worst_objective()
     except KeyboardInterrupt:
-        print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+        if not _joined_several() or distributed.is_primary():  # one message for the job
+            print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
         sys.exit(130)
     if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)

@@ -1,6 +1,7 @@
 """Tests for bpjax.checkpoint: bit-exact roundtrips, mismatch errors, atomicity, the manager,
 damaged checkpoints, the former .npz format, and two processes saving and restoring together."""
 
+import contextlib
 import json
 import logging
 import math
@@ -856,30 +857,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_save_and_restore_together(tmp_path):
-    port, directory = _free_port(), tmp_path / "ckpts"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one device per process
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(port), str(i), str(directory)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+@contextlib.contextmanager
+def processes(commands: list[list[str]], **popen: Any):
+    """Starts one process per command (text output, piped unless ``popen`` says otherwise) and
+    kills, on the way out, every one still running: none outlives its test."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    procs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=180))
+        for command in commands:
+            procs.append(subprocess.Popen(command, **options))
+        yield procs
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+@pytest.mark.slow
+def test_two_processes_save_and_restore_together(tmp_path):
+    port, directory = _free_port(), tmp_path / "ckpts"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one device per process
+    commands = [[sys.executable, "-c", _WORKER, str(port), str(i), str(directory)] for i in (0, 1)]
+    with processes(commands, env=env) as procs:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
     results = []
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]

@@ -1,0 +1,165 @@
+"""When a process of the job is lost, and when the job is told to stop: every process must learn
+it, and at the same point, or the others wait forever in a collective."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+
+from bpjax.distributed._agree import _client, _exchanges
+from bpjax.distributed._start import cluster
+
+# Exit status of a process whose job lost another process (EX_TEMPFAIL: "try again later"):
+# restarting every process with trainer.resume=true continues from the last checkpoint.
+EXIT_LOST = 75
+
+# How a collective reports a peer that went away (gloo on CPU; NCCL and transports elsewhere).
+_TRANSPORT_FAILURE = re.compile(
+    r"gloo|nccl|connection (reset|closed|refused)|broken pipe|socket closed|peer", re.IGNORECASE
+)
+
+
+class ProcessLost(RuntimeError):
+    """A process of the job is gone (killed, crashed, its host down) and this one cannot go on.
+
+    Raised by ``bpjax.trainer.fit`` in every surviving process when a collective fails because
+    a peer went away. The job can't continue with fewer processes (the collectives need them
+    all); checkpoints already written are complete and the job resumes from the last one when
+    every process is started again (``resume=True``; ``trainer.resume=true``).
+
+    End the process with ``bpjax.distributed.exit_now`` rather than a normal exit: at a normal
+    exit jax waits for every process, the lost one included, and then aborts with a stack trace.
+
+    Attributes:
+        lost: the ids of the processes that did not answer.
+        process_id, num_processes: this process's id, and the job's size.
+    """
+
+    def __init__(self, message: str, *, lost: tuple[int, ...], process_id: int, num_processes: int):
+        super().__init__(message)
+        self.lost, self.process_id, self.num_processes = lost, process_id, num_processes
+
+
+def _lost_after(error: BaseException) -> tuple[int, ...] | None:
+    """Which processes are gone, once a collective failed with ``error``: None if ``error`` is
+    not a transport failure, or every process answers.
+
+    Every survivor posts itself to the coordination service and waits, a third of the heartbeat
+    timeout at most (so that this ends before jax's own verdict, which aborts), for the others'
+    posts; those that don't post are lost. The survivors all get here: each of them was in the
+    collective that failed. A coordination service that does not answer is the loss of
+    process 0, its host.
+    """
+    if jax.process_count() == 1 or not isinstance(error, ValueError | RuntimeError):
+        return None
+    if not _TRANSPORT_FAILURE.search(str(error)):
+        return None
+    count, me = jax.process_count(), jax.process_index()
+    _exchanges["alive"] += 1
+    directory = f"bpjax/alive/{_exchanges['alive']}/"
+    wait = min(10.0, max(1.0, cluster().heartbeat_timeout / 3))
+    try:
+        client = _client()
+        client.key_value_set(f"{directory}{me}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            alive = {int(k.rsplit("/", 1)[-1]) for k, _ in client.key_value_dir_get(directory)}
+            if len(alive) == count or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    except Exception:  # any failure to reach the service: the service is gone
+        return (0,)
+    lost = tuple(i for i in range(count) if i not in alive)
+    return lost or None
+
+
+def process_lost(error: BaseException, *, last_checkpoint: Any = None) -> ProcessLost | None:
+    """A ``ProcessLost`` for ``error`` if it is a collective that failed because a process went
+    away (see ``ProcessLost``), else None; every surviving process must call it (it waits for
+    them, briefly, to tell who is alive).
+
+    Args:
+        error: what a jax call raised.
+        last_checkpoint: the last complete checkpoint, named in the message.
+    """
+    lost = _lost_after(error)
+    if lost is None:
+        return None
+    count, me = jax.process_count(), jax.process_index()
+    names = ", ".join(str(i) for i in lost)
+    role = " (the coordinator)" if lost == (0,) else ""
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    kept = (
+        f"the last checkpoint, {last_checkpoint}, is complete"
+        if last_checkpoint is not None
+        else "no checkpoint was written yet"
+    )
+    return ProcessLost(
+        f"process {names}{role} of {count} was lost (it stopped answering after a collective "
+        f"failed: {first}); this process ({me}) stops too: {kept}; start all {count} "
+        f"processes again, resuming, to continue",
+        lost=lost,
+        process_id=me,
+        num_processes=count,
+    )
+
+
+def exit_now(status: int) -> None:
+    """Ends this process at once with ``status``, standard streams flushed, skipping the exit
+    handlers: jax's would wait for a lost process to leave the job, then abort."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+class Interrupts:
+    """What ``deferred_interrupts`` caught: ``requested`` is the first signal's number, or 0."""
+
+    requested: int = 0
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[Interrupts]:
+    """Holds Ctrl-C (SIGINT) and SIGTERM back until every process can stop at the same point.
+
+    In a job of several processes, a signal that raises ``KeyboardInterrupt`` at once would stop
+    each process somewhere else (the processes get it at different moments), leaving the others
+    in a collective that never completes. Inside this context, SIGINT, and SIGTERM where a
+    Python handler makes it an interrupt (``experiments/train.py`` does), only set
+    ``requested``; the caller shares it with the others (``agree``'s ``stop``) and stops where
+    they all see it. A second signal interrupts at once, as before.
+
+    In one process, or off the main thread (where signals can't be handled), it does nothing.
+    """
+    state = Interrupts()
+    if jax.process_count() == 1 or threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        del frame  # unused: only the signal matters
+        if state.requested:
+            raise KeyboardInterrupt(f"signal {signum}")
+        state.requested = signum
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):  # a Python handler (SIG_DFL would end the process, SIG_IGN not)
+            previous[signum] = handler
+            signal.signal(signum, hold)
+    try:
+        yield state
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
