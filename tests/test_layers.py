@@ -452,12 +452,28 @@ def autodiff(layer: layers.Layer, params, x, dy, key, state=()):
     return y, grads, dx
 
 
+def jitted_autodiff(layer: layers.Layer, params, x, dy, key, state=()):
+    """``autodiff`` under ``jax.jit``: the reference is the same computation either way, and
+    eager JAX compiles every operation for every new shape, which is slow for whole networks."""
+    return jax.jit(functools.partial(autodiff, layer))(params, x, dy, key, state)
+
+
 @functools.cache
 def reference(case_id: str, batch: int) -> tuple:
     """jax.vjp of a layer's forward in float64, shared by the float32/float64 and eager/jitted
-    runs of a test (eager JAX compiles every operation for every new shape, which is slow)."""
+    runs of a test."""
     layer, _, params, x, dy, key, state = setup_layer(CASES[case_id], batch, jnp.float64)
-    return autodiff(layer, params, x, dy, key, state)
+    return jitted_autodiff(layer, params, x, dy, key, state)
+
+
+# Whole networks of layers that are each checked eagerly on their own: jitted only (eagerly,
+# every operation of a network compiles on its own, for minutes of CPU and nothing new).
+NETWORKS = {"serial-cnn", "lenet5", "cnn-bn-dropout", "resnet"}
+
+
+def skip_eager_network(case, maybe_jit) -> None:
+    if case.id in NETWORKS and maybe_jit is not jax.jit:
+        pytest.skip("a network of layers checked eagerly one by one: jitted only")
 
 
 def shape_of(tree) -> Any:
@@ -474,6 +490,7 @@ def dtypes_of(tree) -> set:
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("case", LAYERS, ids=LAYER_IDS)
 def test_backward_matches_vjp(case, batch, dtype, maybe_jit):
+    skip_eager_network(case, maybe_jit)
     layer, out_shape, params, x, dy, key, state = setup_layer(case, batch, dtype)
     y, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key, state)
     # Inputs and params are float32 numbers, so float64 autodiff is the reference for both
@@ -519,13 +536,14 @@ MIXED_DTYPES = [
 )
 @pytest.mark.parametrize("case", [c for c in LAYERS if c.has_params], ids=lambda c: c.id)
 def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case, x_dtype, p_dtype, maybe_jit):
+    skip_eager_network(case, maybe_jit)
     layer, _, params, x, dy, key, state = setup_layer(case, 3, p_dtype)
     x = jax.tree_util.tree_map(lambda a: a.astype(x_dtype), x)
     # dy in the dtype of each output (a branch without params keeps its input's dtype).
     y = jax.eval_shape(lambda: layers.apply(layer, params, x, key=key, state=state)[0])
     dy = jax.tree_util.tree_map(lambda d, y_: d.astype(y_.dtype), dy, y)
     _, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key, state)
-    _, grads_ref, dx_ref = autodiff(layer, params, x, dy, key, state)
+    _, grads_ref, dx_ref = jitted_autodiff(layer, params, x, dy, key, state)
     assert jax.tree_util.tree_map(lambda a: a.dtype, (grads, dx)) == jax.tree_util.tree_map(
         lambda a: a.dtype, (grads_ref, dx_ref)
     )
