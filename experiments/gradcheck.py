@@ -59,17 +59,20 @@ def with_bug(layer: Layer) -> Layer:
 
     A parameter-free layer forgets its local derivative: ``dx = dy`` instead of
     ``dx = dy * f'(x)``. A layer with a bias forgets to sum its gradient over the batch:
-    ``db = mean(dy)`` instead of ``sum(dy)``.
+    ``db = mean(dy)`` instead of ``sum(dy)``; one without (a conv before batch norm) forgets
+    half its weight gradient: ``dw / 2``. A layer with neither is left alone (its rows pass).
     """
 
     def backward(params, cache, dy):
         grads, dx = layer.backward(params, cache, dy)
         if not jax.tree_util.tree_leaves(grads):
             return grads, dy
-        if not isinstance(grads, dict) or "b" not in grads:
-            raise ValueError(f"inject_bug: no bug defined for {layer.name} (params without 'b')")
-        batch = dy.size // dy.shape[-1]
-        return {**grads, "b": grads["b"] / batch}, dx
+        if isinstance(grads, dict) and "b" in grads:
+            batch = dy.size // dy.shape[-1]
+            return {**grads, "b": grads["b"] / batch}, dx
+        if isinstance(grads, dict) and "w" in grads:
+            return {**grads, "w": grads["w"] / 2}, dx
+        return grads, dx
 
     return layer._replace(backward=backward)
 

@@ -135,15 +135,17 @@ def test_image_networks_are_checked_layer_by_layer(tmp_path, capsys):
 
 def test_an_injected_conv_bug_is_named(tmp_path, capsys):
     cfg = compose(IMAGES)
-    cfg.image_architectures = cfg.image_architectures[:1]  # lenet5
+    cfg.image_architectures = cfg.image_architectures[:2]  # lenet5; cnn-bn: convs without bias
     cfg.inject_bug = "conv2d"
     result = gradcheck.run(cfg, output_dir=tmp_path)
     failing = {
-        (r["layer_name"].split("(")[0], r["leaf"])
+        (r["architecture"], r["layer_name"].split("(")[0], r["leaf"])
         for r in result["rows"]
         if r["status"] == "failed"
     }
-    assert ("conv2d", "b") in failing and not result["passed"]
+    assert ("lenet5", "conv2d", "b") in failing and not result["passed"]
+    # a conv without a bias (before batch norm) gets a bug too: it used to stop the sweep
+    assert ("cnn-bn", "conv2d", "w") in failing
     assert "first failure: layer 3 (conv2d" in capsys.readouterr().out
 
 
