@@ -36,6 +36,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 __all__ = [
+    "bool_parameters",
+    "check_bools",
     "check_keys",
     "composition_error",
     "hydra_quote",
@@ -140,6 +142,60 @@ def target_parameters(target: str | Any) -> tuple[list[str], bool, list[str]]:
         p.name for p in parameters if p.kind in keyword and p.default is inspect.Parameter.empty
     ]
     return names, takes_any, required
+
+
+def bool_parameters(target: str | Any) -> set[str]:
+    """The parameters of a ``_target_`` annotated ``bool`` (a string such as ``no`` given there
+    would read as true)."""
+    obj = _locate(target) if isinstance(target, str) else target
+    try:
+        parameters = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in parameters if p.annotation in (bool, "bool")}
+
+
+def check_bools(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    """Every true/false setting given something else: one line each.
+
+    Args:
+        config: the composed config as plain containers.
+        defaults: per group without a ``_target_`` (``trainer``, ``logger``), its default
+            option's keys and values: a key whose default is a bool must stay one.
+
+    Returns:
+        One message per key that must be true or false and isn't: a group setting whose
+        default is a bool, or a ``_target_`` parameter annotated ``bool``, at any depth.
+    """
+    problems: list[str] = []
+
+    def visit(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            flags = set()
+            if isinstance(target, str):
+                try:
+                    flags = bool_parameters(target)
+                except LookupError:
+                    flags = set()
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else str(key)
+                if key in flags and value is not None and not isinstance(value, bool):
+                    problems.append(f"{here} must be true or false, got {value!r}")
+                else:
+                    visit(value, here)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                visit(child, f"{where}[{i}]")
+
+    for group, values in config.items():
+        default = defaults.get(group)
+        if isinstance(values, dict) and isinstance(default, dict) and "_target_" not in values:
+            for key, value in values.items():
+                if isinstance(default.get(key), bool) and not isinstance(value, bool):
+                    problems.append(f"{group}.{key} must be true or false, got {value!r}")
+        visit(values, group)
+    return problems
 
 
 def _suggest(key: str, valid: Collection[str], prefix: str) -> str:
@@ -277,13 +333,36 @@ def check_keys(
     return problems
 
 
-def _keys_a_group_takes(conf_dir: pathlib.Path, group: str) -> set[str]:
-    """Every key some option of ``group`` may hold: its files' keys and its targets' params."""
+def _chosen_option(conf_dir: pathlib.Path, group: str, overrides: Sequence[str]) -> str | None:
+    """The option of ``group`` the command line chose (``model=cnn``), or the primary config's
+    default for it; None when neither names one."""
+    for override in reversed(overrides):
+        key, eq, value = override.lstrip("+~").partition("=")
+        if eq and key == group and value:
+            return value
+    primary = OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml"))
+    for entry in primary.get("defaults", []) if isinstance(primary, dict) else []:
+        if isinstance(entry, dict) and isinstance(entry.get(group), str):
+            return entry[group]
+    return None
+
+
+def _keys_a_group_takes(conf_dir: pathlib.Path, group: str, option: str | None = None) -> set[str]:
+    """Every key ``option`` of ``group`` may hold (every option's, when None or unknown): its
+    file's keys and its target's params. A file packaged ``_global_`` (an image model that also
+    sets ``dataset.flatten``) is read at its ``group`` key."""
     keys: set[str] = set()
-    for path in sorted((conf_dir / group).glob("*.yaml")):
+    paths = sorted((conf_dir / group).glob("*.yaml"))
+    if option is not None and (conf_dir / group / f"{option}.yaml").is_file():
+        paths = [conf_dir / group / f"{option}.yaml"]
+    for path in paths:
         option = OmegaConf.to_container(OmegaConf.load(path))
         if not isinstance(option, dict):
             continue
+        if "# @package _global_" in path.read_text().split("\n", 1)[0]:
+            option = option.get(group.split("/")[-1], {})
+            if not isinstance(option, dict):
+                continue
         keys |= {k for k in option if k not in ("defaults", *_INSTANTIATE_KEYS)}
         target = option.get("_target_")
         if isinstance(target, str):
@@ -294,7 +373,9 @@ def _keys_a_group_takes(conf_dir: pathlib.Path, group: str) -> set[str]:
     return keys
 
 
-def composition_error(error: Exception, conf_dir: str | os.PathLike) -> str:
+def composition_error(
+    error: Exception, conf_dir: str | os.PathLike, overrides: Sequence[str] = ()
+) -> str:
     """Hydra's refusal of a command line, as one line naming the nearest valid choice.
 
     Hydra refuses an override of a key that no config file holds (``trainer.epoch=3``: it is
@@ -305,6 +386,8 @@ def composition_error(error: Exception, conf_dir: str | os.PathLike) -> str:
         error: the ``hydra.errors.ConfigCompositionException`` (or ``MissingConfigException``,
             ``OverrideParseException``) that composing the config raised.
         conf_dir: the config directory (``conf/``).
+        overrides: the command line's overrides: a key is looked for in the group's option
+            they choose (``model=cnn``), else in the default option.
 
     Returns:
         The message, one line, without ``error:``.
@@ -319,7 +402,8 @@ def composition_error(error: Exception, conf_dir: str | os.PathLike) -> str:
         if not group:
             valid = set(schema)
         elif (conf_dir / group.replace(".", "/")).is_dir():
-            valid = _keys_a_group_takes(conf_dir, group.replace(".", "/"))
+            chosen = _chosen_option(conf_dir, group.replace(".", "/"), overrides)
+            valid = _keys_a_group_takes(conf_dir, group.replace(".", "/"), chosen)
         else:
             valid = set()
         if leaf in valid:

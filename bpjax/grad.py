@@ -36,9 +36,9 @@ from bpjax._gradcheck import (
     compare,
     compare_inputs,
     compare_trees,
-    tree_norm,
     default_tolerances,
     finite_difference_row,
+    tree_norm,
 )
 from bpjax.layers import Layer, apply, check_layer, is_stateful, split_keys
 from bpjax.losses import Loss

@@ -198,6 +198,19 @@ def check_config_keys(cfg: DictConfig) -> None:
     problems = cli.check_keys(config, _schema(), supplied=_SUPPLIED)
     if problems:
         raise ConfigError("; ".join(problems))
+    # A true/false setting given a string: `model.batch_norm=no` would read as true.
+    problems = cli.check_bools(config, _group_defaults())
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@functools.cache
+def _group_defaults() -> dict[str, Any]:
+    """The default option of each group without a ``_target_`` (its values' types)."""
+    return {
+        group: OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+        for group, option in (("trainer", "default"), ("logger", "tensorboard"))
+    }
 
 
 def validate(cfg: DictConfig) -> None:
@@ -532,6 +545,10 @@ def _data_error(cfg: DictConfig, error: BaseException) -> ConfigError:
     return ConfigError(f"dataset {_target_name(cfg.dataset)} could not be loaded{where}: {message}")
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def _load_data(cfg: DictConfig):
     try:
         return instantiate(cfg.dataset, seed=cfg.seed)
@@ -610,11 +627,24 @@ def train(
     net, loss, optimizer, schedule = _build(json.dumps(spec, sort_keys=True))
     loss_name = loss.name
     try:
-        n_out = output_shape(net, (trainer.batch_size, *data.input_shape))[-1]
+        out = output_shape(net, (trainer.batch_size, *data.input_shape))
     except NeedsImages as e:
         flat = len(data.input_shape) == 1
         hint = " (dataset.flatten=false loads them as images)" if flat else ""
         raise ConfigError(f"the model takes images [batch, h, w, c]: {e}{hint}") from None
+    except ValueError as e:  # a layer that can't take its input: too small for a kernel, ...
+        shape = "x".join(map(str, data.input_shape))
+        raise ConfigError(
+            f"the model does not fit {data.name}'s {shape} inputs: {_first_line(e)}"
+        ) from None
+    if len(out) != 2:
+        hint = " (dataset.flatten=true loads them flat)" if len(data.input_shape) > 1 else ""
+        raise ConfigError(
+            f"the model maps {data.name}'s {tuple(data.input_shape)} inputs to "
+            f"{tuple(out[1:])} per example, not to outputs: put bpjax.flatten() before its "
+            f"dense layers{hint}"
+        )
+    n_out = out[-1]
     if n_out != data.n_outputs and not single_output_binary(n_out, data.n_classes, loss_name):
         hint = (
             f" (set model.features=[..., {data.n_outputs}])"
@@ -956,7 +986,10 @@ def run() -> None:
     try:
         main()
     except (ConfigCompositionException, OverrideParseException) as e:
-        print(f"error: {cli.composition_error(e, CONF_DIR)}", file=sys.stderr, flush=True)
+        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+        print(
+            f"error: {cli.composition_error(e, CONF_DIR, overrides)}", file=sys.stderr, flush=True
+        )
         sys.exit(2)
     finally:
         if full_error is None:

@@ -24,6 +24,8 @@ CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 
 # What each public name of `bpjax.cli` is tested by (a new name must be added here).
 TESTED = {
+    "bool_parameters": "test_check_bools",
+    "check_bools": "test_check_bools",
     "check_keys": "test_check_keys",
     "composition_error": "test_composition_error",
     "hydra_quote": "test_hydra_quote_round_trips",
@@ -212,13 +214,17 @@ def test_every_problem_is_reported():
             "dataset=digits?",
         ),
         (["trainer.epochs=["], "trainer.epochs=[: "),
+        # the chosen option's keys (a _global_ image model file), not the default mlp's
+        (["model=cnn", "model.chanels=[4]"], "did you mean model.channels?"),
+        (["model=lenet5", "model.n_clases=3"], "did you mean model.n_classes?"),
+        (["model=cnn", "model.feature=[3]"], "model.feature is not a setting (nothing reads"),
     ],
 )
 def test_composition_error(overrides, message):
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises((ConfigCompositionException, OverrideParseException)) as info:
             hydra.compose("config", overrides=overrides)
-    line = cli.composition_error(info.value, CONF)
+    line = cli.composition_error(info.value, CONF, overrides)
     assert message in line
     assert "\n" not in line
 
@@ -303,3 +309,29 @@ def test_resolvers(tmp_path):
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 0\n")
     later = cfg.subdir
     assert later.startswith(".hydra/") and len(later) == len(".hydra/2026-01-02_10-11-12")
+
+
+def test_check_bools():
+    assert cli.bool_parameters("bpjax.cnn") >= {"batch_norm"}
+    assert "channels" not in cli.bool_parameters("bpjax.cnn")
+    defaults = {"trainer": {"progress": True, "epochs": 3}}
+    good = {
+        "trainer": {"progress": False, "epochs": "x"},  # epochs: not a bool setting
+        "model": {"_target_": "bpjax.cnn", "batch_norm": True},
+    }
+    assert cli.check_bools(good, defaults) == []
+    bad = {
+        "trainer": {"progress": "maybe"},
+        "model": {
+            "_target_": "bpjax.serial",
+            "_args_": [
+                {"_target_": "bpjax.conv2d", "n_out": 4, "kernel_size": 3, "use_bias": "no"}
+            ],
+        },
+        "other": {"_target_": "bpjax.cnn", "batch_norm": "flase"},
+    }
+    assert cli.check_bools(bad, defaults) == [
+        "trainer.progress must be true or false, got 'maybe'",
+        "model._args_[0].use_bias must be true or false, got 'no'",
+        "other.batch_norm must be true or false, got 'flase'",
+    ]

@@ -1176,6 +1176,12 @@ BAD_INPUTS = {
     # Hydra's own refusals of the command line (exit 1, several lines, no suggestion).
     "trainer.epoch=3": ["trainer.epoch", "did you mean trainer.epochs?"],
     "optimizer=adamm": ["optimizer=adamm", "did you mean optimizer=adam?"],
+    # A true/false setting given anything else (it read as true).
+    "model=cnn model.batch_norm=no": ["model.batch_norm must be true or false", "'no'"],
+    "trainer.progress=maybe": ["trainer.progress must be true or false", "'maybe'"],
+    # A network that can't take the data's shape (a traceback from the layer's own check).
+    "model=lenet5": ["does not fit digits's 8x8x1 inputs", "conv2d(16, 5x5"],
+    "dataset.flatten=false": ["(8, 8, 10) per example", "bpjax.flatten()", "dataset.flatten=true"],
     # Damaged data files (a traceback: zipfile.BadZipFile; numpy's allow_pickle advice).
     "dataset=npz dataset.path={bad}/truncated.npz": ["{bad}/truncated.npz"],
     "dataset=npz dataset.path={bad}/text.npz": ["{bad}/text.npz"],

@@ -183,7 +183,10 @@ def _running(layer: layers.Layer) -> layers.Layer:
 
     def init_state(in_shape):
         c = layer.init_state(in_shape)["running_mean"].shape[0]
-        return {"running_mean": jnp.linspace(-1.0, 1.0, c), "running_var": jnp.linspace(0.5, 2.0, c)}
+        return {
+            "running_mean": jnp.linspace(-1.0, 1.0, c),
+            "running_var": jnp.linspace(0.5, 2.0, c),
+        }
 
     return layer._replace(init_state=init_state)
 

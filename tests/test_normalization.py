@@ -162,7 +162,9 @@ def test_running_averages_update_with_the_biased_batch_variance():
     state = {"running_mean": normal((3,), 5), "running_var": jnp.asarray([0.5, 1.0, 2.0])}
     _, _, new = train(layer, params, x, state)
     xn = np.asarray(x)
-    np.testing.assert_allclose(new["running_mean"], 0.8 * state["running_mean"] + 0.2 * xn.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        new["running_mean"], 0.8 * state["running_mean"] + 0.2 * xn.mean(0), rtol=1e-12
+    )
     biased = 0.8 * state["running_var"] + 0.2 * xn.var(0, ddof=0)
     unbiased = 0.8 * state["running_var"] + 0.2 * xn.var(0, ddof=1)
     np.testing.assert_allclose(new["running_var"], biased, rtol=1e-12)
@@ -184,7 +186,10 @@ def test_evaluation_uses_the_running_averages_and_keeps_the_state(maybe_jit):
     layer = layers.batch_norm(axis=1)
     x = normal((4, 3, 5), loc=2.0)  # [batch, c, positions]
     params = affine_params(layer, x.shape)
-    state = {"running_mean": jnp.asarray([1.0, -2.0, 0.5]), "running_var": jnp.asarray([0.25, 4.0, 1.0])}
+    state = {
+        "running_mean": jnp.asarray([1.0, -2.0, 0.5]),
+        "running_var": jnp.asarray([0.25, 4.0, 1.0]),
+    }
     y, _, new = maybe_jit(functools.partial(layers.apply, layer))(params, x, state=state)
     mean, var = state["running_mean"][None, :, None], state["running_var"][None, :, None]
     expected = (x - mean) / jnp.sqrt(var + EPS) * params["scale"][None, :, None]
@@ -200,7 +205,9 @@ def test_training_output_ignores_the_running_averages():
     x = normal((6, 3), loc=4.0)
     params = affine_params(layer, x.shape)
     y, _, _ = train(layer, params, x)
-    y_other, _, _ = train(layer, params, x, {"running_mean": jnp.full(3, 9.0), "running_var": jnp.full(3, 0.1)})
+    y_other, _, _ = train(
+        layer, params, x, {"running_mean": jnp.full(3, 9.0), "running_var": jnp.full(3, 0.1)}
+    )
     np.testing.assert_array_equal(y, y_other)
 
 
@@ -336,7 +343,9 @@ def _bn_params(c):
         ),
         (
             lambda: layers.batch_norm().forward(
-                _bn_params(4), jnp.ones((2, 4)), state={"running_mean": jnp.ones(5), "running_var": jnp.ones(5)}
+                _bn_params(4),
+                jnp.ones((2, 4)),
+                state={"running_mean": jnp.ones(5), "running_var": jnp.ones(5)},
             ),
             ValueError,
             r"batch_norm: input has shape \(2, 4\).*state\['running_mean'\] has shape \(5,\)",
@@ -373,7 +382,9 @@ def _bn_params(c):
         ),
         (
             lambda: layers.batch_norm(axis=-2).forward(
-                _bn_params(2), jnp.ones((2, 3)), state={"running_mean": jnp.ones(2), "running_var": jnp.ones(2)}
+                _bn_params(2),
+                jnp.ones((2, 3)),
+                state={"running_mean": jnp.ones(2), "running_var": jnp.ones(2)},
             ),
             ValueError,
             r"axis -2 is the batch axis",
@@ -601,8 +612,12 @@ def test_sharded_batch_uses_the_global_batch_statistics():
     sharded, one = out["sharded"], out["one"]
     assert sharded["y_devices"] == 2 and one["y_devices"] == 1
     # running mean = 0.5 * 0 + 0.5 * the GLOBAL batch mean, not either device's half
-    np.testing.assert_allclose(sharded["running_mean"], 0.5 * np.array(out["global_mean"]), rtol=1e-12)
-    np.testing.assert_allclose(sharded["running_var"], 0.5 + 0.5 * np.array(out["global_var"]), rtol=1e-12)
+    np.testing.assert_allclose(
+        sharded["running_mean"], 0.5 * np.array(out["global_mean"]), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        sharded["running_var"], 0.5 + 0.5 * np.array(out["global_var"]), rtol=1e-12
+    )
     for half in out["halves_mean"]:
         assert np.all(np.abs(np.array(half) - np.array(out["global_mean"])) > 1.0)
     for name in ("y", "running_mean", "running_var", "grads", "dx"):

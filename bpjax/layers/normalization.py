@@ -201,8 +201,8 @@ def batch_norm(
 
     Returns:
       A Layer with params ``{"scale": [c], "offset": [c]}`` and state
-      ``{"running_mean": [c], "running_var": [c]}`` (zeros, ones); input ``[batch, ..., c, ...]`` (``c`` on ``axis``), output of the
-      same shape and dtype.
+      ``{"running_mean": [c], "running_var": [c]}`` (zeros, ones); input
+      ``[batch, ..., c, ...]`` (``c`` on ``axis``), output of the same shape and dtype.
 
     Raises:
       ValueError: ``momentum`` outside [0, 1], ``eps`` not positive, ``axis`` not an integer;
