@@ -138,9 +138,6 @@ class EpochReporter:
         histogram_every: epochs between weight/gradient histograms (0: none).
         grad_fn: ``(params, x, y) -> (loss, grads)`` for the histograms' gradients.
         batch: the fixed ``(x, y)`` the histograms' gradients are taken on.
-        on_resume: called with the epoch a run resumed from at its first record (when that
-            is not epoch 1), returning lines to say: only then has ``fit`` accepted the
-            checkpoint.
         explosion_hint: added to the exploding-loss warning (e.g. the learning rate).
         network: a text summary of the network (``network_table``), logged as ``network`` at
             step 0 with the first record: a run that trains nothing (a refused or finished
@@ -158,7 +155,6 @@ class EpochReporter:
         histogram_every: int = 0,
         grad_fn: Callable[..., Any] | None = None,
         batch: Sequence[Any] = (),
-        on_resume: Callable[[int], list[str]] | None = None,
         explosion_hint: str = "",
         network: str = "",
     ) -> None:
@@ -166,7 +162,7 @@ class EpochReporter:
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.console = console if console is not None else Console()
         self.histogram_every, self.grad_fn, self.batch = histogram_every, grad_fn, batch
-        self.on_resume, self.explosion_hint = on_resume, explosion_hint
+        self.explosion_hint = explosion_hint
         self.first_loss: float | None = None
         self.exploded: dict[str, Any] | None = None  # epoch, train_loss, first_step_loss
         self.epochs_seen = 0
@@ -179,8 +175,6 @@ class EpochReporter:
 
     def __call__(self, record: dict[str, Any]) -> None:
         epoch, step = record["epoch"], record["step"]
-        if self.epochs_seen == 0 and self.on_resume is not None and epoch > 1:
-            self.console.say("\n".join(self.on_resume(epoch - 1)))
         self._log_network()
         self.epochs_seen += 1
         log = self.logger

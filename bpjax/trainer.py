@@ -313,6 +313,7 @@ def fit(
     chunk_steps: int | None = 200,
     on_chunk: Sequence[Callable[[dict[str, Any]], None]] = (),
     rule_options: Mapping[str, Any] | None = None,
+    on_resume: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Trains ``net`` on ``data`` and evaluates it on held-out data.
 
@@ -362,6 +363,10 @@ def fit(
         from there with the same result as a run that never stopped.
       on_chunk: called after every chunk with ``{"epoch", "step", "epoch_step",
         "steps_per_epoch", "train_loss" (the epoch's running mean), "step_metrics"}``.
+      on_resume: called once a checkpoint has been accepted for a resume, before training,
+        with ``{"path"`` (the checkpoint restored: the latest readable one), ``"epoch"`` (the
+        epochs completed), ``"epoch_step"`` (the steps done of the next epoch: 0 unless it was
+        saved mid-epoch), ``"steps_per_epoch"}``.
       rule_options: a learning rule's options, ``distribution``, ``scale`` (how its feedback
         weights are drawn) and ``kp_decay`` (Kolen-Pollack's decay); defaults and meaning in
         ``bpjax.train.check_rule``. Unused by the modes they don't concern.
@@ -586,6 +591,15 @@ def fit(
             resumed_steps = int(saved["epoch_step"])
             resumed_loss_sum = float(saved["epoch_loss_sum"])
             start_epoch -= 1
+        if on_resume is not None:
+            on_resume(
+                {
+                    "path": manager.path_for(int(meta["step"])),
+                    "epoch": start_epoch,
+                    "epoch_step": resumed_steps,
+                    "steps_per_epoch": data.n_train // batch_size,
+                }
+            )
         best_epoch, bad_evals = int(saved["best_epoch"]), int(saved["bad_evals"])
         best = None if best_epoch < 0 else float(saved["best"])
         best_params, best_net_state = state.params, state.net_state

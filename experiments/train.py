@@ -376,14 +376,18 @@ def _has_checkpoints(checkpoint_dir: pathlib.Path) -> bool:
 _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
 
 
-def changed_settings(checkpoint_dir: pathlib.Path, config: dict[str, Any]) -> list[str]:
-    """``key: saved -> now`` for each setting that differs from the latest checkpoint's config
-    (a longer ``trainer.epochs``, say, also stretches a schedule fitted to the run's length).
-    Empty without a checkpoint, or if it can't be read: the resume itself then reports it."""
-    if not _has_checkpoints(checkpoint_dir):
+def changed_settings(
+    checkpoint_dir: pathlib.Path, config: dict[str, Any], path: pathlib.Path | None = None
+) -> list[str]:
+    """``key: saved -> now`` for each setting that differs from the config of checkpoint
+    ``path`` (default: the latest in ``checkpoint_dir``); a longer ``trainer.epochs``, say, also
+    stretches a schedule fitted to the run's length. Empty without a checkpoint, or if it
+    can't be read: the resume itself then reports it."""
+    if path is None and not _has_checkpoints(checkpoint_dir):
         return []
     try:
-        saved = load_metadata(CheckpointManager(checkpoint_dir).latest()).get("config") or {}
+        path = path if path is not None else CheckpointManager(checkpoint_dir).latest()
+        saved = load_metadata(path).get("config") or {}
     except (OSError, ValueError):
         return []
     before = flatten_hparams(saved)
@@ -692,16 +696,26 @@ def train(
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
         console.say(f"bpjax: nothing to resume in {checkpoint_dir}; starting from scratch")
     elif trainer.resume:
-        # Read now, before this run checkpoints its first epoch; said once fit has accepted
-        # the checkpoint (a refused resume says only why).
-        changed = changed_settings(checkpoint_dir, config)
 
-        def on_resume(start: int) -> list[str]:
-            path = CheckpointManager(checkpoint_dir).path_for(start)
-            lines = [f"bpjax: resumed from {path} (epoch {start} of {trainer.epochs})"]
+        def on_resume(where: dict[str, Any]) -> None:
+            # Said once fit has accepted the checkpoint (a refused resume says only why), of
+            # the checkpoint it restored (a damaged latest is passed over). A run that had
+            # already ended says "nothing to do" instead, after fit.
+            if where["epoch"] >= trainer.epochs and not where["epoch_step"]:
+                return
+            into = (
+                f", step {where['epoch_step']} of {where['steps_per_epoch']} into epoch "
+                f"{where['epoch'] + 1}"
+                if where["epoch_step"]
+                else ""
+            )
+            console.say(
+                f"bpjax: resumed from {where['path']} (epoch {where['epoch']} of "
+                f"{trainer.epochs} done{into})"
+            )
+            changed = changed_settings(checkpoint_dir, config, where["path"])
             if changed:
-                lines.append(f"bpjax: resuming with changed settings: {'; '.join(changed)}")
-            return lines
+                console.say(f"bpjax: resuming with changed settings: {'; '.join(changed)}")
 
     reporter = EpochReporter(
         logger,
@@ -712,7 +726,6 @@ def train(
         histogram_every=trainer.histogram_every if primary else 0,
         grad_fn=grad_fn,
         batch=hist_batch,
-        on_resume=on_resume,
         explosion_hint=(
             f"the learning rate may be too large "
             f"(optimizer.learning_rate={cfg.optimizer.get('learning_rate')})"
@@ -761,6 +774,7 @@ def train(
             chunk_steps=trainer.chunk_steps,
             on_chunk=[reporter.chunk],
             rule_options=rule_options,
+            on_resume=on_resume,
         )
         metrics = dict(result.metrics)
         # Only a resume of a run that had already ended trains no epoch.
@@ -879,10 +893,20 @@ def interrupted_message(cfg: DictConfig) -> str:
             f"interrupted: every process stopped after the same step, checkpointed in "
             f"{checkpoint_dir}; {_resume_every_process(cfg)}"
         )
-    return (
-        f"interrupted: the last completed epoch is checkpointed in {checkpoint_dir}; "
-        f"resume with: {resume_command(cfg)}"
-    )
+    return f"interrupted: {_last_checkpoint(checkpoint_dir)}; resume with: {resume_command(cfg)}"
+
+
+def _last_checkpoint(checkpoint_dir: pathlib.Path) -> str:
+    """Where the latest checkpoint stands, in words: an epoch's end, or steps into an epoch."""
+    try:
+        path = CheckpointManager(checkpoint_dir).latest()
+        saved = load_metadata(path).get("metrics") or {}
+        epoch, step = int(saved["epoch"]), int(saved.get("epoch_step") or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"the last checkpoint is in {checkpoint_dir}"
+    if step:
+        return f"checkpointed {step} steps into epoch {epoch} in {path}"
+    return f"checkpointed at the end of epoch {epoch} in {path}"
 
 
 def _resume_every_process(cfg: DictConfig) -> str:

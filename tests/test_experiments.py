@@ -729,7 +729,7 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     said = [line for line in out if line.startswith(("bpjax: resum", "epoch "))]
     assert said == [
-        f"bpjax: resumed from {tmp_path / 'checkpoints' / 'ckpt_000001'} (epoch 1 of 2)",
+        f"bpjax: resumed from {tmp_path / 'checkpoints' / 'ckpt_000001'} (epoch 1 of 2 done)",
         "bpjax: resuming with changed settings: trainer.epochs: 1 -> 2",
         said[2],
     ]
@@ -820,7 +820,8 @@ def test_interrupted_message_says_what_was_saved(digits_run, tmp_path):
     run_dir, _ = digits_run
     cfg = compose(*TINY, f"trainer.run_dir={run_dir}")
     message = train_script.interrupted_message(cfg)
-    assert f"checkpointed in {run_dir / 'checkpoints'}" in message
+    last = run_dir / "checkpoints" / "ckpt_000002"
+    assert f"interrupted: checkpointed at the end of epoch 2 in {last}" in message
     assert message.endswith(f"trainer.resume=true trainer.run_dir={run_dir}")
     # The command names the interpreter running now (it said `python`, which outside an
     # activated venv is another interpreter or none), and quotes what the shell and Hydra
@@ -1280,7 +1281,7 @@ def test_script_sigterm_then_resume(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     checkpoint_file = run_dir / "checkpoints" / f"ckpt_{stopped:06d}"
-    assert f"resumed from {checkpoint_file} (epoch {stopped} of {epochs})" in result.stdout
+    assert f"resumed from {checkpoint_file} (epoch {stopped} of {epochs} done)" in result.stdout
     assert f"resuming with changed settings: trainer.epochs: 100000 -> {epochs}" in result.stdout
     # The resume stays in its run directory: no outputs/DATE/TIME/.hydra of its own, and the
     # run's .hydra/ record is kept; the resume's is beside it.

@@ -141,28 +141,6 @@ def test_events_are_on_disk_after_each_epoch(tmp_path):
     logger.close()
 
 
-def test_resume_lines_are_said_once_at_the_first_epoch(capsys):
-    starts = []
-
-    def on_resume(start):
-        starts.append(start)
-        return [f"resumed from epoch {start}"]
-
-    reporter = EpochReporter(
-        NullLogger(), epochs=9, steps_per_epoch=4, schedule=lambda s: 0.1, on_resume=on_resume
-    )
-    reporter(record(6, [1.0]))
-    reporter(record(7, [1.0]))
-    assert starts == [5]
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == "resumed from epoch 5" and out[1].startswith("epoch 6/9")
-    fresh = EpochReporter(
-        NullLogger(), epochs=9, steps_per_epoch=4, schedule=lambda s: 0.1, on_resume=on_resume
-    )
-    fresh(record(1, [1.0]))  # epoch 1: nothing was resumed
-    assert starts == [5]
-
-
 def _watch(epoch_losses, **kwargs):
     reporter = EpochReporter(
         NullLogger(), epochs=len(epoch_losses), steps_per_epoch=2, schedule=lambda s: 0.1, **kwargs

@@ -435,7 +435,12 @@ def test_interrupt_mid_epoch_checkpoints_the_steps_done_and_resumes_exactly(
     assert (saved["epoch"], saved["epoch_step"]) == at
     restored, _ = checkpoint.restore(latest, reference["dropout"].state)
     assert int(restored.step) == (at[0] - 1) * 8 + at[1]
-    resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
+    told = []
+    resumed = fit(
+        NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, on_resume=told.append, **options
+    )
+    # on_resume names the checkpoint restored and how far into the epoch it was saved
+    assert told == [{"path": latest, "epoch": at[0] - 1, "epoch_step": at[1], "steps_per_epoch": 8}]
     assert resumed.history[0]["epoch"] == at[0]
     ref = reference["dropout"].history[at[0] - 1]
     assert resumed.history[0]["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-6)
