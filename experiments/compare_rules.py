@@ -216,7 +216,7 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
                 statistics.fmean([v for run in runs for x, v in run.angles if x == point])
                 for point in points
             ]
-            right.plot(points, means, label=rule)
+            right.plot(points, means, marker="o", markersize=3, label=rule)
     left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric}")
     right.set(
         xlabel="epoch",
@@ -281,8 +281,17 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
             rows.append(row)
             curves.setdefault(rule, []).append(curve)
     table = format_table(rows, rules, task_metric)
-    if not cfg.trainer.grad_check_every:
+    every, total = cfg.trainer.grad_check_every, steps_per_epoch * cfg.trainer.epochs
+    if not every:
         table += "\n\nAngles: not measured (trainer.grad_check_every=0)."
+    elif every >= total:
+        # one measurement, at step 0: every feedback rule then shows its initial angle
+        table += (
+            f"\n\nAngles: measured once, at step 0 (trainer.grad_check_every={every}, "
+            f"{total} steps in all): the angles at initialization, not after training; "
+            f"set trainer.grad_check_every below {total} to follow them."
+        )
+        print(f"compare_rules: warning: {table.rsplit(chr(10), 1)[-1]}", file=sys.stderr)
     (run_dir / "comparison.md").write_text(f"# {title}\n\n{table}\n")
     write_csv(run_dir / "comparison.csv", rows, task_metric)
     plot(run_dir / "comparison.png", curves, task_metric, title)
