@@ -204,13 +204,21 @@ def check_config_keys(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-@functools.cache
+_GROUP_DEFAULTS: list[dict[str, Any]] = []
+
+
 def _group_defaults() -> dict[str, Any]:
-    """The default option of each group without a ``_target_`` (its values' types)."""
-    return {
-        group: OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
-        for group, option in (("trainer", "default"), ("logger", "tensorboard"))
-    }
+    """The default option of each group without a ``_target_`` (its values' types), read once
+    per process (a plain list, not functools.cache: joblib's workers unpickle this module's
+    functions by value, and a cache wrapper of ``__main__`` does not survive that)."""
+    if not _GROUP_DEFAULTS:
+        _GROUP_DEFAULTS.append(
+            {
+                group: OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+                for group, option in (("trainer", "default"), ("logger", "tensorboard"))
+            }
+        )
+    return _GROUP_DEFAULTS[0]
 
 
 def validate(cfg: DictConfig) -> None:
