@@ -5,6 +5,12 @@
 * Implicit rank promotion raises, so a broadcasting bug in a backward fails loudly.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +86,25 @@ def assert_no_more_work(ours: dict[str, float], theirs: dict[str, float], *, ext
     assert ours["transcendentals"] <= theirs["transcendentals"], (ours, theirs)
     assert ours["bytes"] <= theirs["bytes"], (ours, theirs)
     assert ours["flops"] <= theirs["flops"] + extra_flops, (ours, theirs)
+
+
+def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> dict:
+    """Runs ``code`` in a fresh interpreter whose CPU shows ``n_devices`` devices (XLA's host
+    platform device count is fixed when jax starts, so it can't be set in this process), from
+    the repository root, and returns the JSON object its last line of output prints."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=pathlib.Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr
+    return json.loads(child.stdout.strip().splitlines()[-1])

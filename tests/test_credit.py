@@ -6,12 +6,7 @@ Shapes are shared across tests (input 6, hidden 5 and 4, output 3, batch 7) so e
 compiles each operation once.
 """
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_close, assert_trees_equal, leaves, tree_cast, trees_differ
+from conftest import (
+    assert_trees_close,
+    assert_trees_equal,
+    leaves,
+    run_on_host_devices,
+    tree_cast,
+    trees_differ,
+)
 from jax import lax
 from test_combinators import centering
 
@@ -1317,22 +1319,7 @@ DATA_PARALLEL = textwrap.dedent(
 
 
 def test_data_parallel_rule_matches_single_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", DATA_PARALLEL],
-        env=env,
-        cwd=pathlib.Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = run_on_host_devices(DATA_PARALLEL, 4, timeout=600)
     assert out["device_count"] == 4
     for mode in ("feedback_alignment", "direct_feedback_alignment", "kolen_pollack"):
         one, four = out[f"{mode}/1"], out[f"{mode}/4"]

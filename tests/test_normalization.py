@@ -8,18 +8,20 @@ hand-written backward does no more work than autodiff's.
 """
 
 import functools
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_no_more_work, assert_trees_close, tree_cast, xla_cost
+from conftest import (
+    assert_no_more_work,
+    assert_trees_close,
+    run_on_host_devices,
+    tree_cast,
+    xla_cost,
+)
 
 import bpjax
 from bpjax import layers
@@ -592,22 +594,7 @@ SHARDED_CHILD = textwrap.dedent(
 
 
 def test_sharded_batch_uses_the_global_batch_statistics():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", SHARDED_CHILD],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = run_on_host_devices(SHARDED_CHILD, 2, timeout=300)
     assert out["device_count"] == 2 and out["x_devices"] == 2
     sharded, one = out["sharded"], out["one"]
     assert sharded["y_devices"] == 2 and one["y_devices"] == 1

@@ -6,12 +6,8 @@ network, loss and optimizer objects, so the tests share module-level objects (``
 ``ADAM``) wherever the configuration is the same: repeated fits then cost milliseconds.
 """
 
-import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 import sklearn.metrics
-from conftest import assert_trees_equal, leaves, trees_differ
+from conftest import assert_trees_equal, leaves, run_on_host_devices, trees_differ
 
 import bpjax
 from bpjax import checkpoint, losses, train, trainer
@@ -870,22 +866,7 @@ CHILD = textwrap.dedent(
 
 
 def test_data_parallel_matches_single_device():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = run_on_host_devices(CHILD, 4, timeout=300)
     assert out["device_count"] == 4
     one, four = out["1"], out["4"]
     assert one["steps"] == four["steps"] == 3 * (256 // 32)

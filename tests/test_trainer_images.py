@@ -3,10 +3,6 @@ the running statistics, evaluation uses them, resume is bit-identical (the stati
 checkpoint), mixed precision keeps them in float32, several devices compute the global batch's
 statistics, and the learning rules run through convolutions."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_trees_equal, leaves, trees_differ
+from conftest import assert_trees_equal, leaves, run_on_host_devices, trees_differ
 
 import bpjax
 from bpjax import checkpoint
@@ -125,22 +121,7 @@ CHILD = textwrap.dedent(
 def test_several_devices_normalise_with_the_global_batch():
     """The batch is sharded over 4 devices; batch norm's statistics are the global batch's, so
     params, running statistics and the test loss equal one device's (to float rounding)."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    child = subprocess.run(
-        [sys.executable, "-c", CHILD],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr
-    out = json.loads(child.stdout.strip().splitlines()[-1])
+    out = run_on_host_devices(CHILD, 4, timeout=600)
     assert out["device_count"] == 4
     for a, b in zip(out["1"]["params"], out["4"]["params"], strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-5)
