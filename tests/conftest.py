@@ -3,18 +3,32 @@
 * float64 is enabled so hand-written backward passes can be checked to ~1e-10; tests that
   exercise float32 cast explicitly.
 * Implicit rank promotion raises, so a broadcasting bug in a backward fails loudly.
+* One persistent compilation cache for the whole run (jax's ``JAX_COMPILATION_CACHE_DIR``,
+  set before jax is imported, so the xdist workers and every script a test starts share it):
+  the suite compiles the same small programs in many processes. Results don't change (the same
+  program is the same executable); a user's own ``JAX_COMPILATION_CACHE_DIR`` is kept.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# Set by the process pytest starts in (xdist's workers inherit its environment), removed by it.
+_JAX_CACHE = pathlib.Path(tempfile.gettempdir()) / f"bpjax-tests-jax-cache-{os.getpid()}"
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_JAX_CACHE)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402 (after the cache's environment)
+import jax.numpy as jnp  # noqa: E402 (after the cache's environment)
+import numpy as np  # noqa: E402 (after the cache's environment)
+import pytest  # noqa: E402 (after the cache's environment)
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -108,3 +122,9 @@ def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> d
     )
     assert child.returncode == 0, child.stderr
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that set the run's compilation cache (not an xdist worker) removes it."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
