@@ -22,6 +22,7 @@ finite-difference witness live in ``bpjax._gradcheck`` and are re-exported here.
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -410,45 +411,41 @@ def check_grads(
     else:
         layer_states = state if is_stateful(net) else ((),) * len(layers)
 
+    # Every witness runs jitted, one program per layer and per witness: eagerly, jax compiles
+    # each operation for each new shape, several times slower for a CNN.
+    @jax.jit
+    def loss_at(p, x_, target_, key_, state_):
+        return loss.forward(apply(net, p, x_, key=key_, state=state_)[0], target_)[0]
+
     def objective(p):
-        return loss.forward(apply(net, p, x, key=key, state=state)[0], target)[0]
+        return loss_at(p, x, target, key, state)
 
     with jax.default_matmul_precision("highest"):
         rows: list[GradCheckRow] = []
         # 1. loss, then each layer in backward order, fed the manual upstream gradient.
-        inputs, caches = [x], []
+        inputs = [x]
         for i, (layer, p, k, st) in enumerate(zip(layers, layer_params, layer_keys, layer_states)):
             try:
-                y, cache, _ = apply(layer, p, inputs[-1], key=k, state=st)
+                y = jax.jit(partial(_output, layer))(p, inputs[-1], k, st)
             except ValueError as e:
                 if not in_sequence:
                     raise
                 # Name the layer, as serial's own forward does.
                 raise ValueError(f"layer {i} of {len(layers)}: {e}") from None
             inputs.append(y)
-            caches.append(cache)
-        value, loss_cache = loss.forward(inputs[-1], target)
-        dy = loss.backward(loss_cache)
-        dy_ref = jax.grad(lambda pred: loss.forward(pred, target)[0])(inputs[-1])
+        value, dy, dy_ref = _loss_witnesses(loss, inputs[-1], target)
         rows.append(compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
         for i in reversed(range(len(layers))):
             layer, p, k, st = layers[i], layer_params[i], layer_keys[i], layer_states[i]
-            grads, dx = layer.backward(p, caches[i], dy)
-
-            def layer_forward(p_, x_, layer=layer, k=k, st=st):
-                return apply(layer, p_, x_, key=k, state=st)[0]
-
-            # An integer or bool input gets a float0 cotangent: compare_inputs skips it.
-            _, vjp = jax.vjp(layer_forward, p, inputs[i])
-            grads_ref, dx_ref = vjp(dy)
+            grads, dx, grads_ref, dx_ref = _layer_witnesses(layer, p, inputs[i], dy, k, st)
             scale = tree_norm((grads, dx), (grads_ref, dx_ref))  # this layer's whole gradient
             rows += compare_trees("layer", i, layer.name, grads, grads_ref, rtol, scale)
             rows += compare_inputs(i, layer.name, inputs[i], dx, dx_ref, rtol, scale)
             dy = dx
         # 2. the whole manual gradient vs autodiff.
-        manual = value_and_grad(net, loss, mode="manual")
+        manual = jax.jit(value_and_grad(net, loss, mode="manual"))
         _, grads_manual = manual(params, x, target, key=key, state=state)
-        _, grads_auto = jax.value_and_grad(objective)(params)
+        _, grads_auto = jax.jit(jax.value_and_grad(loss_at))(params, x, target, key, state)
         scale = tree_norm(grads_manual, grads_auto)  # the network's whole gradient
         for i, layer in enumerate(layers):
             g_m = grads_manual[i] if in_sequence else grads_manual
@@ -461,3 +458,32 @@ def check_grads(
             )
         )
     return GradCheckResult(tuple(rows), jnp.dtype(dtype).name, rtol, fd_rtol, eps, float(value))
+
+
+def _output(layer: Layer, p: Any, x: Any, key: Any, state: Any) -> Any:
+    return apply(layer, p, x, key=key, state=state)[0]
+
+
+def _loss_witnesses(loss: Loss, pred: jax.Array, target: jax.Array):
+    """The loss's value, its manual ``dpred`` and ``jax.grad``'s (jitted)."""
+
+    def witnesses(pred, target):
+        value, cache = loss.forward(pred, target)
+        dy_ref = jax.grad(lambda pred_: loss.forward(pred_, target)[0])(pred)
+        return value, loss.backward(cache), dy_ref
+
+    return jax.jit(witnesses)(pred, target)
+
+
+def _layer_witnesses(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):
+    """A layer's manual ``(grads, dx)`` and ``jax.vjp``'s at input ``x`` and upstream ``dy``
+    (jitted). An integer or bool input gets a ``float0`` cotangent from jax.vjp:
+    compare_inputs skips it."""
+
+    def witnesses(p, x, dy, key, state):
+        _, cache, _ = apply(layer, p, x, key=key, state=state)
+        grads, dx = layer.backward(p, cache, dy)
+        _, vjp = jax.vjp(lambda p_, x_: apply(layer, p_, x_, key=key, state=state)[0], p, x)
+        return (grads, dx, *vjp(dy))
+
+    return jax.jit(witnesses)(p, x, dy, key, state)
