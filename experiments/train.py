@@ -138,6 +138,11 @@ def _listen_for_compilations() -> None:
         _LISTENING.append(True)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _memoise(fn):
     """``functools.lru_cache(maxsize=8)`` as a plain function.
 
@@ -704,7 +709,8 @@ def train(
     console.say(f"bpjax: {data.summary()}")
     console.say(
         f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
-        f"{trainer.epochs} epochs of {steps_per_epoch} steps; run dir {run_dir}"
+        f"{_count(trainer.epochs, 'epoch')} of {_count(steps_per_epoch, 'step')}; "
+        f"run dir {run_dir}"
     )
     on_resume = None
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
@@ -875,8 +881,8 @@ def train(
     )
     warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
     console.say(
-        f"bpjax: {summary}  ({metrics['epochs']} epochs, {timing}"
-        f"{metrics['compilations']} compilations){warning}"
+        f"bpjax: {summary}  ({_count(metrics['epochs'], 'epoch')}, {timing}"
+        f"{_count(metrics['compilations'], 'compilation')}){warning}"
     )
     return metrics
 

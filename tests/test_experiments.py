@@ -1327,3 +1327,14 @@ def test_script_diverged_exits_1(tmp_path):
     assert result.returncode == 1
     assert "training diverged" in result.stderr and "epoch 1" in result.stderr
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "diverged"
+
+
+def test_counts_in_the_console_lines_agree_in_number(tmp_path, capsys):
+    """``1 epoch of 56 steps`` and ``(1 epoch, ...)``, not ``1 epochs``."""
+    metrics = run_train(tmp_path, *TINY, "trainer.epochs=1", "logger=none")
+    out = capsys.readouterr().out
+    assert metrics["epochs"] == 1
+    assert "1 epoch of " in out and " steps; run dir" in out
+    assert "(1 epoch, " in out and "1 epochs" not in out
+    assert train_script._count(1, "compilation") == "1 compilation"
+    assert train_script._count(0, "compilation") == "0 compilations"
