@@ -237,6 +237,12 @@ def compare(
     their difference is <= tol * ``scale`` (the norm of the whole gradient the leaf belongs to:
     both are zero to rounding)."""
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a64.shape != b64.shape:  # a wrong backward, not a crash of the check
+        nan = math.nan
+        note = f"shape {a64.shape}, but the reference's is {b64.shape}"
+        return GradCheckRow(
+            check, layer, layer_name, leaf, a64.shape, nan, nan, nan, tol, "failed", note
+        )
     max_abs = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
     norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
     err = float(np.linalg.norm(a64 - b64))
@@ -255,6 +261,21 @@ def compare(
     return GradCheckRow(
         check, layer, layer_name, leaf, a64.shape, max_abs, rel, cos, tol, status, note
     )
+
+
+def raised_row(check: str, layer: int | None, layer_name: str, error: Exception, tol: float):
+    """A failed row for a hand-written backward that raised instead of returning gradients."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    note = f"the hand-written backward raised {type(error).__name__}: {first}"
+    nan = math.nan
+    return GradCheckRow(check, layer, layer_name, "all", (), nan, nan, nan, tol, "failed", note)
+
+
+def shapes_match(a: Any, b: Any) -> bool:
+    """Whether two trees have the same structure and leaf shapes."""
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    return tree_a == tree_b and all(np.shape(x) == np.shape(y) for x, y in zip(leaves_a, leaves_b))
 
 
 def tree_norm(*trees: Any) -> float:

@@ -39,6 +39,8 @@ from bpjax._gradcheck import (
     compare_trees,
     default_tolerances,
     finite_difference_row,
+    raised_row,
+    shapes_match,
     tree_norm,
 )
 from bpjax.layers import Layer, apply, check_layer, is_stateful, split_keys
@@ -437,14 +439,26 @@ def check_grads(
         rows.append(compare("loss", None, "loss", "dpred", dy, dy_ref, rtol))
         for i in reversed(range(len(layers))):
             layer, p, k, st = layers[i], layer_params[i], layer_keys[i], layer_states[i]
-            grads, dx, grads_ref, dx_ref = _layer_witnesses(layer, p, inputs[i], dy, k, st)
+            try:
+                grads, dx, grads_ref, dx_ref = _layer_witnesses(layer, p, inputs[i], dy, k, st)
+            except (ValueError, TypeError) as e:  # a backward that raises is a failed check
+                rows.append(raised_row("layer", i, layer.name, e, rtol))
+                dy = _layer_vjp(layer, p, inputs[i], dy, k, st)[1]
+                continue
             scale = tree_norm((grads, dx), (grads_ref, dx_ref))  # this layer's whole gradient
             rows += compare_trees("layer", i, layer.name, grads, grads_ref, rtol, scale)
             rows += compare_inputs(i, layer.name, inputs[i], dx, dx_ref, rtol, scale)
-            dy = dx
+            # A dx of the wrong shape can't feed the layer below: it gets jax.vjp's instead.
+            dy = dx if shapes_match(dx, dx_ref) else dx_ref
         # 2. the whole manual gradient vs autodiff.
         manual = jax.jit(value_and_grad(net, loss, mode="manual"))
-        _, grads_manual = manual(params, x, target, key=key, state=state)
+        try:
+            _, grads_manual = manual(params, x, target, key=key, state=state)
+        except (ValueError, TypeError) as e:  # e.g. a layer's dx of the wrong shape, above
+            rows.append(raised_row("total", None, net.name, e, rtol))
+            return GradCheckResult(
+                tuple(rows), jnp.dtype(dtype).name, rtol, fd_rtol, eps, float(value)
+            )
         _, grads_auto = jax.jit(jax.value_and_grad(loss_at))(params, x, target, key, state)
         scale = tree_norm(grads_manual, grads_auto)  # the network's whole gradient
         for i, layer in enumerate(layers):
@@ -473,6 +487,16 @@ def _loss_witnesses(loss: Loss, pred: jax.Array, target: jax.Array):
         return value, loss.backward(cache), dy_ref
 
     return jax.jit(witnesses)(pred, target)
+
+
+def _layer_vjp(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):
+    """``jax.vjp``'s ``(grads, dx)`` alone (jitted): where the layer's own backward raised."""
+
+    def reference(p, x, dy, key, state):
+        _, vjp = jax.vjp(lambda p_, x_: apply(layer, p_, x_, key=key, state=state)[0], p, x)
+        return vjp(dy)
+
+    return jax.jit(reference)(p, x, dy, key, state)
 
 
 def _layer_witnesses(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):

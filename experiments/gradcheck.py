@@ -60,7 +60,10 @@ def with_bug(layer: Layer) -> Layer:
     A parameter-free layer forgets its local derivative: ``dx = dy`` instead of
     ``dx = dy * f'(x)``. A layer with a bias forgets to sum its gradient over the batch:
     ``db = mean(dy)`` instead of ``sum(dy)``; one without (a conv before batch norm) forgets
-    half its weight gradient: ``dw / 2``. A layer with neither is left alone (its rows pass).
+    half its weight gradient: ``dw / 2``. Any other layer with parameters (batch norm's
+    ``scale``/``offset``, a residual block's nested gradients) halves every parameter gradient.
+    A parameter-free layer whose output has another shape than its input (pooling, flatten)
+    returns a ``dx`` of the wrong shape, which the check reports as a failure of that layer.
     """
 
     def backward(params, cache, dy):
@@ -72,7 +75,7 @@ def with_bug(layer: Layer) -> Layer:
             return {**grads, "b": grads["b"] / batch}, dx
         if isinstance(grads, dict) and "w" in grads:
             return {**grads, "w": grads["w"] / 2}, dx
-        return grads, dx
+        return jax.tree_util.tree_map(lambda g: g / 2, grads), dx
 
     return layer._replace(backward=backward)
 

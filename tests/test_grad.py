@@ -999,3 +999,52 @@ def test_check_grads_bias_before_batch_norm_in_float32():
                               state=state, warn=False)  # fmt: skip
     assert not result.passed and result.first_failure.layer == 0
     assert result.first_failure.leaf == "b"
+
+
+def test_check_grads_reports_a_dx_of_the_wrong_shape_and_goes_on():
+    """A backward that returns dy unchanged from a pooling layer: a FAIL row naming the shapes
+    and the layer, the layers below still checked (fed jax.vjp's dx), the total row failed
+    because the whole backward raises; never an exception from the check itself."""
+    pool = layers.max_pool(2)
+    bad = pool._replace(backward=lambda p, c, dy: (pool.backward(p, c, dy)[0], dy))
+    net = layers.serial(
+        layers.conv2d(4, 3, dtype=jnp.float64),
+        layers.relu(),
+        bad,
+        layers.flatten(),
+        layers.dense(3, dtype=jnp.float64),
+    )
+    _, params = net.init(jax.random.PRNGKey(0), (4, 6, 6, 2))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 6, 2), jnp.float64)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, jnp.arange(4) % 3)
+    assert not result.passed
+    first = result.first_failure
+    assert (first.layer, first.leaf) == (2, "dx")
+    assert "shape (4, 3, 3, 4), but the reference's is (4, 6, 6, 4)" in first.note
+    below = [r for r in result.rows if r.check == "layer" and r.layer in (0, 1)]
+    assert below and all(r.status == "passed" for r in below)
+    total = [r for r in result.rows if r.check == "total"]
+    assert [r.status for r in total] == ["failed"]
+    assert "the hand-written backward raised" in total[0].note
+    assert "FAIL" in str(result)
+
+
+def test_check_grads_reports_a_backward_that_raises():
+    relu = layers.relu()
+
+    def broken(params, cache, dy):
+        raise ValueError("a bug in this backward")
+
+    net = layers.serial(
+        layers.dense(5, dtype=jnp.float64),
+        relu._replace(backward=broken),
+        layers.dense(3, dtype=jnp.float64),
+    )
+    _, params = net.init(jax.random.PRNGKey(0), (4, 6))
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6), jnp.float64)
+    result = grad.check_grads(net, "softmax_cross_entropy", params, x, jnp.arange(4) % 3)
+    failed = [(r.check, r.layer) for r in result.rows if r.status == "failed"]
+    assert ("layer", 1) in failed and ("total", None) in failed
+    assert "ValueError: a bug in this backward" in result.first_failure.note
+    # the layer below was still checked, with jax.vjp's dx as its upstream gradient
+    assert all(r.status == "passed" for r in result.rows if r.check == "layer" and r.layer == 0)

@@ -273,3 +273,25 @@ def test_script_exits_nonzero_and_names_the_injected_layer(tmp_path):
     assert "FAIL  first failure: layer 1 (tanh)" in proc.stdout
     assert "0 passed, 2 failed" in proc.stdout
     assert (tmp_path / "gradcheck.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kind", "leaf"), [("batch_norm", "scale"), ("max_pool", "dx"), ("residual", None)]
+)
+def test_an_injected_bug_in_any_layer_kind_is_a_failure_not_a_crash(tmp_path, kind, leaf):
+    """batch norm (scale/offset), a residual block (nested gradients) and a pooling layer (its
+    dx then has the wrong shape) each get a bug that the check names; none crashes it."""
+    cfg = compose(IMAGES)
+    arch = {"batch_norm": "cnn-bn", "max_pool": "cnn-bn", "residual": "resnet"}[kind]
+    cfg.image_architectures = [a for a in cfg.image_architectures if a.name == arch]
+    cfg.inject_bug = kind
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    failing = {
+        (r["layer_name"].split("(")[0], r["leaf"])
+        for r in result["rows"]
+        if r["status"] == "failed" and r["check"] == "layer"
+    }
+    assert not result["passed"]
+    assert {name for name, _ in failing} == {kind}, failing
+    if leaf is not None:
+        assert (kind, leaf) in failing
