@@ -4,8 +4,9 @@ Times, interleaved in one process, the README's step (``jax.jit`` of ``bpjax.val
 followed by an optax SGD update) in manual and autodiff mode, the same manual step carrying an
 ``int32`` step counter (one tiny independent instruction more, nothing else), the manual step
 with its carry donated, and ``bpjax.train.make_step`` in both modes. Writes the optimized HLO of
-the manual step with and without the counter beside each other (``--hlo DIR``) so that
-``diff`` shows they differ by that one instruction. See docs/benchmarks.md (2026-11-29).
+the manual step with and without the counter beside each other (``--hlo DIR``): a ``diff`` of
+their entry computations' instruction names shows that one instruction (a plain ``diff`` also
+shows renumbered names and metadata). See docs/benchmarks.md (2026-11-29).
 
     python experiments/readme_step_probe.py           # mlp([100, 10]) relu, batch 128
     python experiments/readme_step_probe.py --batch 64 \
@@ -37,6 +38,16 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="steps per sample")
     parser.add_argument("--hlo", type=pathlib.Path, default=None, help="write the HLO here")
     args = parser.parse_args()
+    for name in ("batch", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not args.widths or min(args.widths) < 1:
+        parser.error(f"--widths must be positive, got {args.widths}")
+    if args.activation not in bpjax.layers.ACTIVATIONS:
+        parser.error(
+            f"unknown --activation {args.activation!r}; valid: "
+            f"{', '.join(sorted(bpjax.layers.ACTIVATIONS))}"
+        )
 
     net = bpjax.mlp(args.widths, activation=args.activation)
     loss = bpjax.losses.get("softmax_cross_entropy")

@@ -66,12 +66,22 @@ def run_job(n: int, run_dir: pathlib.Path, overrides: list[str], timeout: float)
         subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for c in commands
     ]
+    deadline = start + timeout  # one deadline for the whole job, not one per process
+    outputs = []
     try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            try:
+                outputs.append(p.communicate(timeout=max(deadline - time.perf_counter(), 0.1)))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                out, err = p.communicate()
+                outputs.append((out, f"{err}\n(killed: the job ran past --timeout {timeout:g} s)"))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    outputs += [p.communicate() for p in procs[len(outputs) :]]
     wall = time.perf_counter() - start
     failed = [
         (i, p.returncode, err)
@@ -108,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(n < 1 for n in args.processes):
         parser.error(f"--processes must be positive, got {args.processes}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout:g}")
     out = args.out or pathlib.Path(tempfile.mkdtemp(prefix="bpjax-scale-"))
     overrides = [*DEFAULTS, *overrides]
     rows = []

@@ -78,3 +78,29 @@ def test_readme_step_probe_times_every_variant_and_writes_the_two_hlo(
 
     with_counter = entry_parameters(hlo["readme_manual_with_counter.hlo"])
     assert with_counter == entry_parameters(hlo["readme_manual.hlo"]) + 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--calls", "0"], "--calls must be at least 1"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--activation", "foo"], "unknown --activation 'foo'; valid: "),
+    ],
+)
+def test_readme_step_probe_refuses_bad_arguments(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["probe", *argv])
+    with pytest.raises(SystemExit) as e:
+        readme_step_probe.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_scale_processes_timeout_is_a_failed_row_not_a_traceback(tmp_path, capsys):
+    code = scale_processes.main(
+        ["--processes", "1", "--timeout", "0.5", "--out", str(tmp_path), "--", "dataset=digits"]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "| 1 | failed |" in captured.out
+    assert "ran past --timeout 0.5 s" in captured.err
