@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpjax._errors import first_line
 from bpjax._trees import path_name
 
 _TINY = 1e-30
@@ -265,8 +266,7 @@ def compare(
 
 def raised_row(check: str, layer: int | None, layer_name: str, error: Exception, tol: float):
     """A failed row for a hand-written backward that raised instead of returning gradients."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    note = f"the hand-written backward raised {type(error).__name__}: {first}"
+    note = f"the hand-written backward raised {type(error).__name__}: {first_line(error)}"
     nan = math.nan
     return GradCheckRow(check, layer, layer_name, "all", (), nan, nan, nan, tol, "failed", note)
 

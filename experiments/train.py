@@ -80,6 +80,7 @@ import bpjax
 from bpjax import cli, distributed
 from bpjax import losses as losses_lib
 from bpjax._atomic import atomic_write
+from bpjax._errors import first_line
 from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.grad import MODES
 from bpjax.layers import NeedsImages
@@ -568,10 +569,6 @@ def _data_error(cfg: DictConfig, error: BaseException) -> ConfigError:
     return ConfigError(f"dataset {_target_name(cfg.dataset)} could not be loaded{where}: {message}")
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
 def _load_data(cfg: DictConfig):
     try:
         return instantiate(cfg.dataset, seed=cfg.seed)
@@ -657,8 +654,9 @@ def train(
         raise ConfigError(f"the model takes images [batch, h, w, c]: {e}{hint}") from None
     except ValueError as e:  # a layer that can't take its input: too small for a kernel, ...
         shape = "x".join(map(str, data.input_shape))
+        reason = first_line(e) or type(e).__name__
         raise ConfigError(
-            f"the model does not fit {data.name}'s {shape} inputs: {_first_line(e)}"
+            f"the model does not fit {data.name}'s {shape} inputs: {reason}"
         ) from None
     if len(out) != 2:
         hint = " (dataset.flatten=true loads them flat)" if len(data.input_shape) > 1 else ""

@@ -79,3 +79,18 @@ def test_every_activation_constructor_is_reexported():
 def test_version_matches_pyproject():
     pyproject = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
     assert bpjax.__version__ == tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+@pytest.mark.parametrize(
+    ("error", "limit", "expected"),
+    [
+        (ValueError("  first\nsecond"), None, "first"),
+        (ValueError("abcdef"), 3, "abc"),
+        (ValueError(""), None, ""),
+        (KeyError("k"), None, "'k'"),
+    ],
+)
+def test_first_line_quotes_an_exception_in_one_line(error, limit, expected):
+    from bpjax._errors import first_line
+
+    assert first_line(error, limit) == expected

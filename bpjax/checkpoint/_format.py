@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from bpjax._errors import first_line
 from bpjax.checkpoint import _legacy
 from bpjax.checkpoint._orbax import (
     ARRAYS,
@@ -188,8 +189,7 @@ def _is_jax_leaf(like: Any) -> bool:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    return f"{type(e).__name__}: {first_line(e, 300)}"
 
 
 def restore(path: PathLike, like: Any) -> tuple[Any, dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from bpjax._errors import first_line
 from bpjax.distributed._agree import _client, _exchanges
 from bpjax.distributed._start import cluster
 
@@ -97,7 +98,7 @@ def process_lost(error: BaseException, *, last_checkpoint: Any = None) -> Proces
     count, me = jax.process_count(), jax.process_index()
     names = ", ".join(str(i) for i in lost)
     role = " (the coordinator)" if lost == (0,) else ""
-    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    first = first_line(error, 200) or type(error).__name__
     kept = (
         f"the last checkpoint, {last_checkpoint}, is complete"
         if last_checkpoint is not None
