@@ -489,14 +489,15 @@ def _loss_witnesses(loss: Loss, pred: jax.Array, target: jax.Array):
     return jax.jit(witnesses)(pred, target)
 
 
+def _vjp(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):
+    """``jax.vjp``'s ``(grads, dx)`` of the layer's forward at ``x`` for upstream ``dy``."""
+    _, vjp = jax.vjp(lambda p_, x_: _output(layer, p_, x_, key, state), p, x)
+    return vjp(dy)
+
+
 def _layer_vjp(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):
-    """``jax.vjp``'s ``(grads, dx)`` alone (jitted): where the layer's own backward raised."""
-
-    def reference(p, x, dy, key, state):
-        _, vjp = jax.vjp(lambda p_, x_: apply(layer, p_, x_, key=key, state=state)[0], p, x)
-        return vjp(dy)
-
-    return jax.jit(reference)(p, x, dy, key, state)
+    """``_vjp`` alone (jitted): where the layer's own backward raised."""
+    return jax.jit(partial(_vjp, layer))(p, x, dy, key, state)
 
 
 def _layer_witnesses(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any):
@@ -507,7 +508,6 @@ def _layer_witnesses(layer: Layer, p: Any, x: Any, dy: Any, key: Any, state: Any
     def witnesses(p, x, dy, key, state):
         _, cache, _ = apply(layer, p, x, key=key, state=state)
         grads, dx = layer.backward(p, cache, dy)
-        _, vjp = jax.vjp(lambda p_, x_: apply(layer, p_, x_, key=key, state=state)[0], p, x)
-        return (grads, dx, *vjp(dy))
+        return (grads, dx, *_vjp(layer, p, x, dy, key, state))
 
     return jax.jit(witnesses)(p, x, dy, key, state)
