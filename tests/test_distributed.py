@@ -397,9 +397,12 @@ def test_processes_train_as_one(jobs, shape):
     assert results[1][2].strip() == ""
 
 
+# gloo's own start-up line, written by two threads at once: its two halves can interleave
+# mid-line ("[Gloo] Rank [Gloo] Rank 2 is connected to 3 ...", then "3 is connected to 3 ..."),
+# so each half is removed on its own; anything else process 1 prints still fails the test.
 _GLOO = re.compile(
-    r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks\. "
-    r"Expected number of connected peer ranks is : \d+"
+    r"\[Gloo\] Rank"
+    r"|\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+"
 )
 
 
