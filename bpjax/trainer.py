@@ -646,6 +646,7 @@ def fit(
     epoch = start_epoch
     # The epoch being trained, between its chunks: {"epoch", "epoch_step", "epoch_loss_sum"}.
     in_progress: dict[str, Any] = {}
+    saved_epoch, stop = None, False  # the last epoch checkpointed whole; an agreed interrupt
     # One process stops where all do: a lost process stops the others, an interrupt stops all
     # at the same chunk (bpjax.distributed).
     with _naming_lost_processes(manager), distributed.deferred_interrupts() as interrupts:
@@ -697,7 +698,7 @@ def fit(
                     }
                     for callback in on_chunk:
                         callback(chunk_record)
-                    if stop:  # every process, after the same chunk: checkpointed below
+                    if stop and done < steps_per_epoch:  # every process, after the same chunk
                         raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
                 seconds = time.perf_counter() - t0
                 step_metrics = _concat(parts)
@@ -748,15 +749,23 @@ def fit(
                     or stopped_early
                 ):
                     checkpoint(record)
+                    saved_epoch = epoch
+                # An interrupt in the epoch's last chunk, its evaluation or its callbacks stops
+                # here, with the epoch whole (held until now: the state and the steps counted
+                # always agree in a checkpoint).
+                _, stop = distributed.agree({}, stop=stop or bool(interrupts.requested))
+                if stop:
+                    raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
                 if stopped_early:
                     break
         except KeyboardInterrupt:
             if in_progress:
                 checkpoint({"epoch": epoch, "step": int(state.step)}, **in_progress)
-            elif history:
+            elif history and history[-1]["epoch"] != saved_epoch:
                 checkpoint(history[-1])
             raise
 
+    with _naming_lost_processes(manager):  # an interrupt here stops at once
         wall = time.perf_counter() - t_start
         final = run_eval(best_params, best_net_state, "test")
         if data.n_val:

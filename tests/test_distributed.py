@@ -120,6 +120,28 @@ def test_initialize_refuses_bad_timeouts_before_starting(timeouts):
     assert not jax.distributed.is_initialized()
 
 
+def test_interrupts_are_held_in_one_process_too():
+    # One process holds a signal too (bpjax.fit checks it where its state and count of steps
+    # agree); a second interrupts at once; the handlers are put back; SIG_DFL/SIG_IGN are left.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with distributed.deferred_interrupts() as interrupts:
+            assert isinstance(interrupts, distributed.Interrupts) and not interrupts.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupts.requested == signal.SIGTERM  # held, not raised
+            with pytest.raises(KeyboardInterrupt, match="signal"):
+                os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is interrupt
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with distributed.deferred_interrupts():
+            assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_one_process_is_trivial(tmp_path):
     assert distributed.cluster() == distributed.Cluster(0, 1, None, 300, 100)
     assert distributed.is_primary()
@@ -137,10 +159,6 @@ def test_one_process_is_trivial(tmp_path):
     assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
     distributed.announce_failure("nobody listens")  # no job: nothing to tell
     assert distributed.process_lost(RuntimeError("Gloo AllReduce failed: peer")) is None
-    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    with distributed.deferred_interrupts() as interrupts:  # one process: nothing deferred
-        assert isinstance(interrupts, distributed.Interrupts) and not interrupts.requested
-        assert {s: signal.getsignal(s) for s in before} == before
     assert distributed.mesh_devices(1) == jax.devices()[:1]
     assert distributed.mesh_devices("all") == jax.devices()
     for bad in (0, len(jax.devices()) + 1, "some", True):

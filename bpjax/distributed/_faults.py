@@ -140,10 +140,12 @@ def deferred_interrupts() -> Iterator[Interrupts]:
     ``requested``; the caller shares it with the others (``agree``'s ``stop``) and stops where
     they all see it. A second signal interrupts at once, as before.
 
-    In one process, or off the main thread (where signals can't be handled), it does nothing.
+    In one process it holds them too, so that an interrupt never lands between two statements
+    that must go together (``bpjax.fit`` updates its state and its count of steps done, then
+    checkpoints both). Off the main thread (where signals can't be handled) it does nothing.
     """
     state = Interrupts()
-    if jax.process_count() == 1 or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield state
         return
 
