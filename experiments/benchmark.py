@@ -42,7 +42,8 @@ Convention (the method):
   same final params (checked); for an MLP the floor (the matmuls and weight updates alone, one
   scan) and the ceilings it sets.
 * Learning rules (``rules``, ``bench.rules``): each rule's ``make_step`` against the manual
-  step on the MLP points. The alignment signal's cost and the chunked epochs
+  step on the MLP points, and (``rules.epochs``) each rule's epoch as ``fit`` trains it
+  against manual's. The alignment signal's cost and the chunked epochs
   (``grad_check``, ``chunked``, ``bench.chunks``): epochs as ``fit`` runs them, in chunks.
 * ``max_isa`` caps XLA's CPU code generation (``XLA_FLAGS=--xla_cpu_max_isa``) for the run, so
   an AVX-512 host runs as if on an older ISA; the environment records the ISA used
@@ -74,7 +75,7 @@ from bench.floors import square_matmul
 from bench.points import MODES, Point, apply_quick, build, epoch_examples, synthetic_data
 from bench.report import format_tables, plain
 from bench.results import step_results
-from bench.rules import rule_results, rule_steps
+from bench.rules import rule_epoch_results, rule_epochs, rule_results, rule_steps
 from bench.steps import point_steps, profile, write_hlo
 from bench.targets import control_summary, targets
 from bench.timing import ms, round_robin
@@ -177,7 +178,8 @@ def _time_epochs(cfg: DictConfig, built: dict[str, Point], grid: list[dict], poi
             data[point.name] = synthetic_data(cfg, point.example_shape, point.n_outputs, n, seed)
         return data[point.name]
 
-    epochs, checks, chunked, groups = {}, {}, {}, []
+    epochs, checks, chunked, ruled, groups = {}, {}, {}, {}, []
+    rule_epoch_names = rule_points(cfg, grid) if cfg.rules.epochs else []
     for name, point in built.items():
         if name in epoch_names:
             epochs[name] = point_epochs(cfg, point, data_of(point))
@@ -188,6 +190,9 @@ def _time_epochs(cfg: DictConfig, built: dict[str, Point], grid: list[dict], poi
         if name in chunk_names:
             chunked[name] = chunked_epochs(cfg, point, data_of(point))
             groups += chunked[name]["groups"]
+        if name in rule_epoch_names:
+            ruled[name] = rule_epochs(cfg, point, data_of(point), rule_modes(cfg))
+            groups += ruled[name]["groups"]
     if groups:
         print(f"timing epochs: {cfg.epoch_repeats} interleaved rounds", flush=True)
         round_robin(groups, cfg.epoch_repeats)
@@ -197,6 +202,7 @@ def _time_epochs(cfg: DictConfig, built: dict[str, Point], grid: list[dict], poi
             relate_to_step(p["epoch"], p)
         p["grad_check"] = grad_check_results(checks[name]) if name in checks else None
         p["chunked"] = chunked_results(chunked[name], cfg) if name in chunked else None
+        p["rule_epochs"] = rule_epoch_results(ruled[name]) if name in ruled else None
 
 
 def run(

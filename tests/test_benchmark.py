@@ -54,6 +54,7 @@ TARGETS = (
     "loop_speedup",
     "cnn_epoch_scan_ratio_max",
     *(f"{rule}_step_ratio_max" for rule in RULES),
+    *(f"{rule}_epoch_ratio_max" for rule in RULES),
     "grad_check_cost_manual",
     "grad_check_cost_feedback_alignment",
     "chunked_epoch_ratio_max",
@@ -222,6 +223,27 @@ def test_quick_run_times_every_learning_rule_against_manual(quick_run):
         assert dots["direct_feedback_alignment"] <= dots["manual"], dots
 
 
+def test_quick_run_times_every_learning_rule_as_fit_trains_it(quick_run):
+    cfg, result, _ = quick_run
+    for name, point in result["points"].items():
+        if name not in cfg.quick_settings.rules.points:
+            assert point["rule_epochs"] is None, name
+            continue
+        epochs = point["rule_epochs"]
+        assert epochs["steps"] == cfg.quick_settings.epoch_examples // point["batch"]
+        assert list(epochs["modes"]) == ["manual", *RULES]
+        for mode, stats in epochs["modes"].items():
+            assert positive(stats["epoch_s"]) and positive(stats["compile_s"]), mode
+            assert stats["params_finite"], mode
+        for rule, ratios in epochs["vs_manual"].items():
+            for field in ("epoch_ratio", "epoch_ratio_paired", "epoch_ratio_cpu"):
+                assert positive(ratios[field]), (rule, field)
+            target = result["targets"][f"{rule}_epoch_ratio_max"]
+            suffix = ESTIMATOR_SUFFIX[target["estimator"]]
+            assert target["measured"] == ratios["epoch_ratio" + suffix]
+        assert all(positive(epochs[field]) for field in CONTROL)
+
+
 def test_quick_run_times_the_alignment_signal_as_fit_runs_it(quick_run):
     cfg, result, _ = quick_run
     check = result["points"][cfg.grad_check.point]["grad_check"]
@@ -327,6 +349,7 @@ def test_quick_run_prints_every_table(quick_run):
         "optimized HLO of each step",
         f"profile of {PROFILED}",
         "learning rules: make_step(grad_mode=rule) against the manual step:",
+        "learning rules as fit trains them:",
         "the alignment signal's cost:",
         "epochs as fit runs them",
         "targets (reported, never asserted):",

@@ -24,10 +24,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bpjax.train import chunk_plan, make_chunk, make_epoch
 
+from .config import rule_options
 from .points import Point, epoch_examples, state_for
 from .results import epoch_stats
 from .timing import Variant, compile_timed, ratios
@@ -125,11 +126,12 @@ def _options(cfg: DictConfig, grad_check_every: int) -> dict[str, Any]:
     return {
         "grad_check_every": int(grad_check_every),
         "with_layer_stats": False,
-        "rule_options": OmegaConf.to_container(cfg.rules.options, resolve=True) or None,
+        "rule_options": rule_options(cfg),
     }
 
 
-def _variant(cfg: DictConfig, run: Callable, state: Any) -> Variant:
+def variant_of(cfg: DictConfig, run: Callable, state: Any) -> Variant:
+    """A timed epoch: ``run(state) -> (state, losses)``, ``epoch_warmup`` untimed calls."""
     return Variant(lambda s: run(s)[0], state, warmup=cfg.epoch_warmup, block=0)
 
 
@@ -152,11 +154,11 @@ def chunked_epochs(cfg: DictConfig, point: Point, data: tuple[jax.Array, jax.Arr
     chunked, info_chunked, plan = fit_epoch(
         point, state, data, n, mode=mode, chunk_steps=cfg.chunked.chunk_steps, options=options
     )
-    variants = {"chunked": _variant(cfg, chunked, state), "whole": _variant(cfg, whole, state)}
+    variants = {"chunked": variant_of(cfg, chunked, state), "whole": variant_of(cfg, whole, state)}
     info = {"chunked": info_chunked, "whole": info_whole}
     if cfg.control:
         control, info["control"] = whole_epoch(point, state, data, mode=mode, options=options)
-        variants["control"] = _variant(cfg, control, state)
+        variants["control"] = variant_of(cfg, control, state)
     (from_whole, losses_whole), (from_chunks, losses_chunks) = whole(state), chunked(state)
     pairs = list(zip(_leaves(from_whole.params), _leaves(from_chunks.params), strict=True))
     check = {
@@ -205,7 +207,7 @@ def grad_check_epochs(cfg: DictConfig, point: Point, data: tuple[jax.Array, jax.
                 options=_options(cfg, checks),
                 orders=orders,
             )
-            variants[name] = _variant(cfg, run, state)
+            variants[name] = variant_of(cfg, run, state)
         print(f"  compiled {point.name} epochs with and without the signal, {mode}", flush=True)
         modes[mode] = {"variants": variants, "info": info}
         groups.append([variants[name] for name in ("on", "off", "control") if name in variants])

@@ -26,8 +26,9 @@ def _known(what: str, names: list[str], grid: list[str]) -> None:
         raise ValueError(f"{what}: unknown grid points {unknown}; the grid has {grid}")
 
 
-def _options(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.rules.options, resolve=True) or {}
+def rule_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """The learning rules' options of the benchmark (``rules.options``), None if empty."""
+    return OmegaConf.to_container(cfg.rules.options, resolve=True) or None
 
 
 def _check_rule(rule: str, spec: dict[str, Any], options: dict[str, Any], where: str) -> None:
@@ -83,7 +84,7 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
             f"(the points' headline figures are its), got {paths}"
         )
     _known("profile", names_of(cfg.get("profile")), names)
-    options = _options(cfg)
+    options = rule_options(cfg) or {}
     rule_names = rule_points(cfg, grid)
     _known("rules.points", rule_names, names)
     not_mlp = [name for name in rule_names if not is_mlp(specs[name])]

@@ -8,7 +8,13 @@ import numpy as np
 
 from .measure import COST_FIELDS
 from .points import MODES
-from .report_training import chunked_table, epoch_table, grad_check_table, rules_table
+from .report_training import (
+    chunked_table,
+    epoch_table,
+    grad_check_table,
+    rule_epochs_table,
+    rules_table,
+)
 from .tables import columns, fmt, mb
 
 
@@ -265,6 +271,7 @@ def format_tables(result: dict[str, Any]) -> str:
         *_hlo_table(result),
         *_profile_tables(result),
         *rules_table(result),
+        *rule_epochs_table(result),
         *grad_check_table(result),
         *chunked_table(result),
         *_targets_table(result),

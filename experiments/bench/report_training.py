@@ -106,6 +106,35 @@ def rules_table(result: dict[str, Any]) -> list[str]:
     ]
 
 
+def rule_epochs_table(result: dict[str, Any]) -> list[str]:
+    ruled = [(n, p["rule_epochs"]) for n, p in result["points"].items() if p.get("rule_epochs")]
+    if not ruled:
+        return []
+    rows = [("point", "mode", "steps", "epoch s", "cpu s", "/manual", "paired", "cpu", "A/A")]
+    for name, r in ruled:
+        for mode, m in r["modes"].items():
+            vs = r["vs_manual"].get(mode)
+            rows.append(
+                (
+                    name,
+                    mode,
+                    str(r["steps"]),
+                    f"{m['epoch_s']:.3f}",
+                    f"{m['epoch_cpu_s']:.3f}",
+                    fmt(vs and vs["epoch_ratio"], ".3f"),
+                    fmt(vs and vs["epoch_ratio_paired"], ".3f"),
+                    fmt(vs and vs["epoch_ratio_cpu"], ".3f"),
+                    fmt(r["control_ratio_paired"], ".3f") if mode == "manual" else "",
+                )
+            )
+    return [
+        "",
+        "learning rules as fit trains them: fit's epoch (make_chunk, no signal) against manual's:",
+        *columns(rows),
+        "(/manual, paired, cpu: rule / manual; A/A: a second manual executable / manual, paired)",
+    ]
+
+
 def grad_check_table(result: dict[str, Any]) -> list[str]:
     checked = [(n, p["grad_check"]) for n, p in result["points"].items() if p.get("grad_check")]
     if not checked:

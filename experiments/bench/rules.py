@@ -7,17 +7,25 @@ point's params and the rule state ``init_state(..., grad_mode=rule)`` draws, on 
 batch; ``manual`` beside them and, with ``control``, a second manual executable (the A/A
 control). One group per point, sampled in the steps' rounds: manual and the control at either
 end, the rules between, the order reversed every other round.
+
+With ``rules.epochs``, each rule is also timed as training runs it: ``fit``'s epoch
+(``make_chunk`` in chunks of ``chunked.chunk_steps``, no signal, ``bench.chunks.fit_epoch``),
+against the manual epoch and its A/A control (a second manual executable), on the point's
+epoch data. The step alone returns the whole state, so a rule with fixed feedback copies
+that feedback out of every call (nothing is donated); inside the epoch's scan it stays put.
 """
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bpjax.train import make_step
 
+from .chunks import fit_epoch, variant_of
+from .config import rule_options
 from .paths import loss_only
-from .points import Point, state_for, synthetic_data
-from .results import control_ratios, finite, variant_stats
+from .points import Point, epoch_examples, state_for, synthetic_data
+from .results import control_ratios, epoch_stats, finite, variant_stats
 from .timing import Variant, compile_timed, equalize_calls, ratios
 
 
@@ -33,7 +41,7 @@ def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> di
       and ``groups``.
     """
     x, y = synthetic_data(cfg, point.example_shape, point.n_outputs, point.batch, seed)
-    options = OmegaConf.to_container(cfg.rules.options, resolve=True) or None
+    options = rule_options(cfg)
     names = ["manual", *rules, *(["control"] if cfg.control else [])]
     variants, info = {}, {}
     for name in names:
@@ -66,3 +74,59 @@ def rule_results(built: dict[str, Any]) -> dict[str, Any]:
         if name != "manual"
     }
     return {"modes": modes, "vs_manual": vs_manual, **control_ratios(variants, "manual")}
+
+
+def rule_epochs(cfg: DictConfig, point: Point, data: tuple, rules: list[str]) -> dict[str, Any]:
+    """Compiles ``fit``'s epoch (no signal) for ``manual``, each rule and the A/A control.
+
+    Returns:
+      ``variants``, ``info`` (each the longest chunk's compile info), ``steps`` and
+      ``groups`` (one: manual and the control at either end, the rules between).
+    """
+    n = epoch_examples(cfg, point)
+    names = ["manual", *rules, *(["control"] if cfg.control else [])]
+    options = {"grad_check_every": 0, "with_layer_stats": False, "rule_options": rule_options(cfg)}
+    variants, info, orders = {}, {}, {}
+    for name in names:
+        mode = "manual" if name == "control" else name
+        state = state_for(point, mode, options["rule_options"])
+        run, info[name], _ = fit_epoch(
+            point,
+            state,
+            data,
+            n,
+            mode=mode,
+            chunk_steps=cfg.chunked.chunk_steps,
+            options=options,
+            orders=orders,
+        )
+        variants[name] = variant_of(cfg, run, state)
+    print(f"  compiled {point.name} rule epochs: {', '.join(rules)}", flush=True)
+    return {
+        "variants": variants,
+        "info": info,
+        "steps": n // point.batch,
+        "groups": [[variants[n] for n in names]],
+    }
+
+
+def rule_epoch_results(built: dict[str, Any]) -> dict[str, Any]:
+    """Each rule's epoch figures and its ratios to the manual epoch (``epoch_ratio``,
+    ``_paired``, ``_cpu``); the A/A control's ratios to manual."""
+    variants, info = built["variants"], built["info"]
+    modes = {
+        name: {**epoch_stats(v, info[name]), "params_finite": finite(v.carry.params)}
+        for name, v in variants.items()
+        if name != "control"
+    }
+    vs_manual = {
+        name: ratios(variants[name], variants["manual"], "epoch_ratio")
+        for name in modes
+        if name != "manual"
+    }
+    return {
+        "steps": built["steps"],
+        "modes": modes,
+        "vs_manual": vs_manual,
+        **control_ratios(variants, "manual"),
+    }

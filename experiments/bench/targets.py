@@ -158,6 +158,15 @@ def _training_targets(cfg: DictConfig, points: dict[str, Any], suffix: str) -> d
         out.update(
             ratio_targets(f"{rule}_step_ratio", values, None, t.rule_step_ratio_max, t.ratio)
         )
+    in_epochs = {n: p["rule_epochs"] for n, p in points.items() if p.get("rule_epochs")}
+    for rule in next(iter(in_epochs.values()))["vs_manual"] if in_epochs else ():
+        values = {
+            n: (r["vs_manual"][rule]["epoch_ratio" + suffix], r["control_ratio" + suffix])
+            for n, r in in_epochs.items()
+        }
+        out.update(
+            ratio_targets(f"{rule}_epoch_ratio", values, None, t.rule_step_ratio_max, t.ratio)
+        )
     for name, p in points.items():
         for mode, cost in ((p.get("grad_check") or {}).get("modes") or {}).items():
             measured = cost["cost_ratio" + suffix]
