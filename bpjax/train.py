@@ -211,6 +211,11 @@ def make_step(
     and ``updates`` (the updates applied; for optional statistics; XLA drops what the caller
     does not use).
 
+    Jitted on its own and called once per batch, the step returns every buffer of the state
+    anew: a rule's fixed feedback (feedback alignment's ``B``) is copied out of every call
+    unless the state is donated (``jax.jit(step, donate_argnums=0)``, the old state then
+    unusable). ``make_epoch`` and ``make_chunk`` scan it, and there it is not copied.
+
     Raises:
       ValueError: an unknown mode or rule option.
     """
@@ -317,47 +322,32 @@ def _scan_steps(
     other_mode = {"manual": "autodiff", "autodiff": "manual"}.get(grad_mode, "autodiff")
     other_grad = mixed_precision_grad(net, loss, other_mode, as_compute_dtype(compute_dtype))
 
+    own_grad = mixed_precision_grad(net, loss, grad_mode, as_compute_dtype(compute_dtype))
+
+    def check(state, xb, yb):
+        """The signals at ``state``'s step: the step's gradient (the rule's update direction)
+        recomputed as the step computes it, against the other mode's."""
+        key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+        common = {"key": key, "state": state.net_state}
+        _, grads = own_grad(state.params, xb, yb, feedback=state.rule_state, **common)
+        _, g_other = other_grad(state.params, xb, yb, **common)
+        out = {}
+        if backprop:
+            manual, true = (grads, g_other) if grad_mode == "manual" else (g_other, grads)
+            out.update({f"grad_check/{k}": v for k, v in grad_agreement(manual, true).items()})
+        else:
+            true = g_other
+        angles = credit.alignment(
+            grads, true, mode=grad_mode, params=state.params, feedback=state.rule_state
+        )
+        out.update({f"alignment/{k}": v for k, v in angles.items()})
+        return {k: v.astype(jnp.float32) for k, v in out.items()}
+
     def run(state, x, y, rows, first, steps):
         def body(state, scan_in):
             i, idx = scan_in
-            xb, yb = x[idx], y[idx]
-            new_state, aux = step_fn(state, xb, yb)
+            new_state, aux = step_fn(state, x[idx], y[idx])
             metrics = {"loss": aux["loss"].astype(jnp.float32)}
-            if grad_check_every:
-                key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
-
-                def check(_):
-                    _, g_other = other_grad(state.params, xb, yb, key=key, state=state.net_state)
-                    out = {}
-                    if backprop:
-                        manual, true = (
-                            (aux["grads"], g_other)
-                            if grad_mode == "manual"
-                            else (g_other, aux["grads"])
-                        )
-                        agreement = grad_agreement(manual, true)
-                        out.update({f"grad_check/{k}": v for k, v in agreement.items()})
-                    else:
-                        true = g_other
-                    angles = credit.alignment(
-                        aux["grads"],
-                        true,
-                        mode=grad_mode,
-                        params=state.params,
-                        feedback=state.rule_state,
-                    )
-                    out.update({f"alignment/{k}": v for k, v in angles.items()})
-                    return {k: v.astype(jnp.float32) for k, v in out.items()}
-
-                shapes = jax.eval_shape(check, None)
-                metrics.update(
-                    lax.cond(
-                        state.step % grad_check_every == 0,
-                        check,
-                        lambda _: _nan_like(shapes),
-                        None,
-                    )
-                )
             if with_layer_stats:
 
                 def stats(_):
@@ -369,9 +359,58 @@ def _scan_steps(
             return new_state, metrics
 
         indices = first + jnp.arange(rows.shape[0])
-        return lax.scan(body, state, (indices, rows))
+        if not grad_check_every:
+            return lax.scan(body, state, (indices, rows))
+        return _checked_steps(body, check, grad_check_every, state, x, y, rows, indices)
 
     return run
+
+
+def _checked_steps(body, check, every, state, x, y, rows, indices):
+    """``lax.scan(body, state, (indices, rows))`` with ``check(state, xb, yb)`` (the signals)
+    before every step whose ``state.step`` is a multiple of ``every``: its values at those
+    steps, NaN at the others.
+
+    The steps run in loops between the checks (placed from the first step's count), not in one
+    scan with a ``lax.cond`` per step: a check beside the step reads the params that the step
+    updates in place, and XLA then copies them in every step (on XLA:CPU, ~10% of a small
+    MLP's epoch). Between two loops, a check costs one copy.
+    """
+    length = rows.shape[0]
+    check_shapes = jax.eval_shape(check, state, x[rows[0]], y[rows[0]])
+    if length == 1:  # one step: XLA compiles a one-step loop apart from a longer one's steps
+        due = state.step % every == 0
+        nan = jax.tree_util.tree_map(lambda v: jnp.full(v.shape, jnp.nan, v.dtype), check_shapes)
+        checked = lax.cond(due, check, lambda *_: nan, state, x[rows[0]], y[rows[0]])
+        state, metrics = lax.scan(body, state, (indices, rows))
+        return state, {**metrics, **{k: v[None] for k, v in checked.items()}}
+    step_shapes = jax.eval_shape(body, state, (indices[0], rows[0]))[1]
+    # Every per-step value is written by its step: the zeros are never read.
+    metrics = {k: jnp.zeros((length, *v.shape), v.dtype) for k, v in step_shapes.items()}
+    checks = {k: jnp.full((length, *v.shape), jnp.nan, v.dtype) for k, v in check_shapes.items()}
+
+    def steps_between(lo, hi, carry):
+        def one(j, carry):
+            state, metrics = carry
+            state, values = body(state, (indices[j], rows[j]))
+            return state, {k: m.at[j].set(values[k]) for k, m in metrics.items()}
+
+        return lax.fori_loop(lo, hi, one, carry)
+
+    phase = jnp.asarray((-state.step) % every, jnp.int32)  # the chunk's first checked step
+    n_checks = jnp.maximum(0, (length - phase + every - 1) // every)
+    state, metrics = steps_between(0, jnp.minimum(phase, length), (state, metrics))
+
+    def segment(k, carry):
+        state, metrics, checks = carry
+        at = phase + k * every
+        values = check(state, x[rows[at]], y[rows[at]])
+        checks = {key: c.at[at].set(values[key]) for key, c in checks.items()}
+        state, metrics = steps_between(at, jnp.minimum(at + every, length), (state, metrics))
+        return state, metrics, checks
+
+    state, metrics, checks = lax.fori_loop(0, n_checks, segment, (state, metrics, checks))
+    return state, {**metrics, **checks}
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -335,6 +335,39 @@ def test_make_epoch_grad_check_every(setup, grad_mode):
                 np.testing.assert_allclose(values[checked], 1.0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("k", [1, 4, 5, 7])
+def test_the_signal_leaves_training_alone_in_any_chunk_plan(setup, k):
+    # The checks run between loops of steps (not in a lax.cond beside each step, which made XLA
+    # copy the params every step): the same states as the whole epoch's, whatever the chunks,
+    # the losses of the run without the signal (to rounding: the steps compile in loops, not in
+    # a scan), and values exactly at the steps that are multiples of k (none: k=7 > 6 steps).
+    s = setup
+    _, plain = s.epoch(s.state, s.x, s.y, jnp.int32(2))
+    options = {"grad_check_every": k, "with_layer_stats": True}
+    epoch = train.make_epoch(s.net, s.loss, s.opt, batch_size=BATCH, **options)
+    order_fn, chunk = train.make_chunk(s.net, s.loss, s.opt, batch_size=BATCH, **options)
+    start_state = s.state._replace(step=s.state.step + 6)  # an epoch later: steps 6..11
+    whole, whole_from = (
+        epoch(state, s.x, s.y, jnp.int32(2))[0] for state in (s.state, start_state)
+    )
+    for chunk_steps in (1, 2, 4, 6):
+        for state0, expected in ((s.state, whole), (start_state, whole_from)):
+            state, parts = state0, []
+            order = order_fn(state, N_EPOCH, jnp.int32(2))
+            for start, length in train.chunk_plan(6, chunk_steps):
+                state, m = chunk(state, s.x, s.y, order, jnp.int32(start), length=length)
+                parts.append(m)
+            assert_trees_equal(state, expected)
+            metrics = {key: np.concatenate([m[key] for m in parts]) for key in parts[0]}
+            if state0 is s.state:  # the same training as without the signal, to rounding
+                np.testing.assert_allclose(metrics["loss"], plain["loss"], rtol=1e-5)
+            steps = int(state0.step) + np.arange(6)
+            rel_err = metrics["grad_check/total/rel_err"]
+            np.testing.assert_array_equal(np.isfinite(rel_err), steps % k == 0)
+            assert np.all(rel_err[steps % k == 0] < 1e-5)
+            assert np.isfinite(metrics["layer_stats/layer0/grad_norm"]).tolist() == [0] * 5 + [1]
+
+
 def test_make_epoch_layer_stats_only_at_last_step(setup):
     s = setup
     epoch = train.make_epoch(s.net, s.loss, s.opt, batch_size=BATCH, with_layer_stats=True)
