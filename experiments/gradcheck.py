@@ -30,6 +30,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,29 @@ def with_bug(layer: Layer) -> Layer:
     return layer._replace(backward=backward)
 
 
+# How to rebuild a combinator from new sublayers (``Layer.combinator`` -> constructor).
+_REBUILD = {
+    "serial": lambda subs: bpjax.serial(*subs),
+    "parallel": lambda subs: bpjax.layers.parallel(*subs),
+    "residual": lambda subs: bpjax.layers.residual(*subs),
+}
+
+
+def layers_within(net: Layer) -> Iterator[Layer]:
+    """``net`` and every layer inside it, at any depth (residual blocks, parallel branches)."""
+    yield net
+    for layer in net.sublayers:
+        yield from layers_within(layer)
+
+
 def inject_bug(net: Layer, kind: str) -> Layer:
-    """Rebuilds a ``serial`` network with ``with_bug`` applied to every layer of ``kind``."""
-    return bpjax.serial(
-        *(with_bug(layer) if layer_kind(layer) == kind else layer for layer in net.sublayers)
-    )
+    """``net`` with ``with_bug`` applied to every layer of ``kind`` at any depth: the convs
+    inside a residual block too (the check then names the block that holds them)."""
+    if layer_kind(net) == kind:
+        return with_bug(net)
+    if net.combinator in _REBUILD:
+        return _REBUILD[net.combinator]([inject_bug(layer, kind) for layer in net.sublayers])
+    return net
 
 
 def make_targets(key: jax.Array, loss_name: str, batch: int, n_out: int, dtype: Any) -> jax.Array:
@@ -291,7 +310,8 @@ def validate(cfg: DictConfig) -> None:
         kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
         for spec in OmegaConf.to_container(cfg.image_architectures):
             net = build_image_net(spec, cfg.image_activations[0])
-            kinds |= {layer_kind(layer) for layer in net.sublayers or (net,)}
+            kinds |= {layer_kind(layer) for layer in layers_within(net) if not layer.combinator}
+            kinds |= {layer_kind(layer) for layer in net.sublayers} - {"serial"}  # residual
         if cfg.inject_bug not in kinds:
             raise ValueError(
                 f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "

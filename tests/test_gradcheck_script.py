@@ -149,6 +149,28 @@ def test_an_injected_conv_bug_is_named(tmp_path, capsys):
     assert "first failure: layer 3 (conv2d" in capsys.readouterr().out
 
 
+def test_an_injected_conv_bug_reaches_the_convs_inside_residual_blocks(tmp_path):
+    # It reached the stem conv only: a ResNet whose block convs were wrong passed them.
+    cfg = compose(IMAGES)
+    cfg.image_architectures = [a for a in cfg.image_architectures if a.name == "resnet"]
+    net = gradcheck.build_image_net(cfg.image_architectures[0], "relu")
+    inner = [
+        layer
+        for block in net.sublayers
+        if block.combinator == "residual"
+        for layer in gradcheck.layers_within(block)
+        if gradcheck.layer_kind(layer) == "conv2d"
+    ]
+    assert inner  # the config's resnet has convs inside its blocks
+    bugged = gradcheck.inject_bug(net, "conv2d")
+    kinds = [gradcheck.layer_kind(layer) for layer in gradcheck.layers_within(bugged)]
+    assert kinds == [gradcheck.layer_kind(layer) for layer in gradcheck.layers_within(net)]
+    cfg.inject_bug = "conv2d"
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    failing = {r["layer_name"].split("(")[0] for r in result["rows"] if r["status"] == "failed"}
+    assert "residual" in failing and not result["passed"]
+
+
 def test_injected_dense_bug_is_named(tmp_path):
     cfg = compose([*SMALL, "inject_bug=dense"])
     result = gradcheck.run(cfg, output_dir=tmp_path)
