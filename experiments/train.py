@@ -139,6 +139,16 @@ def _listen_for_compilations() -> None:
         _LISTENING.append(True)
 
 
+def _takes_flat(net: Any, batch_size: int, data: Any) -> bool:
+    """Whether ``net`` maps the data's examples, flattened, to ``[batch, outputs]`` (an MLP
+    given images does; a network with convolutions does not)."""
+    try:
+        out = output_shape(net, (batch_size, math.prod(data.input_shape)))
+    except (NeedsImages, ValueError):
+        return False
+    return len(out) == 2
+
+
 def _count(n: int, noun: str) -> str:
     """``1 epoch``, ``2 epochs``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -649,8 +659,10 @@ def train(
     try:
         out = output_shape(net, (trainer.batch_size, *data.input_shape))
     except NeedsImages as e:
-        flat = len(data.input_shape) == 1
-        hint = " (dataset.flatten=false loads them as images)" if flat else ""
+        # Only images loaded flat can be loaded as images: not iris's rows, which stay flat
+        # with dataset.flatten=false (a CNN model's config sets it).
+        images = len(data.input_shape) == 1 and cfg.dataset.get("flatten") is True
+        hint = " (dataset.flatten=false loads them as images)" if images else ""
         raise ConfigError(f"the model takes images [batch, h, w, c]: {e}{hint}") from None
     except ValueError as e:  # a layer that can't take its input: too small for a kernel, ...
         shape = "x".join(map(str, data.input_shape))
@@ -659,7 +671,11 @@ def train(
             f"the model does not fit {data.name}'s {shape} inputs: {reason}"
         ) from None
     if len(out) != 2:
-        hint = " (dataset.flatten=true loads them flat)" if len(data.input_shape) > 1 else ""
+        hint = (
+            " (dataset.flatten=true loads them flat)"
+            if len(data.input_shape) > 1 and _takes_flat(net, trainer.batch_size, data)
+            else ""
+        )
         raise ConfigError(
             f"the model maps {data.name}'s {tuple(data.input_shape)} inputs to "
             f"{tuple(out[1:])} per example, not to outputs: put bpjax.flatten() before its "
