@@ -404,6 +404,9 @@ def test_tables_cover_every_layer():
     # Building by name exercises the public constructor of the same name.
     for name in set(layers.ACTIVATIONS) & set(layers.__all__):
         assert layers.ACTIVATIONS[name] is getattr(layers, name)
+    # Every layer case is checked (a network at one batch size); the networks named are cases.
+    assert {c.values[0].id for c in CASE_BATCHES} == set(LAYER_IDS)
+    assert MIXED_DTYPE_NETWORKS <= NETWORKS <= set(LAYER_IDS)
 
 
 def normal(shape, dtype=jnp.float64, *, seed: int = 0) -> jax.Array:
@@ -479,6 +482,19 @@ def skip_eager_network(case, maybe_jit) -> None:
         pytest.skip("a network of layers checked eagerly one by one: jitted only")
 
 
+# (case, batch): every layer at every batch size; a whole network at the larger one (each of its
+# layers is checked at both on its own; a network's batch-1 run adds compile time, not cases).
+CASE_BATCHES = [
+    pytest.param(case, batch, id=f"{case.id}-{batch}")
+    for case in LAYERS
+    for batch in BATCHES
+    if case.id not in NETWORKS or batch == max(BATCHES)
+]
+# Networks whose composition the mixed-dtype test checks: the residual and batch-norm network
+# (branches, state) and the one with dropout; the plain stacks add nothing to their layers'.
+MIXED_DTYPE_NETWORKS = {"resnet", "cnn-bn-dropout"}
+
+
 def shape_of(tree) -> Any:
     """The shape of an array, or the tuple of shapes of a tuple of arrays."""
     if isinstance(tree, tuple):
@@ -490,8 +506,7 @@ def dtypes_of(tree) -> set:
     return {a.dtype for a in jax.tree_util.tree_leaves(tree)}
 
 
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("case", LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize(("case", "batch"), CASE_BATCHES)
 def test_backward_matches_vjp(case, batch, dtype, maybe_jit):
     skip_eager_network(case, maybe_jit)
     layer, out_shape, params, x, dy, key, state = setup_layer(case, batch, dtype)
@@ -537,7 +552,11 @@ MIXED_DTYPES = [
     MIXED_DTYPES,
     ids=[f"{x.__name__}-{p.__name__}" for x, p in MIXED_DTYPES],
 )
-@pytest.mark.parametrize("case", [c for c in LAYERS if c.has_params], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in LAYERS if c.has_params and (c.id not in NETWORKS or c.id in MIXED_DTYPE_NETWORKS)],
+    ids=lambda c: c.id,
+)
 def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case, x_dtype, p_dtype, maybe_jit):
     skip_eager_network(case, maybe_jit)
     layer, _, params, x, dy, key, state = setup_layer(case, 3, p_dtype)
