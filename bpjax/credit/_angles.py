@@ -84,7 +84,10 @@ def alignment(
       layers without ``w``. ``manual`` gives angles of ~0° (rounding): the control. For
       ``direct_feedback_alignment`` there is no weight angle: ``B_i`` stands in for the whole
       path from layer ``i`` to the output (weights and activation derivatives), not for one
-      weight, so no single ``w`` is its counterpart.
+      weight, so no single ``w`` is its counterpart. The first layer's feedback sends ``dx``
+      to the input only, which nothing uses: under ``feedback_alignment`` its fixed ``B``
+      never meets the weights' updates, so that layer's weight angle stays near where it
+      started (~90°), by construction.
     """
     check_mode(mode, "alignment")
     per_layer = grads if isinstance(grads, tuple) else (grads,)
