@@ -348,7 +348,7 @@ def test_quick_run_prints_every_table(quick_run):
         "whole epochs (make_epoch: one lax.scan)",
         "optimized HLO of each step",
         f"profile of {PROFILED}",
-        "learning rules: make_step(grad_mode=rule) against the manual step:",
+        "learning rules: make_step(grad_mode=rule) against the manual step (state donated):",
         "learning rules as fit trains them:",
         "the alignment signal's cost:",
         "epochs as fit runs them",

@@ -100,7 +100,8 @@ def rules_table(result: dict[str, Any]) -> list[str]:
             )
     return [
         "",
-        "learning rules: make_step(grad_mode=rule) against the manual step:",
+        "learning rules: make_step(grad_mode=rule) against the manual step"
+        + (" (state donated):" if result["config"]["rules"].get("donate") else ":"),
         *columns(rows),
         "(/manual, paired, cpu: rule / manual; A/A: a second manual executable / manual, paired)",
     ]

@@ -6,17 +6,21 @@ Per MLP point in ``rules.points``: ``make_step(..., grad_mode=rule)`` for each r
 point's params and the rule state ``init_state(..., grad_mode=rule)`` draws, on the point's
 batch; ``manual`` beside them and, with ``control``, a second manual executable (the A/A
 control). One group per point, sampled in the steps' rounds: manual and the control at either
-end, the rules between, the order reversed every other round.
+end, the rules between, the order reversed every other round. With ``rules.donate`` (the
+default) every step, manual's too, is jitted with its state donated, as a Python loop over a
+jitted step should be (``make_step``'s docstring): a step that returns an input it does not
+donate copies it, and a rule's fixed feedback is such an input.
 
 With ``rules.epochs``, each rule is also timed as training runs it: ``fit``'s epoch
 (``make_chunk`` in chunks of ``chunked.chunk_steps``, no signal, ``bench.chunks.fit_epoch``),
 against the manual epoch and its A/A control (a second manual executable), on the point's
-epoch data. The step alone returns the whole state, so a rule with fixed feedback copies
-that feedback out of every call (nothing is donated); inside the epoch's scan it stays put.
+epoch data; inside the epoch's scan the feedback stays put, donated or not.
 """
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from omegaconf import DictConfig
 
 from bpjax.train import make_step
@@ -50,6 +54,8 @@ def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> di
         step = loss_only(
             make_step(point.net, point.loss, point.optimizer, grad_mode=mode, rule_options=options)
         )
+        if cfg.rules.donate:  # each variant's own copy: a donated state is consumed by the call
+            step, state = jax.jit(step, donate_argnums=0), jax.tree_util.tree_map(jnp.copy, state)
         compiled, info[name] = compile_timed(step, state, x, y)
         variants[name] = Variant(
             lambda s, c=compiled: c(s, x, y)[0], state, warmup=cfg.warmup, block=cfg.block_seconds
