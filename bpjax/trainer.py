@@ -681,12 +681,15 @@ def fit(
                             step=step_before + bad + 1,
                             result=result,
                         )
-                    state = new_state
-                    done, loss_sum = (
+                    chunk_sum = loss_sum + float(np.sum(losses, dtype=np.float64))
+                    # One assignment, no call inside it: an interrupt (a second Ctrl-C, which is
+                    # not held) can't land between the state and the steps counted.
+                    state, done, loss_sum, in_progress = (
+                        new_state,
                         start + length,
-                        loss_sum + float(np.sum(losses, dtype=np.float64)),
+                        chunk_sum,
+                        {"epoch_step": start + length, "epoch_loss_sum": chunk_sum},
                     )
-                    in_progress = {"epoch_step": done, "epoch_loss_sum": loss_sum}
                     parts.append(chunk_metrics)
                     chunk_record = {
                         "epoch": epoch,
