@@ -38,6 +38,7 @@ import optax
 from bpjax import credit, distributed
 from bpjax import losses as losses_lib
 from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
+from bpjax.checkpoint import restore as checkpoint_restore
 from bpjax.data import Dataset
 from bpjax.layers import Layer, NeedsImages
 from bpjax.losses import Loss
@@ -277,6 +278,24 @@ def _check_run(path: Any, saved: dict[str, Any] | None, run: dict[str, Any]) -> 
 def _loss_by_name(name: str) -> Loss:
     """The same Loss object for the same name, so ``_compiled`` can reuse compiled functions."""
     return losses_lib.get(name)
+
+
+def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
+    """The checkpoint of whole epoch ``epoch`` (``restore``'s ``(state, meta)``), for a resume
+    whose latest checkpoint is ``saved["epoch_step"]`` steps past it, beyond ``epochs``.
+
+    Raises:
+      ResumeError: that epoch's checkpoint is not kept (or can't be read).
+    """
+    path = manager.path_for(epoch)
+    try:
+        return checkpoint_restore(path, like)
+    except (FileNotFoundError, UnreadableCheckpoint) as e:
+        raise ResumeError(
+            f"cannot resume with trainer.epochs={epochs}: the run's latest checkpoint is "
+            f"{saved['epoch_step']} steps into epoch {epoch + 1} and epoch {epoch}'s ({path.name}) "
+            f"is not kept ({e}); resume with epochs={epoch + 1} or more"
+        ) from None
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -587,6 +606,13 @@ def fit(
         state = jax.device_put(state, replicated)
         saved = meta["metrics"]
         start_epoch = int(saved.get("epoch", meta["step"]))
+        if saved.get("epoch_step") and start_epoch - 1 >= epochs:
+            # Saved mid-epoch beyond the epochs asked for: nothing to train, and the run's
+            # result is its last whole epoch's, not that of the steps after it.
+            state, meta = _restore_whole_epoch(manager, state, start_epoch - 1, saved, epochs)
+            state = jax.device_put(state, replicated)
+            saved = meta["metrics"]
+            start_epoch = int(saved.get("epoch", meta["step"]))
         if saved.get("epoch_step"):  # saved mid-epoch: the steps done of the next epoch
             resumed_steps = int(saved["epoch_step"])
             resumed_loss_sum = float(saved["epoch_loss_sum"])

@@ -9,6 +9,7 @@ network, loss and optimizer objects, so the tests share module-level objects (``
 import math
 import os
 import pathlib
+import shutil
 import signal
 import textwrap
 
@@ -508,6 +509,25 @@ def test_a_signal_mid_epoch_stops_at_a_chunks_end_and_resumes_exactly(
     assert int(restored.step) == 2 * 8 + steps
     resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=6, resume=True, **options)
     assert_trees_equal(resumed.state, reference["dropout"].state)
+
+
+def test_a_resume_asking_for_fewer_epochs_than_a_mid_epoch_checkpoint_ends_whole(
+    small, reference, tmp_path
+):
+    # Found by a new user: interrupted 4 steps into epoch 3, resumed with epochs=2: nothing to
+    # train, but the result (metrics.json) was that of the state 4 steps past epoch 2, labelled
+    # epoch 2. It is epoch 2's now; without epoch 2's checkpoint, one clear refusal.
+    options = {**SMALL, "checkpoint_dir": str(tmp_path), "chunk_steps": 2}
+    with pytest.raises(KeyboardInterrupt):
+        fit(NET_DROPOUT, CE, ADAM, small, epochs=6, on_chunk=[InterruptAfterChunk(3, 4)], **options)
+    two = fit(NET_DROPOUT, CE, ADAM, small, epochs=2, **{**options, "checkpoint_dir": None})
+    resumed = fit(NET_DROPOUT, CE, ADAM, small, epochs=2, resume=True, **options)
+    assert resumed.history == [] and resumed.metrics["steps"] == 2 * 8
+    assert_trees_equal(resumed.state, two.state)
+    assert resumed.metrics["test_loss"] == two.metrics["test_loss"]
+    shutil.rmtree(tmp_path / "ckpt_000002")
+    with pytest.raises(ResumeError, match=r"4 steps into epoch 3 .* epochs=3 or more"):
+        fit(NET_DROPOUT, CE, ADAM, small, epochs=2, resume=True, **options)
 
 
 def test_a_new_run_refuses_a_directory_with_checkpoints(small, tmp_path, monkeypatch):
