@@ -149,6 +149,11 @@ def _takes_flat(net: Any, batch_size: int, data: Any) -> bool:
     return len(out) == 2
 
 
+def _possessive(name: str) -> str:
+    """``mnist's``, ``digits'``."""
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
+
+
 def _count(n: int, noun: str) -> str:
     """``1 epoch``, ``2 epochs``."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
@@ -468,6 +473,13 @@ def _container(node: DictConfig) -> Any:
     return OmegaConf.to_container(node, resolve=True)
 
 
+def _fits_length(cfg: DictConfig) -> bool:
+    """Whether ``cfg.schedule`` takes its decay from the run's length (``decay_steps`` unset)."""
+    factory = instantiate(cfg.schedule)
+    takes = inspect.signature(factory.func).parameters
+    return "decay_steps" in takes and "decay_steps" not in factory.keywords
+
+
 def build_schedule(cfg: DictConfig, total_steps: int):
     """The optax schedule of ``cfg.schedule``, filled in with the rate and the run's length."""
     factory = instantiate(cfg.schedule)
@@ -668,18 +680,16 @@ def train(
         shape = "x".join(map(str, data.input_shape))
         reason = first_line(e) or type(e).__name__
         raise ConfigError(
-            f"the model does not fit {data.name}'s {shape} inputs: {reason}"
+            f"the model does not fit {_possessive(data.name)} {shape} inputs: {reason}"
         ) from None
     if len(out) != 2:
-        hint = (
-            " (dataset.flatten=true loads them flat)"
-            if len(data.input_shape) > 1 and _takes_flat(net, trainer.batch_size, data)
-            else ""
-        )
+        # A model that takes them flat (an MLP given images): load them flat, first.
+        flat = len(data.input_shape) > 1 and _takes_flat(net, trainer.batch_size, data)
+        fix = "dataset.flatten=true loads them flat, or put" if flat else "put"
         raise ConfigError(
-            f"the model maps {data.name}'s {tuple(data.input_shape)} inputs to "
-            f"{tuple(out[1:])} per example, not to outputs: put bpjax.flatten() before its "
-            f"dense layers{hint}"
+            f"the model maps {_possessive(data.name)} {tuple(data.input_shape)} inputs to "
+            f"{tuple(out[1:])} per example, not to outputs: {fix} bpjax.flatten() before "
+            f"its dense layers"
         )
     n_out = out[-1]
     if n_out != data.n_outputs and not single_output_binary(n_out, data.n_classes, loss_name):
@@ -750,6 +760,11 @@ def train(
             changed = changed_settings(checkpoint_dir, config, where["path"])
             if changed:
                 console.say(f"bpjax: resuming with changed settings: {'; '.join(changed)}")
+            if any(c.startswith("trainer.epochs:") for c in changed) and _fits_length(cfg):
+                console.say(
+                    f"bpjax: the learning-rate schedule ({_target_name(cfg.schedule)}) follows "
+                    f"the run's length: it now decays over {spec['total_steps']} steps"
+                )
 
     reporter = EpochReporter(
         logger,
@@ -781,6 +796,7 @@ def train(
     message = ""
     nothing_done = False
     try:
+        _stop_if_interrupted()  # a signal whose interrupt was swallowed while starting up
         result = fit(
             net,
             loss,
@@ -806,7 +822,7 @@ def train(
             eval_splits=("train", "val", "test"),
             callbacks=[reporter, *callbacks],
             chunk_steps=trainer.chunk_steps,
-            on_chunk=[reporter.chunk],
+            on_chunk=[reporter.chunk, _stop_if_interrupted],
             rule_options=rule_options,
             on_resume=on_resume,
         )
@@ -962,14 +978,35 @@ def _process_label() -> str:
     return f"[process {jax.process_index()}] " if _joined_several() else ""
 
 
+# The interrupts this process received. One raised while a library runs a callback of its own
+# (jax's garbage-collection callback, say) is printed as "ignored" and lost; it is raised again
+# before training and between chunks (_stop_if_interrupted).
+_SIGNALS: list[int] = []
+
+
 def _raise_interrupt(signum, frame):
     del frame  # unused
+    _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _stop_if_interrupted(*_: Any) -> None:
+    """Raises ``KeyboardInterrupt`` again if a signal came and its interrupt was swallowed."""
+    if _SIGNALS:
+        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
+
+
+def _handle_interrupts() -> None:
+    """SIGTERM, and Ctrl-C where Python's own handler has it (not where it is ignored, as in a
+    background job), raise ``KeyboardInterrupt`` through ``_raise_interrupt``."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _handle_interrupts()  # again: a sweep's launcher may run the job in a process of its own
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     label = _job_label()
     try:
@@ -1041,8 +1078,12 @@ def run() -> None:
     config error. Any other exception keeps its traceback."""
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing and exiting 1
+    _handle_interrupts()
     try:
         main()
+    except KeyboardInterrupt:  # before main's own handling: Hydra composing the config
+        print("\ninterrupted before training started: nothing to resume", file=sys.stderr)
+        sys.exit(130)
     except (ConfigCompositionException, OverrideParseException) as e:
         overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
         print(

@@ -734,6 +734,8 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
         said[2],
     ]
     assert said[2].startswith("epoch 2/2 ")
+    # the default cosine schedule decays over the run's length: a new length changes it
+    assert any(line.startswith("bpjax: the learning-rate schedule (cosine") for line in out), out
 
 
 def test_train_warns_when_the_loss_explodes(tmp_path, capsys):
@@ -1181,8 +1183,11 @@ BAD_INPUTS = {
     "model=cnn model.batch_norm=no": ["model.batch_norm must be true or false", "'no'"],
     "trainer.progress=maybe": ["trainer.progress must be true or false", "'maybe'"],
     # A network that can't take the data's shape (a traceback from the layer's own check).
-    "model=lenet5": ["does not fit digits's 8x8x1 inputs", "conv2d(16, 5x5"],
-    "dataset.flatten=false": ["(8, 8, 10) per example", "bpjax.flatten()", "dataset.flatten=true"],
+    "model=lenet5": ["does not fit digits' 8x8x1 inputs", "conv2d(16, 5x5"],
+    "dataset.flatten=false": [
+        "digits' (8, 8, 1) inputs",
+        "not to outputs: dataset.flatten=true loads them flat, or put bpjax.flatten()",
+    ],
     # ... and no dataset.flatten advice where it can't help: convolutions need the images (a
     # stack whose global_avg_pool became relu), iris has none.
     "model=stack model._args_.5._target_=bpjax.relu": ["(4, 4, 10) per example", "bpjax.flatten()"],
@@ -1246,6 +1251,40 @@ def test_script_bad_input(bad_runs, overrides):
 
 def _latest_epoch(checkpoints: pathlib.Path) -> int:
     return max(checkpoint.CheckpointManager(checkpoints).all_steps(), default=0)  # finished ones
+
+
+def test_an_interrupt_that_a_library_swallowed_is_raised_again(monkeypatch):
+    # Found by a new user: a Ctrl-C that landed in jax's garbage-collection callback was printed
+    # as "Exception ignored" and training went on for minutes. The signal is recorded, and
+    # raised again before training and after every chunk.
+    monkeypatch.setattr(train_script, "_SIGNALS", [])
+    train_script._stop_if_interrupted()  # no signal: nothing
+    try:
+        train_script._raise_interrupt(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # what a caller of a gc callback does with it
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        train_script._stop_if_interrupted({"epoch": 1})  # as an on_chunk callback
+
+
+def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+    # It was a 60-line traceback (Ctrl-C) or a silent exit 143 (SIGTERM) before main ran.
+    def interrupted():
+        raise KeyboardInterrupt
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(train_script, "main", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train_script.run()
+        assert signal.getsignal(signal.SIGTERM) is train_script._raise_interrupt
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert exit_info.value.code == 130
+    assert (
+        capsys.readouterr().err.strip() == "interrupted before training started: nothing to resume"
+    )
 
 
 @pytest.mark.slow
