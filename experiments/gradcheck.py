@@ -213,6 +213,8 @@ def _worst(result: GradCheckResult, check: str) -> str:
     only row is inconclusive, "-" when there is none)."""
     rows = [row for row in result.rows if row.check == check]
     errors = [row.rel_err for row in rows if row.status in ("passed", "failed")]
+    if any(math.isnan(e) for e in errors):  # a row with nothing to compare (shapes differ)
+        return "nan"
     if errors:
         return f"{max(errors):.1e}"
     return "inconcl." if any(row.status == "inconclusive" for row in rows) else "-"
@@ -220,6 +222,8 @@ def _worst(result: GradCheckResult, check: str) -> str:
 
 def _describe(row: GradCheckRow) -> str:
     where = row.layer_name if row.layer is None else f"layer {row.layer} ({row.layer_name})"
+    if math.isnan(row.rel_err):  # nothing compared: the row's note says why (shapes, an error)
+        return f"{where}: {row.check} check of {row.leaf}: {row.note or 'no error measured'}"
     return f"{where}: {row.check} check of {row.leaf}, rel_err {row.rel_err:.2e} > {row.tol:g}"
 
 

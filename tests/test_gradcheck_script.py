@@ -300,7 +300,7 @@ def test_script_exits_nonzero_and_names_the_injected_layer(tmp_path):
 @pytest.mark.parametrize(
     ("kind", "leaf"), [("batch_norm", "scale"), ("max_pool", "dx"), ("residual", None)]
 )
-def test_an_injected_bug_in_any_layer_kind_is_a_failure_not_a_crash(tmp_path, kind, leaf):
+def test_an_injected_bug_in_any_layer_kind_is_a_failure_not_a_crash(tmp_path, capsys, kind, leaf):
     """batch norm (scale/offset), a residual block (nested gradients) and a pooling layer (its
     dx then has the wrong shape) each get a bug that the check names; none crashes it."""
     cfg = compose(IMAGES)
@@ -317,3 +317,7 @@ def test_an_injected_bug_in_any_layer_kind_is_a_failure_not_a_crash(tmp_path, ki
     assert {name for name, _ in failing} == {kind}, failing
     if leaf is not None:
         assert (kind, leaf) in failing
+    if kind == "max_pool":  # the console's line says why: the shapes (it said "rel_err nan")
+        out = capsys.readouterr().out
+        assert "check of dx: shape (" in out and "but the reference's is" in out, out
+        assert " nan " in out  # the layer column: no error measured, not 0.0e+00
