@@ -335,7 +335,7 @@ def test_make_epoch_grad_check_every(setup, grad_mode):
                 np.testing.assert_allclose(values[checked], 1.0, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("k", [1, 4, 5, 7])
+@pytest.mark.parametrize("k", [1, 4, 7])
 def test_the_signal_leaves_training_alone_in_any_chunk_plan(setup, k):
     # The checks run between loops of steps (not in a lax.cond beside each step, which made XLA
     # copy the params every step): the same states as the whole epoch's, whatever the chunks,
@@ -350,7 +350,7 @@ def test_the_signal_leaves_training_alone_in_any_chunk_plan(setup, k):
     whole, whole_from = (
         epoch(state, s.x, s.y, jnp.int32(2))[0] for state in (s.state, start_state)
     )
-    for chunk_steps in (1, 2, 4, 6):
+    for chunk_steps in (1, 4):  # chunks of 1; of 4 and 2 (the whole epoch is make_epoch's)
         for state0, expected in ((s.state, whole), (start_state, whole_from)):
             state, parts = state0, []
             order = order_fn(state, N_EPOCH, jnp.int32(2))
