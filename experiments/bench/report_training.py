@@ -77,11 +77,10 @@ def epoch_table(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def rules_table(result: dict[str, Any]) -> list[str]:
-    ruled = [(name, p["rules"]) for name, p in result["points"].items() if p.get("rules")]
-    if not ruled:
-        return []
-    rows = [("point", "mode", "ms/step", "cpu ms", "/manual", "paired", "cpu", "A/A", "peak MB")]
+def _rule_rows(ruled: list, ratio: str, figures: Any, after: Any = None) -> list[tuple]:
+    """A row per point and mode: ``figures(r, m)`` (the section's own columns), the ``ratio``
+    to manual (medians, paired, cpu), on manual's row the A/A control's, then ``after(m)``."""
+    rows = []
     for name, r in ruled:
         for mode, m in r["modes"].items():
             vs = r["vs_manual"].get(mode)
@@ -89,21 +88,39 @@ def rules_table(result: dict[str, Any]) -> list[str]:
                 (
                     name,
                     mode,
-                    f"{m['step_ms']:.4f}",
-                    f"{m['step_cpu_ms']:.4f}",
-                    fmt(vs and vs["step_ratio"], ".3f"),
-                    fmt(vs and vs["step_ratio_paired"], ".3f"),
-                    fmt(vs and vs["step_ratio_cpu"], ".3f"),
+                    *figures(r, m),
+                    fmt(vs and vs[ratio], ".3f"),
+                    fmt(vs and vs[ratio + "_paired"], ".3f"),
+                    fmt(vs and vs[ratio + "_cpu"], ".3f"),
                     fmt(r["control_ratio_paired"], ".3f") if mode == "manual" else "",
-                    fmt(mb(m["peak_bytes"]), ".3f"),
+                    *(after(m) if after else ()),
                 )
             )
+    return rows
+
+
+_RULES_NOTE = (
+    "(/manual, paired, cpu: rule / manual; A/A: a second manual executable / manual, paired)"
+)
+
+
+def rules_table(result: dict[str, Any]) -> list[str]:
+    ruled = [(name, p["rules"]) for name, p in result["points"].items() if p.get("rules")]
+    if not ruled:
+        return []
+    header = ("point", "mode", "ms/step", "cpu ms", "/manual", "paired", "cpu", "A/A", "peak MB")
+    rows = _rule_rows(
+        ruled,
+        "step_ratio",
+        lambda r, m: (f"{m['step_ms']:.4f}", f"{m['step_cpu_ms']:.4f}"),
+        lambda m: (fmt(mb(m["peak_bytes"]), ".3f"),),
+    )
     return [
         "",
         "learning rules: make_step(grad_mode=rule) against the manual step"
         + (" (state donated):" if result["config"]["rules"].get("donate") else ":"),
-        *columns(rows),
-        "(/manual, paired, cpu: rule / manual; A/A: a second manual executable / manual, paired)",
+        *columns([header, *rows]),
+        _RULES_NOTE,
     ]
 
 
@@ -111,28 +128,17 @@ def rule_epochs_table(result: dict[str, Any]) -> list[str]:
     ruled = [(n, p["rule_epochs"]) for n, p in result["points"].items() if p.get("rule_epochs")]
     if not ruled:
         return []
-    rows = [("point", "mode", "steps", "epoch s", "cpu s", "/manual", "paired", "cpu", "A/A")]
-    for name, r in ruled:
-        for mode, m in r["modes"].items():
-            vs = r["vs_manual"].get(mode)
-            rows.append(
-                (
-                    name,
-                    mode,
-                    str(r["steps"]),
-                    f"{m['epoch_s']:.3f}",
-                    f"{m['epoch_cpu_s']:.3f}",
-                    fmt(vs and vs["epoch_ratio"], ".3f"),
-                    fmt(vs and vs["epoch_ratio_paired"], ".3f"),
-                    fmt(vs and vs["epoch_ratio_cpu"], ".3f"),
-                    fmt(r["control_ratio_paired"], ".3f") if mode == "manual" else "",
-                )
-            )
+    header = ("point", "mode", "steps", "epoch s", "cpu s", "/manual", "paired", "cpu", "A/A")
+    rows = _rule_rows(
+        ruled,
+        "epoch_ratio",
+        lambda r, m: (str(r["steps"]), f"{m['epoch_s']:.3f}", f"{m['epoch_cpu_s']:.3f}"),
+    )
     return [
         "",
         "learning rules as fit trains them: fit's epoch (make_chunk, no signal) against manual's:",
-        *columns(rows),
-        "(/manual, paired, cpu: rule / manual; A/A: a second manual executable / manual, paired)",
+        *columns([header, *rows]),
+        _RULES_NOTE,
     ]
 
 

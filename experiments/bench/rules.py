@@ -68,18 +68,7 @@ def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> di
 def rule_results(built: dict[str, Any]) -> dict[str, Any]:
     """Each rule's step figures and its ratios to the manual step (``step_ratio``,
     ``_paired``, ``_cpu``: rule / manual); the A/A control's ratios to manual."""
-    variants, info = built["variants"], built["info"]
-    modes = {
-        name: {**variant_stats(v, info[name]), "params_finite": finite(v.carry.params)}
-        for name, v in variants.items()
-        if name != "control"
-    }
-    vs_manual = {
-        name: ratios(variants[name], variants["manual"], "step_ratio")
-        for name in modes
-        if name != "manual"
-    }
-    return {"modes": modes, "vs_manual": vs_manual, **control_ratios(variants, "manual")}
+    return _against_manual(built, variant_stats, "step_ratio")
 
 
 def rule_epochs(cfg: DictConfig, point: Point, data: tuple, rules: list[str]) -> dict[str, Any]:
@@ -119,20 +108,21 @@ def rule_epochs(cfg: DictConfig, point: Point, data: tuple, rules: list[str]) ->
 def rule_epoch_results(built: dict[str, Any]) -> dict[str, Any]:
     """Each rule's epoch figures and its ratios to the manual epoch (``epoch_ratio``,
     ``_paired``, ``_cpu``); the A/A control's ratios to manual."""
+    return {"steps": built["steps"], **_against_manual(built, epoch_stats, "epoch_ratio")}
+
+
+def _against_manual(built: dict[str, Any], stats: Any, ratio_name: str) -> dict[str, Any]:
+    """``modes`` (each variant's ``stats`` and whether its params stayed finite, the control
+    left out), ``vs_manual`` (each rule's ``ratio_name`` ratios to manual) and the control's."""
     variants, info = built["variants"], built["info"]
     modes = {
-        name: {**epoch_stats(v, info[name]), "params_finite": finite(v.carry.params)}
+        name: {**stats(v, info[name]), "params_finite": finite(v.carry.params)}
         for name, v in variants.items()
         if name != "control"
     }
     vs_manual = {
-        name: ratios(variants[name], variants["manual"], "epoch_ratio")
+        name: ratios(variants[name], variants["manual"], ratio_name)
         for name in modes
         if name != "manual"
     }
-    return {
-        "steps": built["steps"],
-        "modes": modes,
-        "vs_manual": vs_manual,
-        **control_ratios(variants, "manual"),
-    }
+    return {"modes": modes, "vs_manual": vs_manual, **control_ratios(variants, "manual")}

@@ -149,24 +149,16 @@ def _epoch_targets(cfg: DictConfig, points: dict[str, Any], suffix: str) -> dict
 def _training_targets(cfg: DictConfig, points: dict[str, Any], suffix: str) -> dict[str, Any]:
     """The rules' steps against manual, the alignment signal's cost, the chunked epoch."""
     t, out = cfg.targets, {}
-    ruled = {n: p["rules"] for n, p in points.items() if p.get("rules")}
-    for rule in next(iter(ruled.values()))["vs_manual"] if ruled else ():
-        values = {
-            n: (r["vs_manual"][rule]["step_ratio" + suffix], r["control_ratio" + suffix])
-            for n, r in ruled.items()
-        }
-        out.update(
-            ratio_targets(f"{rule}_step_ratio", values, None, t.rule_step_ratio_max, t.ratio)
-        )
-    in_epochs = {n: p["rule_epochs"] for n, p in points.items() if p.get("rule_epochs")}
-    for rule in next(iter(in_epochs.values()))["vs_manual"] if in_epochs else ():
-        values = {
-            n: (r["vs_manual"][rule]["epoch_ratio" + suffix], r["control_ratio" + suffix])
-            for n, r in in_epochs.items()
-        }
-        out.update(
-            ratio_targets(f"{rule}_epoch_ratio", values, None, t.rule_step_ratio_max, t.ratio)
-        )
+    for section, ratio in (("rules", "step_ratio"), ("rule_epochs", "epoch_ratio")):
+        ruled = {n: p[section] for n, p in points.items() if p.get(section)}
+        for rule in next(iter(ruled.values()))["vs_manual"] if ruled else ():
+            values = {
+                n: (r["vs_manual"][rule][ratio + suffix], r["control_ratio" + suffix])
+                for n, r in ruled.items()
+            }
+            out.update(
+                ratio_targets(f"{rule}_{ratio}", values, None, t.rule_step_ratio_max, t.ratio)
+            )
     for name, p in points.items():
         for mode, cost in ((p.get("grad_check") or {}).get("modes") or {}).items():
             measured = cost["cost_ratio" + suffix]
