@@ -178,6 +178,11 @@ def layer_stats(params: Any, grads: Any, updates: Any) -> dict[str, jax.Array]:
     return out
 
 
+def _step_key(state: TrainState) -> jax.Array:
+    """The dropout key of the step ``state.step``: ``fold_in(fold_in(key, DROPOUT), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+
+
 def make_step(
     net: Layer,
     loss: Loss,
@@ -228,7 +233,7 @@ def make_step(
         if batch_sharding is not None:
             x = lax.with_sharding_constraint(x, batch_sharding)
             y = lax.with_sharding_constraint(y, batch_sharding)
-        key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+        key = _step_key(state)
         (value, (output, net_state)), grads = grad_fn(
             state.params, x, y, key=key, state=state.net_state, feedback=state.rule_state
         )
@@ -327,7 +332,7 @@ def _scan_steps(
     def check(state, xb, yb):
         """The signals at ``state``'s step: the step's gradient (the rule's update direction)
         recomputed as the step computes it, against the other mode's."""
-        key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+        key = _step_key(state)
         common = {"key": key, "state": state.net_state}
         _, grads = own_grad(state.params, xb, yb, feedback=state.rule_state, **common)
         _, g_other = other_grad(state.params, xb, yb, **common)
@@ -380,8 +385,9 @@ def _checked_steps(body, check, every, state, x, y, rows, indices):
     check_shapes = jax.eval_shape(check, state, x[rows[0]], y[rows[0]])
     if length == 1:  # one step: XLA compiles a one-step loop apart from a longer one's steps
         due = state.step % every == 0
-        nan = jax.tree_util.tree_map(lambda v: jnp.full(v.shape, jnp.nan, v.dtype), check_shapes)
-        checked = lax.cond(due, check, lambda *_: nan, state, x[rows[0]], y[rows[0]])
+        checked = lax.cond(
+            due, check, lambda *_: _nan_like(check_shapes), state, x[rows[0]], y[rows[0]]
+        )
         state, metrics = lax.scan(body, state, (indices, rows))
         return state, {**metrics, **{k: v[None] for k, v in checked.items()}}
     step_shapes = jax.eval_shape(body, state, (indices[0], rows[0]))[1]

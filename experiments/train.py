@@ -473,9 +473,9 @@ def _container(node: DictConfig) -> Any:
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _fits_length(cfg: DictConfig) -> bool:
-    """Whether ``cfg.schedule`` takes its decay from the run's length (``decay_steps`` unset)."""
-    factory = instantiate(cfg.schedule)
+def _fits_length(factory: functools.partial) -> bool:
+    """Whether a schedule factory (``instantiate(cfg.schedule)``) takes its decay from the
+    run's length: it has ``decay_steps`` and the config leaves it unset."""
     takes = inspect.signature(factory.func).parameters
     return "decay_steps" in takes and "decay_steps" not in factory.keywords
 
@@ -491,7 +491,7 @@ def build_schedule(cfg: DictConfig, total_steps: int):
         if name in parameters and name not in given:
             fill[name] = lr
             break
-    if "decay_steps" in parameters and "decay_steps" not in given:
+    if _fits_length(factory):
         fill["decay_steps"] = total_steps
     if "boundaries_and_scales" in given:
         fill["boundaries_and_scales"] = {
@@ -760,7 +760,9 @@ def train(
             changed = changed_settings(checkpoint_dir, config, where["path"])
             if changed:
                 console.say(f"bpjax: resuming with changed settings: {'; '.join(changed)}")
-            if any(c.startswith("trainer.epochs:") for c in changed) and _fits_length(cfg):
+            if any(c.startswith("trainer.epochs:") for c in changed) and _fits_length(
+                instantiate(cfg.schedule)
+            ):
                 console.say(
                     f"bpjax: the learning-rate schedule ({_target_name(cfg.schedule)}) follows "
                     f"the run's length: it now decays over {spec['total_steps']} steps"
