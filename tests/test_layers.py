@@ -406,6 +406,9 @@ def test_tables_cover_every_layer():
         assert layers.ACTIVATIONS[name] is getattr(layers, name)
     # Every layer case is checked (a network at one batch size); the networks named are cases.
     assert {c.values[0].id for c in CASE_BATCHES} == set(LAYER_IDS)
+    # ... jitted, and (a layer, not a network) eagerly too; both dtypes come from a fixture.
+    for mode, ids in (("jit", set(LAYER_IDS)), ("eager", set(LAYER_IDS) - NETWORKS)):
+        assert {c.values[0].id for c in CASE_BATCHES if c.values[2] == mode} == ids, mode
     assert MIXED_DTYPE_NETWORKS <= NETWORKS <= set(LAYER_IDS)
 
 
@@ -476,23 +479,22 @@ def reference(case_id: str, batch: int) -> tuple:
 # every operation of a network compiles on its own, for minutes of CPU and nothing new).
 NETWORKS = {"serial-cnn", "lenet5", "cnn-bn-dropout", "resnet"}
 
-
-def skip_eager_network(case, maybe_jit) -> None:
-    if case.id in NETWORKS and maybe_jit is not jax.jit:
-        pytest.skip("a network of layers checked eagerly one by one: jitted only")
-
-
-# (case, batch): every layer at every batch size; a whole network at the larger one (each of its
-# layers is checked at both on its own; a network's batch-1 run adds compile time, not cases).
+# (case, batch, mode): every layer jitted at every batch size, and eagerly (op by op, the same
+# operations: what it adds is that the backward runs outside a trace) at the larger batch; a
+# whole network jitted at the larger batch only (each of its layers is checked at both sizes
+# on its own; a network's batch-1 run adds compile time, not cases).
 CASE_BATCHES = [
-    pytest.param(case, batch, id=f"{case.id}-{batch}")
+    pytest.param(case, batch, mode, id=f"{mode}-{case.id}-{batch}")
     for case in LAYERS
     for batch in BATCHES
-    if case.id not in NETWORKS or batch == max(BATCHES)
+    for mode in ("eager", "jit")
+    if (case.id not in NETWORKS or mode == "jit")
+    and (batch == max(BATCHES) or (mode == "jit" and case.id not in NETWORKS))
 ]
-# Networks whose composition the mixed-dtype test checks: the residual and batch-norm network
-# (branches, state) and the one with dropout; the plain stacks add nothing to their layers'.
-MIXED_DTYPE_NETWORKS = {"resnet", "cnn-bn-dropout"}
+# Networks whose composition the mixed-dtype test checks: the one with batch norm and dropout
+# (state and a key through a stack). Branches are checked by the residual and fan-out cases on
+# their own; the ResNet alone took as long to compile in eight dtype combinations as the rest.
+MIXED_DTYPE_NETWORKS = {"cnn-bn-dropout"}
 
 
 def shape_of(tree) -> Any:
@@ -506,11 +508,11 @@ def dtypes_of(tree) -> set:
     return {a.dtype for a in jax.tree_util.tree_leaves(tree)}
 
 
-@pytest.mark.parametrize(("case", "batch"), CASE_BATCHES)
-def test_backward_matches_vjp(case, batch, dtype, maybe_jit):
-    skip_eager_network(case, maybe_jit)
+@pytest.mark.parametrize(("case", "batch", "mode"), CASE_BATCHES)
+def test_backward_matches_vjp(case, batch, mode, dtype):
     layer, out_shape, params, x, dy, key, state = setup_layer(case, batch, dtype)
-    y, grads, dx = maybe_jit(forward_backward(layer))(params, x, dy, key, state)
+    run = forward_backward(layer)
+    y, grads, dx = (jax.jit(run) if mode == "jit" else run)(params, x, dy, key, state)
     # Inputs and params are float32 numbers, so float64 autodiff is the reference for both
     # dtypes. It is also the right one for float32: float32 autodiff underflows where ours does
     # not (jax's tanh-form gelu grad at x = -4.9 is 0, ours -3.2e-6 as in float64).
@@ -547,37 +549,61 @@ MIXED_DTYPES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("x_dtype", "p_dtype"),
-    MIXED_DTYPES,
-    ids=[f"{x.__name__}-{p.__name__}" for x, p in MIXED_DTYPES],
-)
+MIXED_DTYPE_IDS = [f"{x.__name__}-{p.__name__}" for x, p in MIXED_DTYPES]
+
+
+def mixed_dtype_inputs(case: Case, x_dtype, p_dtype) -> tuple:
+    """``setup_layer``'s layer, params, x, dy, key and state with params in ``p_dtype``, x in
+    ``x_dtype`` and dy in the dtype of each output (a branch without params keeps its input's
+    dtype)."""
+    layer, _, params, x, dy, key, state = setup_layer(case, 3, p_dtype)
+    x = jax.tree_util.tree_map(lambda a: a.astype(x_dtype), x)
+    y = jax.eval_shape(lambda: layers.apply(layer, params, x, key=key, state=state)[0])
+    dy = jax.tree_util.tree_map(lambda d, y_: d.astype(y_.dtype), dy, y)
+    return layer, params, x, dy, key, state
+
+
 @pytest.mark.parametrize(
     "case",
     [c for c in LAYERS if c.has_params and (c.id not in NETWORKS or c.id in MIXED_DTYPE_NETWORKS)],
     ids=lambda c: c.id,
 )
-def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case, x_dtype, p_dtype):
+def test_mixed_dtypes_give_autodiffs_gradient_dtypes(case):
     # Jitted only: dtypes are decided as the backward is traced, the same way eagerly (whose
-    # values test_backward_matches_vjp checks).
-    layer, _, params, x, dy, key, state = setup_layer(case, 3, p_dtype)
-    x = jax.tree_util.tree_map(lambda a: a.astype(x_dtype), x)
-    # dy in the dtype of each output (a branch without params keeps its input's dtype).
-    y = jax.eval_shape(lambda: layers.apply(layer, params, x, key=key, state=state)[0])
-    dy = jax.tree_util.tree_map(lambda d, y_: d.astype(y_.dtype), dy, y)
-    _, grads, dx = jax.jit(forward_backward(layer))(params, x, dy, key, state)
-    _, grads_ref, dx_ref = jitted_autodiff(layer, params, x, dy, key, state)
-    assert jax.tree_util.tree_map(lambda a: a.dtype, (grads, dx)) == jax.tree_util.tree_map(
-        lambda a: a.dtype, (grads_ref, dx_ref)
-    )
-    low = jnp.bfloat16 in (x_dtype, p_dtype)
-    as_f32 = functools.partial(tree_cast, dtype=jnp.float32)
-    assert_trees_close(
-        as_f32((grads, dx)),
-        as_f32((grads_ref, dx_ref)),
-        rtol=3e-2 if low else 1e-5,
-        atol=3e-2 if low else 1e-6,
-    )
+    # values test_backward_matches_vjp checks). Every dtype pair's manual and autodiff gradients
+    # are one jitted program: one compilation per layer, not eight.
+    inputs = {
+        pair: mixed_dtype_inputs(case, *dtypes)
+        for pair, dtypes in zip(MIXED_DTYPE_IDS, MIXED_DTYPES)
+    }
+
+    def both(arrays):
+        out = {}
+        for pair, (params, x, dy, key, state) in arrays.items():
+            layer = inputs[pair][0]
+            out[pair] = (
+                forward_backward(layer)(params, x, dy, key, state)[1:],
+                autodiff(layer, params, x, dy, key, state)[1:],
+            )
+        return out
+
+    results = jax.jit(both)({pair: args[1:] for pair, args in inputs.items()})
+    for pair, (x_dtype, p_dtype) in zip(MIXED_DTYPE_IDS, MIXED_DTYPES):
+        ours, theirs = results[pair]
+        assert jax.tree_util.tree_map(lambda a: a.dtype, ours) == jax.tree_util.tree_map(
+            lambda a: a.dtype, theirs
+        ), pair
+        low = jnp.bfloat16 in (x_dtype, p_dtype)
+        as_f32 = functools.partial(tree_cast, dtype=jnp.float32)
+        try:
+            assert_trees_close(
+                as_f32(ours),
+                as_f32(theirs),
+                rtol=3e-2 if low else 1e-5,
+                atol=3e-2 if low else 1e-6,
+            )
+        except AssertionError as error:
+            raise AssertionError(f"x, params dtypes {pair}: {error}") from None
 
 
 # Every row mixes -100, -50, 0, 50 and 100 (softmax sees them together); the last is all zeros.
