@@ -1206,43 +1206,46 @@ NOT_SAID = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
-    """Every bad command line, started at once (they are short: mostly interpreter start-up)."""
-    root = tmp_path_factory.mktemp("bad")
-    bad = root / "files"
-    bad.mkdir()
-    _damaged_data(bad)
-    procs = {}
-    for i, overrides in enumerate(BAD_INPUTS):
-        run_dir = root / str(i)
-        overrides_here = overrides.format(bad=bad).split()
-        args = script("dataset=digits", *overrides_here, f"hydra.run.dir={run_dir}")
-        procs[overrides] = (
-            run_dir,
-            subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-        )
-    results = {}
-    for overrides, (run_dir, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        results[overrides] = (run_dir, proc.returncode, stdout.decode(), stderr.decode(), bad)
-    return results
-
-
-@pytest.mark.parametrize("overrides", list(BAD_INPUTS))
-def test_script_bad_input(bad_runs, overrides):
-    run_dir, returncode, stdout, stderr, bad = bad_runs[overrides]
+def _check_bad_run(overrides, run_dir, returncode, stdout, stderr, bad) -> None:
     assert returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     assert "Traceback" not in stderr
     for word in BAD_INPUTS[overrides]:
-        assert word.format(bad=bad) in errors[0]
+        assert word.format(bad=bad) in errors[0], errors[0]
     for word in NOT_SAID.get(overrides, ()):
         assert word not in errors[0], errors[0]
     assert "epoch" not in stdout  # stopped before compiling or training
     assert not (run_dir / "checkpoints").exists()
     assert not (run_dir / "metrics.json").exists()
+
+
+def test_script_bad_input(tmp_path):
+    # Every bad command line, started at once (they are short: mostly interpreter start-up),
+    # in one test: as parametrized cases of a shared fixture, both xdist workers started all of
+    # them. Every failing input is reported, each with its own reason.
+    bad = tmp_path / "files"
+    bad.mkdir()
+    _damaged_data(bad)
+    procs = {}
+    for i, overrides in enumerate(BAD_INPUTS):
+        run_dir = tmp_path / str(i)
+        overrides_here = overrides.format(bad=bad).split()
+        args = script("dataset=digits", *overrides_here, f"hydra.run.dir={run_dir}")
+        procs[overrides] = (
+            run_dir,
+            subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        )
+    failures = []
+    for overrides, (run_dir, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        try:
+            _check_bad_run(
+                overrides, run_dir, proc.returncode, stdout.decode(), stderr.decode(), bad
+            )
+        except AssertionError as error:
+            failures.append(f"{overrides}: {error}")
+    assert not failures, "\n\n".join(failures)
 
 
 # --------------------------------------------------------------------------------------------
