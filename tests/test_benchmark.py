@@ -175,6 +175,14 @@ def test_quick_run_times_a_cnn_epoch_as_scan_and_loop(quick_run):
     # manual and autodiff, with the scan's A/A control; no host loop, no matmul floor.
     cfg, result, _ = quick_run
     (name,) = [n for n, p in result["points"].items() if p["kind"] == "model" and p["epoch"]]
+    # quick_settings.max_blocks keeps one of resnet-blocks' three identical residual blocks
+    # (batch norm, relu, conv): the same layers, in smaller programs.
+    (spec,) = [s for s in result["config"]["grid"] if s["name"] == name]
+    assert [layer["_target_"] for layer in spec["model"]["_args_"]] == [
+        "bpjax.layers.residual",
+        "bpjax.global_avg_pool",
+        "bpjax.dense",
+    ]
     point = result["points"][name]
     epoch = point["epoch"]
     assert epoch["kinds"] == ["scan", "loop"]

@@ -172,12 +172,21 @@ def all_texts(tag: str, text: str, *, timeout: float | None = None) -> list[str]
     client.key_value_set(directory + str(jax.process_index()), text)
     timeout = cluster().initialization_timeout if timeout is None else timeout
     deadline = time.monotonic() + timeout
+
+    def read() -> dict[int, str]:
+        return {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(directory)}
+
     while True:
-        posted = {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(directory)}
+        posted = read()
         if len(posted) == count:
             return [posted[i] for i in range(count)]
         failed = _failure(client)
         if failed is not None:
+            # The posts are read again: a process may have posted, then failed later, between
+            # the two reads above; the exchange it completed is not a failure.
+            posted = read()
+            if len(posted) == count:
+                return [posted[i] for i in range(count)]
             raise failed
         if time.monotonic() > deadline:
             missing = ", ".join(str(i) for i in range(count) if i not in posted)

@@ -142,13 +142,15 @@ def apply_quick(cfg: DictConfig) -> DictConfig:
 
     ``points`` keeps the grid points it names (None: all); MLP hidden widths are capped at
     ``max_width`` and their count at ``max_hidden_layers``; a model point's spatial sizes (all
-    but the last axis of ``input_shape``) at ``max_image_size``; batches at ``max_batch``;
-    ``epoch_examples`` is the quick setting everywhere. The other settings replace the keys of
-    the same name (nested mappings merge).
+    but the last axis of ``input_shape``) at ``max_image_size``, and each run of identical
+    consecutive layers of its ``_args_`` (a stack of the same block) at ``max_blocks``; batches
+    at ``max_batch``; ``epoch_examples`` is the quick setting everywhere. The other settings
+    replace the keys of the same name (nested mappings merge).
     """
     settings = OmegaConf.to_container(cfg.quick_settings, resolve=True)
     max_width, max_batch = settings.pop("max_width"), settings.pop("max_batch")
     max_hidden, max_image = settings.pop("max_hidden_layers"), settings.pop("max_image_size")
+    max_blocks = settings.pop("max_blocks")
     keep = settings.pop("points", None)
     grid = []
     for spec in OmegaConf.to_container(cfg.grid, resolve=True):
@@ -163,8 +165,23 @@ def apply_quick(cfg: DictConfig) -> DictConfig:
         elif spec.get("input_shape"):
             *spatial, channels = spec["input_shape"]
             spec["input_shape"] = [*(min(s, max_image) for s in spatial), channels]
+            spec["model"] = _fewer_blocks(spec["model"], max_blocks)
         grid.append(spec)
     return OmegaConf.merge(cfg, settings, {"grid": grid})
+
+
+def _fewer_blocks(model: dict[str, Any], most: int) -> dict[str, Any]:
+    """``model`` with each run of identical consecutive layers in its ``_args_`` (a stack of the
+    same block, as ``bpjax.serial`` takes them) cut to its first ``most``."""
+    args = model.get("_args_")
+    if not isinstance(args, list):
+        return model
+    kept, run = [], 0
+    for i, layer in enumerate(args):
+        run = run + 1 if i and layer == args[i - 1] else 1
+        if run <= most:
+            kept.append(layer)
+    return {**model, "_args_": kept}
 
 
 def synthetic_data(
