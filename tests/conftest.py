@@ -10,6 +10,7 @@
 """
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -58,6 +59,27 @@ def tree_cast(tree, dtype):
         lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
         tree,
     )
+
+
+def numpy_like(shapes, dtype=jnp.float64, *, seed: int = 0):
+    """A pytree of ``shapes`` (``jax.ShapeDtypeStruct`` leaves, e.g. from ``jax.eval_shape``)
+    drawn with numpy, ``N(0, 1 / fan_in)`` (``fan_in``: the product of all but the last axis; 1
+    for a vector), as ``dtype``. For tests that need some values, not jax's: eager
+    ``jax.random`` compiles a sampler for every new shape."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(
+            rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1])), dtype
+        ),
+        shapes,
+    )
+
+
+def numpy_params(net, in_shape, dtype=jnp.float64, *, seed: int = 0):
+    """Params in ``net.init``'s structure and shapes (traced, nothing compiled), drawn by
+    ``numpy_like``."""
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), in_shape)[1])
+    return numpy_like(shapes, dtype, seed=seed)
 
 
 def assert_trees_close(actual, expected, *, rtol, atol=0.0):

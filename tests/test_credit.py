@@ -18,6 +18,8 @@ from conftest import (
     assert_trees_close,
     assert_trees_equal,
     leaves,
+    numpy_like,
+    numpy_params,
     run_on_host_devices,
     tree_cast,
     trees_differ,
@@ -62,6 +64,15 @@ def normal(shape, seed=0, dtype=jnp.float64):
 
 def draw(mode, net, in_shape, seed=1, dtype=jnp.float64):
     return tree_cast(credit.init_rule_state(mode, net, in_shape, key=jax.random.key(seed)), dtype)
+
+
+def numpy_draw(mode, net, in_shape, seed=1, dtype=jnp.float64):
+    """``draw`` in ``init_rule_state``'s structure and shapes (traced: nothing compiled), its
+    values drawn by numpy (the rules' own draws: test_init_*)."""
+    shapes = jax.eval_shape(
+        lambda: credit.init_rule_state(mode, net, in_shape, key=jax.random.key(seed))
+    )
+    return numpy_like(shapes, dtype, seed=seed)
 
 
 def feedback_kwargs(mode, feedback):
@@ -222,8 +233,8 @@ def test_feedback_rule_through_a_residual_block(mode):
     block = layers.serial(layers.dense(5), layers.tanh(), layers.dense(5))
     net = layers.serial(layers.dense(5), layers.tanh(), layers.residual(block), layers.dense(N_OUT))
     x, labels = normal((BATCH, N_IN), 2), jnp.arange(BATCH) % N_OUT
-    params = tree_cast(net.init(jax.random.key(0), x.shape)[1], jnp.float64)
-    feedback = draw(mode, net, x.shape)
+    params = numpy_params(net, x.shape)
+    feedback = numpy_draw(mode, net, x.shape)
     f = grad.value_and_grad(net, "softmax_cross_entropy", mode=mode)
     kwargs = feedback_kwargs(mode, feedback)
     _, grads = jax.jit(lambda p, fb: f(p, x, labels, **({"feedback": fb} if kwargs else {})))(
@@ -328,7 +339,7 @@ def conv(x, kernel):
 def test_local_conv_backward_is_right():
     layer = local_conv(3, 2)
     x = normal((2, 4, 5, 2), 1)
-    params = tree_cast(layer.init(jax.random.key(0), x.shape)[1], jnp.float64)
+    params = numpy_params(layer, x.shape)
     y, cache = layer.forward(params, x)
     dy = normal(y.shape, 2)
     _, vjp = jax.vjp(lambda p, x_: layer.forward(p, x_)[0], params, x)
@@ -345,8 +356,8 @@ def test_feedback_rule_on_conv_replaces_the_kernel_in_dx_only(mode, make_conv):
         layers.dense(N_OUT),
     )  # fmt: skip
     x, labels = normal((2, 5, 5, 2), 1), jnp.arange(2) % N_OUT
-    params = tree_cast(net.init(jax.random.key(0), x.shape)[1], jnp.float64)
-    feedback = draw(mode, net, x.shape)
+    params = numpy_params(net, x.shape)
+    feedback = numpy_draw(mode, net, x.shape)
     f = grad.value_and_grad(net, "softmax_cross_entropy", mode=mode)
     kwargs = feedback_kwargs(mode, feedback)
     _, grads = jax.jit(lambda p, fb: f(p, x, labels, **({"feedback": fb} if kwargs else {})))(
@@ -391,8 +402,8 @@ def test_dfa_through_flatten_and_dropout():
         layers.dense(N_OUT),
     )  # fmt: skip
     x, labels, key = normal((BATCH, 3, 5), 2), jnp.arange(BATCH) % N_OUT, jax.random.key(5)
-    params = tree_cast(net.init(jax.random.key(0), x.shape)[1], jnp.float64)
-    feedback = draw("direct_feedback_alignment", net, x.shape)
+    params = numpy_params(net, x.shape)
+    feedback = numpy_draw("direct_feedback_alignment", net, x.shape)
     assert jax.tree_util.tree_map(jnp.shape, feedback) == ((3, 12), (), (), (3, 6), (), (), ())
     _, grads = dfa(net, params, x, labels, feedback, key=key)
 
@@ -467,8 +478,8 @@ def test_dfa_on_a_conv_network(make_conv):
     """flatten is not parametric: the conv's segment is conv -> relu -> flatten, B: [3, 48]."""
     net = layers.serial(make_conv(3, 2), layers.relu(), layers.flatten(), layers.dense(N_OUT))
     x, labels = normal((2, 5, 5, 2), 1), jnp.arange(2) % N_OUT
-    params = tree_cast(net.init(jax.random.key(0), x.shape)[1], jnp.float64)
-    feedback = draw("direct_feedback_alignment", net, x.shape)
+    params = numpy_params(net, x.shape)
+    feedback = numpy_draw("direct_feedback_alignment", net, x.shape)
     assert jax.tree_util.tree_map(jnp.shape, feedback) == ((N_OUT, 48), (), (), ())
     _, grads = dfa(net, params, x, labels, feedback)
 
@@ -752,6 +763,7 @@ def test_kolen_pollack_aligns_w_and_b():
     rule = grad.value_and_grad(net, "mse", mode="kolen_pollack")
     true_grad = grad.value_and_grad(net, "mse", mode="autodiff")
 
+    @jax.jit  # eagerly, every operation of both passes compiles for this test's shapes
     def signal(params, feedback):
         _, g = rule(params, x, y, feedback=feedback)
         _, t = true_grad(params, x, y)
