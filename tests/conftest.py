@@ -75,6 +75,21 @@ def numpy_like(shapes, dtype=jnp.float64, *, seed: int = 0):
     )
 
 
+def numpy_init(layer, in_shape, *, seed: int = 0):
+    """``layer.init``'s ``(out_shape, params)``, traced only (nothing compiled), the params
+    drawn as float32 numbers with numpy (``numpy_like``): eagerly, ``init`` compiles a sampler
+    for every new shape (50 s of CPU for test_layers' layers). For a test that checks a
+    backward, which holds at any params; float32 numbers are exact in either dtype."""
+    traced = {}
+
+    def init():
+        traced["out_shape"], params = layer.init(jax.random.key(seed), in_shape)
+        return params
+
+    shapes = jax.eval_shape(init)
+    return traced["out_shape"], numpy_like(shapes, jnp.float32, seed=seed)
+
+
 def numpy_params(net, in_shape, dtype=jnp.float64, *, seed: int = 0):
     """Params in ``net.init``'s structure and shapes (traced, nothing compiled), drawn by
     ``numpy_like``."""

@@ -14,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ATOL, RTOL, assert_no_more_work, assert_trees_close, tree_cast, xla_cost
+from conftest import (
+    ATOL,
+    RTOL,
+    assert_no_more_work,
+    assert_trees_close,
+    numpy_init,
+    tree_cast,
+    xla_cost,
+)
 
 from bpjax import initializers, layers
 
@@ -434,7 +442,7 @@ def setup_layer(case: Case, batch: int, dtype, *, seed: int = 0):
     and the layer's state (``()`` for a layer without state; float64 statistics cast too)."""
     layer = case.factory()
     in_shape = batched(batch, case.in_shape)
-    out_shape, params = layer.init(jax.random.key(seed), in_shape)
+    out_shape, params = numpy_init(layer, in_shape, seed=seed)
     params = tree_cast(params, dtype)
     x = jax.tree_util.tree_map(lambda a: 2 * a, normal(in_shape, dtype, seed=seed))
     dy = normal(out_shape, dtype, seed=seed + 1)
