@@ -1141,18 +1141,29 @@ def digits_small():
     return data_lib.load("digits", limit_train=200)
 
 
-@pytest.fixture(scope="module")
-def rule_runs(digits_small, tmp_path_factory):
-    """Uninterrupted 8-epoch runs of every rule, with checkpoints."""
-    runs = {}
-    for mode in credit.RULES:
-        directory = tmp_path_factory.mktemp(mode)
+class _RuleRuns(dict):
+    """Uninterrupted 8-epoch runs with checkpoints, by rule, each run when first asked for:
+    xdist spreads a module's cases over its workers, and each worker builds its own fixture
+    (a run is ~10 s of CPU, most of it compiling)."""
+
+    def __init__(self, data, tmp_path_factory):
+        super().__init__()
+        self.data, self.tmp_path_factory = data, tmp_path_factory
+
+    def __missing__(self, mode):
+        directory = self.tmp_path_factory.mktemp(mode)
         result = trainer.fit(
-            FIT_NET, CE, FIT_ADAM, digits_small, epochs=8, grad_mode=mode,
+            FIT_NET, CE, FIT_ADAM, self.data, epochs=8, grad_mode=mode,
             checkpoint_dir=str(directory), **FIT,
         )  # fmt: skip
-        runs[mode] = (result, directory)
-    return runs
+        self[mode] = (result, directory)
+        return self[mode]
+
+
+@pytest.fixture(scope="module")
+def rule_runs(digits_small, tmp_path_factory):
+    """``{rule: (FitResult, checkpoint directory)}``: see ``_RuleRuns``."""
+    return _RuleRuns(digits_small, tmp_path_factory)
 
 
 @pytest.mark.parametrize("mode", credit.RULES)
