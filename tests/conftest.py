@@ -75,11 +75,9 @@ def numpy_like(shapes, dtype=jnp.float64, *, seed: int = 0):
     )
 
 
-def numpy_init(layer, in_shape, *, seed: int = 0):
-    """``layer.init``'s ``(out_shape, params)``, traced only (nothing compiled), the params
-    drawn as float32 numbers with numpy (``numpy_like``): eagerly, ``init`` compiles a sampler
-    for every new shape (50 s of CPU for test_layers' layers). For a test that checks a
-    backward, which holds at any params; float32 numbers are exact in either dtype."""
+def init_shapes(layer, in_shape, *, seed: int = 0):
+    """``layer.init``'s ``(out_shape, params)`` with ``jax.ShapeDtypeStruct`` params: init
+    traced, not run (eagerly, init compiles a sampler for every new shape: seconds for a CNN)."""
     traced = {}
 
     def init():
@@ -87,7 +85,15 @@ def numpy_init(layer, in_shape, *, seed: int = 0):
         return params
 
     shapes = jax.eval_shape(init)
-    return traced["out_shape"], numpy_like(shapes, jnp.float32, seed=seed)
+    return traced["out_shape"], shapes
+
+
+def numpy_init(layer, in_shape, *, seed: int = 0):
+    """``init_shapes`` with the params drawn as float32 numbers with numpy (``numpy_like``):
+    for a test that checks a backward, which holds at any params (init compiled samplers for
+    50 s of CPU in test_layers' setups); float32 numbers are exact in either dtype."""
+    out_shape, shapes = init_shapes(layer, in_shape, seed=seed)
+    return out_shape, numpy_like(shapes, jnp.float32, seed=seed)
 
 
 def numpy_params(net, in_shape, dtype=jnp.float64, *, seed: int = 0):

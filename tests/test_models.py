@@ -2,11 +2,13 @@
 through each checked against autodiff (the table in test_layers.py checks each backward against
 jax.vjp too), and their refusals."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tree_cast
+from conftest import init_shapes, numpy_params, tree_cast
 
 import bpjax
 from bpjax import layers
@@ -15,12 +17,12 @@ KEY = jax.random.PRNGKey(0)
 
 
 def count(params) -> int:
-    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
 def test_lenet5_is_lecuns_architecture():
     net = layers.lenet5()
-    out_shape, params = net.init(KEY, (2, 28, 28, 1))
+    out_shape, params = init_shapes(net, (2, 28, 28, 1))
     assert out_shape == (2, 10)
     shapes = [jax.tree_util.tree_map(jnp.shape, p) for p in params if p != ()]
     assert shapes == [
@@ -47,7 +49,7 @@ def test_cnn_stages_batch_norm_and_dropout():
     stage = ["conv2d", "batch_norm", "relu"] * 2 + ["max_pool"]
     assert names == stage * 2 + ["flatten", "dropout", "dense", "relu", "dropout", "dense"]
     assert layers.is_stateful(net)
-    out_shape, params = net.init(KEY, (2, 28, 28, 1))
+    out_shape, params = init_shapes(net, (2, 28, 28, 1))
     assert out_shape == (2, 10)
     assert "b" not in params[0] and params[0]["w"].shape == (3, 3, 1, 8)  # the norm's offset
     plain = layers.cnn((8,), convs_per_stage=1, hidden=())
@@ -63,7 +65,7 @@ def test_cnn_stages_batch_norm_and_dropout():
 
 def test_resnet_stages_shortcuts_and_state():
     net = layers.resnet((8, 16), blocks_per_stage=[1, 2], n_classes=5)
-    out_shape, _ = net.init(KEY, (2, 28, 28, 3))
+    out_shape, _ = init_shapes(net, (2, 28, 28, 3))
     assert out_shape == (2, 5)
     blocks = [layer for layer in net.sublayers if layer.combinator == "residual"]
     assert len(blocks) == 3
@@ -93,8 +95,7 @@ def test_resnet_stages_shortcuts_and_state():
 def test_manual_gradient_of_each_model_equals_autodiff(net):
     """Training mode (batch statistics), float64, jitted: manual == jax.grad to 1e-10."""
     in_shape = (3, 12, 12, 2)
-    _, params = net.init(KEY, in_shape)
-    params = tree_cast(params, jnp.float64)
+    params = numpy_params(net, in_shape)  # float64; init's own values are not the point
     state = tree_cast(layers.init_state(net, in_shape), jnp.float64)
     x = jnp.asarray(np.random.default_rng(0).standard_normal(in_shape))
     y = jnp.array([0, 1, 3])

@@ -21,7 +21,7 @@ from conftest import (
     assert_trees_close,
     assert_trees_equal,
     leaves,
-    tree_cast,
+    numpy_params,
     trees_differ,
 )
 
@@ -91,7 +91,8 @@ def small_net(**kwargs) -> bpjax.Layer:
 
 
 def full_batch_loss(net, loss, params, x, y) -> float:
-    return float(loss.forward(net.forward(params, x)[0], y)[0])
+    # One jitted program: eagerly, each operation compiles for its own shapes (~1 s a call).
+    return float(jax.jit(lambda p, x, y: loss.forward(net.forward(p, x)[0], y)[0])(params, x, y))
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_make_step_manual_matches_autodiff(opt_name, dtype):
     net, loss = small_net(), losses.softmax_cross_entropy()
     opt = STEP_OPTIMIZERS[opt_name]()
     x, y = classification_data(16, dtype=np.dtype(dtype))
-    params = tree_cast(net.init(jax.random.PRNGKey(0), x.shape)[1], dtype)
+    params = numpy_params(net, x.shape, dtype)  # some params, not init's (no sampler compiled)
     state = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32), jax.random.PRNGKey(1))
     expected_loss = full_batch_loss(net, loss, params, x, y)
     expected_output = jax.jit(net.forward)(params, x)[0]
@@ -819,7 +820,7 @@ def test_eval_padding_does_not_change_metrics(loss_name, n_outputs):
         labels, task="classification", loss_name=loss_name, n_outputs=n_outputs
     )
     evaluate = train.make_eval(net, loss, task="classification", loss_name=loss_name)
-    expected = numpy_metrics(loss_name, np.asarray(net.forward(params, x)[0]), labels)
+    expected = numpy_metrics(loss_name, np.asarray(jax.jit(net.forward)(params, x)[0]), labels)
     assert 0 < expected["accuracy"] < 1
     for batch_size in (12, 10, 100):  # divides n, does not, larger than n
         metrics = evaluate(params, *train.pad_batches(x, y, batch_size))
@@ -836,7 +837,7 @@ def test_eval_regression_metrics_match_sklearn(n_targets):
     x = rng.normal(size=(n, N_IN)).astype(np.float32)
     y = (rng.normal(size=(n, n_targets)) * [2.0, 0.5, 1.0][:n_targets] + 0.3).astype(np.float32)
     params = net.init(jax.random.PRNGKey(0), x.shape)[1]
-    pred = np.asarray(net.forward(params, x)[0], np.float64)
+    pred = np.asarray(jax.jit(net.forward)(params, x)[0], np.float64)
     rmse = np.sqrt(sklearn.metrics.mean_squared_error(y, pred))
     r2 = sklearn.metrics.r2_score(y, pred)
     evaluate = train.make_eval(net, losses.mse(), task="regression", loss_name="mse")

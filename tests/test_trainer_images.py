@@ -47,9 +47,8 @@ def test_a_cnn_with_batch_norm_learns_and_keeps_its_statistics(images, reference
     assert trees_differ(moved, initial)  # training mode updated the running averages
     # The best epoch's statistics go with the best params, and evaluation uses them: the test
     # accuracy fit reports is that of the running-statistics forward on the test split.
-    logits = bpjax.layers.apply(
-        net, reference.best_params, jnp.asarray(images.x_test), state=reference.best_net_state
-    )[0]
+    forward = jax.jit(lambda params, x, state: bpjax.layers.apply(net, params, x, state=state)[0])
+    logits = forward(reference.best_params, jnp.asarray(images.x_test), reference.best_net_state)
     accuracy = float(np.mean(np.argmax(logits, -1) == images.y_test))
     assert accuracy == pytest.approx(reference.metrics["test_accuracy"], abs=1e-6)
 
