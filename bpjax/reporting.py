@@ -184,7 +184,8 @@ class EpochReporter:
                 if f"{split}_{metric}" in record:
                     scalars[f"{split}/{metric}"] = record[f"{split}_{metric}"]
         scalars["opt/learning_rate"] = float(self.schedule(step))
-        scalars["perf/examples_per_second"] = record["examples_per_second"]
+        if record["examples_per_second"] is not None:  # None: every chunk compiled
+            scalars["perf/examples_per_second"] = record["examples_per_second"]
         scalars["perf/epoch_seconds"] = record["epoch_seconds"]
         for name, values in record["step_metrics"].items():
             finite = np.flatnonzero(np.isfinite(values))
@@ -258,7 +259,8 @@ class EpochReporter:
         for key in ("val_loss", "val_accuracy", "val_rmse"):
             if key in record:
                 parts.append(f"{key} {format_number(record[key])}")
-        parts.append(f"{record['examples_per_second']:,.0f} ex/s")
+        if record["examples_per_second"] is not None:  # None: every chunk compiled
+            parts.append(f"{record['examples_per_second']:,.0f} ex/s")
         self.console.say(f"epoch {record['epoch']}/{self.epochs}  " + "  ".join(parts))
         self.console.advance(record["step"], "  ".join(parts))
 

@@ -77,9 +77,12 @@ class FitResult(NamedTuple):
       best_params: the parameters with the best validation metric (``state.params`` without
         a validation split); the test metrics are computed with these.
       metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
-        ``best_epoch``, ``stopped_early``, ``wall_seconds``, ``examples_per_second``,
-        ``steps`` (minibatch steps taken) and ``updates`` (optimizer updates applied: fewer than
-        ``steps`` under gradient accumulation, ``optax.MultiSteps``); with
+        ``best_epoch``, ``stopped_early``, ``wall_seconds`` (this call, evaluation included),
+        ``train_seconds`` and ``examples_per_second`` (training steps only, timed over the
+        chunks whose compiled program had already run; when every chunk compiled one, e.g. a
+        single epoch in one chunk, ``0.0`` and ``None``), ``steps`` (minibatch steps taken)
+        and ``updates`` (optimizer updates applied: fewer than ``steps`` under gradient
+        accumulation, ``optax.MultiSteps``); with
         ``grad_check_every``, the last measured alignment of this call,
         ``alignment/layer{i}/angle``, ``alignment/layer{i}/weight_angle`` (feedback rules) and
         ``alignment/total/angle``, in degrees (see ``bpjax.train.make_epoch``).
@@ -667,7 +670,10 @@ def fit(
     # A run that stopped early stays stopped when resumed (unless patience was raised).
     stopped_early = patience is not None and bad_evals >= patience
     last_epoch = start_epoch if stopped_early else epochs
-    train_seconds, trained_examples = 0.0, 0
+    # Training throughput is timed over the chunks whose program had already run (a chunk's
+    # length picks its program): a chunk that compiled its program is left out, so that a short
+    # run's examples/s is not its compilation's.
+    train_seconds, trained_examples, ran_lengths = 0.0, 0, set()
     t_start = time.perf_counter()
     epoch = start_epoch
     # The epoch being trained, between its chunks: {"epoch", "epoch_step", "epoch_loss_sum"}.
@@ -683,9 +689,10 @@ def fit(
                 if epoch == start_epoch + 1:
                     done, loss_sum = resumed_steps, resumed_loss_sum
                 order = order_fn(state, data.n_train, jnp.int32(epoch))
-                parts = []
+                parts, timed_seconds, timed_examples = [], 0.0, 0
                 for start, length in _plan_from(plan, done):
                     step_before = int(state.step)
+                    t_chunk = time.perf_counter()
                     new_state, chunk_metrics = chunk_fn(
                         state, x_train, y_train, order, jnp.int32(start), length=length
                     )
@@ -693,6 +700,10 @@ def fit(
                     chunk_metrics, stop = distributed.agree(
                         distributed.host_copy(chunk_metrics), stop=bool(interrupts.requested)
                     )
+                    if length in ran_lengths:  # its program was compiled before this chunk
+                        timed_seconds += time.perf_counter() - t_chunk
+                        timed_examples += length * batch_size
+                    ran_lengths.add(length)
                     losses = chunk_metrics["loss"]
                     if not np.all(np.isfinite(losses)):
                         bad = int(np.argmin(np.isfinite(losses)))
@@ -730,17 +741,19 @@ def fit(
                     if stop and done < steps_per_epoch:  # every process, after the same chunk
                         raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
                 seconds = time.perf_counter() - t0
+                train_seconds += timed_seconds
+                trained_examples += timed_examples
                 step_metrics = _concat(parts)
                 last_alignment.update(_last_measured(step_metrics, "alignment/"))
-                if epoch > start_epoch + 1 or epochs == start_epoch + 1:
-                    train_seconds += seconds
-                    trained_examples += sum(len(p["loss"]) for p in parts) * batch_size
                 record: dict[str, Any] = {
                     "epoch": epoch,
                     "step": int(state.step),
                     "train_loss": loss_sum / steps_per_epoch,
                     "epoch_seconds": seconds,
-                    "examples_per_second": len(step_metrics["loss"]) * batch_size / seconds,
+                    # as the run's: None for an epoch whose every chunk compiled its program
+                    "examples_per_second": (
+                        timed_examples / timed_seconds if timed_examples else None
+                    ),
                     "step_metrics": step_metrics,
                     "params": state.params,
                     "net_state": state.net_state,
@@ -808,7 +821,9 @@ def fit(
                 "stopped_early": stopped_early,
                 "wall_seconds": wall,
                 "train_seconds": train_seconds,
-                "examples_per_second": trained_examples / train_seconds if train_seconds else 0.0,
+                "examples_per_second": (
+                    trained_examples / train_seconds if trained_examples else None
+                ),
                 "steps": int(state.step),
                 "updates": int(updates_applied(state)),
                 **last_alignment,

@@ -906,11 +906,7 @@ def train(
         for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
         if k in metrics
     )
-    timing = (
-        f"{metrics['wall_seconds']:.1f} s, {metrics['examples_per_second']:,.0f} examples/s, "
-        if metrics["wall_seconds"] is not None
-        else ""
-    )
+    timing = _timing(metrics)
     warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
     console.say(
         f"bpjax: {summary}  ({_count(metrics['epochs'], 'epoch')}, {timing}"
@@ -1062,6 +1058,20 @@ def main(cfg: DictConfig) -> float:
     if isinstance(objective, int | float) and math.isfinite(objective):
         return float(objective)
     return worst_objective() if multirun else math.nan
+
+
+def _timing(metrics: dict[str, Any]) -> str:
+    """The final line's timing: wall seconds and training examples/s (none for a run whose
+    every chunk compiled its program: its time is mostly compilation)."""
+    if metrics["wall_seconds"] is None:  # the record of a run that ended before this start
+        return ""
+    speed = metrics["examples_per_second"]
+    rate = (
+        "examples/s not timed: every chunk compiled"
+        if speed is None
+        else f"{speed:,.0f} examples/s"
+    )
+    return f"{metrics['wall_seconds']:.1f} s, {rate}, "
 
 
 def worst_objective() -> float:

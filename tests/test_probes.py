@@ -33,6 +33,9 @@ def test_scale_processes_runs_a_job_and_writes_its_row(tmp_path, capsys):
             "model.features=[16,10]",
             "trainer.epochs=1",
             "trainer.batch_size=32",
+            # 35 steps in chunks of 7: examples/s is timed over the four chunks after the first
+            # (which compiles); an epoch in one chunk has none ("not timed")
+            "trainer.chunk_steps=7",
         ]
     )
     out = capsys.readouterr().out

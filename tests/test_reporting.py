@@ -117,6 +117,22 @@ def test_chunk_logs_each_step_signal_at_its_step_and_moves_the_bar(monkeypatch):
     reporter.close()
 
 
+def test_an_epoch_without_a_timed_chunk_shows_no_speed(capsys):
+    # examples_per_second is None for an epoch whose every chunk compiled its program: no
+    # "ex/s" on its line and no perf/examples_per_second point (a later epoch has both).
+    logger = RecordingLogger()
+    logger.scalars = lambda mapping, step: logger.scalars_logged.extend(
+        (tag, step, value) for tag, value in mapping.items()
+    )
+    reporter = EpochReporter(logger, epochs=2, steps_per_epoch=4, schedule=lambda step: 0.1)
+    reporter(record(1, [1.0] * 4, examples_per_second=None))
+    reporter(record(2, [0.5] * 4, examples_per_second=2500.0))
+    lines = capsys.readouterr().out.splitlines()
+    assert "ex/s" not in lines[0] and lines[1].endswith("2,500 ex/s"), lines
+    speeds = [(step, value) for tag, step, value in logger.scalars_logged if "examples" in tag]
+    assert speeds == [(8, 2500.0)]
+
+
 def test_console_bar_starts_where_a_resumed_run_left_off(monkeypatch):
     monkeypatch.setattr("sys.stdout", FakeTerminal())
     console = Console(progress=True)

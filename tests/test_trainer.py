@@ -12,6 +12,7 @@ import pathlib
 import shutil
 import signal
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -127,6 +128,44 @@ def test_digits_mlp_reaches_95_percent():
     assert metrics["best_val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
 
 
+def test_examples_per_second_leaves_compilation_out(small, monkeypatch):
+    # A chunk's first run of its program stands for a compilation of 1 s; a later run of the
+    # same program (the same length) is timed. 8 steps in chunks of 2: the first chunk
+    # "compiles", the other three are timed (75% of the epoch's examples).
+    compiled = trainer._compiled
+    compile_seconds = 1.0
+
+    def slow_first_call(*args, **kwargs):
+        order_fn, chunk_fn, evaluate = compiled(*args, **kwargs)
+        seen = set()
+
+        def chunk(*a, length, **k):
+            if length not in seen:
+                seen.add(length)
+                time.sleep(compile_seconds)
+            return chunk_fn(*a, length=length, **k)
+
+        return order_fn, chunk, evaluate
+
+    monkeypatch.setattr(trainer, "_compiled", slow_first_call)
+    result = fit(NET, CE, ADAM, small, epochs=1, chunk_steps=2, **SMALL)
+    metrics, (record,) = result.metrics, result.history
+    assert record["epoch_seconds"] > compile_seconds  # the epoch itself, as it happened
+    assert 0 < metrics["train_seconds"] < compile_seconds
+    timed = 6 * SMALL["batch_size"]
+    assert metrics["examples_per_second"] == timed / metrics["train_seconds"]
+    assert record["examples_per_second"] == metrics["examples_per_second"]  # the one epoch
+    # One chunk per epoch, one epoch: nothing ran without compiling first.
+    single = fit(NET, CE, ADAM, small, epochs=1, chunk_steps=0, **SMALL)
+    assert single.metrics["train_seconds"] == 0.0
+    assert single.metrics["examples_per_second"] is None
+    assert single.history[0]["examples_per_second"] is None
+    # From the second epoch on, its chunk is timed.
+    two = fit(NET, CE, ADAM, small, epochs=2, chunk_steps=0, **SMALL)
+    assert [r["examples_per_second"] is None for r in two.history] == [True, False]
+    assert two.metrics["examples_per_second"] == two.history[1]["examples_per_second"] > 0
+
+
 def test_xor_2_2_1_sigmoid_net_solves_xor():
     data = load("xor", n_repeat=64)  # the four points, 64 times: 64 steps of 4 per epoch
     net = bpjax.mlp([2, 1], activation="sigmoid")  # a logit out; BCE from logits
@@ -136,7 +175,7 @@ def test_xor_2_2_1_sigmoid_net_solves_xor():
     assert result.metrics["test_accuracy"] == 1.0
     assert result.metrics["best_val_accuracy"] == 1.0
     assert result.metrics["test_loss"] < 0.05
-    logits = np.asarray(net.forward(result.best_params, data.x_test)[0])[:, 0]
+    logits = np.asarray(jax.jit(net.forward)(result.best_params, data.x_test)[0])[:, 0]
     np.testing.assert_array_equal(logits > 0, data.y_test == 1)
 
 
@@ -170,7 +209,7 @@ def test_regression_metrics():
         assert key in metrics, key
     assert not any("accuracy" in k for k in metrics)
     assert metrics["test_r2"] > 0.8, metrics
-    pred = np.asarray(net.forward(result.best_params, data.x_test)[0])
+    pred = np.asarray(jax.jit(net.forward)(result.best_params, data.x_test)[0])
     rmse = math.sqrt(sklearn.metrics.mean_squared_error(data.y_test, pred))
     assert metrics["test_rmse"] == pytest.approx(rmse, rel=1e-5)
     assert metrics["test_r2"] == pytest.approx(sklearn.metrics.r2_score(data.y_test, pred), 1e-4)
