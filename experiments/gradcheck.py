@@ -133,6 +133,26 @@ def make_inputs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
+def network(
+    features: list[int] | dict[str, Any],
+    activation: str,
+    *,
+    batch: int,
+    n_in: int,
+    b_init: str = "normal",
+) -> tuple[Layer, tuple[int, ...]]:
+    """``(net, in_shape)`` of a combination (``check_one``'s ``features``): an MLP on
+    ``[batch, n_in]`` inputs, or an image network on ``[batch, *input_shape]``."""
+    if isinstance(features, dict):
+        return build_image_net(features, activation), (batch, *features["input_shape"])
+    return bpjax.mlp(features, activation=activation, b_init=b_init), (batch, n_in)
+
+
+def holds_kind(net: Layer, kind: str) -> bool:
+    """Whether ``inject_bug(net, kind)`` changes anything: a layer of ``kind`` at any depth."""
+    return any(layer_kind(layer) == kind for layer in layers_within(net))
+
+
 def check_one(
     features: list[int] | dict[str, Any],
     activation: str,
@@ -160,10 +180,7 @@ def check_one(
     a finite difference is no derivative and the fd row can only be inconclusive.
     """
     init_key, x_key, target_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    if isinstance(features, dict):
-        net, in_shape = build_image_net(features, activation), (batch, *features["input_shape"])
-    else:
-        net, in_shape = bpjax.mlp(features, activation=activation, b_init=b_init), (batch, n_in)
+    net, in_shape = network(features, activation, batch=batch, n_in=n_in, b_init=b_init)
     if bug is not None:
         net = inject_bug(net, bug)
     out_shape, params = net.init(init_key, in_shape)
@@ -227,15 +244,19 @@ def _describe(row: GradCheckRow) -> str:
     return f"{where}: {row.check} check of {row.leaf}, rel_err {row.rel_err:.2e} > {row.tol:g}"
 
 
+# The two grids of the sweep: MLPs, and image networks (``combinations``).
+_GRIDS = (
+    ("architectures", "activations", "losses", "dtypes"),
+    ("image_architectures", "image_activations", "image_losses", "dtypes"),
+)
+
+
 def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> str:
-    grid = " x ".join(
-        f"{len(cfg[k])} {k}" for k in ("architectures", "activations", "losses", "dtypes")
+    grid = " + ".join(
+        " x ".join(f"{len(cfg[k])} {k}" for k in keys)
+        for keys in _GRIDS
+        if all(len(cfg[k]) for k in keys)  # a grid with an empty list adds nothing
     )
-    if cfg.image_architectures:
-        grid += " + " + " x ".join(
-            f"{len(cfg[k])} {k}"
-            for k in ("image_architectures", "image_activations", "image_losses", "dtypes")
-        )
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
         f"gradient check sweep: {grid} = {n_combinations} combinations "
@@ -302,6 +323,14 @@ def validate(cfg: DictConfig) -> None:
             hydra.utils.get_method(spec.model._target_)
         except Exception as e:  # Hydra's own error types vary: say which entry
             raise ValueError(f"image_architectures: {spec.name}: {e}") from None
+    if not combinations(cfg):
+        empty = sorted({k for keys in _GRIDS for k in keys if not len(cfg[k])})
+        raise ValueError(
+            f"nothing to check: {', '.join(empty)} "
+            f"{'is' if len(empty) == 1 else 'are'} empty, so neither the MLP grid "
+            f"({' x '.join(_GRIDS[0])}) nor the image grid ({' x '.join(_GRIDS[1])}) has a "
+            "combination"
+        )
     unknown = [d for d in cfg.dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"dtypes: unknown {unknown}; valid: {', '.join(DTYPES)}")
@@ -323,6 +352,31 @@ def validate(cfg: DictConfig) -> None:
             )
 
 
+def combinations(cfg: DictConfig) -> list[tuple[Any, str, str, str]]:
+    """The sweep's ``(features, activation, loss, dtype)`` combinations: every MLP of
+    ``architectures`` x activations x losses x dtypes, then every image network x
+    image_activations x image_losses x dtypes (a network whose factory takes no activation
+    once, at the first)."""
+    architectures = [list(map(int, f)) for f in OmegaConf.to_container(cfg.architectures)]
+    return [
+        (features, activation, loss_name, dtype)
+        for features in architectures
+        for activation in cfg.activations
+        for loss_name in cfg.losses
+        for dtype in cfg.dtypes
+    ] + [
+        (spec, activation, loss_name, dtype)
+        for spec in OmegaConf.to_container(cfg.image_architectures)
+        for activation in (
+            cfg.image_activations
+            if _takes(spec["model"], "activation")
+            else cfg.image_activations[:1]
+        )
+        for loss_name in cfg.image_losses
+        for dtype in cfg.dtypes
+    ]
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
     """Runs the sweep described by ``cfg``, prints a summary and writes CSV + JSON.
 
@@ -342,26 +396,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     jax.config.update("jax_enable_x64", True)  # float64 params need it; float32 is cast anyway
     if output_dir is None:
         output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
-    architectures = [list(map(int, f)) for f in OmegaConf.to_container(cfg.architectures)]
-    images = OmegaConf.to_container(cfg.image_architectures)
-    grid = [
-        (features, activation, loss_name, dtype)
-        for features in architectures
-        for activation in cfg.activations
-        for loss_name in cfg.losses
-        for dtype in cfg.dtypes
-    ] + [
-        (spec, activation, loss_name, dtype)
-        for spec in images
-        # a network whose factory takes no activation is checked once, not once per activation
-        for activation in (
-            cfg.image_activations
-            if _takes(spec["model"], "activation")
-            else cfg.image_activations[:1]
-        )
-        for loss_name in cfg.image_losses
-        for dtype in cfg.dtypes
-    ]
+    grid = combinations(cfg)
     fd_eps = dict(cfg.get("fd_eps") or {})
     print(_header(cfg, len(grid), fd_eps), flush=True)
     columns = ("architecture", "activation", "loss", "dtype", "layer", "total", "fd", "result")
@@ -406,6 +441,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             line += f"  first failure: {_describe(result.first_failure)}"
         elif result.inconclusive:
             line += "  fd inconclusive: the loss is not smooth within the step (see its note)"
+        if cfg.inject_bug is not None and not holds_kind(
+            network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0], cfg.inject_bug
+        ):
+            line += f"  (no {cfg.inject_bug} layer here: nothing injected)"
         print(line, flush=True)
 
     csv_path, json_path = write_rows(rows, Path(output_dir))

@@ -119,18 +119,36 @@ IMAGES = [
 ]
 
 
-def test_image_networks_are_checked_layer_by_layer(tmp_path, capsys):
+# Each image network of the shipped config and layer kinds its rows must include (together:
+# every conv, pool and norm kind).
+IMAGE_NETWORKS = {
+    "lenet5": {"conv2d", "max_pool"},
+    "cnn-bn": {"conv2d", "batch_norm", "max_pool"},
+    "resnet": {"conv2d", "residual", "batch_norm"},
+    "conv-strided-groups": {"conv2d", "avg_pool", "group_norm"},
+}
+
+
+def test_image_network_kinds_cover_convs_pools_and_norms():
+    kinds = set().union(*IMAGE_NETWORKS.values())
+    assert {"conv2d", "max_pool", "batch_norm", "residual", "avg_pool", "group_norm"} <= kinds
+
+
+# One case per network (not one test of all four): the checks of the four networks, each
+# compile-bound, spread over the xdist workers.
+@pytest.mark.parametrize("name", list(IMAGE_NETWORKS))
+def test_image_networks_are_checked_layer_by_layer(tmp_path, capsys, name):
     """Each image network of the shipped config: conv, pool and norm layers (batch norm in
     training mode) all pass against jax.vjp, jax.grad and a finite difference."""
     cfg = compose(IMAGES)
-    names = [spec.name for spec in cfg.image_architectures]
-    assert names == ["lenet5", "cnn-bn", "resnet", "conv-strided-groups"]
+    assert [spec.name for spec in cfg.image_architectures] == list(IMAGE_NETWORKS)
+    cfg.image_architectures = [a for a in cfg.image_architectures if a.name == name]
     result = gradcheck.run(cfg, output_dir=tmp_path)
     out = capsys.readouterr().out
-    assert result["passed"] and result["n_checks"] == 4, out
+    assert result["passed"] and result["n_checks"] == 1, out
     layer_names = {r["layer_name"].split("(")[0] for r in result["rows"] if r["check"] == "layer"}
-    assert {"conv2d", "max_pool", "batch_norm", "residual", "avg_pool", "group_norm"} <= layer_names
-    assert {r["architecture"] for r in result["rows"]} == set(names)
+    assert IMAGE_NETWORKS[name] <= layer_names
+    assert {r["architecture"] for r in result["rows"]} == {name}
 
 
 def test_an_injected_conv_bug_is_named(tmp_path, capsys):
@@ -321,3 +339,36 @@ def test_an_injected_bug_in_any_layer_kind_is_a_failure_not_a_crash(tmp_path, ca
         out = capsys.readouterr().out
         assert "check of dx: shape (" in out and "but the reference's is" in out, out
         assert " nan " in out  # the layer column: no error measured, not 0.0e+00
+
+
+def test_an_empty_sweep_is_refused_naming_the_empty_lists(tmp_path, capsys):
+    # architectures=[] with image_architectures=[] used to print a "0 architectures x ..."
+    # header and "0 passed, 0 failed": a sweep that checked nothing, reported as a pass.
+    with pytest.raises(ValueError, match="nothing to check: activations, image_architectures are"):
+        gradcheck.run(compose([*SMALL, "activations=[]"]), output_dir=tmp_path)
+    assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())
+
+
+def test_the_header_counts_only_the_grids_that_run():
+    lines = {
+        "mlp": gradcheck._header(compose(SMALL), 2, {}),
+        "images": gradcheck._header(compose(IMAGES), 4, {}),
+    }
+    assert lines["mlp"].startswith(
+        "gradient check sweep: 1 architectures x 1 activations x 2 losses x 1 dtypes "
+        "= 2 combinations"
+    )
+    assert lines["images"].startswith(
+        "gradient check sweep: 4 image_architectures x 1 image_activations x 1 image_losses "
+        "x 1 dtypes = 4 combinations"
+    )
+
+
+def test_an_injected_kind_a_network_lacks_is_said_on_its_line(tmp_path, capsys):
+    cfg = compose([*SMALL, "activations=[tanh,relu]", "losses=[mse]", "inject_bug=relu"])
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("10-4-3")]
+    assert result["n_failed"] == 1 and len(lines) == 2, lines
+    tanh, relu = lines
+    assert "PASS" in tanh and tanh.endswith("(no relu layer here: nothing injected)")
+    assert "FAIL" in relu and "nothing injected" not in relu
