@@ -9,6 +9,7 @@
   program is the same executable); a user's own ``JAX_COMPILATION_CACHE_DIR`` is kept.
 """
 
+import fcntl
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 # Set by the process pytest starts in (xdist's workers inherit its environment), removed by it.
 _JAX_CACHE = pathlib.Path(tempfile.gettempdir()) / f"bpjax-tests-jax-cache-{os.getpid()}"
@@ -165,6 +167,31 @@ def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> d
     )
     assert child.returncode == 0, child.stderr
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def once_per_session(request, tmp_path_factory, name: str, make) -> tuple[pathlib.Path, Any]:
+    """``make(directory)``'s result (JSON-able), made once per test session however many
+    pytest-xdist workers ask: the first makes it in ``directory`` while holding a lock, the
+    others wait and read its JSON. For a module fixture whose tests may land on both workers,
+    each of which would otherwise run the same processes or training on a shared CPU.
+
+    Returns:
+        ``(directory, the result as read back from its JSON)``: the same in every worker.
+    """
+    # xdist's worker id, without needing its plugin (``-p no:xdist``): "master" outside workers
+    worker_id = getattr(request.config, "workerinput", {}).get("workerid", "master")
+    session = tmp_path_factory.getbasetemp()
+    directory = (session if worker_id == "master" else session.parent) / name
+    directory.mkdir(exist_ok=True)
+    record = directory / f"{name}.result.json"
+    with open(directory.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            made = make(directory)
+            record.write_text(json.dumps(made))
+            # What make() returned is what the others read: the JSON round trip loses nothing.
+            assert json.loads(record.read_text()) == made
+    return directory, json.loads(record.read_text())
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -5,7 +5,6 @@ The benchmark's parts (counting, ISA, targets, grid points, paths, chunked epoch
 unit tests in test_benchmark_parts.py.
 """
 
-import fcntl
 import importlib.util
 import json
 import math
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import once_per_session
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,19 +96,11 @@ def positive(x):
 def quick_run(tmp_path_factory, request):
     """One quick run per test session, shared by pytest-xdist's workers through its JSON (each
     worker would otherwise compile and time the same run; they share the CPU)."""
-    # xdist's worker id, without needing its plugin (``-p no:xdist``): "master" outside workers
-    worker_id = getattr(request.config, "workerinput", {}).get("workerid", "master")
     cfg = quick_config(f"profile=[{PROFILED}]", "dump_hlo=true")
-    session = tmp_path_factory.getbasetemp()
-    out = (session if worker_id == "master" else session.parent) / "benchmark-quick-run"
-    out.mkdir(exist_ok=True)
-    with open(out.parent / "benchmark-quick-run.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker runs it, the others wait and read
-        if not (out / "benchmark.json").exists():
-            returned = benchmark.run(cfg, output_dir=out)
-            # What run() returns is what it wrote: the JSON round trip loses nothing.
-            assert json.loads((out / "benchmark.json").read_text()) == returned
-    return cfg, json.loads((out / "benchmark.json").read_text()), out
+    out, result = once_per_session(
+        request, tmp_path_factory, "benchmark-quick-run", lambda out: benchmark.run(cfg, out)
+    )
+    return cfg, result, out
 
 
 def test_quick_run_reports_every_field(quick_run):

@@ -13,6 +13,7 @@ import hydra
 import jax
 import numpy as np
 import pytest
+from conftest import once_per_session
 
 from bpjax import credit, train
 
@@ -42,8 +43,9 @@ def compose(*overrides: str, name: str = "compare_rules", **kwargs):
 
 
 @pytest.fixture(scope="module")
-def comparison(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("compare")
+def comparison(tmp_path_factory, request):
+    """One comparison per test session, shared by pytest-xdist's workers (this module's tests
+    may land on both, which would each run it on a shared CPU)."""
     cfg = compose(
         *TINY,
         RESIDUAL_TANH,
@@ -51,8 +53,13 @@ def comparison(tmp_path_factory):
         "compare.rules=[manual,direct_feedback_alignment,feedback_alignment]",
         "compare.seeds=[0,1]",
     )
-    rows = compare_rules.compare(cfg, run_dir)
-    return run_dir, rows
+    root, rows = once_per_session(
+        request,
+        tmp_path_factory,
+        "compare-rules-comparison",
+        lambda root: compare_rules.compare(cfg, root / "compare"),
+    )
+    return root / "compare", rows
 
 
 def read_csv(path):
@@ -218,12 +225,17 @@ def test_rule_presets_build_and_their_rule_applies(preset, rule, n_in, hidden):
     net = hydra.utils.instantiate(cfg.model, _convert_="all")
     assert list(cfg.model.features) == [*hidden, 10] and cfg.model.activation == "tanh"
     assert train.check_rule(rule, net, (cfg.trainer.batch_size, n_in)) == train.RULE_OPTIONS
-    state = train.init_state(
-        net,
-        hydra.utils.instantiate(cfg.optimizer)(learning_rate=1e-3),
+    # The state's shapes, traced (eval_shape): drawing a 784 x 1000 network's weights and
+    # feedback eagerly compiled a sampler per shape, for shapes alone.
+    state = jax.eval_shape(
+        lambda key: train.init_state(
+            net,
+            hydra.utils.instantiate(cfg.optimizer)(learning_rate=1e-3),
+            key,
+            (cfg.trainer.batch_size, n_in),
+            grad_mode=rule,
+        ),
         jax.random.PRNGKey(0),
-        (cfg.trainer.batch_size, n_in),
-        grad_mode=rule,
     )
     feedback = [b.shape for b in jax.tree_util.tree_leaves(state.rule_state)]
     if rule == "feedback_alignment":

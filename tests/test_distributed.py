@@ -7,7 +7,6 @@ x 2 devices), the script's runs (1 x 1, 2 x 1 and 2 x 2 give the same result), a
 resume (bit-identical), a process killed with -9, and start-ups that fail (one error line).
 """
 
-import fcntl
 import json
 import os
 import pathlib
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import once_per_session
 from test_checkpoint import _free_port, processes
 from test_experiments import SCRIPT, compose, train_script
 
@@ -420,22 +420,15 @@ def jobs(tmp_path_factory, request):
     session: pytest-xdist's workers share the runs and their results through one directory
     (the tests that read them may land on both workers, which would each start the same 5
     processes on a shared CPU)."""
-    # xdist's worker id, without needing its plugin (``-p no:xdist``): "master" outside workers
-    worker_id = getattr(request.config, "workerinput", {}).get("workerid", "master")
-    session = tmp_path_factory.getbasetemp()
-    root = (session if worker_id == "master" else session.parent) / "distributed-jobs"
-    root.mkdir(exist_ok=True)
     shapes = {"1x1": (1, 1, "logger=none"), "2x1": (2, 1), "2x2": (2, 2, "logger=none")}
-    record = root / "results.json"
-    with open(root.parent / "distributed-jobs.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker runs them, the others wait and read
-        if not record.exists():
-            results = {
-                name: _run(root / name, processes_, devices, *extra)
-                for name, (processes_, devices, *extra) in shapes.items()
-            }
-            record.write_text(json.dumps(results))
-    results = json.loads(record.read_text())
+
+    def run_all(root):
+        return {
+            name: [list(r) for r in _run(root / name, processes_, devices, *extra)]
+            for name, (processes_, devices, *extra) in shapes.items()
+        }
+
+    root, results = once_per_session(request, tmp_path_factory, "distributed-jobs", run_all)
     return {name: (root / name, [tuple(r) for r in results[name]]) for name in shapes}
 
 

@@ -8,7 +8,9 @@ divergence. Runs use ``trainer.run_dir`` / ``hydra.run.dir`` / ``hydra.sweep.dir
 ``tmp_path``, so nothing is written into the repository.
 """
 
+import copy
 import csv
+import fcntl
 import gc
 import gzip
 import importlib.util
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import once_per_session
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from test_cli import strict_loads
@@ -167,11 +170,22 @@ METRIC_KEYS = {
 }
 
 
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
 def compose(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra.compose(
-            "config", overrides=list(overrides), return_hydra_config=return_hydra_config
-        )
+    """conf/'s config with ``overrides``; each call gets its own copy. Without Hydra's own
+    config, each list of overrides is composed once per process: Hydra takes ~0.2 s a time,
+    and many tests compose the same (every option, per group and again for its keys)."""
+    if return_hydra_config or overrides not in _COMPOSED:
+        with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra.compose(
+                "config", overrides=list(overrides), return_hydra_config=return_hydra_config
+            )
+        if return_hydra_config:  # its runtime part (cwd, times) is the moment's
+            return cfg
+        _COMPOSED[overrides] = cfg
+    return copy.deepcopy(_COMPOSED[overrides])
 
 
 def run_train(tmp_path: pathlib.Path, *overrides: str) -> dict:
@@ -951,7 +965,6 @@ def test_script_command_line(tmp_path):
 @pytest.mark.slow
 def test_script_on_a_terminal_keeps_a_line_per_epoch_above_the_bar(tmp_path):
     # The bar used to replace the epoch lines: on a terminal the history disappeared.
-    import fcntl
     import pty
     import struct
     import termios
@@ -1034,14 +1047,20 @@ OPTIMIZER_SWEEP = ["dataset=digits", "model.features=[32,10]", "trainer.epochs=1
 
 
 @pytest.fixture(scope="module")
-def optimizer_sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optimizer_sweep")
-    sweep_dir = root / "sweep"
-    result = run_script(
-        root, "-m", *OPTIMIZER_SWEEP, "logger=tensorboard", f"hydra.sweep.dir={sweep_dir}"
+def optimizer_sweep(tmp_path_factory, request):
+    """The sweep, once per test session (the xdist workers share it)."""
+
+    def sweep(root):
+        result = run_script(
+            root, "-m", *OPTIMIZER_SWEEP, "logger=tensorboard", f"hydra.sweep.dir={root / 'sweep'}"
+        )
+        return [result.returncode, result.stdout, result.stderr]
+
+    root, (returncode, stdout, stderr) = once_per_session(
+        request, tmp_path_factory, "experiments-optimizer-sweep", sweep
     )
-    assert result.returncode == 0, result.stderr
-    return sweep_dir, result
+    assert returncode == 0, stderr
+    return root / "sweep", subprocess.CompletedProcess([], returncode, stdout, stderr)
 
 
 def test_script_multirun(optimizer_sweep):
@@ -1220,29 +1239,77 @@ def _check_bad_run(overrides, run_dir, returncode, stdout, stderr, bad) -> None:
     assert not (run_dir / "metrics.json").exists()
 
 
+# The script, started once per input from one process that has already imported what it
+# imports: each input runs in a fork of it (``runpy``, as ``python train.py ARGS`` runs it: its
+# own exit code, stdout and stderr; an uncaught exception prints its traceback and exits 1). A
+# fresh interpreter per input spent most of its time importing jax, hydra and bpjax again.
+_FORKS = """
+import json, os, runpy, sys
+script, codes_file, jobs = sys.argv[1], sys.argv[2], json.loads(sys.stdin.read())
+sys.path[0] = os.path.dirname(script)  # as `python script` has it
+runpy.run_path(script, run_name="imported_once")  # its imports; __main__'s block doesn't run
+sys.stdout.flush()
+sys.stderr.flush()  # nothing buffered here is written again by a fork
+pids = {}
+for name, (cwd, args, out, err) in jobs.items():
+    pid = os.fork()
+    if pid == 0:  # the input's process: it ends where the script ends (sys.exit, a traceback)
+        os.chdir(cwd)
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [script, *args]
+        runpy.run_path(script, run_name="__main__")
+        sys.exit(0)
+    pids[name] = pid
+codes = {name: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for name, pid in pids.items()}
+with open(codes_file, "w") as f:
+    json.dump(codes, f)
+"""
+
+
+def run_script_forks(tmp_path: pathlib.Path, inputs: dict[str, list[str]]) -> dict:
+    """The script once per input (name -> args), at once, as forks of one process that imported
+    its modules; cwd ``tmp_path``. Returns name -> (returncode, stdout, stderr)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    jobs = {name: (str(tmp_path), args, str(logs / f"{i}.out"), str(logs / f"{i}.err"))
+            for i, (name, args) in enumerate(inputs.items())}  # fmt: skip
+    driver = subprocess.run(
+        [sys.executable, "-c", _FORKS, str(SCRIPT), str(logs / "returncodes.json")],
+        input=json.dumps(jobs),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert driver.returncode == 0, driver.stderr
+    codes = json.loads((logs / "returncodes.json").read_text())
+    return {
+        name: (codes[name], pathlib.Path(out).read_text(), pathlib.Path(err).read_text())
+        for name, (_, _, out, err) in jobs.items()
+    }
+
+
 def test_script_bad_input(tmp_path):
-    # Every bad command line, started at once (they are short: mostly interpreter start-up),
-    # in one test: as parametrized cases of a shared fixture, both xdist workers started all of
-    # them. Every failing input is reported, each with its own reason.
+    # Every bad command line, started at once, in one test: as parametrized cases of a shared
+    # fixture, both xdist workers started all of them. Every failing input is reported, each
+    # with its own reason.
     bad = tmp_path / "files"
     bad.mkdir()
     _damaged_data(bad)
-    procs = {}
-    for i, overrides in enumerate(BAD_INPUTS):
-        run_dir = tmp_path / str(i)
-        overrides_here = overrides.format(bad=bad).split()
-        args = script("dataset=digits", *overrides_here, f"hydra.run.dir={run_dir}")
-        procs[overrides] = (
-            run_dir,
-            subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-        )
+    inputs = {
+        overrides: [
+            "dataset=digits",
+            *overrides.format(bad=bad).split(),
+            f"hydra.run.dir={tmp_path / str(i)}",
+        ]
+        for i, overrides in enumerate(BAD_INPUTS)
+    }
+    results = run_script_forks(tmp_path, inputs)
     failures = []
-    for overrides, (run_dir, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+    for i, (overrides, (returncode, stdout, stderr)) in enumerate(results.items()):
         try:
-            _check_bad_run(
-                overrides, run_dir, proc.returncode, stdout.decode(), stderr.decode(), bad
-            )
+            _check_bad_run(overrides, tmp_path / str(i), returncode, stdout, stderr, bad)
         except AssertionError as error:
             failures.append(f"{overrides}: {error}")
     assert not failures, "\n\n".join(failures)
@@ -1292,10 +1359,10 @@ def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_130(monkeypatch, c
 
 @pytest.mark.slow
 def test_script_sigterm_then_resume(tmp_path):
-    run_dir = tmp_path / "run"
+    # The run in Hydra's own new directory (outputs/DATE/TIME: no hydra.run.dir), as a user's.
     common = ["dataset=digits", "model.features=[16,10]", "trainer.batch_size=16", "logger=none"]
     proc = subprocess.Popen(
-        script(*common, "trainer.epochs=100000", f"hydra.run.dir={run_dir}"),
+        script(*common, "trainer.epochs=100000"),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -1303,7 +1370,10 @@ def test_script_sigterm_then_resume(tmp_path):
     )
     try:
         deadline = time.monotonic() + 240
-        while _latest_epoch(run_dir / "checkpoints") < 2:
+        while True:
+            runs = list((tmp_path / "outputs").glob("*/*"))
+            if runs and _latest_epoch(runs[0] / "checkpoints") >= 2:
+                break
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.2)
@@ -1313,6 +1383,7 @@ def test_script_sigterm_then_resume(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    (run_dir,) = runs
     assert proc.returncode == 130, stderr
     assert "trainer.resume=true" in stderr and f"trainer.run_dir={run_dir}" in stderr
     assert "model.features=[16,10]" in stderr  # the run's own overrides, in the command
@@ -1328,20 +1399,15 @@ def test_script_sigterm_then_resume(tmp_path):
     command = shlex.split(stderr.split("resume with: ", 1)[1].strip())
     assert os.path.abspath(command[0]) == os.path.abspath(sys.executable)
     hydra_record = (run_dir / ".hydra" / "config.yaml").read_bytes()
-    result = subprocess.run(
-        [*command, f"trainer.epochs={epochs}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resume = [*command, f"trainer.epochs={epochs}"]
+    result = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     checkpoint_file = run_dir / "checkpoints" / f"ckpt_{stopped:06d}"
     assert f"resumed from {checkpoint_file} (epoch {stopped} of {epochs} done)" in result.stdout
     assert f"resuming with changed settings: trainer.epochs: 100000 -> {epochs}" in result.stdout
-    # The resume stays in its run directory: no outputs/DATE/TIME/.hydra of its own, and the
-    # run's .hydra/ record is kept; the resume's is beside it.
-    assert not (tmp_path / "outputs").exists()
+    # The resume stays in its run directory: no outputs/DATE/TIME/.hydra of its own (each
+    # resume left a stray one), and the run's .hydra/ record is kept; the resume's is beside it.
+    assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]
     assert (run_dir / ".hydra" / "config.yaml").read_bytes() == hydra_record
     (resumed,) = [p for p in (run_dir / ".hydra").iterdir() if p.is_dir()]
     assert OmegaConf.load(resumed / "config.yaml").trainer.resume is True
@@ -1351,26 +1417,19 @@ def test_script_sigterm_then_resume(tmp_path):
     assert metrics["epochs"] == epochs and metrics["status"] == "completed"
     assert metrics["steps"] == epochs * (1150 // 16)  # the step counter was restored too
 
-
-@pytest.mark.slow
-def test_script_resume_stays_in_its_run_directory(tmp_path):
-    # Each resume left a stray outputs/DATE/TIME/.hydra; one of a finished run rewrote its
-    # metrics.json (wall_seconds 2.7e-6, 0 examples/s).
-    first = run_script(tmp_path, *TINY, "trainer.epochs=1", "logger=none")
-    assert first.returncode == 0, first.stderr
-    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    # The same command again: the run is finished. A resume of a finished run rewrote its
+    # metrics.json (wall_seconds 2.7e-6, 0 examples/s); now it has nothing to do, and leaves
+    # the run's files as they were, adding only its own .hydra/ record.
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    again = run_script(
-        tmp_path, *TINY, "trainer.epochs=1", "logger=none", "trainer.resume=true",
-        f"trainer.run_dir={run_dir}",
-    )  # fmt: skip
+    again = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert "nothing to do" in again.stdout and "ckpt_000001 is its last" in again.stdout
+    assert "nothing to do" in again.stdout and f"ckpt_{epochs:06d} is its last" in again.stdout
     assert list((tmp_path / "outputs").glob("*/*")) == [run_dir]  # no stray directory
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert {p: after[p] for p in before} == before  # metrics.json, .hydra/: as they were
     added = sorted(p.relative_to(run_dir).parts[:2] for p in set(after) - set(before))
     assert {parts[0] for parts in added} == {".hydra"} and len({p[1] for p in added}) == 1
+    assert {p[1] for p in added}.isdisjoint({resumed.name, "config.yaml"})  # one of its own
 
 
 # --------------------------------------------------------------------------------------------
