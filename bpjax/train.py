@@ -286,7 +286,7 @@ def chunk_plan(steps: int, chunk_steps: int | None) -> tuple[tuple[int, int], ..
     """
     if not chunk_steps or chunk_steps >= steps:
         return ((0, steps),)
-    for length in range(chunk_steps, max(1, chunk_steps // 4) - 1, -1):
+    for length in range(chunk_steps, max(1, -(-chunk_steps // 4)) - 1, -1):  # ceil(c / 4)
         if steps % length == 0:
             return tuple((start, length) for start in range(0, steps, length))
     full, rest = divmod(steps, chunk_steps)

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import math
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -79,8 +80,8 @@ class FitResult(NamedTuple):
       metrics: final summary: ``test_*``, ``best_val_*``, ``train_loss``, ``epochs``,
         ``best_epoch``, ``stopped_early``, ``wall_seconds`` (this call, evaluation included),
         ``train_seconds`` and ``examples_per_second`` (training steps only, timed over the
-        chunks whose compiled program had already run; when every chunk compiled one, e.g. a
-        single epoch in one chunk, ``0.0`` and ``None``), ``steps`` (minibatch steps taken)
+        chunks whose program had already run in this process; both ``None`` when every chunk
+        compiled its program, e.g. a single epoch in one chunk), ``steps`` (minibatch steps taken)
         and ``updates`` (optimizer updates applied: fewer than ``steps`` under gradient
         accumulation, ``optax.MultiSteps``); with
         ``grad_check_every``, the last measured alignment of this call,
@@ -111,6 +112,11 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, *, epoch: int, step: int, result: FitResult):
         super().__init__(message)
         self.epoch, self.step, self.result = epoch, step, result
+
+
+# The chunk lengths each compiled chunk function has run, in this process (fit's throughput
+# leaves out a chunk that compiled its program); weak: an evicted function is forgotten.
+_RAN_LENGTHS: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
 
 
 @functools.lru_cache(maxsize=16)
@@ -670,10 +676,12 @@ def fit(
     # A run that stopped early stays stopped when resumed (unless patience was raised).
     stopped_early = patience is not None and bad_evals >= patience
     last_epoch = start_epoch if stopped_early else epochs
-    # Training throughput is timed over the chunks whose program had already run (a chunk's
-    # length picks its program): a chunk that compiled its program is left out, so that a short
-    # run's examples/s is not its compilation's.
-    train_seconds, trained_examples, ran_lengths = 0.0, 0, set()
+    # Training throughput is timed over the chunks whose program had already run in this
+    # process (a chunk's length picks its program; a sweep's later jobs reuse the earlier ones'
+    # programs): a chunk that compiled its program is left out, so that a short run's examples/s
+    # is not its compilation's.
+    train_seconds, trained_examples = 0.0, 0
+    ran_lengths = _RAN_LENGTHS.setdefault(chunk_fn, set())
     t_start = time.perf_counter()
     epoch = start_epoch
     # The epoch being trained, between its chunks: {"epoch", "epoch_step", "epoch_loss_sum"}.
@@ -820,7 +828,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "stopped_early": stopped_early,
                 "wall_seconds": wall,
-                "train_seconds": train_seconds,
+                "train_seconds": train_seconds if trained_examples else None,
                 "examples_per_second": (
                     trained_examples / train_seconds if trained_examples else None
                 ),

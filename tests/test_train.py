@@ -241,6 +241,9 @@ def test_epoch_order_is_the_documented_permutation(setup):
         (8, 3, ((0, 2), (2, 2), (4, 2), (6, 2))),  # 2 divides 8: one chunk length
         (781, 200, tuple((i * 71, 71) for i in range(11))),  # 781 = 11 * 71
         (997, 200, ((0, 200), (200, 200), (400, 200), (600, 200), (800, 197))),  # prime
+        # 1 is below 7 / 4: not 17 chunks of one step (the bound was rounded down to 1)
+        (17, 7, ((0, 7), (7, 7), (14, 3))),
+        (17, 4, tuple((i, 1) for i in range(17))),  # 1 = 4 / 4: one length
     ],
 )
 def test_chunk_plan_covers_the_epoch_with_at_most_two_lengths(steps, chunk_steps, expected):
