@@ -38,7 +38,7 @@ import hydra
 import jax
 import jax.numpy as jnp
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
 from bpjax import losses
@@ -148,9 +148,20 @@ def network(
     return bpjax.mlp(features, activation=activation, b_init=b_init), (batch, n_in)
 
 
+def injectable_kinds(net: Layer) -> set[str]:
+    """The kinds ``inject_bug`` can reach in ``net``: every layer at any depth, blocks
+    (``residual``) included, but not the ``serial`` stacks that hold them."""
+    return {layer_kind(layer) for layer in layers_within(net)} - {"serial"}
+
+
 def holds_kind(net: Layer, kind: str) -> bool:
     """Whether ``inject_bug(net, kind)`` changes anything: a layer of ``kind`` at any depth."""
-    return any(layer_kind(layer) == kind for layer in layers_within(net))
+    return kind in injectable_kinds(net)
+
+
+def _key(features: Any) -> str:
+    """A hashable key of ``combinations``' ``features`` (a list of sizes or an image spec)."""
+    return json.dumps(features, sort_keys=True)
 
 
 def check_one(
@@ -252,11 +263,14 @@ _GRIDS = (
 
 
 def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> str:
-    grid = " + ".join(
-        " x ".join(f"{len(cfg[k])} {k}" for k in keys)
-        for keys in _GRIDS
-        if all(len(cfg[k]) for k in keys)  # a grid with an empty list adds nothing
-    )
+    grids = []
+    for keys in _GRIDS:
+        if all(len(cfg[k]) for k in keys):  # a grid with an empty list adds nothing
+            grids.append(" x ".join(f"{len(cfg[k])} {k}" for k in keys))
+    once = [s.name for s in cfg.image_architectures if not _takes(s.model, "activation")]
+    if once and len(cfg.image_activations) > 1 and grids and "image" in grids[-1]:
+        grids[-1] += f" ({', '.join(once)}: no activation to set, checked at the first only)"
+    grid = " + ".join(grids)
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
         f"gradient check sweep: {grid} = {n_combinations} combinations "
@@ -305,7 +319,18 @@ def validate(cfg: DictConfig) -> None:
       ValueError: an unknown activation, loss, dtype, ``x_dtype`` or ``inject_bug`` kind
         (listing the valid ones), or an architecture that is not a list of positive sizes.
     """
+    examples = {"architectures": "[[8, 3], [16, 16, 3]]", "dtypes": "[float64, float32]"}
+    for key in {k for keys in _GRIDS for k in keys}:
+        if not isinstance(cfg[key], ListConfig):
+            raise ValueError(
+                f"{key} must be a list, e.g. {key}={examples.get(key, '[...]')}; got {cfg[key]!r}"
+            )
     for features in cfg.architectures:
+        if not isinstance(features, ListConfig):
+            raise ValueError(
+                f"architectures: {features!r} is not a list of sizes: each architecture is one, "
+                f"e.g. architectures=[[4,3]] (not architectures=[4,3])"
+            )
         if not features or not all(isinstance(f, int) and f > 0 for f in features):
             raise ValueError(f"architectures: {list(features)} is not a list of positive sizes")
     for activation in [*cfg.activations, *cfg.image_activations]:
@@ -340,11 +365,14 @@ def validate(cfg: DictConfig) -> None:
             f"{', '.join(X_DTYPES)}"
         )
     if cfg.inject_bug is not None:
-        kinds = {"dense"} | {layer_kind(bpjax.activation(a)) for a in cfg.activations}
-        for spec in OmegaConf.to_container(cfg.image_architectures):
-            net = build_image_net(spec, cfg.image_activations[0])
-            kinds |= {layer_kind(layer) for layer in layers_within(net) if not layer.combinator}
-            kinds |= {layer_kind(layer) for layer in net.sublayers} - {"serial"}  # residual
+        # The kinds of the networks the sweep checks: each (network, activation) it runs.
+        kinds = set()
+        for features, activation in {
+            (_key(f), a): (f, a) for f, a, *_ in combinations(cfg)
+        }.values():
+            kinds |= injectable_kinds(
+                network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0]
+            )
         if cfg.inject_bug not in kinds:
             raise ValueError(
                 f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "

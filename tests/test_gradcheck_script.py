@@ -372,3 +372,71 @@ def test_an_injected_kind_a_network_lacks_is_said_on_its_line(tmp_path, capsys):
     tanh, relu = lines
     assert "PASS" in tanh and tanh.endswith("(no relu layer here: nothing injected)")
     assert "FAIL" in relu and "nothing injected" not in relu
+
+
+TINY_CONV = (
+    "image_architectures=[{name: t, model: {_target_: bpjax.serial, _args_: ["
+    "{_target_: bpjax.conv2d, n_out: 2, kernel_size: 3}, {_target_: bpjax.flatten}, "
+    "{_target_: bpjax.dense, n_out: 3}]}, input_shape: [4, 4, 1]}]"
+)
+TINY_CNN = (
+    "image_architectures=[{name: c, model: {_target_: bpjax.cnn, channels: [2], hidden: [], "
+    "n_classes: 3}, input_shape: [4, 4, 1]}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        # the kind is in a grid that has no combination: nothing would fail, exit 0
+        ([*SMALL, TINY_CONV, "image_losses=[]", "inject_bug=conv2d"], "valid kinds: dense, tanh"),
+        (
+            [*SMALL, "architectures=[]", TINY_CONV, "image_activations=[relu]",
+             "image_losses=[mse]", "inject_bug=tanh"],
+            "valid kinds: conv2d, dense, flatten",
+        ),
+        # an empty image grid: it used to index image_activations[0] (a traceback)
+        ([*SMALL, TINY_CONV, "image_activations=[]", "inject_bug=tanh"], None),
+        # tanh only at the image grid's second activation: it was refused
+        (
+            [*SMALL, "activations=[relu]", TINY_CNN, "image_activations=[relu,tanh]",
+             "image_losses=[mse]", "inject_bug=tanh"],
+            None,
+        ),
+    ],
+)  # fmt: skip
+def test_inject_bug_is_checked_against_the_networks_that_run(overrides, refused):
+    cfg = compose(overrides)
+    if refused is None:
+        gradcheck.validate(cfg)
+    else:
+        with pytest.raises(ValueError, match=f"matches no layer of the sweep; {refused}$"):
+            gradcheck.validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "architectures=[4,3]",
+            r"architectures: 4 is not a list of sizes: .*\(not architectures=\[4,3\]\)",
+        ),
+        ("architectures=null", "architectures must be a list, e.g. .*; got None"),
+        ("image_architectures=null", "image_architectures must be a list"),
+        (
+            "dtypes=float64",
+            r"dtypes must be a list, e.g. dtypes=\[float64, float32\]; got 'float64'",
+        ),
+    ],
+)
+def test_lists_of_the_wrong_shape_are_one_error_line(override, message):
+    # each was a Python traceback (TypeError: 'int' object is not iterable), exit 1
+    with pytest.raises(ValueError, match=message):
+        gradcheck.validate(compose([*SMALL, override]))
+
+
+def test_the_header_says_which_networks_run_once():
+    cfg = compose([])  # the shipped sweep: conv-strided-groups takes no activation
+    header = gradcheck._header(cfg, len(gradcheck.combinations(cfg)), {}).splitlines()[0]
+    assert "2 image_activations x 2 image_losses x 2 dtypes (conv-strided-groups: no " in header
+    assert "= 298 combinations" in header  # 270 + 3 x 2 x 2 x 2 + 1 x 1 x 2 x 2
