@@ -154,11 +154,6 @@ def injectable_kinds(net: Layer) -> set[str]:
     return {layer_kind(layer) for layer in layers_within(net)} - {"serial"}
 
 
-def holds_kind(net: Layer, kind: str) -> bool:
-    """Whether ``inject_bug(net, kind)`` changes anything: a layer of ``kind`` at any depth."""
-    return kind in injectable_kinds(net)
-
-
 def _key(features: Any) -> str:
     """A hashable key of ``combinations``' ``features`` (a list of sizes or an image spec)."""
     return json.dumps(features, sort_keys=True)
@@ -263,14 +258,14 @@ _GRIDS = (
 
 
 def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> str:
-    grids = []
-    for keys in _GRIDS:
-        if all(len(cfg[k]) for k in keys):  # a grid with an empty list adds nothing
-            grids.append(" x ".join(f"{len(cfg[k])} {k}" for k in keys))
+    mlp, images = (
+        " x ".join(f"{len(cfg[k])} {k}" for k in keys) if all(len(cfg[k]) for k in keys) else ""
+        for keys in _GRIDS  # a grid with an empty list adds nothing
+    )
     once = [s.name for s in cfg.image_architectures if not _takes(s.model, "activation")]
-    if once and len(cfg.image_activations) > 1 and grids and "image" in grids[-1]:
-        grids[-1] += f" ({', '.join(once)}: no activation to set, checked at the first only)"
-    grid = " + ".join(grids)
+    if images and once and len(cfg.image_activations) > 1:
+        images += f" ({', '.join(once)}: no activation to set, checked at the first only)"
+    grid = " + ".join(g for g in (mlp, images) if g)
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
         f"gradient check sweep: {grid} = {n_combinations} combinations "
@@ -469,8 +464,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
             line += f"  first failure: {_describe(result.first_failure)}"
         elif result.inconclusive:
             line += "  fd inconclusive: the loss is not smooth within the step (see its note)"
-        if cfg.inject_bug is not None and not holds_kind(
-            network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0], cfg.inject_bug
+        if cfg.inject_bug is not None and cfg.inject_bug not in injectable_kinds(
+            network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0]
         ):
             line += f"  (no {cfg.inject_bug} layer here: nothing injected)"
         print(line, flush=True)

@@ -101,8 +101,7 @@ def numpy_init(layer, in_shape, *, seed: int = 0):
 def numpy_params(net, in_shape, dtype=jnp.float64, *, seed: int = 0):
     """Params in ``net.init``'s structure and shapes (traced, nothing compiled), drawn by
     ``numpy_like``."""
-    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), in_shape)[1])
-    return numpy_like(shapes, dtype, seed=seed)
+    return numpy_like(init_shapes(net, in_shape)[1], dtype, seed=seed)
 
 
 def assert_trees_close(actual, expected, *, rtol, atol=0.0):
