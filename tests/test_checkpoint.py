@@ -744,7 +744,7 @@ def test_manager_restore_latest_does_not_pass_over_a_mismatch(tmp_path):
 
 
 @pytest.mark.parametrize("key_kind", list(KEYS))
-def test_npz_checkpoints_still_restore(key_kind):
+def test_npz_checkpoints_still_restore(key_kind, optimized_compiler):
     path = DATA / f"state_{key_kind}_key.npz"
     restored, metadata = checkpoint.restore(path, make_state(0, key_kind))
     assert_bit_identical(restored, make_state(1, key_kind))
@@ -769,7 +769,7 @@ def test_npz_special_leaves_still_restore():
     assert_bit_identical(restored, tree)
 
 
-def test_a_run_checkpointed_as_npz_resumes_bit_identically(tmp_path):
+def test_a_run_checkpointed_as_npz_resumes_bit_identically(tmp_path, optimized_compiler):
     import bpjax
     from bpjax import losses
     from bpjax.data import load
