@@ -1,8 +1,8 @@
 """Atomic file writes: a temp file in the same directory, fsync, rename, fsync the directory.
 
 A crash mid-write never leaves a truncated file under the final name, and no temp file is left
-behind. Used for dataset caches and run metrics (checkpoints are written by orbax: see
-``bpjax.checkpoint``). (numpy only: no jax here.)
+behind. Used for dataset caches and every record a run or a script writes (checkpoints are
+written by orbax: see ``bpjax.checkpoint``). (numpy only: no jax here.)
 """
 
 import os
@@ -54,3 +54,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """``atomic_write`` of ``text`` (UTF-8): the whole text under ``path``, or its old content."""
+    data = text.encode()
+    return atomic_write(path, lambda file: file.write(data))

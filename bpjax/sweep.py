@@ -11,6 +11,7 @@ value the job doesn't have. ``loss_exploded`` is the epoch at which a job's loss
 """
 
 import csv
+import io
 import json
 import math
 import pathlib
@@ -20,6 +21,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from bpjax._atomic import atomic_write_text
 
 __all__ = ["SweepSummary", "collect", "format_table", "write_summary"]
 
@@ -89,12 +92,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_summary(sweep_dir: str | pathlib.Path) -> str:
-    """Writes ``summary.csv`` and ``summary.md`` into ``sweep_dir``; returns the table."""
+    """Writes ``summary.csv`` and ``summary.md`` into ``sweep_dir`` (atomically: a sweep
+    killed while writing keeps the previous summary); returns the table."""
     sweep_dir = pathlib.Path(sweep_dir)
     rows = collect(sweep_dir)
     table = format_table(rows)
-    (sweep_dir / "summary.md").write_text(table + "\n")
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    atomic_write_text(sweep_dir / "summary.md", table + "\n")
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "job", "overrides", "objective_name", *_COLUMNS])
         for rank, row in enumerate(rows, 1):
@@ -107,6 +111,7 @@ def write_summary(sweep_dir: str | pathlib.Path) -> str:
                 ]
                 + [_cell(row, c) for c in _COLUMNS]
             )
+        atomic_write_text(sweep_dir / "summary.csv", f.getvalue())
     return table
 
 

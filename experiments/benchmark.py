@@ -80,6 +80,8 @@ from bench.steps import point_steps, profile, write_hlo
 from bench.targets import control_summary, targets
 from bench.timing import ms, round_robin
 
+from bpjax._atomic import atomic_write_text
+
 
 def _matmul_reference(references: list) -> dict[str, Any]:
     sizes = [
@@ -260,7 +262,7 @@ def run(
     print(format_tables(result))
     if output_dir is not None:
         path = Path(output_dir) / "benchmark.json"
-        path.write_text(json.dumps(result, indent=2, allow_nan=False))
+        atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False))
         print(f"wrote {path}")
     return result
 

@@ -34,6 +34,7 @@ before anything trains. A run that diverges is recorded as such and the comparis
 
 import csv
 import importlib.util
+import io
 import math
 import pathlib
 import statistics
@@ -49,6 +50,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import bpjax.cli  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+from bpjax._atomic import atomic_write, atomic_write_text
 from bpjax.grad import MODES
 from bpjax.train import check_rule
 
@@ -188,10 +190,11 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -
     fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "alignment/total/angle"]
     angles = sorted({k for row in rows for k in row if k.startswith("alignment/")} - set(fixed))
     columns = [*fixed, *angles, "wall_seconds", "run_dir"]
-    with open(path, "w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+        atomic_write_text(path, f.getvalue())
 
 
 def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title: str) -> None:
@@ -229,7 +232,7 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
         axis.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format=path.suffix[1:]))
     plt.close(figure)
 
 
@@ -292,7 +295,7 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
             f"set trainer.grad_check_every below {total} to follow them."
         )
         print(f"compare_rules: warning: {table.rsplit(chr(10), 1)[-1]}", file=sys.stderr)
-    (run_dir / "comparison.md").write_text(f"# {title}\n\n{table}\n")
+    atomic_write_text(run_dir / "comparison.md", f"# {title}\n\n{table}\n")
     write_csv(run_dir / "comparison.csv", rows, task_metric)
     plot(run_dir / "comparison.png", curves, task_metric, title)
     print(f"\ncompare_rules ({run_dir / 'comparison.md'}):\n{table}", flush=True)

@@ -8,13 +8,14 @@ batch norm in training mode, a ResNet, strided/grouped/dilated convolutions and 
 ``bpjax.check_grads``: each layer's backward vs ``jax.vjp`` of its
 forward ("layer"), the whole manual gradient vs ``jax.grad`` ("total"), and a central finite
 difference ("fd"). Prints one line per combination, writes every row to ``gradcheck.csv`` and
-``gradcheck.json`` in the run directory, and exits non-zero if anything fails::
+``gradcheck.json`` in the run directory (atomically), and exits non-zero if anything fails::
 
     python experiments/gradcheck.py
     python experiments/gradcheck.py architectures=[[8,3]] dtypes=[float64] inject_bug=tanh
 
 ``inject_bug=<layer kind>`` (``tanh``, ``relu``, ``dense``, ...) swaps that layer's backward for a
-deliberately wrong one, to show the checker naming the layer that goes wrong.
+deliberately wrong one, to show the checker naming the layer that goes wrong; every row of
+the files records it (``inject_bug``: the kind, or null).
 
 ``x_dtype`` sets the input's dtype (default: the combination's dtype): ``uint8`` and ``int32``
 inputs are image-like integers in ``[0, 256)``, ``bool`` inputs random bits; such inputs have no
@@ -25,6 +26,7 @@ is 0 when every conclusive row passes.
 
 import csv
 import inspect
+import io
 import json
 import math
 import sys
@@ -42,6 +44,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
 from bpjax import losses
+from bpjax._atomic import atomic_write_text
 from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
 from bpjax.layers import Layer, init_state, is_stateful
 
@@ -298,12 +301,13 @@ def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> tuple[Path, Path
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = output_dir / "gradcheck.csv", output_dir / "gradcheck.json"
     fields = list(rows[0]) if rows else list(COMBINATION_KEYS)
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, table.getvalue())
     safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
-    json_path.write_text(json.dumps(safe, indent=1) + "\n")
+    atomic_write_text(json_path, json.dumps(safe, indent=1) + "\n")
     return csv_path, json_path
 
 
@@ -446,6 +450,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         architecture = _architecture_name(features, cfg.n_in)
         x_dtype = cfg.x_dtype or dtype
         prefix = dict(zip(COMBINATION_KEYS, (architecture, activation, loss_name, dtype, x_dtype)))
+        prefix["inject_bug"] = cfg.inject_bug  # a file from an injected-bug run says so
         rows += [{**prefix, **record} for record in result.to_records()]
         n_failed += not result.passed
         n_inconclusive += result.passed and bool(result.inconclusive)

@@ -30,6 +30,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from bpjax._atomic import atomic_write_text
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 # The CPU features that change what XLA's CPU backend generates.
@@ -200,11 +202,10 @@ def reproduce(cfg: DictConfig, out_dir: pathlib.Path) -> str:
         )
     text = table(results, provenance(), seeds, max(filter(math.isfinite, loads), default=math.nan))
     output = ROOT / cfg.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text("# Results\n\n" + text)
+    atomic_write_text(output, "# Results\n\n" + text)
     if cfg.readme:
         readme = ROOT / cfg.readme
-        readme.write_text(replace_block(readme.read_text(), text))
+        atomic_write_text(readme, replace_block(readme.read_text(), text))
     return text
 
 

@@ -33,6 +33,7 @@ COLUMNS = [
     "loss",
     "dtype",
     "x_dtype",
+    "inject_bug",
     "check",
     "layer",
     "layer_name",
@@ -89,8 +90,11 @@ def test_run_passes_and_writes_csv_and_json(tmp_path, capsys):
         "passed"
     }
     assert all(r["x_dtype"] == r["dtype"] for r in records)
+    assert {r["inject_bug"] for r in records} == {""}  # csv's None
     rows = json.loads(Path(result["json"]).read_text())
     assert len(rows) == len(records) and list(rows[0]) == COLUMNS
+    assert {r["inject_bug"] for r in rows} == {None}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic writes
     assert Path(result["csv"]).parent == tmp_path
 
     out = capsys.readouterr().out
@@ -109,6 +113,8 @@ def test_injected_bug_is_named(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "first failure: layer 1 (tanh)" in out
     assert out.rstrip().endswith("0 passed, 2 failed")
+    # The files say the bug was injected (a failing file of a checker test is not a bug report).
+    assert {r["inject_bug"] for r in json.loads(Path(result["json"]).read_text())} == {"tanh"}
 
 
 IMAGES = [
