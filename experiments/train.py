@@ -797,6 +797,7 @@ def train(
     status = "completed"
     message = ""
     nothing_done = False
+    trained_here = 0  # epochs this call trained (fewer than the run's after a resume)
     try:
         _stop_if_interrupted()  # a signal whose interrupt was swallowed while starting up
         result = fit(
@@ -829,8 +830,9 @@ def train(
             on_resume=on_resume,
         )
         metrics = dict(result.metrics)
+        trained_here = len(result.history)
         # Only a resume of a run that had already ended trains no epoch.
-        nothing_done = not result.history
+        nothing_done = not trained_here
     except TrainingDiverged as e:
         status, message = "diverged", str(e)
         metrics = {"epochs": e.epoch, "diverged_step": e.step}
@@ -907,11 +909,14 @@ def train(
         if k in metrics
     )
     timing = _timing(metrics)
+    this_call = ", ".join([*timing, _count(metrics["compilations"], "compilation")])
+    epochs = _count(metrics["epochs"], "epoch")
+    if timing and trained_here != metrics["epochs"]:  # resumed: the seconds are this call's
+        this_call = f"; this call: {_count(trained_here, 'epoch')}, {this_call}"
+    else:
+        this_call = f", {this_call}"
     warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
-    console.say(
-        f"bpjax: {summary}  ({_count(metrics['epochs'], 'epoch')}, {timing}"
-        f"{_count(metrics['compilations'], 'compilation')}){warning}"
-    )
+    console.say(f"bpjax: {summary}  ({epochs}{this_call}){warning}")
     return metrics
 
 
@@ -1060,18 +1065,19 @@ def main(cfg: DictConfig) -> float:
     return worst_objective() if multirun else math.nan
 
 
-def _timing(metrics: dict[str, Any]) -> str:
+def _timing(metrics: dict[str, Any]) -> list[str]:
     """The final line's timing: wall seconds and training examples/s (none for a run whose
-    every chunk compiled its program: its time is mostly compilation)."""
-    if metrics["wall_seconds"] is None:  # the record of a run that ended before this start
-        return ""
+    every chunk compiled its program: its time is mostly compilation); nothing for the record
+    of a run that ended before this call started."""
+    if metrics["wall_seconds"] is None:
+        return []
     speed = metrics["examples_per_second"]
     rate = (
         "examples/s not timed: every chunk compiled"
         if speed is None
         else f"{speed:,.0f} examples/s"
     )
-    return f"{metrics['wall_seconds']:.1f} s, {rate}, "
+    return [f"{metrics['wall_seconds']:.1f} s", rate]
 
 
 def worst_objective() -> float:

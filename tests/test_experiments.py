@@ -750,6 +750,14 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
     assert said[2].startswith("epoch 2/2 ")
     # the default cosine schedule decays over the run's length: a new length changes it
     assert any(line.startswith("bpjax: the learning-rate schedule (cosine") for line in out), out
+    # The seconds are this call's, not the run's two epochs': the final line says so.
+    final = out[-1]
+    assert "(2 epochs; this call: 1 epoch, " in final, final
+    assert final.endswith(f"{train_script._count(metrics['compilations'], 'compilation')})")
+    # Without a resume the run is this call: one list.
+    run_train(tmp_path / "again", *TINY, "trainer.epochs=1", "logger=none")
+    final = capsys.readouterr().out.splitlines()[-1]
+    assert "(1 epoch, " in final and "this call" not in final, final
 
 
 def test_train_warns_when_the_loss_explodes(tmp_path, capsys):
