@@ -55,6 +55,9 @@ SCRIPT = ROOT / "experiments" / "train.py"
 _spec = importlib.util.spec_from_file_location("experiments_train", SCRIPT)
 train_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_script)
+# Loading the script puts experiments/ on sys.path, where its modules (experiments/training/)
+# live: a test that patches what a moved function looks up patches that function's module.
+from training import interrupts, processes  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # What each config file is, by group. A test asserts these tables equal the directory listing.
@@ -442,8 +445,10 @@ def test_every_config_option_has_only_keys_that_are_read(group, name):
 
 def test_every_trainer_and_logger_setting_is_read_by_the_script():
     # The schema of a group without a _target_ is its default file: each key there must be read
-    # by train.py, or the check would accept a key that nothing reads.
-    source = SCRIPT.read_text()
+    # by train.py (or its modules, experiments/training/), or the check would accept a key that
+    # nothing reads.
+    parts = sorted((SCRIPT.parent / "training").glob("*.py"))
+    source = "\n".join(path.read_text() for path in (SCRIPT, *parts))
     schema = cli.schema_from_conf(CONF)
     for group in ("trainer", "logger"):
         for key in schema[group]:
@@ -830,7 +835,7 @@ def test_batch_must_divide_over_the_devices(monkeypatch):
         n = 4 if devices == "all" else devices
         return jax.sharding.Mesh(np.array(jax.devices()[:1] * n), ("data",))
 
-    monkeypatch.setattr(train_script, "make_mesh", make_mesh)
+    monkeypatch.setattr(processes, "make_mesh", make_mesh)
     trainer = OmegaConf.create({"devices": "all", "batch_size": 30})
     with pytest.raises(train_script.ConfigError, match="batch_size=30 is not divisible by the 4"):
         train_script._check_devices(trainer)
@@ -1335,7 +1340,7 @@ def test_an_interrupt_that_a_library_swallowed_is_raised_again(monkeypatch):
     # Found by a new user: a Ctrl-C that landed in jax's garbage-collection callback was printed
     # as "Exception ignored" and training went on for minutes. The signal is recorded, and
     # raised again before training and after every chunk.
-    monkeypatch.setattr(train_script, "_SIGNALS", [])
+    monkeypatch.setattr(interrupts, "_SIGNALS", [])
     train_script._stop_if_interrupted()  # no signal: nothing
     try:
         train_script._raise_interrupt(signal.SIGINT, None)

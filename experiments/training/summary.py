@@ -1,0 +1,131 @@
+"""What a run records and says at its end: its outcome added to the metrics (status,
+objective, compilations, time, device), its hyperparameters and final metrics for
+TensorBoard's HParams tab, and the final line (with the seconds, examples/s and compilations
+of this call)."""
+
+import math
+import time
+from typing import Any
+
+import jax
+from omegaconf import DictConfig
+
+from bpjax.reporting import Console, EpochReporter, format_number
+from training.config import _target_name
+from training.run_dir import _task_overrides
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _timing(metrics: dict[str, Any]) -> list[str]:
+    """The final line's timing: wall seconds and training examples/s (none for a run whose
+    every chunk compiled its program: its time is mostly compilation); nothing for the record
+    of a run that ended before this call started."""
+    if metrics["wall_seconds"] is None:
+        return []
+    speed = metrics["examples_per_second"]
+    rate = (
+        "examples/s not timed: every chunk compiled"
+        if speed is None
+        else f"{speed:,.0f} examples/s"
+    )
+    return [f"{metrics['wall_seconds']:.1f} s", rate]
+
+
+def add_outcome(
+    metrics: dict[str, Any],
+    *,
+    status: str,
+    message: str,
+    objective_name: str,
+    exploded: bool,
+    compilations: int,
+    t_start: float,
+) -> None:
+    """The run's outcome, added to its ``metrics``: what ``metrics.json`` records beside
+    ``fit``'s metrics."""
+    objective = metrics.get(objective_name, math.nan)
+    metrics.update(
+        {
+            "status": status,
+            "message": message,
+            "objective_name": objective_name,
+            "objective": objective,
+            "loss_exploded": exploded,
+            "compilations": compilations,
+            "total_seconds": time.perf_counter() - t_start,
+            "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "processes": jax.process_count(),
+            "overrides": _task_overrides(),
+        }
+    )
+
+
+def log_hparams(
+    logger: Any,
+    cfg: DictConfig,
+    config: dict[str, Any],
+    loss_name: str,
+    dataset: str,
+    metrics: dict[str, Any],
+) -> None:
+    """The run's hyperparameters and finite final metrics (TensorBoard's HParams tab), and its
+    compilations; then the logger is closed."""
+    trainer = cfg.trainer
+    hparams = {
+        "model": config["model"],
+        "loss": loss_name,
+        "optimizer": config["optimizer"],
+        "schedule": _target_name(cfg.schedule),
+        "batch_size": trainer.batch_size,
+        "grad_mode": trainer.grad_mode,
+        "dataset": dataset,
+        "seed": cfg.seed,
+    }
+    final = {
+        f"hparam/{k}": v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)
+    }
+    logger.hparams(hparams, final)
+    last_step = metrics.get("steps", metrics.get("diverged_step", 0))
+    logger.scalar("perf/compilations", metrics["compilations"], last_step)
+    logger.close()
+
+
+def say_outcome(
+    console: Console,
+    cfg: DictConfig,
+    metrics: dict[str, Any],
+    *,
+    monitor: str,
+    trained_here: int,
+    reporter: EpochReporter,
+) -> None:
+    """The run's last lines: why it diverged; or that it stopped early, and the final line
+    (test metrics, epochs, this call's time and compilations, a loss that exploded)."""
+    trainer = cfg.trainer
+    if metrics["status"] == "diverged":
+        console.say(f"bpjax: {metrics['message']}", err=True)
+        return
+    if metrics.get("stopped_early"):
+        console.say(
+            f"bpjax: stopped early after epoch {metrics['epochs']}: no better {monitor} "
+            f"in {trainer.patience} evaluations; the best epoch, {metrics['best_epoch']}, "
+            f"gives the test metrics"
+        )
+    summary = "  ".join(
+        f"{k} {format_number(metrics[k])}"
+        for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
+        if k in metrics
+    )
+    timing = _timing(metrics)
+    this_call = ", ".join([*timing, _count(metrics["compilations"], "compilation")])
+    epochs = _count(metrics["epochs"], "epoch")
+    if timing and trained_here != metrics["epochs"]:  # resumed: the seconds are this call's
+        this_call = f"; this call: {_count(trained_here, 'epoch')}, {this_call}"
+    else:
+        this_call = f", {this_call}"
+    warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
+    console.say(f"bpjax: {summary}  ({epochs}{this_call}){warning}")
