@@ -194,6 +194,23 @@ def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> d
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def run_as_a_user(args: list[str], cwd: pathlib.Path, *, timeout: float = 600) -> str:
+    """Runs ``args`` (a Python command line) in a fresh interpreter as a user would: XLA
+    optimizing (for a run that trains long enough to feel the suite's setting), the suite's
+    compilation cache shared. Asserts it succeeded; returns its stdout."""
+    done = subprocess.run(
+        args,
+        cwd=cwd,
+        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def once_per_session(request, tmp_path_factory, name: str, make) -> tuple[pathlib.Path, Any]:
     """``make(directory)``'s result (JSON-able), made once per test session however many
     pytest-xdist workers ask: the first makes it in ``directory`` while holding a lock, the

@@ -8,13 +8,12 @@ unit tests in test_benchmark_parts.py.
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import once_per_session
+from conftest import once_per_session, run_as_a_user
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,15 +100,9 @@ def quick_run(tmp_path_factory, request):
     overrides = [f"profile=[{PROFILED}]", "dump_hlo=true"]
 
     def run_script(out: Path) -> dict:
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), "quick=true", *overrides, f"hydra.run.dir={out}"],
-            cwd=ROOT,
-            env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"},
-            capture_output=True,
-            text=True,
-            timeout=600,
+        run_as_a_user(
+            [sys.executable, str(SCRIPT), "quick=true", *overrides, f"hydra.run.dir={out}"], ROOT
         )
-        assert done.returncode == 0, done.stderr
         return json.loads((out / "benchmark.json").read_text())
 
     out, result = once_per_session(request, tmp_path_factory, "benchmark-quick-run", run_script)

@@ -1,12 +1,11 @@
 """The README's Python examples run as written (issue: "the README example runs as written")."""
 
-import os
 import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
+from conftest import run_as_a_user
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
@@ -22,16 +21,7 @@ def test_readme_has_the_examples():
 def _run(code: str, tmp_path: pathlib.Path) -> str:
     # A fresh interpreter, as a reader would run it: conftest's x64 setting must not leak in, and
     # XLA optimizes (the fit example trains for 27 s optimized, 38 s with the suite's setting).
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_as_a_user([sys.executable, "-c", code], tmp_path)
 
 
 def test_ten_line_example(tmp_path):
