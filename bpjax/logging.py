@@ -7,12 +7,17 @@ not used). The HParams record is the run's session only, never an experiment sum
 TensorBoard shows the union of the hyperparameters of all the runs it reads (``hparams``).
 Values may be Python, numpy or jax scalars; steps are integers. Which tags exist is up to the
 caller.
+
+Whatever the values (a diverging run's NaN, inf or 1e25 weights), logging never raises and
+prints nothing: a non-finite scalar is written as it is (TensorBoard shows NaN and inf), and a
+histogram bins every finite value and counts the others (``TensorBoardLogger.histogram``).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -20,7 +25,9 @@ from typing import Any, Protocol, Self
 import jax
 import numpy as np
 import tensorboardX
+from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.summary import hparams as hparams_summaries
+from tensorboardX.summary import make_histogram
 
 __all__ = ["Logger", "NullLogger", "TensorBoardLogger", "flatten_hparams"]
 
@@ -77,6 +84,34 @@ def _float(value: Any) -> float:
     return float(np.asarray(value))
 
 
+# What tensorboardX's summaries replace by "_" in a tag (and leading "/" are removed).
+_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w\.]")
+
+
+def _clean_tag(tag: str) -> str:
+    return _INVALID_TAG_CHARACTERS.sub("_", tag).lstrip("/")
+
+
+# Equal-width bins of a histogram whose values lie outside TensorBoard's default bins.
+_WIDE_BINS = 30
+
+
+def _bin_edges(x: np.ndarray, default: Any) -> Any:
+    """Bin edges covering every value of ``x`` (finite, not empty): ``default`` (TensorBoard's
+    bins, fine from 1e-12 to 1e20 in magnitude) if they hold every value, else ``_WIDE_BINS``
+    equal-width bins from the smallest value to the largest."""
+    lo, hi = float(x.min()), float(x.max())
+    if default is not None and len(default) and default[0] <= lo and hi <= default[-1]:
+        return default
+    if lo == hi:  # one bin: the value and its neighbour towards 0 (finite)
+        other = float(np.nextafter(lo, 0.0) if lo else np.nextafter(0.0, 1.0))
+        return [min(lo, other), max(lo, other)]
+    scale = max(abs(lo), abs(hi))  # scaled first: hi - lo may overflow (-1e308 .. 1e308)
+    edges = np.linspace(lo / scale, hi / scale, _WIDE_BINS + 1) * scale
+    edges[0], edges[-1] = lo, hi
+    return np.clip(edges, lo, hi)  # rounding may not leave them increasing
+
+
 class TensorBoardLogger:
     """Writes scalars, histograms, text and HParams of one run to a TensorBoard ``logdir``.
 
@@ -95,6 +130,7 @@ class TensorBoardLogger:
         self._writer_or_none: tensorboardX.SummaryWriter | None = None
         self._last_step = 0
         self._closed = False
+        self._nonfinite_tags: set[str] = set()  # histograms that have had non-finite values
 
     @property
     def _writer(self) -> tensorboardX.SummaryWriter:
@@ -111,9 +147,17 @@ class TensorBoardLogger:
         self._last_step = max(self._last_step, step)
         return step
 
+    def _add(self, value: Summary.Value, step: int) -> None:
+        self._writer._get_file_writer().add_summary(Summary(value=[value]), step)
+
     def scalar(self, tag: str, value: Any, step: int) -> None:
-        """Logs one scalar (Python, numpy or jax; a jax value is copied to the host)."""
-        self._writer.add_scalar(tag, _float(value), self._seen(step))
+        """Logs one scalar (Python, numpy or jax; a jax value is copied to the host).
+
+        NaN and +-inf are written as they are, silently (tensorboardX's ``add_scalar`` would
+        print a warning for each).
+        """
+        value, step = _float(value), self._seen(step)
+        self._add(Summary.Value(tag=_clean_tag(tag), simple_value=value), step)
 
     def scalars(self, mapping: Mapping[str, Any], step: int) -> None:
         """Logs each ``tag: value`` of ``mapping`` as its own scalar, all at ``step``."""
@@ -121,18 +165,36 @@ class TensorBoardLogger:
             self.scalar(tag, value, step)
 
     def histogram(self, tag: str, values: Any, step: int) -> None:
-        """Logs a histogram of ``values`` (any shape; flattened).
+        """Logs a histogram of ``values`` (any shape; flattened), of every finite value.
 
-        Non-finite values (NaN, +-inf) are dropped before binning, since they cannot be binned;
-        if none remain, nothing is written. Log a count of non-finite values as a scalar if it
-        matters.
+        Bins: TensorBoard's default ones (finer near 0, from 1e-12 to 1e20 in magnitude) if
+        they hold every value, else 30 equal-width bins from the smallest value to the largest
+        (a diverging run's weights, e.g. 1e25), so that no finite value is left out. The sum
+        and sum of squares of huge values may be inf.
+
+        Non-finite values (NaN, +-inf) cannot be binned: they are left out of the histogram
+        and counted in the scalar ``<tag>/nonfinite`` (how many of ``values`` are NaN or inf),
+        at ``step``. That scalar is written from the first histogram of ``tag`` with a
+        non-finite value on, at each histogram of ``tag`` (0 once they are all finite again):
+        a run whose values stay finite has none, and one whose weights became NaN shows when,
+        and how many. If no value is finite, only that scalar is written; if ``values`` is
+        empty, nothing is.
         """
         step = self._seen(step)
         x = np.asarray(values, dtype=np.float64).ravel()
-        x = x[np.isfinite(x)]
+        finite = np.isfinite(x)
+        nonfinite = int(x.size - np.count_nonzero(finite))
+        if nonfinite:
+            self._nonfinite_tags.add(tag)
+        if tag in self._nonfinite_tags and x.size:
+            self.scalar(f"{tag}/nonfinite", nonfinite, step)
+        x = x[finite]
         if x.size == 0:
             return
-        self._writer.add_histogram(tag, x, step)
+        bins = _bin_edges(x, getattr(self._writer, "default_bins", None))
+        with np.errstate(over="ignore"):  # the sum (of squares) of huge values: inf
+            histo = make_histogram(x, bins)
+        self._add(Summary.Value(tag=_clean_tag(tag), histo=histo), step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Logs a (Markdown) text."""
@@ -168,7 +230,7 @@ class TensorBoardLogger:
             file_writer.add_summary(summary)
         metric_step = self._last_step if step is None else self._seen(step)
         for tag, value in final.items():
-            self._writer.add_scalar(tag, value, metric_step)
+            self.scalar(tag, value, metric_step)
 
     def flush(self) -> None:
         """Writes every event logged so far to disk."""

@@ -77,13 +77,19 @@ def test_scalars_histograms_text(tmp_path):
 
     run = read_run(tmp_path)
     tags = run.Tags()
-    assert set(tags["scalars"]) == {"train/loss", "val/loss", "val/acc", "lr"}
+    # and the counts of the histograms' non-finite values
+    assert set(tags["scalars"]) == {
+        *("train/loss", "val/loss", "val/acc", "lr"),
+        *("w/nonfinite", "all_nan/nonfinite"),
+    }
     train_loss = run.Scalars("train/loss")
     assert [e.step for e in train_loss] == [0, 1, 2]
     np.testing.assert_allclose([e.value for e in train_loss], [1.0, 0.5, 1.0 / 3.0], rtol=1e-6)
     assert [e.value for e in run.Scalars("val/loss")] == [0.0, 2.0, 4.0]
 
-    assert tags["histograms"] == ["w"]  # all-NaN values write nothing
+    assert tags["histograms"] == ["w"]  # all-NaN values write no histogram
+    assert [(e.step, e.value) for e in run.Scalars("w/nonfinite")] == [(2, 2.0)]
+    assert [(e.step, e.value) for e in run.Scalars("all_nan/nonfinite")] == [(2, 4.0)]
     (histogram,) = run.Histograms("w")
     assert histogram.step == 2
     assert histogram.histogram_value.num == 4  # NaN and inf were dropped
@@ -93,6 +99,88 @@ def test_scalars_histograms_text(tmp_path):
     (text,) = run.Tensors("notes/text_summary")
     assert text.tensor_proto.string_val == [b"hello *world*"]
     assert_single_run(tmp_path)
+
+
+def _bucket_total(histogram) -> float:
+    return sum(histogram.histogram_value.bucket)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param(np.full((8, 4), 1e25, np.float32), id="all-above-the-default-bins"),
+        pytest.param(np.array([-3e38, -1e25, 2.0, 1e21]), id="some-above-the-default-bins"),
+        pytest.param(np.array([1e-5, 1e25]), id="one-above-the-default-bins"),
+        pytest.param(np.array([-1e200, 1e200, 0.5]), id="sum-of-squares-overflows"),
+        pytest.param(np.array([0.0, 1e-13, -1e-14]), id="below-the-smallest-bin"),
+        pytest.param(np.array([7.0]), id="one-value"),
+    ],
+)
+def test_histogram_bins_every_finite_value_whatever_its_size(tmp_path, values):
+    """A diverging run's weights (1e25: beyond TensorBoard's default bins, which end near 1e20)
+    used to raise tensorboardX's "The histogram is empty" and end the run, or be left out of
+    the bins while counted in ``num``. Every finite value now lies in a bin."""
+    with TensorBoardLogger(tmp_path) as log:
+        log.histogram("w", values, 3)
+    run = read_run(tmp_path)
+    (histogram,) = run.Histograms("w")
+    assert histogram.step == 3
+    assert histogram.histogram_value.num == values.size == _bucket_total(histogram)
+    assert histogram.histogram_value.min == values.min()
+    assert histogram.histogram_value.max == values.max()
+    assert "w/nonfinite" not in run.Tags()["scalars"]  # only finite values: no count
+
+
+def test_histogram_counts_nonfinite_values_from_the_first_on(tmp_path):
+    """NaN and inf are left out of the histogram and counted in ``<tag>/nonfinite``, written
+    from the first histogram of the tag that had one on (0 once all are finite again); a tag
+    whose values stay finite has no count; empty values write nothing."""
+    steps = {
+        1: np.array([1.0, 2.0]),
+        2: np.array([np.nan, 1e30, np.inf, -np.inf]),
+        3: np.full(3, np.nan),  # nothing to bin: the count alone
+        4: np.array([3.0, 4.0, 5.0]),
+        5: np.zeros((0, 2)),  # empty: nothing at all
+    }
+    with TensorBoardLogger(tmp_path) as log:
+        for step, values in steps.items():
+            log.histogram("weights/layer0/w", values, step)
+            log.histogram("finite", np.arange(3.0), step)
+            log.histogram("empty", np.array([]), step)
+    run = read_run(tmp_path)
+    assert set(run.Tags()["histograms"]) == {"weights/layer0/w", "finite"}
+    assert run.Tags()["scalars"] == ["weights/layer0/w/nonfinite"]
+    counts = [(e.step, e.value) for e in run.Scalars("weights/layer0/w/nonfinite")]
+    assert counts == [(2, 3.0), (3, 3.0), (4, 0.0)]
+    histograms = {e.step: e.histogram_value for e in run.Histograms("weights/layer0/w")}
+    assert sorted(histograms) == [1, 2, 4]
+    assert histograms[2].num == 1 and histograms[2].min == histograms[2].max == 1e30
+
+
+def test_nonfinite_scalars_are_written_silently(tmp_path, capfd, caplog):
+    """NaN and inf scalars (a diverged run's losses, its final metrics) are written as they are,
+    without tensorboardX's "NaN or Inf found in input tensor." warning for each."""
+    with TensorBoardLogger(tmp_path) as log:
+        log.scalar("train/loss", np.float32(np.nan), 0)
+        log.scalars({"train/loss": np.inf, "val/loss": -np.inf}, 1)
+        log.hparams({"lr": 1e6}, {"val/loss": np.nan, "hparams/best": np.float64(np.inf)})
+    run = read_run(tmp_path)
+    train = [e.value for e in run.Scalars("train/loss")]
+    assert np.isnan(train[0]) and train[1] == np.inf
+    assert [e.value for e in run.Scalars("hparams/best")] == [np.inf]
+    assert [e.step for e in run.Scalars("val/loss")] == [1, 1]
+    assert np.isnan(run.Scalars("val/loss")[-1].value)
+    out, err = capfd.readouterr()
+    assert "NaN or Inf" not in out + err + caplog.text
+
+
+def test_tags_are_cleaned_as_tensorboardx_does(tmp_path):
+    # the summaries are built here, not by tensorboardX: same tags as its add_scalar would write
+    with TensorBoardLogger(tmp_path) as log:
+        log.scalar("/a b/c:d", 1.0, 0)
+        log.histogram("/h (x)", np.ones(2), 0)
+    tags = read_run(tmp_path).Tags()
+    assert tags["scalars"] == ["a_b/c_d"] and tags["histograms"] == ["h__x_"]
 
 
 def test_hparams_are_written_into_the_same_run(tmp_path):

@@ -255,3 +255,38 @@ def test_network_table_names_each_layer_tag():
     )
     assert table[4] == "| layer2 | `max_pool(2x2)` | 0 | (2, 14, 14, 6) |"
     assert table[-1] == "| | total | 61,706 | |"
+
+
+def test_histograms_of_a_diverged_network_do_not_end_the_run(tmp_path):
+    # digits, sgd, a learning rate growing 1e4-fold an epoch: the weights reached ~1e25 and the
+    # epoch's histograms raised tensorboardX's "The histogram is empty" (exit 1, no record).
+    params = ({"w": np.full((3, 2), 1e25, np.float32), "b": np.array([np.nan, 1.0])},)
+    grads = ({"w": np.full((3, 2), -np.inf), "b": np.full(2, 3e38, np.float32)},)
+    logger = TensorBoardLogger(tmp_path)
+    reporter = EpochReporter(
+        logger,
+        epochs=1,
+        steps_per_epoch=4,
+        schedule=lambda step: 1e4,
+        histogram_every=1,
+        grad_fn=lambda params, x, y, state, feedback: (np.float32(1e30), grads),
+        batch=(np.zeros((1, 3)), np.zeros(1)),
+    )
+    reporter(record(1, [1e25] * 4, params=params))
+    logger.close()
+    run = event_accumulator.EventAccumulator(
+        str(tmp_path), size_guidance={"scalars": 0, "histograms": 0}
+    )
+    run.Reload()
+    assert set(run.Tags()["histograms"]) == {
+        "weights/layer0/w",
+        "weights/layer0/b",
+        "grads/layer0/b",
+    }  # grads/layer0/w: no finite value
+    assert run.Histograms("weights/layer0/w")[0].histogram_value.max == np.float32(1e25)
+    nonfinite = {
+        tag: [e.value for e in run.Scalars(tag)]
+        for tag in run.Tags()["scalars"]
+        if tag.endswith("/nonfinite")
+    }
+    assert nonfinite == {"weights/layer0/b/nonfinite": [1.0], "grads/layer0/w/nonfinite": [6.0]}
