@@ -998,3 +998,32 @@ def test_every_record_is_written_atomically():
             if in_place.search(line) and _MARKER not in line and "atomic_write" not in line:
                 found.append(f"{name}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_relative_and_home_paths_are_made_absolute_once(tmp_path, monkeypatch):
+    """orbax refuses relative paths: a relative or ``~`` path is resolved where bpjax receives
+    it (``~`` expanded, then absolute against the current directory of that call)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    manager = checkpoint.CheckpointManager("runs/ck", keep=2)
+    assert manager.directory == tmp_path / "cwd" / "runs" / "ck"
+    manager.save(make_state(1), step_or_epoch=1)
+    assert manager.all_steps() == [1]
+    monkeypatch.chdir(tmp_path)  # resolved once: a later chdir moves nothing
+    manager.save(make_state(2), step_or_epoch=2)
+    assert files(tmp_path / "cwd" / "runs" / "ck") == files(manager.directory)
+    assert_bit_identical(manager.restore_latest(make_state(0))[0], make_state(2))
+    assert not (tmp_path / "runs").exists()
+
+    home = checkpoint.CheckpointManager("~/ck")
+    assert home.directory == tmp_path / "home" / "ck"
+    home.save(make_state(3), step_or_epoch=3)
+    assert home.all_steps() == [3] and not (tmp_path / "~").exists()
+
+    path = checkpoint.save("one", make_state(4), metadata={"epoch": 4})  # relative, from cwd
+    assert path == tmp_path / "one"
+    assert checkpoint.load_metadata("one") == {"epoch": 4}
+    assert_bit_identical(checkpoint.restore("one", make_state(0))[0], make_state(4))
+    assert checkpoint.save("~/two", make_state(5)) == tmp_path / "home" / "two"
+    assert_bit_identical(checkpoint.restore("~/two", make_state(0))[0], make_state(5))

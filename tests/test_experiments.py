@@ -1466,3 +1466,22 @@ def test_counts_in_the_console_lines_agree_in_number(tmp_path, capsys):
     assert "(1 epoch, " in out and "1 epochs" not in out
     assert train_script._count(1, "compilation") == "1 compilation"
     assert train_script._count(0, "compilation") == "0 compilations"
+
+
+def test_relative_run_dir_trains_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """trainer.run_dir=runs/rel (relative, as in the README's two-process command) is made
+    absolute against the directory the command runs in: orbax refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    from training.run_dir import _run_dir
+
+    cfg = compose(*TINY, "trainer.epochs=1", "logger=none", "trainer.run_dir=runs/rel")
+    run_dir = tmp_path / "runs" / "rel"
+    assert _run_dir(cfg) == run_dir  # absolute, wherever it reaches orbax
+    first = train_script.train(cfg)
+    assert first["epochs"] == 1
+    assert strict_loads((run_dir / "metrics.json").read_text()).keys() == first.keys()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("ckpt_*")) == ["ckpt_000001"]
+    cfg = compose(*TINY, "logger=none", "trainer.resume=true", "trainer.run_dir=runs/rel")
+    resumed = train_script.train(cfg)
+    assert resumed["epochs"] == 2
+    assert (run_dir / "checkpoints" / "ckpt_000002").is_dir()

@@ -1014,3 +1014,27 @@ def test_data_parallel_matches_single_device():
         assert out["eval_sharded"][name] == pytest.approx(value, rel=1e-5), name
     assert abs(four["test_accuracy"] - one["test_accuracy"]) <= 1 / 80 + 1e-9
     assert "not divisible by 4 devices" in out["indivisible"]
+
+
+# --------------------------------------------------------------------------------------------
+# paths
+
+
+def test_relative_checkpoint_dir_checkpoints_and_resumes(small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir="ck_rel", **SMALL)
+    assert checkpoint_files(tmp_path / "ck_rel") == ["ckpt_000001", "ckpt_000002"]
+    resumed = fit(NET, CE, ADAM, small, epochs=3, checkpoint_dir="ck_rel", resume=True, **SMALL)
+    assert [r["epoch"] for r in resumed.history] == [3]
+    assert checkpoint_files(tmp_path / "ck_rel")[-1] == "ckpt_000003"
+
+
+def test_home_in_checkpoint_dir_is_expanded(small, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir="~/ck", **SMALL)
+    assert checkpoint_files(tmp_path / "home" / "ck") == ["ckpt_000001"]
+    assert not (tmp_path / "cwd" / "~").exists()
+    resumed = fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir="~/ck", resume=True, **SMALL)
+    assert [r["epoch"] for r in resumed.history] == [2]

@@ -27,6 +27,7 @@ from bpjax.checkpoint._records import (
     PathLike,
     UnreadableCheckpoint,
     _to_json,
+    absolute,
     as_template_kind,
     check_against,
     decode,
@@ -105,7 +106,7 @@ def save(path: PathLike, tree: Any, *, metadata: Mapping[str, Any] | None = None
         TypeError: metadata without a JSON form, or a non-numeric leaf (nothing is written).
         ValueError: a ``.npz`` path (that is the former single-file format, no longer written).
     """
-    path = pathlib.Path(path)
+    path = absolute(path)
     if path.suffix == ".npz":
         raise ValueError(
             f"{path}: checkpoints are directories now (orbax); .npz files are only read. "
@@ -169,7 +170,7 @@ def load_metadata(path: PathLike) -> dict[str, Any]:
         UnreadableCheckpoint: a damaged checkpoint, or not a bpjax checkpoint (a ValueError).
         ValueError: a checkpoint format version this bpjax does not know.
     """
-    path = pathlib.Path(path)
+    path = absolute(path)
     if path.is_file():
         return _legacy.load_metadata(path)
     return read_meta(path)["metadata"]
@@ -218,7 +219,7 @@ def restore(path: PathLike, like: Any) -> tuple[Any, dict[str, Any]]:
             (the message names the path and the first mismatching leaf), checked before any
             array is read; or an unknown format version.
     """
-    path = pathlib.Path(path)
+    path = absolute(path)
     if path.is_file():
         return _legacy.restore(path, like)
     meta = read_meta(path)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from bpjax.checkpoint import _format, _orbax
-from bpjax.checkpoint._records import PathLike, UnreadableCheckpoint
+from bpjax.checkpoint._records import PathLike, UnreadableCheckpoint, absolute
 
 
 class DamagedCheckpointWarning(UserWarning):
@@ -62,7 +62,9 @@ class CheckpointManager:
 
     Args:
         directory: where checkpoints live; created by the first ``save`` (opening a manager
-            to look, e.g. ``all_steps()`` or ``latest()``, creates nothing).
+            to look, e.g. ``all_steps()`` or ``latest()``, creates nothing). ``~`` is expanded
+            and a relative path is made absolute against the current directory, once, here
+            (``self.directory`` is absolute).
         keep: how many of the most recent checkpoints to keep (>= 1).
         metric: key of ``metrics`` that ranks checkpoints, or None to keep only the recent ones.
         mode: ``"min"`` if lower ``metric`` is better, ``"max"`` if higher is better.
@@ -85,7 +87,7 @@ class CheckpointManager:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.directory = pathlib.Path(directory)
+        self.directory = absolute(directory)
         self.keep = keep
         self.metric = metric
         self.mode = mode

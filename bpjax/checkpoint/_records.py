@@ -20,6 +20,13 @@ FORMAT = "bpjax.checkpoint"
 PathLike = str | os.PathLike
 
 
+def absolute(path: PathLike) -> pathlib.Path:
+    """``path`` resolved once, where bpjax receives it: ``~`` expanded, then made absolute
+    against the current directory of this call (orbax refuses relative paths, and a later
+    ``chdir`` must not move a run's checkpoints)."""
+    return pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 class UnreadableCheckpoint(ValueError):
     """A checkpoint that cannot be read: missing or damaged files (a copy cut short, a disk
     that lost the last write), or a path that is not a bpjax checkpoint at all. The message

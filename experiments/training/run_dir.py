@@ -30,8 +30,13 @@ def _write_json_atomic(path: pathlib.Path, payload: dict[str, Any]) -> None:
 
 
 def _run_dir(cfg: DictConfig) -> pathlib.Path:
+    """The run's directory, absolute: ``trainer.run_dir`` with ``~`` expanded and made absolute
+    against the directory the command was started in (orbax refuses relative paths; in a job of
+    several processes, each started in the same directory, process 0's absolute path is the one
+    they share)."""
     if cfg.trainer.get("run_dir"):
-        return pathlib.Path(cfg.trainer.run_dir)
+        path = os.path.expanduser(str(cfg.trainer.run_dir))
+        return pathlib.Path(os.path.abspath(os.path.join(_original_cwd(), path)))
     if HydraConfig.initialized():
         return pathlib.Path(HydraConfig.get().runtime.output_dir)
     return pathlib.Path(tempfile.mkdtemp(prefix="bpjax-run-"))
