@@ -107,7 +107,7 @@ from training.run_dir import (
     _write_json_atomic,
     prepare_run_dir,
 )
-from training.summary import _count, add_outcome, log_hparams, say_outcome
+from training.summary import _count, add_outcome, epochs_this_call, log_hparams, say_outcome
 from training.validation import check_config_keys, resolve_monitor_and_objective, validate
 
 # What other code reaches through this script (tests, experiments/compare_rules.py); the
@@ -182,7 +182,8 @@ def train(
         f"{_count(trainer.epochs, 'epoch')} of {_count(steps_per_epoch, 'step')}; "
         f"run dir {run_dir}"
     )
-    on_resume = announce_resume(cfg, console, checkpoint_dir, config, total_steps)
+    resumed: dict[str, Any] = {}  # where fit resumed, once it has accepted a checkpoint
+    on_resume = announce_resume(cfg, console, checkpoint_dir, config, total_steps, resumed)
     reporter = make_reporter(
         cfg,
         logger,
@@ -212,6 +213,7 @@ def train(
         record = already_ended(trainer, run_dir, metrics, logger, console)
         if record is not None:
             return record
+    metrics.setdefault("epochs_this_call", epochs_this_call(metrics, resumed))
     add_outcome(
         metrics,
         status=status,
@@ -225,7 +227,12 @@ def train(
     if primary:  # the run's one record, however many processes
         _write_json_atomic(run_dir / "metrics.json", metrics)
     say_outcome(
-        console, cfg, metrics, monitor=monitor, trained_here=trained_here, reporter=reporter
+        console,
+        cfg,
+        metrics,
+        monitor=monitor,
+        reporter=reporter,
+        steps_per_epoch=steps_per_epoch,
     )
     return metrics
 

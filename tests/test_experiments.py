@@ -57,7 +57,7 @@ train_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_script)
 # Loading the script puts experiments/ on sys.path, where its modules (experiments/training/)
 # live: a test that patches what a moved function looks up patches that function's module.
-from training import interrupts, processes  # noqa: E402
+from training import fitting, interrupts, processes  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # What each config file is, by group. A test asserts these tables equal the directory listing.
@@ -648,7 +648,8 @@ DIVERGING = [
 def test_train_diverged(tmp_path):
     metrics = run_train(tmp_path, *DIVERGING)
     assert metrics["status"] == "diverged"
-    assert f"epoch {metrics['epochs']}" in metrics["message"]
+    assert f"epoch {metrics['diverged_epoch']}" in metrics["message"]
+    assert metrics["epochs"] == metrics["diverged_epoch"] - 1  # the epochs it completed
     assert f"step {metrics['diverged_step']}" in metrics["message"]
     assert math.isnan(metrics["objective"])
     # metrics.json is strict JSON: it used to hold the bare token NaN
@@ -709,6 +710,14 @@ def test_train_says_when_it_stopped_early(tmp_path, capsys):
     assert metrics["stopped_early"] and metrics["epochs"] < 30
     out = capsys.readouterr().out
     assert f"stopped early after epoch {metrics['epochs']}: no better val_accuracy" in out
+    # Resumed with more epochs it has nothing to do: more patience is what would go on.
+    cfg = compose(*TINY, "trainer.epochs=40", "trainer.patience=1", "logger=none",
+                  "optimizer.learning_rate=3.0", f"trainer.run_dir={tmp_path}",
+                  "trainer.resume=true")  # fmt: skip
+    assert train_script.train(cfg)["epochs"] == metrics["epochs"]
+    out = capsys.readouterr().out
+    assert f"already stopped early at epoch {metrics['epochs']} (trainer.patience=1)" in out
+    assert "(raise trainer.patience to train on)" in out
 
 
 def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
@@ -759,10 +768,44 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
     final = out[-1]
     assert "(2 epochs; this call: 1 epoch, " in final, final
     assert final.endswith(f"{train_script._count(metrics['compilations'], 'compilation')})")
+    assert metrics["epochs_this_call"] == 1.0
     # Without a resume the run is this call: one list.
-    run_train(tmp_path / "again", *TINY, "trainer.epochs=1", "logger=none")
+    fresh = run_train(tmp_path / "again", *TINY, "trainer.epochs=1", "logger=none")
     final = capsys.readouterr().out.splitlines()[-1]
     assert "(1 epoch, " in final and "this call" not in final, final
+    assert fresh["epochs_this_call"] == fresh["epochs"] == 1
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_resume_mid_epoch_says_how_much_this_call_trained(tmp_path, capsys, monkeypatch, chunks):
+    # It said "(2 epochs, ...)" for a call that trained 1 epoch and some steps (a trial). Digits'
+    # 17 steps in chunks of at most 10: two chunks. After the second, every step of epoch 1 is
+    # done but its evaluation is not.
+    checks = []
+
+    def interrupt_after_a_chunk(*_):  # checked before fit, then after every chunk
+        checks.append(None)
+        if len(checks) == 1 + chunks:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fitting, "_stop_if_interrupted", interrupt_after_a_chunk)
+    args = (*TINY, "trainer.chunk_steps=10", "logger=none")
+    with pytest.raises(KeyboardInterrupt):
+        train_script.train(compose(*args, f"trainer.run_dir={tmp_path}"))
+    monkeypatch.undo()
+    capsys.readouterr()
+    metrics = run_train(tmp_path, *args, "trainer.resume=true")
+    out = capsys.readouterr().out.splitlines()
+    (resumed,) = [line for line in out if line.startswith("bpjax: resumed from")]
+    if chunks == 1:
+        step, per_epoch = map(int, re.search(r"step (\d+) of (\d+) into epoch 1", resumed).groups())
+        assert 0 < step < per_epoch
+        assert metrics["epochs_this_call"] == pytest.approx(2 - step / per_epoch)
+        assert f"(2 epochs; this call: 1 epoch and {per_epoch - step} steps, " in out[-1], out[-1]
+    else:
+        assert resumed.endswith("(epoch 0 of 2 done, and every step of epoch 1: evaluated first)")
+        assert metrics["epochs_this_call"] == 1.0
+        assert "(2 epochs; this call: 1 epoch, " in out[-1], out[-1]
 
 
 def test_train_warns_when_the_loss_explodes(tmp_path, capsys):

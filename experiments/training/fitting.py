@@ -130,7 +130,8 @@ def fit_run(
         trained_here = len(result.history)
     except TrainingDiverged as e:
         status, message = "diverged", str(e)
-        metrics = {"epochs": e.epoch, "diverged_step": e.step}
+        # "epochs" counts completed epochs, as for a completed run; the record says where.
+        metrics = {"epochs": e.epoch - 1, "diverged_epoch": e.epoch, "diverged_step": e.step}
     except BaseException:  # a refused resume, an interrupt: flush and release the writer
         logger.close()
         raise

@@ -52,10 +52,12 @@ def announce_resume(
     checkpoint_dir: pathlib.Path,
     config: dict[str, Any],
     total_steps: int,
+    resumed: dict[str, Any],
 ) -> Callable[[dict[str, Any]], None] | None:
     """``fit``'s ``on_resume`` for a resume (None for a new run): it says which checkpoint and
-    epoch the run continues from and which settings changed. Where there is nothing to resume,
-    says so now."""
+    epoch the run continues from and which settings changed, and puts ``fit``'s account of
+    where it resumed (``epoch``, ``epoch_step``, ``steps_per_epoch``, ``path``) into
+    ``resumed``. Where there is nothing to resume, says so now."""
     trainer = cfg.trainer
     on_resume = None
     if trainer.resume and not _has_checkpoints(checkpoint_dir):
@@ -66,14 +68,17 @@ def announce_resume(
             # Said once fit has accepted the checkpoint (a refused resume says only why), of
             # the checkpoint it restored (a damaged latest is passed over). A run that had
             # already ended says "nothing to do" instead, after fit.
+            resumed.update(where)
             if where["epoch"] >= trainer.epochs and not where["epoch_step"]:
                 return
-            into = (
-                f", step {where['epoch_step']} of {where['steps_per_epoch']} into epoch "
-                f"{where['epoch'] + 1}"
-                if where["epoch_step"]
-                else ""
-            )
+            into = ""
+            if where["epoch_step"] == where["steps_per_epoch"]:  # stopped before evaluating
+                into = f", and every step of epoch {where['epoch'] + 1}: evaluated first"
+            elif where["epoch_step"]:
+                into = (
+                    f", step {where['epoch_step']} of {where['steps_per_epoch']} into epoch "
+                    f"{where['epoch'] + 1}"
+                )
             console.say(
                 f"bpjax: resumed from {where['path']} (epoch {where['epoch']} of "
                 f"{trainer.epochs} done{into})"
@@ -112,13 +117,17 @@ def already_ended(
     ) + f": {last.name} is its last checkpoint"
     if record_path.exists():
         logger.close()
+        # what lets it train on: more patience for a run that stopped early, else more epochs
+        more = "trainer.patience" if metrics.get("stopped_early") else "trainer.epochs"
         console.say(
             f"bpjax: nothing to do: the run in {run_dir} already {ended}; metrics.json "
-            f"is left as it was (raise trainer.epochs to train on)"
+            f"is left as it was (raise {more} to train on)"
         )
         return json.loads(record_path.read_text())
     # Killed between its last checkpoint and its record: write the record now, without
     # the timings of a run that did not happen here.
     console.say(f"bpjax: the run in {run_dir} already {ended}; writing its metrics.json")
-    metrics.update(wall_seconds=None, train_seconds=None, examples_per_second=None)
+    metrics.update(
+        wall_seconds=None, train_seconds=None, examples_per_second=None, epochs_this_call=0.0
+    )
     return None

@@ -20,6 +20,23 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def epochs_this_call(metrics: dict[str, Any], resumed: dict[str, Any]) -> float:
+    """How many epochs of the run this call trained: all of them, or, after a resume (``fit``'s
+    ``on_resume`` account in ``resumed``), those after the checkpoint's step."""
+    if not resumed:
+        return float(metrics["epochs"])
+    done = resumed["epoch"] + resumed["epoch_step"] / resumed["steps_per_epoch"]
+    return max(0.0, metrics["epochs"] - done)
+
+
+def _share(epochs: float, steps_per_epoch: int) -> str:
+    """``epochs_this_call`` in words: ``2 epochs``, ``39 steps``, ``10 epochs and 2850 steps``."""
+    steps = round(epochs * steps_per_epoch)
+    whole, rest = divmod(steps, steps_per_epoch)
+    parts = [_count(whole, "epoch")] * bool(whole) + [_count(rest, "step")] * bool(rest)
+    return " and ".join(parts) or "no training"
+
+
 def _timing(metrics: dict[str, Any]) -> list[str]:
     """The final line's timing: wall seconds and training examples/s (none for a run whose
     every chunk compiled its program: its time is mostly compilation); nothing for the record
@@ -100,11 +117,13 @@ def say_outcome(
     metrics: dict[str, Any],
     *,
     monitor: str,
-    trained_here: int,
     reporter: EpochReporter,
+    steps_per_epoch: int,
 ) -> None:
     """The run's last lines: why it diverged; or that it stopped early, and the final line
-    (test metrics, epochs, this call's time and compilations, a loss that exploded)."""
+    (test metrics, epochs, this call's time and compilations, a loss that exploded). After a
+    resume the final line says how much of the run this call trained: the seconds, examples/s
+    and compilations are this call's."""
     trainer = cfg.trainer
     if metrics["status"] == "diverged":
         console.say(f"bpjax: {metrics['message']}", err=True)
@@ -120,11 +139,11 @@ def say_outcome(
         for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
         if k in metrics
     )
-    timing = _timing(metrics)
-    this_call = ", ".join([*timing, _count(metrics["compilations"], "compilation")])
+    this_call = ", ".join([*_timing(metrics), _count(metrics["compilations"], "compilation")])
     epochs = _count(metrics["epochs"], "epoch")
-    if timing and trained_here != metrics["epochs"]:  # resumed: the seconds are this call's
-        this_call = f"; this call: {_count(trained_here, 'epoch')}, {this_call}"
+    if metrics["epochs_this_call"] != metrics["epochs"]:  # resumed: the seconds are this call's
+        share = _share(metrics["epochs_this_call"], steps_per_epoch)
+        this_call = f"; this call: {share}, {this_call}"
     else:
         this_call = f", {this_call}"
     warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
