@@ -308,9 +308,10 @@ class _Epochs:
             self.saved_epoch = epoch
         # An interrupt in the epoch's last chunk, its evaluation or its callbacks stops
         # here, with the epoch whole (held until now: the state and the steps counted
-        # always agree in a checkpoint).
+        # always agree in a checkpoint). After the run's last epoch nothing is left to stop:
+        # the run ends as it would have (its test metrics), not as one to resume.
         _, self.stop = distributed.agree({}, stop=self.stop or bool(interrupts.requested))
-        if self.stop:
+        if self.stop and epoch < schedule.epochs and not self.stopped_early:
             raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
 
     def evaluate(self, record: dict[str, Any]) -> None:

@@ -1528,3 +1528,27 @@ def test_relative_run_dir_trains_checkpoints_and_resumes(tmp_path, monkeypatch):
     resumed = train_script.train(cfg)
     assert resumed["epochs"] == 2
     assert (run_dir / "checkpoints" / "ckpt_000002").is_dir()
+
+
+def test_an_interrupt_in_the_runs_last_chunk_lets_the_run_end(tmp_path, capsys, monkeypatch):
+    # A trial: Ctrl-C in the last epoch's last chunk printed "interrupted: checkpointed at the
+    # end of epoch 1; resume with ..." (exit 130, no metrics.json) for a run whose every step was
+    # done; the resume then wrote a record without timings. The run ends as it would have.
+    def ctrl_c_in_the_last_chunk(record=None):
+        if record and record["epoch"] == 2 and record["epoch_step"] == record["steps_per_epoch"]:
+            os.kill(os.getpid(), signal.SIGINT)  # held by fit until every process can stop
+
+    monkeypatch.setattr(fitting, "_stop_if_interrupted", ctrl_c_in_the_last_chunk)
+    metrics = run_train(tmp_path, *TINY, "trainer.chunk_steps=10", "logger=none")
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert "test_accuracy" in metrics and metrics["epochs_this_call"] == 2
+
+    # In an earlier epoch it stops, with that epoch whole.
+    def ctrl_c_in_epoch_1(record=None):
+        if record and record["epoch"] == 1 and record["epoch_step"] == record["steps_per_epoch"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(fitting, "_stop_if_interrupted", ctrl_c_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path / "early", *TINY, "trainer.chunk_steps=10", "logger=none")
+    assert checkpoint.CheckpointManager(tmp_path / "early" / "checkpoints").all_steps() == [1]
