@@ -49,7 +49,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import bpjax.cli  # noqa: F401  (registers the resolvers conf/config.yaml uses)
+import bpjax.cli  # (also registers the resolvers conf/config.yaml uses)
 from bpjax._atomic import atomic_write, atomic_write_text
 from bpjax.grad import MODES
 from bpjax.train import check_rule
@@ -311,6 +311,22 @@ def main(cfg: DictConfig) -> None:
     except (CompareConfigError, script.ConfigError, script.ResumeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs so far are checkpointed
+        print(f"\n{interrupted_message(run_dir)}", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def interrupted_message(run_dir: pathlib.Path) -> str:
+    """What an interrupted comparison says: where its runs are and the command that continues
+    it (this call's overrides, its run directory and ``trainer.resume=true``, run by the
+    interpreter running now)."""
+    task = HydraConfig.get().overrides.task
+    keep = [o for o in task if o.split("=", 1)[0] not in ("hydra.run.dir", "trainer.resume")]
+    resume = [f"hydra.run.dir={bpjax.cli.hydra_quote(str(run_dir))}", "trainer.resume=true"]
+    command = bpjax.cli.rerun_command(
+        __file__, [*keep, *resume], cwd=hydra.utils.get_original_cwd(), project_root=ROOT
+    )
+    return f"interrupted: the runs done so far are in {run_dir}; continue with: {command}"
 
 
 if __name__ == "__main__":

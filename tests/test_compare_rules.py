@@ -6,8 +6,11 @@ import csv
 import importlib.util
 import json
 import pathlib
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import hydra
 import jax
@@ -288,3 +291,43 @@ def test_script_bad_setting_is_one_error_line(tmp_path):
         "error: compare.rules must be distinct modes of "
         f"{', '.join(['manual', 'autodiff', *credit.RULES])}, got ['feedback_alignmnet']"
     ]
+
+
+def test_script_interrupted_says_how_to_continue_and_continues(tmp_path):
+    # A trial: Ctrl-C ended in a raw KeyboardInterrupt traceback, with no way on.
+    run_dir = tmp_path / "compare"
+    args = [*TINY[:1], "model.features=[16,10]", "trainer.progress=false", "logger=none",
+            "compare.rules=[manual]", "compare.seeds=[0]", "trainer.batch_size=16"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *args, "trainer.epochs=100000", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = run_dir / "manual" / "seed0" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 240
+        while not (checkpoints.exists() and any(checkpoints.glob("ckpt_000001"))):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    message = stderr.strip().splitlines()[-1]
+    said = f"interrupted: the runs done so far are in {run_dir}; continue with: "
+    assert message.startswith(said), message
+    command = shlex.split(message.split("continue with: ", 1)[1])
+    assert "trainer.resume=true" in command and f"hydra.run.dir={run_dir}" in command
+    assert "trainer.epochs=100000" in command  # this call's overrides, as given
+    # Continued with fewer epochs, it ends and writes the comparison.
+    command = [c for c in command if not c.startswith("trainer.epochs=")] + ["trainer.epochs=2"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in read_csv(run_dir / "comparison.csv")] == ["completed"]
