@@ -10,6 +10,8 @@ result is that of one process, up to the reduction's rounding).
 """
 
 import functools
+import inspect
+import numbers
 import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -41,6 +43,79 @@ def _loss_by_name(name: str) -> Loss:
     return losses_lib.get(name)
 
 
+# fit's integer arguments: {name: (least valid value, greatest or None, None allowed: its meaning)}
+# (batch_size's greatest is the training set's size, and devices may also be "all" or devices).
+_INTEGERS: dict[str, tuple[int, int | None, str | None]] = {
+    "epochs": (1, None, None),
+    "batch_size": (1, None, None),
+    "seed": (0, 2**63 - 1, None),
+    "eval_batch_size": (1, None, None),
+    "eval_every": (1, None, None),
+    "patience": (1, None, "never stop early"),
+    "checkpoint_every": (1, None, None),
+    "keep_checkpoints": (1, None, None),
+    "grad_check_every": (0, None, None),
+    "devices": (1, None, None),
+    "chunk_steps": (0, None, "one scan per epoch"),
+}
+
+
+def _check_integer(
+    name: str,
+    value: Any,
+    least: int,
+    greatest: int | None = None,
+    *,
+    none: str | None = None,
+    valid: str | None = None,
+) -> None:
+    """Checks one of ``fit``'s integer arguments: a Python or numpy integer (not a bool: True
+    would train with batches of 1), ``least`` to ``greatest``, or None where ``none`` says what
+    None means. Raises one ``ValueError`` naming the argument, its value and what is valid
+    (``valid``, when given, in place of the range)."""
+    if value is None and none is not None:
+        return
+    if valid is None:
+        valid = f">= {least}" if greatest is None else f"between {least} and {greatest}"
+    or_none = "" if none is None else f" or None ({none})"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer {valid}{or_none}, got {value!r}")
+    if value < least or (greatest is not None and value > greatest):
+        raise ValueError(f"{name} must be {valid}{or_none}, got {value!r}")
+
+
+def _fit_arguments(given: dict[str, Any]) -> dict[str, Any]:
+    """``fit``'s integer arguments: ``given``, and those ``fit`` holds but does not pass to the
+    setup checks, read from its frame (when ``_checked_inputs`` is called from ``fit``)."""
+    from bpjax import trainer  # bpjax.trainer imports this module
+
+    frame = inspect.currentframe()
+    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
+    try:
+        if caller is not None and caller.f_code is trainer.fit.__code__:
+            return {name: caller.f_locals[name] for name in _INTEGERS} | given
+        return given
+    finally:
+        del frame, caller  # no reference cycle through the frames
+
+
+def _check_integers(arguments: dict[str, Any], *, n_train: int) -> None:
+    """Checks each of ``fit``'s integer arguments in ``arguments`` (``_INTEGERS``), before
+    anything is compiled or cached: a refused value leaves nothing behind (``_compiled``'s
+    cache would otherwise hold functions built for ``batch_size=32.0`` under the key of 32)."""
+    for name, value in arguments.items():
+        least, greatest, none = _INTEGERS[name]
+        if name == "devices" and not isinstance(value, numbers.Number):
+            continue  # "all", or the devices themselves: make_mesh checks them
+        valid = None
+        if name == "batch_size":
+            greatest = n_train
+            valid = f"between 1 and the training set size ({n_train})"
+        elif name == "devices":
+            valid = ">= 1 (or 'all', or the devices)"
+        _check_integer(name, value, least, greatest, none=none, valid=valid)
+
+
 def _checked_inputs(
     optimizer: optax.GradientTransformation,
     data: Dataset,
@@ -66,6 +141,9 @@ def _checked_inputs(
             f"data must be a bpjax.data.Dataset (e.g. bpjax.data.load('digits')), got "
             f"{type(data).__name__} {data!r}"
         )
+    # Every integer argument: its type and range, before anything else reads it.
+    given = {"epochs": epochs, "eval_batch_size": eval_batch_size, "batch_size": batch_size}
+    _check_integers(_fit_arguments(given), n_train=data.n_train)
     loss_fn = (
         _loss_by_name(loss) if isinstance(loss, str) else losses_lib.resolve(loss, "fit: loss")
     )
@@ -79,16 +157,7 @@ def _checked_inputs(
     mismatch = target_mismatch(loss_name, data.task, data.y_train)
     if mismatch:
         raise ValueError(f"{data.name}: {mismatch}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
     compute_dtype = as_compute_dtype(compute_dtype)
-    if not 1 <= batch_size <= data.n_train:
-        raise ValueError(
-            f"batch_size must be between 1 and the training set size ({data.n_train}), "
-            f"got {batch_size}"
-        )
     return loss_fn, loss_name, eval_splits, compute_dtype
 
 
@@ -112,15 +181,17 @@ def _check_schedule(
             f"batch_size {batch_size} is not divisible by {n_devices} devices{where}: each "
             f"device takes an equal share of every batch"
         )
-    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if chunk_steps is not None and (not isinstance(chunk_steps, int) or chunk_steps < 0):
-        raise ValueError(f"chunk_steps must be an integer >= 0 or None, got {chunk_steps!r}")
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience must be >= 1 or None (never stop early), got {patience}")
-    if checkpoint_dir is not None and keep_checkpoints < 1:
-        raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+    del checkpoint_dir  # keep_checkpoints is checked with or without a directory
+    _check_integers(
+        {
+            "eval_every": eval_every,
+            "checkpoint_every": checkpoint_every,
+            "chunk_steps": chunk_steps,
+            "patience": patience,
+            "keep_checkpoints": keep_checkpoints,
+        },
+        n_train=batch_size,  # unused: batch_size is not among them
+    )
 
 
 def _checked_outputs(net: Layer, data: Dataset, batch_size: int, loss_name: str) -> int:

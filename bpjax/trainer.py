@@ -234,7 +234,11 @@ def fit(
         compiled.
       ValueError: inconsistent arguments (e.g. an unknown ``monitor``, or a network with fewer
         outputs than the data needs), or a learning rule that can't apply to ``net`` (naming
-        the layer), before anything is compiled.
+        the layer), before anything is compiled. Every integer argument (``epochs``,
+        ``batch_size``, ``seed`` (0 to 2**63 - 1), ``eval_batch_size``, ``eval_every``,
+        ``patience``, ``checkpoint_every``, ``keep_checkpoints``, ``grad_check_every``,
+        ``chunk_steps``, a ``devices`` count) must be a Python or numpy integer, not a bool or a
+        float, in its range: the error names the argument, its value and what is valid.
     """
     # Every argument is checked before anything is compiled.
     loss_fn, loss_name, eval_splits, compute_dtype = _checked_inputs(

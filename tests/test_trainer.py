@@ -1038,3 +1038,65 @@ def test_home_in_checkpoint_dir_is_expanded(small, tmp_path, monkeypatch):
     assert not (tmp_path / "cwd" / "~").exists()
     resumed = fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir="~/ck", resume=True, **SMALL)
     assert [r["epoch"] for r in resumed.history] == [2]
+
+
+# --------------------------------------------------------------------------------------------
+# integer arguments
+
+
+@pytest.mark.parametrize(
+    "name, bad, match",
+    [
+        ("epochs", 2.0, r"epochs must be an integer >= 1, got 2\.0"),
+        ("epochs", True, r"epochs must be an integer >= 1, got True"),
+        ("epochs", "2", r"epochs must be an integer >= 1, got '2'"),
+        ("batch_size", 2.0, r"batch_size must be an integer between 1 and the training set "),
+        ("batch_size", True, r"batch_size must be an integer .*, got True"),  # not batches of 1
+        ("batch_size", np.float32(2), r"batch_size must be an integer .*, got np\.float32"),
+        ("eval_batch_size", 8.0, r"eval_batch_size must be an integer >= 1, got 8\.0"),
+        ("eval_every", 1.5, r"eval_every must be an integer >= 1, got 1\.5"),
+        ("patience", 2.0, r"patience must be an integer >= 1 or None \(never stop early\)"),
+        ("patience", False, r"patience must be an integer >= 1 or None .*, got False"),
+        ("checkpoint_every", None, r"checkpoint_every must be an integer >= 1, got None"),
+        ("keep_checkpoints", 2.5, r"keep_checkpoints must be an integer >= 1, got 2\.5"),
+        ("keep_checkpoints", 0, r"keep_checkpoints must be >= 1, got 0"),  # without a directory
+        ("grad_check_every", -1, r"grad_check_every must be >= 0, got -1"),
+        ("grad_check_every", 1.0, r"grad_check_every must be an integer >= 0, got 1\.0"),
+        ("grad_check_every", True, r"grad_check_every must be an integer >= 0, got True"),
+        ("chunk_steps", 3.0, r"chunk_steps must be an integer >= 0 or None .*, got 3\.0"),
+        ("chunk_steps", -1, r"chunk_steps must be >= 0 or None .*, got -1"),
+        ("seed", 1.5, r"seed must be an integer between 0 and 9223372036854775807, got 1\.5"),
+        ("seed", -1, r"seed must be between 0 and 9223372036854775807, got -1"),
+        ("seed", 2**63, r"seed must be between 0 and .*, got 9223372036854775808"),
+        ("seed", True, r"seed must be an integer .*, got True"),
+        ("devices", 1.0, r"devices must be an integer >= 1 \(or 'all', or the devices\), got 1\.0"),
+        ("devices", 0, r"devices must be >= 1 .*, got 0"),
+    ],
+)
+def test_integer_arguments_are_checked_before_compiling(name, bad, match, monkeypatch):
+    """Every integer argument of fit: a Python or numpy integer (not a bool), in its range, or
+    one ValueError naming it, its value and what is valid, before anything is compiled."""
+    must_not_compile(monkeypatch)
+    options = {"epochs": 2, "batch_size": 2, name: bad}
+    with pytest.raises(ValueError, match=match):
+        fit(bpjax.mlp([2, 1]), "binary_cross_entropy", optax.sgd(0.1), load("xor"), **options)
+
+
+def test_numpy_integers_are_accepted(small, tmp_path):
+    options = {**SMALL, "seed": np.int32(0), "checkpoint_dir": str(tmp_path)}
+    result = fit(NET, CE, ADAM, small, epochs=np.int64(1), **options)
+    assert result.metrics["epochs"] == 1
+    result = fit(NET, CE, ADAM, small, epochs=np.int64(2), resume=True, **options)
+    assert [r["epoch"] for r in result.history] == [2]
+
+
+def test_a_refused_call_leaves_nothing_that_breaks_the_next(small):
+    """``batch_size=32.0`` used to fail inside the jitted epoch, and to leave functions built for
+    it cached under the key of 32 (32.0 == 32), which failed the next, correct call too."""
+    optimizer = optax.sgd(0.1)  # the same object in both calls: the same cache key
+    with pytest.raises(ValueError, match=r"batch_size must be an integer .*, got 25\.0"):
+        fit(NET, CE, optimizer, small, epochs=1, batch_size=25.0, eval_batch_size=512)
+    with pytest.raises(ValueError, match=r"keep_checkpoints must be an integer >= 1, got 2\.5"):
+        fit(NET, CE, optimizer, small, epochs=1, keep_checkpoints=2.5, **SMALL)
+    result = fit(NET, CE, optimizer, small, epochs=1, **SMALL)
+    assert result.metrics["epochs"] == 1 and int(result.state.step) == 8
