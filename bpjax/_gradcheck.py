@@ -10,8 +10,12 @@ Every comparison is a ``GradCheckRow`` with a ``status``:
 * ``"skipped"``: there is nothing to compare: the ``dx`` of an input without a gradient (an
   integer or bool input, for which ``jax.vjp`` gives a ``float0`` cotangent).
 
-A result passes when no row failed: every conclusive row passed. ``note`` says why a row is
-inconclusive, skipped or failed.
+A result passes when no row failed: every conclusive row passed. A row's ``passed`` means the
+same, for the row: it did not fail (``status`` ``"passed"``, ``"inconclusive"`` or
+``"skipped"``), so a result passed exactly when every row did, and filtering rows (or the
+gradcheck script's CSV/JSON records) on ``passed`` false finds the failures and nothing else;
+``status`` says whether a row that did not fail agreed or could not be judged. ``note`` says why
+a row is inconclusive, skipped or failed.
 
 The relative error of two arrays is ``||a - b|| / max(||a||, ||b||, tiny)`` and their cosine is
 ``<a, b> / (||a|| ||b||)`` (1 when both are zero). A leaf whose true gradient is zero (a
@@ -98,8 +102,10 @@ class GradCheckRow:
 
     @property
     def passed(self) -> bool:
-        """The comparison was made and agreed (False for inconclusive and skipped rows)."""
-        return self.status == "passed"
+        """The row did not fail: its comparison agreed, or could not be made or judged
+        (``status`` ``"skipped"`` or ``"inconclusive"``), as ``GradCheckResult.passed`` means
+        for the whole result. ``status == "passed"`` is the comparison agreed."""
+        return self.status != "failed"
 
     @property
     def failed(self) -> bool:
@@ -119,7 +125,7 @@ class GradCheckResult:
 
     @property
     def passed(self) -> bool:
-        """No row failed: every conclusive comparison agreed."""
+        """No row failed (every row's ``passed``): every conclusive comparison agreed."""
         return not self.failures
 
     @property
@@ -140,7 +146,8 @@ class GradCheckResult:
         return next(iter(self.failures), None)
 
     def to_records(self) -> list[dict[str, Any]]:
-        """Rows as plain dicts (for CSV/JSON), with ``passed`` (the comparison agreed)."""
+        """Rows as plain dicts (for CSV/JSON), with ``passed`` (the row did not fail: false
+        for failures only; ``status`` tells an agreement from a skipped or inconclusive row)."""
         return [
             {
                 **dataclasses.asdict(row),

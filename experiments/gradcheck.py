@@ -17,11 +17,18 @@ difference ("fd"). Prints one line per combination, writes every row to ``gradch
 deliberately wrong one, to show the checker naming the layer that goes wrong; every row of
 the files records it (``inject_bug``: the kind, or null).
 
+An image network whose factory takes no activation (``conv-strided-groups``: a fixed tanh)
+is checked once whatever ``image_activations`` holds, and its rows and line record the
+activation it has of its own (``tanh``; if it has none: ``-`` on its line, null in the JSON,
+empty in the CSV).
+
 ``x_dtype`` sets the input's dtype (default: the combination's dtype): ``uint8`` and ``int32``
 inputs are image-like integers in ``[0, 256)``, ``bool`` inputs random bits; such inputs have no
 gradient, so their ``dx`` rows are skipped (and say so). A finite-difference row whose step
 meets a kink (a ReLU at 0, ...) is inconclusive, not failed: the line says so, and the exit code
-is 0 when every conclusive row passes.
+is 0 when every conclusive row passes. In the files, ``status`` is ``passed``, ``failed``,
+``inconclusive`` or ``skipped``, and ``passed`` is false for the failed rows only (a skipped or
+inconclusive row did not fail): filtering on ``passed`` finds the failures.
 """
 
 import csv
@@ -46,7 +53,7 @@ import bpjax
 from bpjax import losses
 from bpjax._atomic import atomic_write_text
 from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
-from bpjax.layers import Layer, init_state, is_stateful
+from bpjax.layers import ACTIVATIONS, Layer, init_state, is_stateful
 
 COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
 X_DTYPES = ("uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64")
@@ -56,6 +63,10 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 def layer_kind(layer: Layer) -> str:
     """The layer's name without its arguments: ``"leaky_relu(0.01)"`` -> ``"leaky_relu"``."""
     return layer.name.split("(")[0]
+
+
+# The kinds of bpjax's activation layers (``"tanh"``, ``"leaky_relu"``, ...).
+ACTIVATION_KINDS = frozenset(layer_kind(make()) for make in ACTIVATIONS.values())
 
 
 def with_bug(layer: Layer) -> Layer:
@@ -155,6 +166,26 @@ def injectable_kinds(net: Layer) -> set[str]:
     """The kinds ``inject_bug`` can reach in ``net``: every layer at any depth, blocks
     (``residual``) included, but not the ``serial`` stacks that hold them."""
     return {layer_kind(layer) for layer in layers_within(net)} - {"serial"}
+
+
+def own_activation(net: Layer) -> str | None:
+    """The activation a network uses of its own (one whose factory takes none): the kinds of
+    its activation layers at any depth, in order, joined by ``+`` (``"tanh"``,
+    ``"relu+sigmoid"``), or None if it has none."""
+    kinds = [layer_kind(layer) for layer in layers_within(net)]
+    return "+".join(dict.fromkeys(k for k in kinds if k in ACTIVATION_KINDS)) or None
+
+
+def activation_used(
+    features: list[int] | dict[str, Any], activation: str, *, batch: int, n_in: int
+) -> str | None:
+    """What a combination's network really uses as its activation, as its rows record it:
+    ``activation`` where it is set (an MLP, an image network whose factory takes one), else
+    the network's own (``own_activation``: ``"tanh"`` for ``conv-strided-groups``, None for a
+    network without one), whatever ``image_activations`` says."""
+    if not isinstance(features, dict) or _takes(features["model"], "activation"):
+        return activation
+    return own_activation(network(features, activation, batch=batch, n_in=n_in)[0])
 
 
 def _key(features: Any) -> str:
@@ -265,9 +296,21 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
         " x ".join(f"{len(cfg[k])} {k}" for k in keys) if all(len(cfg[k]) for k in keys) else ""
         for keys in _GRIDS  # a grid with an empty list adds nothing
     )
-    once = [s.name for s in cfg.image_architectures if not _takes(s.model, "activation")]
-    if images and once and len(cfg.image_activations) > 1:
-        images += f" ({', '.join(once)}: no activation to set, checked at the first only)"
+    once = [
+        (s.name, own_activation(build_image_net(OmegaConf.to_container(s), "")))
+        for s in cfg.image_architectures
+        if not _takes(s.model, "activation")
+    ]
+    if images and once:
+        images += (
+            " ("
+            + "; ".join(
+                f"{name}: no activation to set, checked once"
+                + (f" with its own, {own}" if own else ", without one")
+                for name, own in once
+            )
+            + ")"
+        )
     grid = " + ".join(g for g in (mlp, images) if g)
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
@@ -383,7 +426,7 @@ def combinations(cfg: DictConfig) -> list[tuple[Any, str, str, str]]:
     """The sweep's ``(features, activation, loss, dtype)`` combinations: every MLP of
     ``architectures`` x activations x losses x dtypes, then every image network x
     image_activations x image_losses x dtypes (a network whose factory takes no activation
-    once, at the first)."""
+    once, at the first: its rows record the activation it has of its own, ``activation_used``)."""
     architectures = [list(map(int, f)) for f in OmegaConf.to_container(cfg.architectures)]
     return [
         (features, activation, loss_name, dtype)
@@ -449,14 +492,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         )
         architecture = _architecture_name(features, cfg.n_in)
         x_dtype = cfg.x_dtype or dtype
-        prefix = dict(zip(COMBINATION_KEYS, (architecture, activation, loss_name, dtype, x_dtype)))
+        used = activation_used(features, activation, batch=cfg.batch, n_in=cfg.n_in)
+        prefix = dict(zip(COMBINATION_KEYS, (architecture, used, loss_name, dtype, x_dtype)))
         prefix["inject_bug"] = cfg.inject_bug  # a file from an injected-bug run says so
         rows += [{**prefix, **record} for record in result.to_records()]
         n_failed += not result.passed
         n_inconclusive += result.passed and bool(result.inconclusive)
         cells = (
             architecture,
-            activation,
+            used or "-",
             loss_name,
             dtype,
             _worst(result, "layer"),

@@ -358,7 +358,7 @@ def test_check_grads_names_the_broken_layer(parts, index, leaf):
     # Layers after the broken one (earlier in the backward pass) still pass their own check.
     for row in result.rows:
         if row.check == "layer" and row.layer > index:
-            assert row.passed, str(result)
+            assert row.status == "passed", str(result)
     with pytest.raises(AssertionError, match=f"layer {index}"):
         result.raise_if_failed()
 
@@ -371,7 +371,7 @@ def test_check_grads_reports_a_broken_loss():
     first = result.first_failure
     assert (first.check, first.layer, first.layer_name) == ("loss", None, "loss")
     assert "wrong at loss" in str(result)
-    assert all(row.passed for row in result.rows if row.check == "layer")
+    assert all(row.status == "passed" for row in result.rows if row.check == "layer")
     assert result.failures == tuple(row for row in result.rows if row.failed)
     assert result.failures[0] is first and len(result.failures) < len(result.rows)
 
@@ -683,7 +683,7 @@ def check_check_grads(s: DtypeSetup) -> None:
         assert f"layer 0:dense(6) dx: skipped: {dtype_name} input: no gradient" in str(result)
     # Every other row compared something and agreed. The fd row may meet a kink: a bool
     # example of all False is a zero input, and the biases are zero (item 2's example).
-    assert all(r.passed for r in result.rows[:-1] if r not in dx_rows), str(result)
+    assert all(r.status == "passed" for r in result.rows[:-1] if r not in dx_rows), str(result)
     assert result.rows[-1].status in ("passed", "inconclusive"), str(result)
 
 
@@ -806,7 +806,7 @@ def test_fd_row_is_inconclusive_at_a_kink(activation, scale):
     assert fd.check == "fd" and fd.status == "inconclusive", str(result)
     assert fd.rel_err > fd.tol  # it disagrees: without the kink test it would have failed
     assert result.passed and result.inconclusive == (fd,)
-    assert all(r.passed for r in result.rows[:-1]), str(result)
+    assert all(r.status == "passed" for r in result.rows[:-1]), str(result)
     text = str(result)
     assert "INCONCLUSIVE" in text and "FAIL" not in text
     assert "not smooth within the step" in fd.note and "not smooth within the step" in text
@@ -869,13 +869,43 @@ def test_max_ties_at_the_centre_agree_with_the_difference():
     a central difference across it measures, so the fd row passes (and nothing fails)."""
     net, params, x, target = tied_setup(0.0)
     result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
-    assert all(r.passed for r in result.rows), str(result)
+    assert all(r.status == "passed" for r in result.rows), str(result)
 
 
 def test_max_ties_inside_the_step_are_inconclusive():
     net, params, x, target = tied_setup(1e-9)
     result = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
     assert result.passed and result.rows[-1].status == "inconclusive", str(result)
+
+
+def _row_cases():
+    """(name, result) of check_grads with a skipped, an inconclusive and a failed row."""
+    s = dtype_setup("uint8")
+    skipped = grad.check_grads(s.net, s.loss, s.params, s.x, s.target)
+    net, params, x, target = kinked_setup("relu", 0.0)
+    inconclusive = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    net, params, x, target = tied_setup(0.0, split_ties=False)
+    failed = grad.check_grads(net, "softmax_cross_entropy", params, x, target)
+    return {"skipped": skipped, "inconclusive": inconclusive, "failed": failed}
+
+
+def test_a_row_passed_unless_it_failed():
+    """A skipped or inconclusive row did not fail: its ``passed`` (and its record's) is true,
+    its ``status`` says which; ``passed`` is false for the failed rows only, so a result passed
+    exactly when every row did, and filtering records on ``passed`` finds the failures. A
+    uint8 input's skipped dx row had ``passed`` false: filtering picked it up as a failure."""
+    cases = _row_cases()
+    for status, result in cases.items():
+        rows = [r for r in result.rows if r.status == status]
+        assert rows, str(result)
+        assert all(r.passed == (status != "failed") for r in rows), str(result)
+        assert result.passed == all(r.passed for r in result.rows) == (status != "failed")
+        assert tuple(r for r in result.rows if not r.passed) == result.failures
+        records = result.to_records()
+        assert [r["passed"] for r in records] == [r.status != "failed" for r in result.rows]
+        assert [r["status"] for r in records] == [r.status for r in result.rows]
+    assert len(cases["skipped"].skipped) == 1 and cases["skipped"].skipped[0].leaf == "dx"
+    assert cases["inconclusive"].inconclusive == (cases["inconclusive"].rows[-1],)
 
 
 def test_wrong_backward_at_a_kink_fails():
@@ -886,7 +916,7 @@ def test_wrong_backward_at_a_kink_fails():
     assert not result.passed
     first = result.first_failure
     assert (first.check, first.layer, first.leaf) == ("layer", 1, "dx"), str(result)
-    assert not result.rows[-1].passed
+    assert result.rows[-1].status in ("failed", "inconclusive"), str(result)
     assert "FAILED" in str(result) and "layer 1" in str(result)
 
 

@@ -157,6 +157,40 @@ def test_image_networks_are_checked_layer_by_layer(tmp_path, capsys, name):
     assert {r["architecture"] for r in result["rows"]} == {name}
 
 
+NO_ACTIVATION = (
+    "image_architectures=[{name: t, model: {_target_: bpjax.serial, _args_: ["
+    "{_target_: bpjax.conv2d, n_out: 2, kernel_size: 3}, {_target_: bpjax.flatten}, "
+    "{_target_: bpjax.dense, n_out: 3}]}, input_shape: [4, 4, 1]}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("network", "recorded", "shown"),
+    [("conv-strided-groups", "tanh", "tanh"), ("no-activation", None, "-")],
+)
+def test_a_network_without_an_activation_to_set_records_its_own(
+    tmp_path, capsys, network, recorded, shown
+):
+    """image_activations=[relu]: conv-strided-groups (a fixed tanh) recorded activation=relu in
+    its rows and line. A network whose factory takes no activation records what it has of its
+    own, in the CSV, the JSON and its line (none: null, "" in the CSV, "-" on the line)."""
+    overrides = [*IMAGES, "image_activations=[relu,sigmoid]"]
+    cfg = compose(overrides if recorded else [*overrides, NO_ACTIVATION])
+    cfg.image_architectures = cfg.image_architectures[-1:]  # conv-strided-groups: the last
+    result = gradcheck.run(cfg, output_dir=tmp_path)
+    out = capsys.readouterr().out
+    assert result["passed"] and result["n_checks"] == 1, out  # once, not per activation
+    assert {r["activation"] for r in result["rows"]} == {recorded}
+    with open(result["csv"], newline="") as f:
+        assert {r["activation"] for r in csv.DictReader(f)} == {recorded or ""}
+    assert {r["activation"] for r in json.loads(Path(result["json"]).read_text())} == {recorded}
+    name = cfg.image_architectures[0].name
+    (line,) = [x for x in out.splitlines() if x.startswith(f"{name} ")]
+    assert line.split()[:2] == [name, shown] and "relu" not in line
+    once = f"{name}: no activation to set, checked once"
+    assert once + (f" with its own, {recorded}" if recorded else ", without one") in out
+
+
 def test_an_injected_conv_bug_is_named(tmp_path, capsys):
     cfg = compose(IMAGES)
     cfg.image_architectures = cfg.image_architectures[:2]  # lenet5; cnn-bn: convs without bias
@@ -246,6 +280,11 @@ def test_inputs_of_every_dtype(tmp_path, capsys, x_dtype):
         else:
             assert r["status"] == "passed", r
     assert all(r["status"] == "passed" for r in result["rows"] if r not in first_dx)
+    # A skipped row is no failure: filtering on passed finds none (they had passed=False).
+    assert all(r["passed"] for r in result["rows"])
+    with open(result["csv"], newline="") as f:
+        assert {r["passed"] for r in csv.DictReader(f)} == {"True"}
+    assert all(r["passed"] for r in json.loads(Path(result["json"]).read_text()))
     assert f"inputs in {x_dtype}" in out
     assert ("dx rows are skipped" in out) == integer
     json.loads(Path(result["json"]).read_text())  # NaN errors of skipped rows are null
@@ -271,7 +310,8 @@ def test_an_fd_row_at_a_kink_is_inconclusive_not_failed(tmp_path, capsys):
     assert result["n_inconclusive"] == 2
     fd = [r for r in result["rows"] if r["check"] == "fd"]
     assert [r["status"] for r in fd] == ["inconclusive", "inconclusive"]
-    assert all("not smooth within the step" in r["note"] and not r["passed"] for r in fd)
+    # inconclusive is no failure: passed (false for failed rows only), the status says why
+    assert all("not smooth within the step" in r["note"] and r["passed"] for r in fd)
     assert "inconcl." in out and "fd inconclusive: the loss is not smooth" in out
     assert out.rstrip().endswith("2 passed (2 with an inconclusive fd row), 0 failed")
 
@@ -368,7 +408,8 @@ def test_the_header_counts_only_the_grids_that_run():
     )
     assert lines["images"].startswith(
         "gradient check sweep: 4 image_architectures x 1 image_activations x 1 image_losses "
-        "x 1 dtypes = 4 combinations"
+        "x 1 dtypes (conv-strided-groups: no activation to set, checked once with its own, "
+        "tanh) = 4 combinations"
     )
 
 
