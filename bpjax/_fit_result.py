@@ -1,6 +1,8 @@
 """What ``bpjax.trainer.fit`` returns and raises: ``FitResult``, ``ResumeError`` and
 ``TrainingDiverged``, public as ``bpjax.trainer``'s (defined here so that the private modules
-``fit`` is made of can raise them without importing ``bpjax.trainer``)."""
+``fit`` is made of can raise them without importing ``bpjax.trainer``). Their ``__module__`` is
+``bpjax.trainer``, where users import them from: tracebacks and reprs name them there, and
+pickles refer to them there."""
 
 from typing import Any, NamedTuple
 
@@ -49,3 +51,16 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, *, epoch: int, step: int, result: FitResult):
         super().__init__(message)
         self.epoch, self.step, self.result = epoch, step, result
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Its keyword-only arguments: the default (``cls(*args)``) could not unpickle it.
+        return _training_diverged, (str(self), self.epoch, self.step, self.result)
+
+
+def _training_diverged(message: str, epoch: int, step: int, result: FitResult) -> TrainingDiverged:
+    return TrainingDiverged(message, epoch=epoch, step=step, result=result)
+
+
+for _public in (FitResult, ResumeError, TrainingDiverged):
+    _public.__module__ = "bpjax.trainer"  # re-exported there, their public home
+del _public

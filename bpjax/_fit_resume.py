@@ -9,13 +9,20 @@ feedback weights, ``bpjax.credit``) is part of the checkpointed ``TrainState``, 
 exactly too, Kolen-Pollack's evolving feedback included.
 """
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 
 from bpjax._fit_result import ResumeError
-from bpjax.checkpoint import CheckpointManager, UnreadableCheckpoint, _to_json, load_metadata
+from bpjax.checkpoint import (
+    CheckpointManager,
+    DamagedCheckpointWarning,
+    UnreadableCheckpoint,
+    _to_json,
+    load_metadata,
+)
 from bpjax.checkpoint import restore as checkpoint_restore
 from bpjax.train import TrainState
 
@@ -120,9 +127,50 @@ def _start(
 ) -> _Start:
     """Where the run starts: ``state`` (freshly initialised, on the devices) unless it resumes
     from ``manager``'s latest readable checkpoint (a damaged one is renamed aside, with a
-    warning), with the best parameters kept there."""
+    ``DamagedCheckpointWarning`` that points at the code that called ``fit``), with the best
+    parameters kept there. Called by ``fit`` only."""
     if not resume_from:
         return _Start(state, state.params, state.net_state)
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DamagedCheckpointWarning)  # others: as filtered
+            return _resumed(
+                state,
+                manager,
+                replicated=replicated,
+                run_info=run_info,
+                epochs=epochs,
+                steps_per_epoch=steps_per_epoch,
+                on_resume=on_resume,
+            )
+    finally:
+        _warn_from_fit(caught)
+
+
+def _warn_from_fit(caught: list[warnings.WarningMessage]) -> None:
+    """Emits the warnings ``_start`` caught: a ``DamagedCheckpointWarning`` again, under the
+    caller's filters, at the line that called ``fit`` (the user's code, where bpjax's other
+    warnings point; the manager's own ``stacklevel`` points inside bpjax); any other, which
+    the caller's filters already let through, shown as it was raised."""
+    for w in caught:
+        if issubclass(w.category, DamagedCheckpointWarning):
+            warnings.warn(w.message, w.category, stacklevel=4)  # here, _start, fit, its caller
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _resumed(
+    state: TrainState,
+    manager: CheckpointManager,
+    *,
+    replicated: jax.sharding.NamedSharding,
+    run_info: dict[str, Any],
+    epochs: int,
+    steps_per_epoch: int,
+    on_resume: Callable[[dict[str, Any]], None] | None,
+) -> _Start:
+    """``_start``'s resume: the state, epoch and best so far restored from ``manager``."""
     try:  # the latest readable checkpoint: a damaged one is renamed aside, with a warning
         state, meta = manager.restore_latest(state)
     except ValueError as e:

@@ -1100,3 +1100,36 @@ def test_a_refused_call_leaves_nothing_that_breaks_the_next(small):
         fit(NET, CE, optimizer, small, epochs=1, keep_checkpoints=2.5, **SMALL)
     result = fit(NET, CE, optimizer, small, epochs=1, **SMALL)
     assert result.metrics["epochs"] == 1 and int(result.state.step) == 8
+
+
+# --------------------------------------------------------------------------------------------
+# what fit's errors and warnings show of bpjax's modules
+
+
+def test_fit_errors_are_named_and_pickled_as_bpjax_trainer_s():
+    import pickle
+
+    for cls in (trainer.FitResult, trainer.ResumeError, trainer.TrainingDiverged):
+        assert cls.__module__ == "bpjax.trainer", cls
+    assert repr(trainer.ResumeError).startswith("<class 'bpjax.trainer.ResumeError'")
+    error = pickle.loads(pickle.dumps(ResumeError("cannot resume: x")))
+    assert type(error) is ResumeError and str(error) == "cannot resume: x"
+    result = trainer.FitResult(state=None, best_params={"w": np.ones(2)}, metrics={}, history=[])
+    diverged = pickle.loads(
+        pickle.dumps(TrainingDiverged("loss nan", epoch=2, step=5, result=result))
+    )
+    assert type(diverged) is TrainingDiverged and str(diverged) == "loss nan"
+    assert (diverged.epoch, diverged.step) == (2, 5)
+    np.testing.assert_array_equal(diverged.result.best_params["w"], np.ones(2))
+
+
+def test_damaged_checkpoint_warning_points_at_the_caller_of_fit(small, tmp_path):
+    """It used to point at bpjax/_fit_resume.py (and print that line of bpjax's source)."""
+    fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)
+    (tmp_path / "ckpt_000002" / "meta" / "bpjax.json").write_text('{"format": "bpjax.chec')
+    with pytest.warns(checkpoint.DamagedCheckpointWarning) as caught:
+        fit(NET, CE, ADAM, small, epochs=3, checkpoint_dir=str(tmp_path), resume=True, **SMALL)
+    damaged = [w for w in caught if issubclass(w.category, checkpoint.DamagedCheckpointWarning)]
+    assert len(damaged) == 1
+    assert damaged[0].filename == __file__  # this test, fit's caller
+    assert pathlib.Path(bpjax.__file__).parent not in pathlib.Path(damaged[0].filename).parents
