@@ -10,7 +10,6 @@ result is that of one process, up to the reduction's rounding).
 """
 
 import functools
-import inspect
 import numbers
 import zlib
 from collections.abc import Sequence
@@ -84,21 +83,6 @@ def _check_integer(
         raise ValueError(f"{name} must be {valid}{or_none}, got {value!r}")
 
 
-def _fit_arguments(given: dict[str, Any]) -> dict[str, Any]:
-    """``fit``'s integer arguments: ``given``, and those ``fit`` holds but does not pass to the
-    setup checks, read from its frame (when ``_checked_inputs`` is called from ``fit``)."""
-    from bpjax import trainer  # bpjax.trainer imports this module
-
-    frame = inspect.currentframe()
-    caller = frame.f_back.f_back if frame is not None and frame.f_back is not None else None
-    try:
-        if caller is not None and caller.f_code is trainer.fit.__code__:
-            return {name: caller.f_locals[name] for name in _INTEGERS} | given
-        return given
-    finally:
-        del frame, caller  # no reference cycle through the frames
-
-
 def _check_integers(arguments: dict[str, Any], *, n_train: int) -> None:
     """Checks each of ``fit``'s integer arguments in ``arguments`` (``_INTEGERS``), before
     anything is compiled or cached: a refused value leaves nothing behind (``_compiled``'s
@@ -122,13 +106,12 @@ def _checked_inputs(
     loss: Loss | str,
     *,
     eval_splits: Sequence[str],
-    epochs: int,
-    eval_batch_size: int,
+    integers: dict[str, Any],
     compute_dtype: Any,
-    batch_size: int,
 ) -> tuple[Loss, str, Sequence[str], Any]:
-    """``fit``'s optimizer, data, loss and sizes checked: ``(loss, its canonical name,
-    eval_splits with "val", compute_dtype as a dtype or None)``."""
+    """``fit``'s optimizer, data, loss, its integer arguments (``integers``: every name of
+    ``_INTEGERS``) and dtype checked: ``(loss, its canonical name, eval_splits with "val",
+    compute_dtype as a dtype or None)``."""
     # Names are accepted for the loss only: say so, rather than fail on an attribute later.
     if not all(callable(getattr(optimizer, name, None)) for name in ("init", "update")):
         raise TypeError(
@@ -142,8 +125,9 @@ def _checked_inputs(
             f"{type(data).__name__} {data!r}"
         )
     # Every integer argument: its type and range, before anything else reads it.
-    given = {"epochs": epochs, "eval_batch_size": eval_batch_size, "batch_size": batch_size}
-    _check_integers(_fit_arguments(given), n_train=data.n_train)
+    if set(integers) != set(_INTEGERS):  # a new argument of fit must be checked too
+        raise AssertionError(f"fit's integer arguments: {sorted(integers)} != {sorted(_INTEGERS)}")
+    _check_integers(integers, n_train=data.n_train)
     loss_fn = (
         _loss_by_name(loss) if isinstance(loss, str) else losses_lib.resolve(loss, "fit: loss")
     )
@@ -161,19 +145,8 @@ def _checked_inputs(
     return loss_fn, loss_name, eval_splits, compute_dtype
 
 
-def _check_schedule(
-    *,
-    batch_size: int,
-    n_devices: int,
-    eval_every: int,
-    checkpoint_every: int,
-    chunk_steps: int | None,
-    patience: int | None,
-    checkpoint_dir: str | None,
-    keep_checkpoints: int,
-) -> None:
-    """Checks how ``fit`` shares its batches among the devices and schedules its evaluations,
-    chunks, early stopping and checkpoints."""
+def _check_batch_sharing(batch_size: int, n_devices: int) -> None:
+    """Checks that every device takes an equal share of each batch."""
     if batch_size % n_devices:
         processes = jax.process_count()
         where = f" ({processes} processes x {n_devices // processes})" if processes > 1 else ""
@@ -181,17 +154,6 @@ def _check_schedule(
             f"batch_size {batch_size} is not divisible by {n_devices} devices{where}: each "
             f"device takes an equal share of every batch"
         )
-    del checkpoint_dir  # keep_checkpoints is checked with or without a directory
-    _check_integers(
-        {
-            "eval_every": eval_every,
-            "checkpoint_every": checkpoint_every,
-            "chunk_steps": chunk_steps,
-            "patience": patience,
-            "keep_checkpoints": keep_checkpoints,
-        },
-        n_train=batch_size,  # unused: batch_size is not among them
-    )
 
 
 def _checked_outputs(net: Layer, data: Dataset, batch_size: int, loss_name: str) -> int:

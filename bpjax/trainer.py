@@ -32,8 +32,8 @@ from bpjax._fit_loop import _Epochs, _Schedule
 from bpjax._fit_result import FitResult, ResumeError, TrainingDiverged
 from bpjax._fit_resume import _open_checkpoints, _start
 from bpjax._fit_setup import (
+    _check_batch_sharing,
     _check_same_job,
-    _check_schedule,
     _checked_inputs,
     _checked_outputs,
     _place_data,
@@ -246,23 +246,24 @@ def fit(
         data,
         loss,
         eval_splits=eval_splits,
-        epochs=epochs,
-        eval_batch_size=eval_batch_size,
+        integers={
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "eval_batch_size": eval_batch_size,
+            "eval_every": eval_every,
+            "patience": patience,
+            "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": keep_checkpoints,
+            "grad_check_every": grad_check_every,
+            "devices": devices,
+            "chunk_steps": chunk_steps,
+        },
         compute_dtype=compute_dtype,
-        batch_size=batch_size,
     )
     mesh = make_mesh(devices)
     n_devices = mesh.devices.size
-    _check_schedule(
-        batch_size=batch_size,
-        n_devices=n_devices,
-        eval_every=eval_every,
-        checkpoint_every=checkpoint_every,
-        chunk_steps=chunk_steps,
-        patience=patience,
-        checkpoint_dir=checkpoint_dir,
-        keep_checkpoints=keep_checkpoints,
-    )
+    _check_batch_sharing(batch_size, n_devices)
     monitor = _resolved_monitor(monitor, data, eval_splits)
     mode = _monitor_mode(monitor)
     n_outputs = _checked_outputs(net, data, batch_size, loss_name)
