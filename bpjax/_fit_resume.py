@@ -160,6 +160,24 @@ def _warn_from_fit(caught: list[warnings.WarningMessage]) -> None:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
+# What a checkpoint's state holds, part by part: what differs when a part doesn't match.
+_PARTS = {
+    ".params": "this run's network differs (its layers or sizes)",
+    ".net_state": "this run's network differs (its normalization layers' state)",
+    ".opt_state": "this run's optimizer differs (its kind, or what it keeps per parameter)",
+    ".rule_state": "this run's learning rule differs (its feedback weights)",
+}
+
+
+def _what_differs(error: str) -> str:
+    """`` (this run's network differs ...)`` for a mismatch naming a leaf of ``error``'s first
+    part (params, net_state, opt_state, rule_state); empty for any other error."""
+    if "mismatch" not in error:
+        return ""
+    found = [(error.find(part), text) for part, text in _PARTS.items() if part in error]
+    return f" ({min(found)[1]})" if found else " (this run's network or optimizer differs)"
+
+
 def _resumed(
     state: TrainState,
     manager: CheckpointManager,
@@ -174,8 +192,7 @@ def _resumed(
     try:  # the latest readable checkpoint: a damaged one is renamed aside, with a warning
         state, meta = manager.restore_latest(state)
     except ValueError as e:
-        hint = " (this run's network or optimizer differs)" if "mismatch" in str(e) else ""
-        raise ResumeError(f"cannot resume: {e}{hint}") from e
+        raise ResumeError(f"cannot resume: {e}{_what_differs(str(e))}") from e
     _check_run(manager.path_for(int(meta["step"])), meta.get("run"), run_info)
     state = jax.device_put(state, replicated)
     saved = meta["metrics"]

@@ -246,8 +246,15 @@ def main(cfg: DictConfig) -> float:
         metrics = train(cfg)
     except ResumeError as e:  # about this job's directory, not a swept value: fatal in a sweep
         distributed.announce_failure(str(e))  # to the other processes of a job, if any
+        # A refused resume names the settings that changed since the checkpoint, if any.
+        changed = (
+            changed_settings(_run_dir(cfg) / "checkpoints", _container(cfg))
+            if cfg.trainer.resume
+            else []
+        )
+        since = f"; changed since its checkpoint: {'; '.join(changed)}" if changed else ""
         print(
-            f"{label}{_process_label()}error: {e}\n(trainer.resume=true continues a run; "
+            f"{label}{_process_label()}error: {e}{since}\n(trainer.resume=true continues a run; "
             f"trainer.run_dir=<dir> picks the directory)",
             file=sys.stderr,
             flush=True,

@@ -1487,6 +1487,16 @@ def test_script_sigterm_then_resume(tmp_path):
     assert {parts[0] for parts in added} == {".hydra"} and len({p[1] for p in added}) == 1
     assert {p[1] for p in added}.isdisjoint({resumed.name, "config.yaml"})  # one of its own
 
+    # A resume with another network is refused in one line that names the part that differs
+    # and the settings that changed since the checkpoint (it named neither: a trial).
+    narrower = [c for c in resume if not c.startswith("model.features=")]
+    narrower.append("model.features=[8,10]")
+    refused = subprocess.run(narrower, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip().splitlines()[0]
+    assert line.startswith("error: cannot resume") and "(this run's network differs" in line, line
+    assert "; changed since its checkpoint: model.features: [16, 10] -> [8, 10]" in line, line
+
 
 # --------------------------------------------------------------------------------------------
 # 9. Divergence: the process exits 1 and names where.

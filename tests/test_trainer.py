@@ -607,13 +607,17 @@ def test_resume_refuses_another_runs_checkpoints(small, tmp_path, monkeypatch, c
         fit(NET, options.pop("loss", CE), ADAM, small, **options)
 
 
-def test_resume_with_another_optimizer_names_the_mismatch(small, tmp_path):
+def test_resume_with_another_optimizer_or_network_names_the_part_that_differs(small, tmp_path):
+    # It said "network or optimizer" for either (a trial): the mismatch's leaf says which.
     fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir=str(tmp_path), **SMALL)
-    with pytest.raises(ResumeError, match=r"mismatch .*this run's network or optimizer differs"):
+    with pytest.raises(ResumeError, match=r"mismatch .*\(this run's optimizer differs"):
         fit(
             NET, CE, optax.sgd(0.1), small, epochs=2, checkpoint_dir=str(tmp_path), resume=True,
             **SMALL,
         )  # fmt: skip
+    wider = bpjax.mlp([24, 10], activation="tanh")
+    with pytest.raises(ResumeError, match=r"mismatch .*\(this run's network differs \(its layers"):
+        fit(wider, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), resume=True, **SMALL)
 
 
 def test_resume_passes_over_a_damaged_latest_checkpoint(small, reference, tmp_path):
