@@ -279,14 +279,26 @@ def epoch_order(key: jax.Array, epoch: Any, n: int, batch_size: int) -> jax.Arra
 def chunk_plan(steps: int, chunk_steps: int | None) -> tuple[tuple[int, int], ...]:
     """How ``make_chunk`` cuts an epoch of ``steps`` steps: ``((start, length), ...)``.
 
-    ``chunk_steps`` is the largest chunk (None or 0: the whole epoch in one). Chunks are of one
-    length, so one compilation serves the epoch, where a length between ``chunk_steps / 4``
-    and ``chunk_steps`` divides ``steps``; otherwise chunks of ``chunk_steps`` and one shorter
-    remainder (two compilations).
+    ``chunk_steps`` is the largest chunk (None or 0, or ``chunk_steps >= steps``: the whole
+    epoch in one). Otherwise, of the plans with chunks of at most ``chunk_steps``:
+
+    * chunks of one length (one compiled program), the longest length that divides ``steps``,
+      if that makes at most one chunk more than the fewest possible, ``ceil(steps /
+      chunk_steps)``: ``(8, 3)`` is four chunks of 2, ``(9, 8)`` three of 3;
+    * else chunks of ``chunk_steps`` and one shorter remainder last (two compiled programs):
+      ``(17, 4)`` is 4, 4, 4, 4, 1 and ``(997, 200)`` four of 200 then 197.
+
+    So an epoch never has more than ``ceil(steps / chunk_steps) + 1`` chunks, and at most two
+    lengths. (Each chunk costs a dispatch and a fetch of its metrics: the former rule, any
+    divisor down to ``chunk_steps / 4``, cut digits' 17 steps at ``chunk_steps=4`` into 17
+    chunks of one step, a third of the speed of ``chunk_steps=5``.)
     """
     if not chunk_steps or chunk_steps >= steps:
         return ((0, steps),)
-    for length in range(chunk_steps, max(1, -(-chunk_steps // 4)) - 1, -1):  # ceil(c / 4)
+    fewest = -(-steps // chunk_steps)  # ceil
+    for length in range(chunk_steps, 0, -1):
+        if -(-steps // length) > fewest + 1:  # shorter lengths make more chunks still
+            break
         if steps % length == 0:
             return tuple((start, length) for start in range(0, steps, length))
     full, rest = divmod(steps, chunk_steps)

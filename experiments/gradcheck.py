@@ -314,7 +314,7 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
     grid = " + ".join(g for g in (mlp, images) if g)
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
-        f"gradient check sweep: {grid} = {n_combinations} combinations "
+        f"gradient check sweep: {grid} = {_count(n_combinations, 'combination')} "
         f"(batch={cfg.batch}, n_in={cfg.n_in}, inputs in {x_dtype}, b_init={cfg.b_init}, "
         f"seed={cfg.seed})"
     ]
@@ -333,6 +333,11 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
             "expect FAIL naming it"
         )
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 combination``, ``2 combinations``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _json_safe(value: Any) -> Any:
@@ -520,7 +525,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
         print(line, flush=True)
 
     csv_path, json_path = write_rows(rows, Path(output_dir))
-    print(f"{len(rows)} rows in {time.perf_counter() - start:.1f} s -> {csv_path}, {json_path}")
+    rows_took = f"{_count(len(rows), 'row')} in {time.perf_counter() - start:.1f} s"
+    print(f"{rows_took} -> {csv_path}, {json_path}")
     inconclusive = f" ({n_inconclusive} with an inconclusive fd row)" if n_inconclusive else ""
     print(f"{len(grid) - n_failed} passed{inconclusive}, {n_failed} failed")
     return {

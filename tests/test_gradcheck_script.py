@@ -402,6 +402,9 @@ def test_the_header_counts_only_the_grids_that_run():
         "mlp": gradcheck._header(compose(SMALL), 2, {}),
         "images": gradcheck._header(compose(IMAGES), 4, {}),
     }
+    one = gradcheck._header(compose([*SMALL, "losses=[mse]"]), 1, {})
+    assert one.startswith("gradient check sweep: 1 architectures x 1 activations x 1 losses x ")
+    assert " = 1 combination (batch=" in one  # was "1 combinations"
     assert lines["mlp"].startswith(
         "gradient check sweep: 1 architectures x 1 activations x 2 losses x 1 dtypes "
         "= 2 combinations"

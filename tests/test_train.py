@@ -6,6 +6,8 @@ float64 comparisons are tight).
 """
 
 import functools
+import importlib
+import pathlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -239,11 +241,21 @@ def test_epoch_order_is_the_documented_permutation(setup):
         (8, 100, ((0, 8),)),
         (8, 4, ((0, 4), (4, 4))),
         (8, 3, ((0, 2), (2, 2), (4, 2), (6, 2))),  # 2 divides 8: one chunk length
-        (781, 200, tuple((i * 71, 71) for i in range(11))),  # 781 = 11 * 71
+        (12, 5, ((0, 4), (4, 4), (8, 4))),  # as few chunks as 5, 5, 2, in one length
+        (9, 8, ((0, 3), (3, 3), (6, 3))),  # one chunk more than 8, 1, in one length
+        (18, 4, tuple((i * 3, 3) for i in range(6))),  # one more than 4, 4, 4, 4, 2
+        # 781 = 11 * 71: 11 chunks of 71 where four will do
+        (781, 200, ((0, 200), (200, 200), (400, 200), (600, 181))),
         (997, 200, ((0, 200), (200, 200), (400, 200), (600, 200), (800, 197))),  # prime
-        # 1 is below 7 / 4: not 17 chunks of one step (the bound was rounded down to 1)
-        (17, 7, ((0, 7), (7, 7), (14, 3))),
-        (17, 4, tuple((i, 1) for i in range(17))),  # 1 = 4 / 4: one length
+        (17, 7, ((0, 7), (7, 7), (14, 3))),  # prime
+        # digits' 17 steps: were 17 chunks of one step (1 = 4 / 4 divides), a third the speed
+        (17, 4, ((0, 4), (4, 4), (8, 4), (12, 4), (16, 1))),
+        (17, 2, (*((i * 2, 2) for i in range(8)), (16, 1))),
+        (13, 5, ((0, 5), (5, 5), (10, 3))),  # prime
+        (10, 4, ((0, 4), (4, 4), (8, 2))),  # not five chunks of 2
+        (5, 8, ((0, 5),)),  # fewer steps than chunk_steps
+        (5, 1, tuple((i, 1) for i in range(5))),
+        (1, 1, ((0, 1),)),
     ],
 )
 def test_chunk_plan_covers_the_epoch_with_at_most_two_lengths(steps, chunk_steps, expected):
@@ -252,6 +264,50 @@ def test_chunk_plan_covers_the_epoch_with_at_most_two_lengths(steps, chunk_steps
     assert sum(length for _, length in plan) == steps
     assert [start for start, _ in plan] == [sum(n for _, n in plan[:i]) for i in range(len(plan))]
     assert len({length for _, length in plan}) <= 2
+
+
+def test_chunk_plan_never_makes_many_more_chunks_than_needed():
+    """Every plan of 1..120 steps, chunk_steps 1..130: chunks of at most chunk_steps, at most
+    one more of them than ceil(steps / chunk_steps), one length, or two with the shorter once
+    and last; one length wherever that costs no extra chunk."""
+    for steps in range(1, 121):
+        for c in range(1, 131):
+            plan = train.chunk_plan(steps, c)
+            lengths = [length for _, length in plan]
+            fewest = -(-steps // c)
+            assert sum(lengths) == steps and max(lengths) <= c, (steps, c, plan)
+            assert len(plan) <= fewest + 1, (steps, c, plan)
+            if len(set(lengths)) == 2:
+                assert lengths[:-1] == [c] * (len(plan) - 1) and lengths[-1] < c, (steps, c)
+                assert len(plan) == fewest
+                # no one length would have done with at most one more chunk
+                assert not any(steps % n == 0 for n in range(c, 0, -1) if steps // n <= fewest + 1)
+            else:
+                assert len(set(lengths)) == 1, (steps, c, plan)
+
+
+@pytest.mark.parametrize(("epoch_step", "said"), [(1, "1 step"), (3, "3 steps")])
+def test_a_run_interrupted_between_chunks_says_how_many_steps_it_saved(
+    monkeypatch, tmp_path, epoch_step, said
+):
+    # An interrupt after the first chunk of 1 step said "checkpointed 1 steps into epoch 1".
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "experiments"))
+    interrupts = importlib.import_module("training.interrupts")
+    path = tmp_path / "ckpt_000000"
+
+    class Manager:
+        def __init__(self, directory):
+            del directory  # unused: one checkpoint
+
+        def latest(self):
+            return path
+
+    monkeypatch.setattr(interrupts, "CheckpointManager", Manager)
+    monkeypatch.setattr(
+        interrupts, "load_metadata", lambda p: {"metrics": {"epoch": 1, "epoch_step": epoch_step}}
+    )
+    message = interrupts._last_checkpoint(tmp_path)
+    assert message == f"checkpointed {said} into epoch 1 in {path}"
 
 
 def test_make_chunk_in_any_plan_equals_the_whole_epoch(setup):

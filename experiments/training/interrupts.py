@@ -20,6 +20,7 @@ from training.run_dir import (
     _run_dir,
     _task_overrides,
 )
+from training.summary import _count
 
 
 def resume_command(cfg: DictConfig) -> str:
@@ -56,7 +57,7 @@ def _last_checkpoint(checkpoint_dir: pathlib.Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return f"the last checkpoint is in {checkpoint_dir}"
     if step:
-        return f"checkpointed {step} steps into epoch {epoch} in {path}"
+        return f"checkpointed {_count(step, 'step')} into epoch {epoch} in {path}"
     return f"checkpointed at the end of epoch {epoch} in {path}"
 
 
