@@ -293,6 +293,11 @@ def main(cfg: DictConfig) -> float:
     except KeyboardInterrupt:
         if not _joined_several() or distributed.is_primary():  # one message for the job
             print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+        if not _joined_several():
+            # Out at once: a second Ctrl-C can leave XLA's threads running a computation that
+            # the interpreter's teardown then crashes under (a segfault, 1 run in 3 on MNIST).
+            # Checkpoints are on disk when saved, and the logger was closed.
+            distributed.exit_now(130)
         sys.exit(130)
     if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)
