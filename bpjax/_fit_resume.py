@@ -95,7 +95,8 @@ def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
     except (FileNotFoundError, UnreadableCheckpoint) as e:
         raise ResumeError(
             f"cannot resume with trainer.epochs={epochs}: the run's latest checkpoint is "
-            f"{saved['epoch_step']} steps into epoch {epoch + 1} and epoch {epoch}'s ({path.name}) "
+            f"{saved['epoch_step']} step{'s' * (saved['epoch_step'] != 1)} into epoch "
+            f"{epoch + 1} and epoch {epoch}'s ({path.name}) "
             f"is not kept ({e}); resume with epochs={epoch + 1} or more"
         ) from None
 
