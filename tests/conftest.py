@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 # Set by the process pytest starts in (xdist's workers inherit its environment), removed by it.
@@ -209,6 +210,24 @@ def run_as_a_user(args: list[str], cwd: pathlib.Path, *, timeout: float = 600) -
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def signal_when(proc: subprocess.Popen, ready, signum: int, *, timeout: float = 240) -> str:
+    """Sends ``signum`` to ``proc`` once ``ready()`` is true (polled every 0.2 s; the test fails
+    if ``proc`` ends first or ``timeout`` seconds pass), waits for it to end and returns its
+    stderr; ``proc`` is killed if anything goes wrong."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"not ready in {timeout} s"
+            time.sleep(0.2)
+        proc.send_signal(signum)
+        return proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def once_per_session(request, tmp_path_factory, name: str, make) -> tuple[pathlib.Path, Any]:

@@ -10,13 +10,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import hydra
 import jax
 import numpy as np
 import pytest
-from conftest import once_per_session
+from conftest import once_per_session, signal_when
 
 from bpjax import credit, train
 
@@ -306,18 +305,7 @@ def test_script_interrupted_says_how_to_continue_and_continues(tmp_path):
         text=True,
     )
     checkpoints = run_dir / "manual" / "seed0" / "checkpoints"
-    try:
-        deadline = time.monotonic() + 240
-        while not (checkpoints.exists() and any(checkpoints.glob("ckpt_000001"))):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stderr = signal_when(proc, (checkpoints / "ckpt_000001").exists, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     message = stderr.strip().splitlines()[-1]

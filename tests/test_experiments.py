@@ -24,7 +24,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import hydra
 import jax
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import once_per_session
+from conftest import once_per_session, signal_when
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from test_cli import strict_loads
@@ -1424,22 +1423,13 @@ def test_script_sigterm_then_resume(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            runs = list((tmp_path / "outputs").glob("*/*"))
-            if runs and _latest_epoch(runs[0] / "checkpoints") >= 2:
-                break
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    (run_dir,) = runs
+
+    def two_epochs_saved() -> bool:
+        runs = list((tmp_path / "outputs").glob("*/*"))
+        return bool(runs) and _latest_epoch(runs[0] / "checkpoints") >= 2
+
+    stderr = signal_when(proc, two_epochs_saved, signal.SIGTERM)
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
     assert proc.returncode == 130, stderr
     assert "trainer.resume=true" in stderr and f"trainer.run_dir={run_dir}" in stderr
     assert "model.features=[16,10]" in stderr  # the run's own overrides, in the command
