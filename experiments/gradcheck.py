@@ -481,49 +481,59 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     rows: list[dict[str, Any]] = []
     n_failed = n_inconclusive = 0
     start = time.perf_counter()
-    for features, activation, loss_name, dtype in grid:
-        result = check_one(
-            features,
-            activation,
-            loss_name,
-            jnp.dtype(dtype),
-            batch=cfg.batch,
-            n_in=cfg.n_in,
-            seed=cfg.seed,
-            b_init=cfg.b_init,
-            fd_eps=fd_eps.get(dtype),
-            bug=cfg.inject_bug,
-            x_dtype=cfg.x_dtype,
-        )
-        architecture = _architecture_name(features, cfg.n_in)
-        x_dtype = cfg.x_dtype or dtype
-        used = activation_used(features, activation, batch=cfg.batch, n_in=cfg.n_in)
-        prefix = dict(zip(COMBINATION_KEYS, (architecture, used, loss_name, dtype, x_dtype)))
-        prefix["inject_bug"] = cfg.inject_bug  # a file from an injected-bug run says so
-        rows += [{**prefix, **record} for record in result.to_records()]
-        n_failed += not result.passed
-        n_inconclusive += result.passed and bool(result.inconclusive)
-        cells = (
-            architecture,
-            used or "-",
-            loss_name,
-            dtype,
-            _worst(result, "layer"),
-            _worst(result, "total"),
-            _worst(result, "fd"),
-            "PASS" if result.passed else "FAIL",
-        )
-        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-        if not result.passed:
-            line += f"  first failure: {_describe(result.first_failure)}"
-        elif result.inconclusive:
-            line += "  fd inconclusive: the loss is not smooth within the step (see its note)"
-        if cfg.inject_bug is not None and cfg.inject_bug not in injectable_kinds(
-            network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0]
-        ):
-            line += f"  (no {cfg.inject_bug} layer here: nothing injected)"
-        print(line, flush=True)
-
+    done = 0
+    try:
+        for features, activation, loss_name, dtype in grid:
+            result = check_one(
+                features,
+                activation,
+                loss_name,
+                jnp.dtype(dtype),
+                batch=cfg.batch,
+                n_in=cfg.n_in,
+                seed=cfg.seed,
+                b_init=cfg.b_init,
+                fd_eps=fd_eps.get(dtype),
+                bug=cfg.inject_bug,
+                x_dtype=cfg.x_dtype,
+            )
+            architecture = _architecture_name(features, cfg.n_in)
+            x_dtype = cfg.x_dtype or dtype
+            used = activation_used(features, activation, batch=cfg.batch, n_in=cfg.n_in)
+            prefix = dict(zip(COMBINATION_KEYS, (architecture, used, loss_name, dtype, x_dtype)))
+            prefix["inject_bug"] = cfg.inject_bug  # a file from an injected-bug run says so
+            rows += [{**prefix, **record} for record in result.to_records()]
+            n_failed += not result.passed
+            n_inconclusive += result.passed and bool(result.inconclusive)
+            cells = (
+                architecture,
+                used or "-",
+                loss_name,
+                dtype,
+                _worst(result, "layer"),
+                _worst(result, "total"),
+                _worst(result, "fd"),
+                "PASS" if result.passed else "FAIL",
+            )
+            line = "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+            if not result.passed:
+                line += f"  first failure: {_describe(result.first_failure)}"
+            elif result.inconclusive:
+                line += "  fd inconclusive: the loss is not smooth within the step (see its note)"
+            if cfg.inject_bug is not None and cfg.inject_bug not in injectable_kinds(
+                network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0]
+            ):
+                line += f"  (no {cfg.inject_bug} layer here: nothing injected)"
+            print(line, flush=True)
+            done += 1
+    except KeyboardInterrupt:  # Ctrl-C: the rows of the combinations checked are kept
+        if rows:
+            csv_path, json_path = write_rows(rows, Path(output_dir))
+            kept = f"their {_count(len(rows), 'row')} are in {csv_path}, {json_path}"
+        else:
+            kept = "nothing to keep"
+        print(f"interrupted after {done} of {_count(len(grid), 'combination')}: {kept}", flush=True)
+        raise
     csv_path, json_path = write_rows(rows, Path(output_dir))
     rows_took = f"{_count(len(rows), 'row')} in {time.perf_counter() - start:.1f} s"
     print(f"{rows_took} -> {csv_path}, {json_path}")
@@ -547,7 +557,11 @@ def main(cfg: DictConfig) -> None:
     except ValueError as e:  # one line, as train.py reports a bad config
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if not run(cfg)["passed"]:
+    try:
+        passed = run(cfg)["passed"]
+    except KeyboardInterrupt:  # run said what it kept
+        sys.exit(130)
+    if not passed:
         sys.exit(1)
 
 

@@ -492,3 +492,23 @@ def test_the_header_says_which_networks_run_once():
     header = gradcheck._header(cfg, len(gradcheck.combinations(cfg)), {}).splitlines()[0]
     assert "2 image_activations x 2 image_losses x 2 dtypes (conv-strided-groups: no " in header
     assert "= 298 combinations" in header  # 270 + 3 x 2 x 2 x 2 + 1 x 1 x 2 x 2
+
+
+def test_an_interrupted_sweep_keeps_the_rows_it_checked(tmp_path, capsys, monkeypatch):
+    # A trial: Ctrl-C was a traceback, and the rows already checked were lost.
+    check_one, calls = gradcheck.check_one, []
+
+    def interrupted_at_the_second(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return check_one(*args, **kwargs)
+
+    monkeypatch.setattr(gradcheck, "check_one", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        gradcheck.run(compose(SMALL), output_dir=tmp_path)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("interrupted after 1 of 2 combinations: their ")
+    rows = json.loads((tmp_path / "gradcheck.json").read_text())
+    assert rows and {r["loss"] for r in rows} == {"mse"}  # the first combination's, complete
+    assert all(r["passed"] for r in rows)
