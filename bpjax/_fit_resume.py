@@ -24,6 +24,7 @@ from bpjax.checkpoint import (
     load_metadata,
 )
 from bpjax.checkpoint import restore as checkpoint_restore
+from bpjax.reporting import count
 from bpjax.train import TrainState
 
 
@@ -95,8 +96,8 @@ def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
     except (FileNotFoundError, UnreadableCheckpoint) as e:
         raise ResumeError(
             f"cannot resume with trainer.epochs={epochs}: the run's latest checkpoint is "
-            f"{saved['epoch_step']} step{'s' * (saved['epoch_step'] != 1)} into epoch "
-            f"{epoch + 1} and epoch {epoch}'s ({path.name}) "
+            f"{count(saved['epoch_step'], 'step')} into epoch {epoch + 1} and epoch {epoch}'s "
+            f"({path.name}) "
             f"is not kept ({e}); resume with epochs={epoch + 1} or more"
         ) from None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -26,8 +25,11 @@ import jax
 import numpy as np
 import tensorboardX
 from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.summary import (
+    _clean_tag,  # a tag cleaned as its own summaries clean it
+    make_histogram,
+)
 from tensorboardX.summary import hparams as hparams_summaries
-from tensorboardX.summary import make_histogram
 
 __all__ = ["Logger", "NullLogger", "TensorBoardLogger", "flatten_hparams"]
 
@@ -82,14 +84,6 @@ def flatten_hparams(hparams: Mapping[str, Any], *, sep: str = ".") -> dict[str, 
 
 def _float(value: Any) -> float:
     return float(np.asarray(value))
-
-
-# What tensorboardX's summaries replace by "_" in a tag (and leading "/" are removed).
-_INVALID_TAG_CHARACTERS = re.compile(r"[^-/\w\.]")
-
-
-def _clean_tag(tag: str) -> str:
-    return _INVALID_TAG_CHARACTERS.sub("_", tag).lstrip("/")
 
 
 # Equal-width bins of a histogram whose values lie outside TensorBoard's default bins.

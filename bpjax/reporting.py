@@ -28,13 +28,26 @@ from bpjax._trees import at_path, path_name
 from bpjax.distributed import host_copy
 from bpjax.logging import Logger
 
-__all__ = ["EXPLODED", "Console", "EpochReporter", "format_number", "run_name", "tensorboard_dir"]
+__all__ = [
+    "EXPLODED",
+    "Console",
+    "EpochReporter",
+    "count",
+    "format_number",
+    "run_name",
+    "tensorboard_dir",
+]
 
 # An epoch's mean training loss above EXPLODED times the loss of the first step trained (the
 # untrained network's, on its first batch: a scale the task sets) is a loss that exploded. A
 # relative rule, so it holds for any loss's units; against the first step, not the best epoch,
 # so a loss that merely wobbles near zero (1e-6 -> 1e-3) is not flagged.
 EXPLODED = 1e3
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``1 epoch``, ``0 compilations``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def format_number(value: float) -> str:

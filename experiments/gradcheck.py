@@ -54,6 +54,7 @@ from bpjax import losses
 from bpjax._atomic import atomic_write_text
 from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
 from bpjax.layers import ACTIVATIONS, Layer, init_state, is_stateful
+from bpjax.reporting import count
 
 COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
 X_DTYPES = ("uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64")
@@ -314,7 +315,7 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
     grid = " + ".join(g for g in (mlp, images) if g)
     x_dtype = cfg.x_dtype or "the params' dtype"
     lines = [
-        f"gradient check sweep: {grid} = {_count(n_combinations, 'combination')} "
+        f"gradient check sweep: {grid} = {count(n_combinations, 'combination')} "
         f"(batch={cfg.batch}, n_in={cfg.n_in}, inputs in {x_dtype}, b_init={cfg.b_init}, "
         f"seed={cfg.seed})"
     ]
@@ -333,11 +334,6 @@ def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> s
             "expect FAIL naming it"
         )
     return "\n".join(lines)
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 combination``, ``2 combinations``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _json_safe(value: Any) -> Any:
@@ -529,13 +525,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
     except KeyboardInterrupt:  # Ctrl-C: the rows of the combinations checked are kept
         if rows:
             csv_path, json_path = write_rows(rows, Path(output_dir))
-            kept = f"their {_count(len(rows), 'row')} are in {csv_path}, {json_path}"
+            kept = f"their {count(len(rows), 'row')} are in {csv_path}, {json_path}"
         else:
             kept = "nothing to keep"
-        print(f"interrupted after {done} of {_count(len(grid), 'combination')}: {kept}", flush=True)
+        print(f"interrupted after {done} of {count(len(grid), 'combination')}: {kept}", flush=True)
         raise
     csv_path, json_path = write_rows(rows, Path(output_dir))
-    rows_took = f"{_count(len(rows), 'row')} in {time.perf_counter() - start:.1f} s"
+    rows_took = f"{count(len(rows), 'row')} in {time.perf_counter() - start:.1f} s"
     print(f"{rows_took} -> {csv_path}, {json_path}")
     inconclusive = f" ({n_inconclusive} with an inconclusive fd row)" if n_inconclusive else ""
     print(f"{len(grid) - n_failed} passed{inconclusive}, {n_failed} failed")

@@ -66,7 +66,7 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bpjax import cli, distributed
-from bpjax.reporting import Console
+from bpjax.reporting import Console, count
 from bpjax.trainer import ResumeError
 
 if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # as a script, it is there
@@ -107,7 +107,7 @@ from training.run_dir import (
     _write_json_atomic,
     prepare_run_dir,
 )
-from training.summary import _count, add_outcome, epochs_this_call, log_hparams, say_outcome
+from training.summary import add_outcome, epochs_this_call, log_hparams, say_outcome
 from training.validation import check_config_keys, resolve_monitor_and_objective, validate
 
 # What other code reaches through this script (tests, experiments/compare_rules.py); the
@@ -121,7 +121,6 @@ __all__ = [
     "ResumeError",
     "_check_devices",
     "_container",
-    "_count",
     "_raise_interrupt",
     "_stop_if_interrupted",
     "build_schedule",
@@ -179,7 +178,7 @@ def train(
     console.say(f"bpjax: {data.summary()}")
     console.say(
         f"bpjax: {net.name}, loss {loss_name}, grad_mode {trainer.grad_mode}, "
-        f"{_count(trainer.epochs, 'epoch')} of {_count(steps_per_epoch, 'step')}; "
+        f"{count(trainer.epochs, 'epoch')} of {count(steps_per_epoch, 'step')}; "
         f"run dir {run_dir}"
     )
     resumed: dict[str, Any] = {}  # where fit resumed, once it has accepted a checkpoint

@@ -42,7 +42,7 @@ from bpjax import checkpoint, cli
 from bpjax import data as data_lib
 from bpjax.grad import MODES
 from bpjax.layers import ACTIVATIONS
-from bpjax.reporting import EXPLODED
+from bpjax.reporting import EXPLODED, count
 from bpjax.train import make_optimizer, output_shape
 from bpjax.trainer import ResumeError
 
@@ -766,7 +766,7 @@ def test_resume_says_where_it_continues(tmp_path, capsys):
     # The seconds are this call's, not the run's two epochs': the final line says so.
     final = out[-1]
     assert "(2 epochs; this call: 1 epoch, " in final, final
-    assert final.endswith(f"{train_script._count(metrics['compilations'], 'compilation')})")
+    assert final.endswith(f"{count(metrics['compilations'], 'compilation')})")
     assert metrics["epochs_this_call"] == 1.0
     # Without a resume the run is this call: one list.
     fresh = run_train(tmp_path / "again", *TINY, "trainer.epochs=1", "logger=none")
@@ -1507,8 +1507,8 @@ def test_counts_in_the_console_lines_agree_in_number(tmp_path, capsys):
     assert metrics["epochs"] == 1
     assert "1 epoch of " in out and " steps; run dir" in out
     assert "(1 epoch, " in out and "1 epochs" not in out
-    assert train_script._count(1, "compilation") == "1 compilation"
-    assert train_script._count(0, "compilation") == "0 compilations"
+    assert count(1, "compilation") == "1 compilation"
+    assert count(0, "compilation") == "0 compilations"
 
 
 def test_relative_run_dir_trains_checkpoints_and_resumes(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ TESTED = {
     "EXPLODED": "test_exploding_loss_*",
     "Console": "test_console_*",
     "EpochReporter": "test_events_are_on_disk_after_each_epoch",
+    "count": "test_count_is_plural_unless_one",
     "format_number": "test_format_number",
     "run_name": "test_run_name",
     "tensorboard_dir": "test_tensorboard_dir",
@@ -290,3 +291,7 @@ def test_histograms_of_a_diverged_network_do_not_end_the_run(tmp_path):
         if tag.endswith("/nonfinite")
     }
     assert nonfinite == {"weights/layer0/b/nonfinite": [1.0], "grads/layer0/w/nonfinite": [6.0]}
+
+
+def test_count_is_plural_unless_one():
+    assert [reporting.count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]

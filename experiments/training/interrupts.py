@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from bpjax import cli
 from bpjax.checkpoint import CheckpointManager, load_metadata
+from bpjax.reporting import count
 from training.config import ROOT, SCRIPT
 from training.processes import _joined_several
 from training.run_dir import (
@@ -20,7 +21,6 @@ from training.run_dir import (
     _run_dir,
     _task_overrides,
 )
-from training.summary import _count
 
 
 def resume_command(cfg: DictConfig) -> str:
@@ -57,7 +57,7 @@ def _last_checkpoint(checkpoint_dir: pathlib.Path) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return f"the last checkpoint is in {checkpoint_dir}"
     if step:
-        return f"checkpointed {_count(step, 'step')} into epoch {epoch} in {path}"
+        return f"checkpointed {count(step, 'step')} into epoch {epoch} in {path}"
     return f"checkpointed at the end of epoch {epoch} in {path}"
 
 

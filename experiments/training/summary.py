@@ -10,14 +10,9 @@ from typing import Any
 import jax
 from omegaconf import DictConfig
 
-from bpjax.reporting import Console, EpochReporter, format_number
+from bpjax.reporting import Console, EpochReporter, count, format_number
 from training.config import _target_name
 from training.run_dir import _task_overrides
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 epoch``, ``2 epochs``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def epochs_this_call(metrics: dict[str, Any], resumed: dict[str, Any]) -> float:
@@ -33,7 +28,7 @@ def _share(epochs: float, steps_per_epoch: int) -> str:
     """``epochs_this_call`` in words: ``2 epochs``, ``39 steps``, ``10 epochs and 2850 steps``."""
     steps = round(epochs * steps_per_epoch)
     whole, rest = divmod(steps, steps_per_epoch)
-    parts = [_count(whole, "epoch")] * bool(whole) + [_count(rest, "step")] * bool(rest)
+    parts = [count(whole, "epoch")] * bool(whole) + [count(rest, "step")] * bool(rest)
     return " and ".join(parts) or "no training"
 
 
@@ -139,8 +134,8 @@ def say_outcome(
         for k in ("test_accuracy", "test_loss", "test_rmse", "test_r2")
         if k in metrics
     )
-    this_call = ", ".join([*_timing(metrics), _count(metrics["compilations"], "compilation")])
-    epochs = _count(metrics["epochs"], "epoch")
+    this_call = ", ".join([*_timing(metrics), count(metrics["compilations"], "compilation")])
+    epochs = count(metrics["epochs"], "epoch")
     if metrics["epochs_this_call"] != metrics["epochs"]:  # resumed: the seconds are this call's
         share = _share(metrics["epochs_this_call"], steps_per_epoch)
         this_call = f"; this call: {share}, {this_call}"
