@@ -78,6 +78,16 @@ def _naming_lost_processes(manager: CheckpointManager | None):
         raise lost from e
 
 
+def _stopped_by(interrupts: distributed.Interrupts) -> str:
+    """The message of the ``KeyboardInterrupt`` that stops every process after the same chunk:
+    ``signal N`` where this process received signal N (a caller's exit status follows it:
+    128 + N, SIGTERM 143, Ctrl-C 130), as ``deferred_interrupts`` says a second one; a process
+    stopped by another's signal, none of its own, says so."""
+    if interrupts.requested:
+        return f"signal {interrupts.requested}"
+    return "interrupted (a signal to a process of the job)"
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if not math.isfinite(value):
         return False
@@ -195,12 +205,16 @@ class _Epochs:
                     self.end_epoch(record, interrupts)
                     if self.stopped_early:
                         break
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as interrupt:
                 if self.in_progress:
                     unfinished = {"epoch": self.epoch, "step": int(self.state.step)}
                     self.checkpoint(unfinished, **self.in_progress)
                 elif self.history and self.history[-1]["epoch"] != self.saved_epoch:
                     self.checkpoint(self.history[-1])
+                if interrupts.requested and not str(interrupt).startswith("signal "):
+                    # This process's own signal came (held) while it stopped for another's: the
+                    # interrupt names it, as the exit status does (128 + it).
+                    raise KeyboardInterrupt(_stopped_by(interrupts)) from None
                 raise
 
     def train_epoch(self, epoch: int, interrupts: distributed.Interrupts) -> dict[str, Any]:
@@ -247,7 +261,7 @@ class _Epochs:
             for callback in self.schedule.on_chunk:
                 callback(chunk_record)
             if self.stop and done < self.steps_per_epoch:  # every process, after the same chunk
-                raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
+                raise KeyboardInterrupt(_stopped_by(interrupts))
         seconds = time.perf_counter() - t0
         self.train_seconds += timed_seconds
         self.trained_examples += timed_examples
@@ -312,7 +326,7 @@ class _Epochs:
         # the run ends as it would have (its test metrics), not as one to resume.
         _, self.stop = distributed.agree({}, stop=self.stop or bool(interrupts.requested))
         if self.stop and epoch < schedule.epochs and not self.stopped_early:
-            raise KeyboardInterrupt("interrupted (a signal to a process of the job)")
+            raise KeyboardInterrupt(_stopped_by(interrupts))
 
     def evaluate(self, record: dict[str, Any]) -> None:
         """Adds the evaluated splits' metrics to ``record`` and follows the best epoch."""

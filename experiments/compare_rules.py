@@ -13,7 +13,8 @@ to every rule; ``compare.rules`` (default: backprop, ``manual``, and the four ru
 ``<run dir>/<rule>/seed<seed>/`` (its ``metrics.json``, TensorBoard events and checkpoints:
 ``tensorboard --logdir <run dir>`` shows the rules side by side, and ``hydra.run.dir=<run dir>
 trainer.resume=true`` continues an interrupted comparison, whose plot then shows the epochs run
-after the resume). The run directory gets:
+after the resume; Ctrl-C or SIGTERM stops it checkpointed, with that command, exit 130 or 143).
+The run directory gets:
 
 * ``comparison.csv``: one row per rule and seed: status (``completed``, ``diverged`` or
   ``skipped``) and why, the test metric, every final angle of ``metrics.json``
@@ -37,6 +38,7 @@ import importlib.util
 import io
 import math
 import pathlib
+import signal
 import statistics
 import sys
 from collections.abc import Sequence
@@ -306,14 +308,17 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
 def main(cfg: DictConfig) -> None:
     run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
     script = train_script()
+    # SIGTERM interrupts as Ctrl-C does (it killed the comparison at once, saying nothing); the
+    # fit loop holds either until its state is checkpointed.
+    signal.signal(signal.SIGTERM, script._raise_interrupt)
     try:
         compare(cfg, run_dir)
     except (CompareConfigError, script.ConfigError, script.ResumeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the runs so far are checkpointed
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the runs so far are checkpointed
         print(f"\n{interrupted_message(run_dir)}", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(script.interrupt_status(e))  # 128 + the signal: Ctrl-C 130, SIGTERM 143
 
 
 def interrupted_message(run_dir: pathlib.Path) -> str:

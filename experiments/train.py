@@ -34,7 +34,8 @@ What a run says and records:
   about when it happens, recorded (``loss_exploded`` in ``metrics.json``) and repeated in the
   final line.
 - An interrupt (Ctrl-C, SIGTERM) prints the command that resumes the run, with the running
-  interpreter. A resume says which checkpoint and epoch it continues from (after the first
+  interpreter, and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143).
+  A resume says which checkpoint and epoch it continues from (after the first
   resumed epoch: only then has ``fit`` accepted the checkpoint) and which settings changed; a
   run that already reached ``trainer.epochs`` (or stopped early) has nothing to do and leaves
   ``metrics.json`` as it was. A resume stays in its run directory (``hydra.run.dir`` follows
@@ -81,6 +82,7 @@ from training.interrupts import (
     _raise_interrupt,
     _resume_every_process,
     _stop_if_interrupted,
+    interrupt_status,
     interrupted_message,
     resume_command,
 )
@@ -126,6 +128,7 @@ __all__ = [
     "build_schedule",
     "changed_settings",
     "check_config_keys",
+    "interrupt_status",
     "interrupted_message",
     "main",
     "resolve_monitor_and_objective",
@@ -289,15 +292,16 @@ def main(cfg: DictConfig) -> float:
             }
             _write_json_atomic(record, invalid)
         return worst_objective()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if not _joined_several() or distributed.is_primary():  # one message for the job
             print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+        status = interrupt_status(e)  # 128 + the signal: SIGTERM 143, Ctrl-C 130
         if not _joined_several():
             # Out at once: a second Ctrl-C can leave XLA's threads running a computation that
             # the interpreter's teardown then crashes under (a segfault, 1 run in 3 on MNIST).
             # Checkpoints are on disk when saved, and the logger was closed.
-            distributed.exit_now(130)
-        sys.exit(130)
+            distributed.exit_now(status)
+        sys.exit(status)
     if metrics["status"] == "diverged" and not multirun:
         sys.exit(1)
     objective = metrics.get("objective")
@@ -338,9 +342,9 @@ def run() -> None:
     _pickle_parts_by_value()
     try:
         main()
-    except KeyboardInterrupt:  # before main's own handling: Hydra composing the config
+    except KeyboardInterrupt as e:  # before main's own handling: Hydra composing the config
         print("\ninterrupted before training started: nothing to resume", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interrupt_status(e))
     except (ConfigCompositionException, OverrideParseException) as e:
         overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
         print(

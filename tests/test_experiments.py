@@ -1371,7 +1371,8 @@ def test_script_bad_input(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 7. SIGTERM checkpoints and exits 130; trainer.resume=true continues from the checkpoint.
+# 7. SIGTERM checkpoints and exits 143 (Ctrl-C: 130); trainer.resume=true continues from the
+# checkpoint.
 
 
 def _latest_epoch(checkpoints: pathlib.Path) -> int:
@@ -1392,11 +1393,22 @@ def test_an_interrupt_that_a_library_swallowed_is_raised_again(monkeypatch):
         train_script._stop_if_interrupted({"epoch": 1})  # as an on_chunk callback
 
 
-def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_130(monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("interrupt", "status"),
+    [
+        (KeyboardInterrupt(), 130),  # Python's own Ctrl-C handler
+        (KeyboardInterrupt("signal 2"), 130),  # Ctrl-C through _raise_interrupt
+        (KeyboardInterrupt("signal 15"), 143),  # SIGTERM (it was 130, Ctrl-C's)
+    ],
+)
+def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_128_plus_signal(
+    monkeypatch, capsys, interrupt, status
+):
     # It was a 60-line traceback (Ctrl-C) or a silent exit 143 (SIGTERM) before main ran.
     def interrupted():
-        raise KeyboardInterrupt
+        raise interrupt
 
+    monkeypatch.setattr(interrupts, "_SIGNALS", [])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(train_script, "main", interrupted)
     try:
@@ -1406,10 +1418,23 @@ def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_130(monkeypatch, c
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    assert exit_info.value.code == 130
+    assert exit_info.value.code == status
     assert (
         capsys.readouterr().err.strip() == "interrupted before training started: nothing to resume"
     )
+
+
+def test_interrupt_status_is_128_plus_the_signal_that_arrived(monkeypatch):
+    # A trial: SIGTERM exited 130, Ctrl-C's code; the convention is 128 + the signal.
+    monkeypatch.setattr(interrupts, "_SIGNALS", [])
+    assert train_script.interrupt_status(KeyboardInterrupt()) == 130
+    with pytest.raises(KeyboardInterrupt) as raised:
+        train_script._raise_interrupt(signal.SIGTERM, None)
+    assert train_script.interrupt_status(raised.value) == 143
+    # held by the fit loop, then raised: the signal it names (bpjax._fit_loop._stopped_by)
+    assert train_script.interrupt_status(KeyboardInterrupt("signal 2")) == 130
+    # an interrupt that names none (another process's signal): the last one received here
+    assert train_script.interrupt_status(KeyboardInterrupt("interrupted (a signal...)")) == 143
 
 
 @pytest.mark.slow
@@ -1430,7 +1455,7 @@ def test_script_sigterm_then_resume(tmp_path):
 
     stderr = signal_when(proc, two_epochs_saved, signal.SIGTERM)
     (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 143, stderr  # 128 + SIGTERM (it was 130, Ctrl-C's)
     assert "trainer.resume=true" in stderr and f"trainer.run_dir={run_dir}" in stderr
     assert "model.features=[16,10]" in stderr  # the run's own overrides, in the command
     assert not (run_dir / "metrics.json").exists()
@@ -1552,3 +1577,23 @@ def test_an_interrupt_in_the_runs_last_chunk_lets_the_run_end(tmp_path, capsys, 
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path / "early", *TINY, "trainer.chunk_steps=10", "logger=none")
     assert checkpoint.CheckpointManager(tmp_path / "early" / "checkpoints").all_steps() == [1]
+
+
+def test_a_sigterm_held_by_fit_exits_143(tmp_path, monkeypatch):
+    # A trial: SIGTERM exited 130 (Ctrl-C's). fit holds it until the chunk ends, then raises an
+    # interrupt naming it, whose exit status is 128 + 15.
+    def sigterm_in_epoch_1(record=None):
+        if record and record["epoch"] == 1 and record["epoch_step"] == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(interrupts, "_SIGNALS", [])
+    monkeypatch.setattr(fitting, "_stop_if_interrupted", sigterm_in_epoch_1)
+    previous = signal.signal(signal.SIGTERM, train_script._raise_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt) as raised:
+            run_train(tmp_path, *TINY, "trainer.chunk_steps=10", "logger=none")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert str(raised.value) == "signal 15"  # held (not through _raise_interrupt), then named
+    assert interrupts._SIGNALS == []
+    assert train_script.interrupt_status(raised.value) == 143

@@ -3,6 +3,7 @@ swallowed it), and what an interrupted run says: where its last checkpoint is an
 that resumes it (every process's, in a job of several)."""
 
 import pathlib
+import re
 import signal
 from typing import Any
 
@@ -80,6 +81,17 @@ def _raise_interrupt(signum, frame):
     del frame  # unused
     _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_status(error: KeyboardInterrupt) -> int:
+    """The exit status of a process stopped by ``error``: 128 + the number of the signal that
+    arrived (the shell's convention: SIGTERM 143, Ctrl-C's SIGINT 130). The signal is the one
+    the interrupt names (``signal N``: ``_raise_interrupt``'s, or ``bpjax.distributed``'s held
+    one), else the last one recorded; Ctrl-C where neither says (Python's own handler)."""
+    named = re.fullmatch(r"signal (\d+)", str(error))
+    if named:
+        return 128 + int(named.group(1))
+    return 128 + (_SIGNALS[-1] if _SIGNALS else signal.SIGINT)
 
 
 def _stop_if_interrupted(*_: Any) -> None:
