@@ -6,8 +6,11 @@ Each job of ``experiments/train.py`` writes ``metrics.json`` (with ``objective``
 and RMSE, higher otherwise) and writes ``summary.csv`` and ``summary.md`` into the sweep
 directory, and prints the table. A job without a finite objective (``null`` in strict JSON: a
 diverged or invalid job; older records may hold a bare ``NaN``) ranks last; an empty cell is a
-value the job doesn't have. ``loss_exploded`` is the epoch at which a job's loss exploded
-(``bpjax.reporting.EXPLODED``), if it did.
+value the job doesn't have. ``reason`` is why a job did not complete (an invalid job's
+``error:`` line, a diverged job's message), on one line. ``loss_exploded`` is the epoch at which a
+job's loss exploded (``bpjax.reporting.EXPLODED``), if it did. Overrides are shown as typed on the
+command line (``1e30``, not Hydra's ``1e+30``: the sweep's ``multirun.yaml`` holds them as typed),
+where each job's value can be told from them; otherwise as Hydra gave them to the job.
 """
 
 import csv
@@ -19,8 +22,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Override
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from bpjax._atomic import atomic_write_text
 
@@ -33,6 +41,7 @@ _COLUMNS = (
     "best_val_loss",
     "epochs",
     "wall_seconds",
+    "reason",
     "status",
     "loss_exploded",
 )
@@ -42,7 +51,91 @@ def _cell(row: dict[str, Any], column: str) -> Any:
     value = row.get(column)
     if column == "loss_exploded":
         return value.get("epoch", "") if isinstance(value, dict) else ""
+    if column == "reason":  # why a job did not complete: its message's first line
+        message = row.get("message")
+        if row.get("status") == "completed" or not isinstance(message, str):
+            return ""
+        return next((line.strip() for line in message.splitlines() if line.strip()), "")
     return "" if value is None else value
+
+
+def _md(text: str) -> str:
+    """``text`` in a Markdown table's cell: a ``|`` would end the cell."""
+    return text.replace("|", "\\|")
+
+
+def _typed_overrides(sweep_dir: pathlib.Path) -> list[str]:
+    """The sweep's overrides as typed on the command line (Hydra's ``multirun.yaml``), or none."""
+    try:
+        typed = OmegaConf.select(
+            OmegaConf.load(sweep_dir / "multirun.yaml"), "hydra.overrides.task"
+        )
+    except (OSError, yaml.YAMLError, OmegaConfBaseException):  # none, or not Hydra's
+        return []
+    return [str(o) for o in typed] if typed is not None else []
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``text`` split at its commas outside brackets and quotes (a simple sweep's values)."""
+    parts, depth, quote, start, i = [], 0, "", 0, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c in "[({":
+            depth += 1
+        elif c in "])}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return [*parts, text[start:]]
+
+
+def _value_str(override: Override) -> str | None:
+    return None if override.value() is None else override.get_value_element_as_str()
+
+
+def _as_typed(overrides: Sequence[str], typed: Sequence[str]) -> list[str]:
+    """A job's ``overrides`` (Hydra's, reformatted: ``1e+30``) as the user typed them
+    (``typed``: the sweep's, ``1e30`` or ``1e30,0.1``); an override whose typed form can't be
+    told (a ``range(...)`` sweep, a sampled value) stays as Hydra gave it."""
+    parser = OverridesParser.create()
+    try:
+        by_key = {o.get_key_element(): o for o in parser.parse_overrides(list(typed))}
+        job = parser.parse_overrides(list(overrides))
+    except HydraException:
+        return list(overrides)
+    shown = []
+    for given, override in zip(overrides, job, strict=True):
+        shown.append(_typed_form(parser, override, by_key.get(override.get_key_element())) or given)
+    return shown
+
+
+def _typed_form(parser: OverridesParser, job: Override, typed: Override | None) -> str | None:
+    """How ``job`` (one job's override) was typed in ``typed`` (the sweep's), if it can tell."""
+    if typed is None:
+        return None
+    value = _value_str(job)
+    if not typed.is_sweep_override():
+        return typed.input_line if _value_str(typed) == value else None
+    if not isinstance(typed.value(), ChoiceSweep) or not typed.value().simple_form:
+        return None
+    key = typed.get_key_element()
+    for part in _split_top_level(typed.get_value_string()):
+        try:
+            element = parser.parse_override(f"{key}={part}")
+        except HydraException:
+            return None
+        if not element.is_sweep_override() and _value_str(element) == value:
+            return f"{key}={part}"
+    return None
 
 
 def _lower_is_better(name: str) -> bool:
@@ -58,9 +151,11 @@ def collect(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Reads every ``*/metrics.json`` under ``sweep_dir``, best objective first (a job
     without a finite objective last)."""
     rows = []
+    typed = _typed_overrides(pathlib.Path(sweep_dir))
     for path in sorted(pathlib.Path(sweep_dir).glob("*/metrics.json")):
         record = json.loads(path.read_text())
         record["job_dir"] = path.parent.name
+        record["overrides"] = _as_typed(record.get("overrides", []), typed)
         rows.append(record)
     if not rows:
         return rows
@@ -83,10 +178,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ["rank", "job", "overrides", *(name if c == "objective" else c for c in _COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for rank, row in enumerate(rows, 1):
-        cells = [str(rank), row["job_dir"], " ".join(row.get("overrides", []))]
+        cells = [str(rank), row["job_dir"], _md(" ".join(row.get("overrides", [])))]
         for column in _COLUMNS:
             value = _cell(row, column)
-            cells.append(f"{value:.4g}" if isinstance(value, float) else str(value))
+            cells.append(f"{value:.4g}" if isinstance(value, float) else _md(str(value)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1174,16 +1174,30 @@ def test_sweep_of_damaged_data_files_records_them_and_goes_on(tmp_path):
 def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     # One invalid value used to end the sweep at that job (exit 2), with no summary.
     sweep_dir = tmp_path / "sweep"
-    sweep = ["-m", *TINY, "trainer.epochs=1", "logger=none", "optimizer.learning_rate=-1,0.1"]
+    sweep = ["-m", *TINY, "trainer.epochs=1", "logger=none", "optimizer.learning_rate=-1e0,1e-1"]
     result = run_script(tmp_path, *sweep, f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr
-    assert "error: optimizer.learning_rate must be a positive number, got -1" in result.stderr
+    reason = "optimizer.learning_rate must be a positive number, got -1.0"
+    assert f"[job 0] error: {reason}" in result.stderr.splitlines()
     invalid = strict_loads((sweep_dir / "0" / "metrics.json").read_text())
     assert invalid["status"] == "invalid" and invalid["objective"] is None
     assert json.loads((sweep_dir / "1" / "metrics.json").read_text())["status"] == "completed"
     table = (sweep_dir / "summary.md").read_text().splitlines()
-    assert "best_val_accuracy" in table[0]
+    assert "best_val_accuracy" in table[0] and table[0].endswith(
+        "| reason | status | loss_exploded |"
+    )
     assert "| 1 | 1 |" in table[2] and "| invalid |" in table[3]  # the invalid job last
+    # A trial: the invalid row said nothing of why, and the overrides were Hydra's (1e+30 for
+    # 1e30). The row gives the job's error line; the overrides are as typed.
+    assert table[2].startswith("| 1 | 1 | dataset=digits model.features=[32,10] ")
+    assert " optimizer.learning_rate=1e-1 | " in table[2]  # Hydra: optimizer.learning_rate=0.1
+    assert " optimizer.learning_rate=-1e0 | " in table[3]  # Hydra: optimizer.learning_rate=-1.0
+    assert table[3].endswith(f"| {reason} | invalid |  |")
+    assert table[2].endswith("|  | completed |  |")  # a completed job has no reason
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["reason"] for row in rows] == ["", reason]
+    assert rows[1]["overrides"].endswith(" optimizer.learning_rate=-1e0")
     # The same sweep again into the same directory: its jobs' run directories hold the first
     # sweep's checkpoints. That stops the sweep (exit 2), and no finished record is replaced.
     before = {job: (sweep_dir / job / "metrics.json").read_bytes() for job in ("0", "1")}
