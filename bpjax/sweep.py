@@ -147,16 +147,24 @@ def _objective_name(rows: Sequence[dict[str, Any]]) -> str:
     return next((row["objective_name"] for row in rows if row.get("objective_name")), "")
 
 
-def collect(sweep_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+def collect(
+    sweep_dir: str | pathlib.Path, *, unfinished: Sequence[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Reads every ``*/metrics.json`` under ``sweep_dir``, best objective first (a job
-    without a finite objective last)."""
-    rows = []
+    without a finite objective last). ``unfinished``: rows of jobs that wrote no record (an
+    interrupted job: its ``job_dir``, ``status``, ``message``, ``overrides``), in place of any
+    record their directory holds."""
     typed = _typed_overrides(pathlib.Path(sweep_dir))
+    rows = [dict(row) for row in unfinished]
     for path in sorted(pathlib.Path(sweep_dir).glob("*/metrics.json")):
+        if path.parent.name in {row["job_dir"] for row in unfinished}:
+            continue
         record = json.loads(path.read_text())
         record["job_dir"] = path.parent.name
-        record["overrides"] = _as_typed(record.get("overrides", []), typed)
         rows.append(record)
+    for row in rows:
+        row["overrides"] = _as_typed(row.get("overrides", []), typed)
+    rows.sort(key=lambda row: row["job_dir"])  # as the paths sort: ties keep this order
     if not rows:
         return rows
     sign = 1.0 if _lower_is_better(_objective_name(rows)) else -1.0
@@ -186,11 +194,14 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(sweep_dir: str | pathlib.Path) -> str:
+def write_summary(
+    sweep_dir: str | pathlib.Path, *, unfinished: Sequence[dict[str, Any]] = ()
+) -> str:
     """Writes ``summary.csv`` and ``summary.md`` into ``sweep_dir`` (atomically: a sweep
-    killed while writing keeps the previous summary); returns the table."""
+    killed while writing keeps the previous summary); returns the table. ``unfinished``: as
+    ``collect``'s (an interrupted sweep's job)."""
     sweep_dir = pathlib.Path(sweep_dir)
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir, unfinished=unfinished)
     table = format_table(rows)
     atomic_write_text(sweep_dir / "summary.md", table + "\n")
     with io.StringIO(newline="") as f:

@@ -34,7 +34,8 @@ What a run says and records:
   about when it happens, recorded (``loss_exploded`` in ``metrics.json``) and repeated in the
   final line.
 - An interrupt (Ctrl-C, SIGTERM) prints the command that resumes the run, with the running
-  interpreter, and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143).
+  interpreter, and exits 128 + the signal's number (Ctrl-C 130, SIGTERM 143). In a ``-m``
+  sweep it first writes the sweep's summary: the jobs that ended, and this one, interrupted.
   A resume says which checkpoint and epoch it continues from (after the first
   resumed epoch: only then has ``fit`` accepted the checkpoint) and which settings changed; a
   run that already reached ``trainer.epochs`` (or stopped early) has nothing to do and leaves
@@ -109,7 +110,13 @@ from training.run_dir import (
     _write_json_atomic,
     prepare_run_dir,
 )
-from training.summary import add_outcome, epochs_this_call, log_hparams, say_outcome
+from training.summary import (
+    add_outcome,
+    epochs_this_call,
+    log_hparams,
+    say_outcome,
+    summarize_interrupted_sweep,
+)
 from training.validation import check_config_keys, resolve_monitor_and_objective, validate
 
 # What other code reaches through this script (tests, experiments/compare_rules.py); the
@@ -294,7 +301,15 @@ def main(cfg: DictConfig) -> float:
         return worst_objective()
     except KeyboardInterrupt as e:
         if not _joined_several() or distributed.is_primary():  # one message for the job
-            print(f"\n{label}{interrupted_message(cfg)}", file=sys.stderr, flush=True)
+            message = interrupted_message(cfg)
+            print(f"\n{label}{message}", file=sys.stderr, flush=True)
+            try:  # Hydra's summary callback runs only at a multirun's end
+                summary = summarize_interrupted_sweep(message) if multirun else None
+            except (OSError, ValueError) as error:  # a damaged record: the exit still follows
+                print(f"{label}no sweep summary: {error}", file=sys.stderr, flush=True)
+                summary = None
+            if summary is not None:
+                print(f"{label}sweep summary so far: {summary}", file=sys.stderr, flush=True)
         status = interrupt_status(e)  # 128 + the signal: SIGTERM 143, Ctrl-C 130
         if not _joined_several():
             # Out at once: a second Ctrl-C can leave XLA's threads running a computation that

@@ -1207,6 +1207,40 @@ def test_script_multirun_records_an_invalid_job_and_goes_on(tmp_path):
     assert {job: (sweep_dir / job / "metrics.json").read_bytes() for job in before} == before
 
 
+@pytest.mark.slow
+def test_an_interrupted_sweep_writes_the_summary_of_its_jobs(tmp_path):
+    # A trial: a sweep stopped (Ctrl-C, SIGTERM) after some jobs had ended wrote no summary:
+    # Hydra's callback runs only at a multirun's end. Written at the interrupt: the jobs that
+    # ended, and the interrupted one, marked so, with its message.
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "dataset=digits", "model.features=[16,10]", "trainer.batch_size=16",
+            "logger=none", "trainer.progress=false", "trainer.epochs=1,100000"]  # fmt: skip
+    proc = subprocess.Popen(
+        script(*args, f"hydra.sweep.dir={sweep_dir}"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    job_1 = sweep_dir / "1" / "checkpoints"
+    stderr = signal_when(proc, lambda: _latest_epoch(job_1) >= 1, signal.SIGTERM)
+    assert proc.returncode == 143, stderr
+    assert f"[job 1] sweep summary so far: {sweep_dir / 'summary.md'}" in stderr
+    assert not (sweep_dir / "1" / "metrics.json").exists()  # no record: it resumes as a run
+    table = (sweep_dir / "summary.md").read_text().splitlines()
+    assert len(table) == 4, table
+    assert table[2].startswith("| 1 | 0 | ") and "| completed |" in table[2]
+    assert table[3].startswith("| 2 | 1 | ") and " trainer.epochs=100000 |" in table[3]
+    assert "| interrupted: checkpointed " in table[3] and table[3].endswith("| interrupted |  |")
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["job"], row["status"]) for row in rows] == [
+        ("0", "completed"),
+        ("1", "interrupted"),
+    ]
+    assert "trainer.resume=true" in rows[1]["reason"]  # how to go on with it
+
+
 def test_script_sweep_of_only_invalid_jobs_exits_2(tmp_path):
     # An error in what every job shares (no dataset.path): fail as a single run does.
     result = run_script(

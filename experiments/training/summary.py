@@ -1,18 +1,22 @@
 """What a run records and says at its end: its outcome added to the metrics (status,
 objective, compilations, time, device), its hyperparameters and final metrics for
 TensorBoard's HParams tab, and the final line (with the seconds, examples/s and compilations
-of this call)."""
+of this call); and an interrupted sweep's summary."""
 
 import math
+import os
+import pathlib
 import time
 from typing import Any
 
 import jax
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
+from bpjax import sweep
 from bpjax.reporting import Console, EpochReporter, count, format_number
 from training.config import _target_name
-from training.run_dir import _task_overrides
+from training.run_dir import _original_cwd, _task_overrides
 
 
 def epochs_this_call(metrics: dict[str, Any], resumed: dict[str, Any]) -> float:
@@ -143,3 +147,29 @@ def say_outcome(
         this_call = f", {this_call}"
     warning = f"; WARNING: {reporter.explosion()}" if reporter.exploded else ""
     console.say(f"bpjax: {summary}  ({epochs}{this_call}){warning}")
+
+
+def summarize_interrupted_sweep(message: str) -> pathlib.Path | None:
+    """An interrupted multirun's summary (``bpjax.sweep.write_summary``, atomic): the jobs that
+    ended, and this one, ``interrupted`` (``message``, why and how to resume, as its reason).
+    Hydra's ``SweepSummary`` callback runs only at a multirun's end, which the interrupt (this
+    process exits at once) never reaches. Where the summary goes, or None where the sweep has
+    none (its ``sweep_summary`` callback removed)."""
+    hydra_config = HydraConfig.get()
+    targets = [
+        OmegaConf.select(callback, "_target_", default=None)
+        for callback in (hydra_config.callbacks or {}).values()
+    ]
+    if "bpjax.sweep.SweepSummary" not in targets:
+        return None
+    sweep_dir = pathlib.Path(_original_cwd(), hydra_config.sweep.dir)  # as relative to it
+    job_dir = os.path.relpath(hydra_config.runtime.output_dir, sweep_dir)
+    interrupted = {
+        "job_dir": job_dir,
+        "status": "interrupted",
+        "message": message,
+        "objective": None,
+        "overrides": _task_overrides(),
+    }
+    sweep.write_summary(sweep_dir, unfinished=[interrupted])
+    return sweep_dir / "summary.md"
