@@ -17,12 +17,17 @@ after the resume; Ctrl-C or SIGTERM stops it checkpointed, with that command, ex
 The run directory gets:
 
 * ``comparison.csv``: one row per rule and seed: status (``completed``, ``diverged`` or
-  ``skipped``) and why, the test metric, every final angle of ``metrics.json``
-  (``alignment/...``: the last measured, in degrees) and the wall time of ``fit``.
-* ``comparison.md``: one row per rule: test metric, final total angle and per-layer angles (of
-  each layer's update to the true gradient), wall time; the mean over seeds, ``± sd`` with more
-  than one. A rule that can't apply to the network is listed as skipped, with the reason.
-* ``comparison.png``: the test metric (accuracy, or RMSE for regression) per epoch and the
+  ``skipped``) and why, the test metric (of the parameters of the best epoch, by
+  ``trainer.monitor``) and that epoch, every final angle of ``metrics.json``
+  (``alignment/...``: the last measured, in degrees), the training examples/s (chunks that
+  compiled their program left out: ``fit``'s ``examples_per_second``), the wall time of ``fit``
+  (compilation included) and the run's compilations.
+* ``comparison.md``: one row per rule: test metric of the best epoch and the seeds' best
+  epochs, final total angle and per-layer angles (of each layer's update to the true
+  gradient), examples/s without compilation, wall time with it (a seed's run may compile what
+  the next reuses: its wall time is not theirs); the mean over seeds, ``± sd`` with more than
+  one. A rule that can't apply to the network is listed as skipped, with the reason.
+* ``comparison.png``: the test metric (accuracy, or RMSE for regression) after every epoch and the
   total alignment angle per epoch (fractional epochs: measured every
   ``trainer.grad_check_every`` steps), one line per rule (the mean over seeds).
 
@@ -161,10 +166,15 @@ def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: s
     layers = _layer_columns(rows)
     header = [
         "rule",
-        f"test {metric}",
+        # not the best of the plot's curve: the test metric of the best epoch's parameters
+        f"test {metric} (best epoch)",
+        "best epoch",
         "total angle (°)",
         *(f"{n.split('/')[1]} angle (°)" for n in layers),
-        "wall time (s)",
+        # a seed's run may compile its programs and another reuse them: its wall time can't
+        # be averaged with theirs (it was 3.8 ± 4.8 s); examples/s leaves compilation out
+        "train examples/s (no compilation)",
+        "wall time (s, compilation included)",
         "seeds",
         "note",
     ]
@@ -178,8 +188,10 @@ def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: s
         cells = [
             rule,
             _summary([r.get(f"test_{metric}") for r in done], 4),
+            ", ".join(str(r["best_epoch"]) for r in done if r.get("best_epoch") is not None) or "—",
             _summary([r.get("alignment/total/angle") for r in done], 2),
             *(_summary([r.get(n) for r in done], 2) for n in layers),
+            _summary([r.get("examples_per_second") for r in done], 0),
             _summary([r.get("wall_seconds") for r in done], 1),
             str(len(done)),
             "; ".join(notes).replace("|", "/").replace("\n", " "),
@@ -189,9 +201,11 @@ def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: s
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -> None:
-    fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "alignment/total/angle"]
+    fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "best_epoch",
+             "alignment/total/angle"]  # fmt: skip
     angles = sorted({k for row in rows for k in row if k.startswith("alignment/")} - set(fixed))
-    columns = [*fixed, *angles, "wall_seconds", "run_dir"]
+    timing = ["examples_per_second", "wall_seconds", "compilations"]
+    columns = [*fixed, *angles, *timing, "run_dir"]
     with io.StringIO(newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -222,7 +236,8 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
                 for point in points
             ]
             right.plot(points, means, marker="o", markersize=3, label=rule)
-    left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric}")
+    # every epoch's parameters, where the table has the best epoch's: said in the title
+    left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric} after every epoch")
     right.set(
         xlabel="epoch",
         ylabel="angle to the true gradient (°)",
