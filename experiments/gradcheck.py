@@ -29,17 +29,15 @@ meets a kink (a ReLU at 0, ...) is inconclusive, not failed: the line says so, a
 is 0 when every conclusive row passes. In the files, ``status`` is ``passed``, ``failed``,
 ``inconclusive`` or ``skipped``, and ``passed`` is false for the failed rows only (a skipped or
 inconclusive row did not fail): filtering on ``passed`` finds the failures.
+
+``run`` and ``main`` are here; the parts are in ``experiments/gradchecking/``: the networks, bug
+injection and the check of one combination (``networks``), the grid and its validation
+(``grid``), the header, lines and files (``report``). Their names are re-exported here, where
+they were defined before.
 """
 
-import csv
-import inspect
-import io
-import json
-import math
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,405 +45,42 @@ import hydra
 import jax
 import jax.numpy as jnp
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-import bpjax
-from bpjax import losses
-from bpjax._atomic import atomic_write_text
-from bpjax.grad import GradCheckResult, GradCheckRow, GradCheckWarning, default_tolerances
-from bpjax.layers import ACTIVATIONS, Layer, init_state, is_stateful
 from bpjax.reporting import count
 
-COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
-X_DTYPES = ("uint8", "int32", "bool", "float16", "bfloat16", "float32", "float64")
-DTYPES = ("float64", "float32", "bfloat16", "float16")
+if str(Path(__file__).resolve().parent) not in sys.path:  # as a script, it is there
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def layer_kind(layer: Layer) -> str:
-    """The layer's name without its arguments: ``"leaky_relu(0.01)"`` -> ``"leaky_relu"``."""
-    return layer.name.split("(")[0]
-
-
-# The kinds of bpjax's activation layers (``"tanh"``, ``"leaky_relu"``, ...).
-ACTIVATION_KINDS = frozenset(layer_kind(make()) for make in ACTIVATIONS.values())
-
-
-def with_bug(layer: Layer) -> Layer:
-    """``layer`` with the same init and forward but a wrong backward (for demonstrations).
-
-    A parameter-free layer forgets its local derivative: ``dx = dy`` instead of
-    ``dx = dy * f'(x)``. A layer with a bias forgets to sum its gradient over the batch:
-    ``db = mean(dy)`` instead of ``sum(dy)``; one without (a conv before batch norm) forgets
-    half its weight gradient: ``dw / 2``. Any other layer with parameters (batch norm's
-    ``scale``/``offset``, a residual block's nested gradients) halves every parameter gradient.
-    A parameter-free layer whose output has another shape than its input (pooling, flatten)
-    returns a ``dx`` of the wrong shape, which the check reports as a failure of that layer.
-    """
-
-    def backward(params, cache, dy):
-        grads, dx = layer.backward(params, cache, dy)
-        if not jax.tree_util.tree_leaves(grads):
-            return grads, dy
-        if isinstance(grads, dict) and "b" in grads:
-            batch = dy.size // dy.shape[-1]
-            return {**grads, "b": grads["b"] / batch}, dx
-        if isinstance(grads, dict) and "w" in grads:
-            return {**grads, "w": grads["w"] / 2}, dx
-        return jax.tree_util.tree_map(lambda g: g / 2, grads), dx
-
-    return layer._replace(backward=backward)
-
-
-# How to rebuild a combinator from new sublayers (``Layer.combinator`` -> constructor).
-_REBUILD = {
-    "serial": lambda subs: bpjax.serial(*subs),
-    "parallel": lambda subs: bpjax.layers.parallel(*subs),
-    "residual": lambda subs: bpjax.layers.residual(*subs),
-}
-
-
-def layers_within(net: Layer) -> Iterator[Layer]:
-    """``net`` and every layer inside it, at any depth (residual blocks, parallel branches)."""
-    yield net
-    for layer in net.sublayers:
-        yield from layers_within(layer)
-
-
-def inject_bug(net: Layer, kind: str) -> Layer:
-    """``net`` with ``with_bug`` applied to every layer of ``kind`` at any depth: the convs
-    inside a residual block too (the check then names the block that holds them)."""
-    if layer_kind(net) == kind:
-        return with_bug(net)
-    if net.combinator in _REBUILD:
-        return _REBUILD[net.combinator]([inject_bug(layer, kind) for layer in net.sublayers])
-    return net
-
-
-def make_targets(key: jax.Array, loss_name: str, batch: int, n_out: int, dtype: Any) -> jax.Array:
-    """Targets in the form each loss expects.
-
-    Returns:
-      integer labels ``[batch]`` in ``[0, n_out)`` for ``softmax_cross_entropy``; probabilities
-      ``[batch, n_out]`` in ``[0, 1]`` for ``binary_cross_entropy``; standard normal values
-      ``[batch, n_out]`` otherwise.
-    """
-    if loss_name in ("softmax_cross_entropy", "cross_entropy"):
-        return jax.random.randint(key, (batch,), 0, n_out, dtype=jnp.int32)
-    # Drawn in float32 and cast, so every dtype is checked at the same point.
-    if loss_name in ("binary_cross_entropy", "bce"):
-        return jax.random.uniform(key, (batch, n_out), jnp.float32).astype(dtype)
-    return jax.random.normal(key, (batch, n_out), jnp.float32).astype(dtype)
-
-
-def make_inputs(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """Inputs of ``dtype``: image-like integers in ``[0, 256)`` for integer dtypes, random bits
-    for bool, standard normal values (drawn in float32 and cast) for floating dtypes."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.bool_:
-        return jax.random.bernoulli(key, 0.5, shape)
-    if jnp.issubdtype(dtype, jnp.integer):
-        return jax.random.randint(key, shape, 0, 256, jnp.int32).astype(dtype)
-    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-
-
-def network(
-    features: list[int] | dict[str, Any],
-    activation: str,
-    *,
-    batch: int,
-    n_in: int,
-    b_init: str = "normal",
-) -> tuple[Layer, tuple[int, ...]]:
-    """``(net, in_shape)`` of a combination (``check_one``'s ``features``): an MLP on
-    ``[batch, n_in]`` inputs, or an image network on ``[batch, *input_shape]``."""
-    if isinstance(features, dict):
-        return build_image_net(features, activation), (batch, *features["input_shape"])
-    return bpjax.mlp(features, activation=activation, b_init=b_init), (batch, n_in)
-
-
-def injectable_kinds(net: Layer) -> set[str]:
-    """The kinds ``inject_bug`` can reach in ``net``: every layer at any depth, blocks
-    (``residual``) included, but not the ``serial`` stacks that hold them."""
-    return {layer_kind(layer) for layer in layers_within(net)} - {"serial"}
-
-
-def own_activation(net: Layer) -> str | None:
-    """The activation a network uses of its own (one whose factory takes none): the kinds of
-    its activation layers at any depth, in order, joined by ``+`` (``"tanh"``,
-    ``"relu+sigmoid"``), or None if it has none."""
-    kinds = [layer_kind(layer) for layer in layers_within(net)]
-    return "+".join(dict.fromkeys(k for k in kinds if k in ACTIVATION_KINDS)) or None
-
-
-def activation_used(
-    features: list[int] | dict[str, Any], activation: str, *, batch: int, n_in: int
-) -> str | None:
-    """What a combination's network really uses as its activation, as its rows record it:
-    ``activation`` where it is set (an MLP, an image network whose factory takes one), else
-    the network's own (``own_activation``: ``"tanh"`` for ``conv-strided-groups``, None for a
-    network without one), whatever ``image_activations`` says."""
-    if not isinstance(features, dict) or _takes(features["model"], "activation"):
-        return activation
-    return own_activation(network(features, activation, batch=batch, n_in=n_in)[0])
-
-
-def _key(features: Any) -> str:
-    """A hashable key of ``combinations``' ``features`` (a list of sizes or an image spec)."""
-    return json.dumps(features, sort_keys=True)
-
-
-def check_one(
-    features: list[int] | dict[str, Any],
-    activation: str,
-    loss_name: str,
-    dtype: Any,
-    *,
-    batch: int,
-    n_in: int,
-    seed: int,
-    b_init: str = "normal",
-    fd_eps: float | None = None,
-    bug: str | None = None,
-    x_dtype: Any = None,
-) -> GradCheckResult:
-    """Runs ``bpjax.check_grads`` on one combination (params cast to ``dtype``, inputs to
-    ``x_dtype``, by default ``dtype``; see ``make_inputs``).
-
-    ``features`` is an MLP's layer sizes (inputs ``[batch, n_in]``), or an image network: a
-    dict with the model's Hydra config (``model``, its ``activation`` set to ``activation``
-    where the model takes one) and one example's ``input_shape`` ``[h, w, c]``. A network with
-    state (batch norm) is checked in training mode (batch statistics, a key), the harder case.
-
-    ``b_init`` defaults to small random biases: with zero biases a layer of dead ReLUs feeds the
-    next one exact zeros, putting its pre-activations (or the logits) exactly on a kink, where
-    a finite difference is no derivative and the fd row can only be inconclusive.
-    """
-    init_key, x_key, target_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-    net, in_shape = network(features, activation, batch=batch, n_in=n_in, b_init=b_init)
-    if bug is not None:
-        net = inject_bug(net, bug)
-    out_shape, params = net.init(init_key, in_shape)
-    params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
-    x = make_inputs(x_key, in_shape, dtype if x_dtype is None else x_dtype)
-    target = make_targets(target_key, loss_name, batch, out_shape[-1], dtype)
-    stateful = is_stateful(net)
-    state = init_state(net, in_shape) if stateful else None
-    with warnings.catch_warnings():
-        # Tolerances already follow the dtype; the header says float32 checks are loose.
-        warnings.simplefilter("ignore", GradCheckWarning)
-        return bpjax.check_grads(
-            net,
-            losses.get(loss_name),
-            params,
-            x,
-            target,
-            key=jax.random.PRNGKey(seed + 1) if stateful else None,
-            state=state,
-            eps=fd_eps,
-            seed=seed,
-        )
-
-
-def build_image_net(spec: dict[str, Any], activation: str) -> Layer:
-    """The image network of an ``image_architectures`` entry, with ``activation`` where its
-    factory takes one."""
-    model = dict(spec["model"])
-    if _takes(model, "activation"):
-        model["activation"] = activation
-    return hydra.utils.instantiate(model, _convert_="all")
-
-
-def _takes(model: dict[str, Any], argument: str) -> bool:
-    factory = hydra.utils.get_method(model["_target_"])
-    return argument in inspect.signature(factory).parameters
-
-
-def _architecture_name(features: list[int] | dict[str, Any], n_in: int) -> str:
-    if isinstance(features, dict):
-        return str(features["name"])
-    return "-".join(map(str, [n_in, *features]))
-
-
-def _worst(result: GradCheckResult, check: str) -> str:
-    """The largest relative error of the conclusive rows of ``check`` ("inconcl." when its
-    only row is inconclusive, "-" when there is none)."""
-    rows = [row for row in result.rows if row.check == check]
-    errors = [row.rel_err for row in rows if row.status in ("passed", "failed")]
-    if any(math.isnan(e) for e in errors):  # a row with nothing to compare (shapes differ)
-        return "nan"
-    if errors:
-        return f"{max(errors):.1e}"
-    return "inconcl." if any(row.status == "inconclusive" for row in rows) else "-"
-
-
-def _describe(row: GradCheckRow) -> str:
-    where = row.layer_name if row.layer is None else f"layer {row.layer} ({row.layer_name})"
-    if math.isnan(row.rel_err):  # nothing compared: the row's note says why (shapes, an error)
-        return f"{where}: {row.check} check of {row.leaf}: {row.note or 'no error measured'}"
-    return f"{where}: {row.check} check of {row.leaf}, rel_err {row.rel_err:.2e} > {row.tol:g}"
-
-
-# The two grids of the sweep: MLPs, and image networks (``combinations``).
-_GRIDS = (
-    ("architectures", "activations", "losses", "dtypes"),
-    ("image_architectures", "image_activations", "image_losses", "dtypes"),
+from gradchecking.grid import (
+    COMBINATION_KEYS,
+    DTYPES,  # noqa: F401  (re-exported)
+    X_DTYPES,  # noqa: F401  (re-exported)
+    combinations,
+    validate,
 )
-
-
-def _header(cfg: DictConfig, n_combinations: int, fd_eps: dict[str, float]) -> str:
-    mlp, images = (
-        " x ".join(f"{len(cfg[k])} {k}" for k in keys) if all(len(cfg[k]) for k in keys) else ""
-        for keys in _GRIDS  # a grid with an empty list adds nothing
-    )
-    once = [
-        (s.name, own_activation(build_image_net(OmegaConf.to_container(s), "")))
-        for s in cfg.image_architectures
-        if not _takes(s.model, "activation")
-    ]
-    if images and once:
-        images += (
-            " ("
-            + "; ".join(
-                f"{name}: no activation to set, checked once"
-                + (f" with its own, {own}" if own else ", without one")
-                for name, own in once
-            )
-            + ")"
-        )
-    grid = " + ".join(g for g in (mlp, images) if g)
-    x_dtype = cfg.x_dtype or "the params' dtype"
-    lines = [
-        f"gradient check sweep: {grid} = {count(n_combinations, 'combination')} "
-        f"(batch={cfg.batch}, n_in={cfg.n_in}, inputs in {x_dtype}, b_init={cfg.b_init}, "
-        f"seed={cfg.seed})"
-    ]
-    for name in cfg.dtypes:
-        tols = default_tolerances(name)
-        note = "  -- LOOSE: rules out gross errors only" if name != "float64" else ""
-        lines.append(
-            f"  {name}: rtol={tols['rtol']:g} (layer, total), fd_rtol={tols['fd_rtol']:g}, "
-            f"eps={fd_eps.get(name, tols['eps']):g}{note}"
-        )
-    if cfg.x_dtype is not None and not jnp.issubdtype(jnp.dtype(cfg.x_dtype), jnp.inexact):
-        lines.append(f"  {cfg.x_dtype} inputs have no gradient: their dx rows are skipped")
-    if cfg.inject_bug is not None:
-        lines.append(
-            f"  inject_bug={cfg.inject_bug}: that layer's backward is deliberately wrong; "
-            "expect FAIL naming it"
-        )
-    return "\n".join(lines)
-
-
-def _json_safe(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> tuple[Path, Path]:
-    """Writes ``gradcheck.csv`` and ``gradcheck.json`` (NaN as ``null``) into ``output_dir``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path = output_dir / "gradcheck.csv", output_dir / "gradcheck.json"
-    fields = list(rows[0]) if rows else list(COMBINATION_KEYS)
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_path, table.getvalue())
-    safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
-    atomic_write_text(json_path, json.dumps(safe, indent=1) + "\n")
-    return csv_path, json_path
-
-
-def validate(cfg: DictConfig) -> None:
-    """Every name in the sweep is known, before anything is printed or compiled.
-
-    Raises:
-      ValueError: an unknown activation, loss, dtype, ``x_dtype`` or ``inject_bug`` kind
-        (listing the valid ones), or an architecture that is not a list of positive sizes.
-    """
-    examples = {"architectures": "[[8, 3], [16, 16, 3]]", "dtypes": "[float64, float32]"}
-    for key in {k for keys in _GRIDS for k in keys}:
-        if not isinstance(cfg[key], ListConfig):
-            raise ValueError(
-                f"{key} must be a list, e.g. {key}={examples.get(key, '[...]')}; got {cfg[key]!r}"
-            )
-    for features in cfg.architectures:
-        if not isinstance(features, ListConfig):
-            raise ValueError(
-                f"architectures: {features!r} is not a list of sizes: each architecture is one, "
-                f"e.g. architectures=[[4,3]] (not architectures=[4,3])"
-            )
-        if not features or not all(isinstance(f, int) and f > 0 for f in features):
-            raise ValueError(f"architectures: {list(features)} is not a list of positive sizes")
-    for activation in [*cfg.activations, *cfg.image_activations]:
-        bpjax.activation(activation)  # raises, listing the valid names
-    for loss_name in [*cfg.losses, *cfg.image_losses]:
-        losses.get(loss_name)
-    for spec in cfg.image_architectures:
-        missing = {"name", "model", "input_shape"} - set(spec)
-        if missing:
-            raise ValueError(
-                f"image_architectures: an entry without {', '.join(sorted(missing))}: "
-                f"each is {{name, model: {{_target_: ...}}, input_shape: [h, w, c]}}"
-            )
-        try:
-            hydra.utils.get_method(spec.model._target_)
-        except Exception as e:  # Hydra's own error types vary: say which entry
-            raise ValueError(f"image_architectures: {spec.name}: {e}") from None
-    if not combinations(cfg):
-        empty = sorted({k for keys in _GRIDS for k in keys if not len(cfg[k])})
-        raise ValueError(
-            f"nothing to check: {', '.join(empty)} "
-            f"{'is' if len(empty) == 1 else 'are'} empty, so neither the MLP grid "
-            f"({' x '.join(_GRIDS[0])}) nor the image grid ({' x '.join(_GRIDS[1])}) has a "
-            "combination"
-        )
-    unknown = [d for d in cfg.dtypes if d not in DTYPES]
-    if unknown:
-        raise ValueError(f"dtypes: unknown {unknown}; valid: {', '.join(DTYPES)}")
-    if cfg.x_dtype is not None and cfg.x_dtype not in X_DTYPES:
-        raise ValueError(
-            f"x_dtype: unknown {cfg.x_dtype!r}; valid: null (the params' dtype), "
-            f"{', '.join(X_DTYPES)}"
-        )
-    if cfg.inject_bug is not None:
-        # The kinds of the networks the sweep checks: each (network, activation) it runs.
-        kinds = set()
-        for features, activation in {
-            (_key(f), a): (f, a) for f, a, *_ in combinations(cfg)
-        }.values():
-            kinds |= injectable_kinds(
-                network(features, activation, batch=cfg.batch, n_in=cfg.n_in)[0]
-            )
-        if cfg.inject_bug not in kinds:
-            raise ValueError(
-                f"inject_bug={cfg.inject_bug!r} matches no layer of the sweep; "
-                f"valid kinds: {', '.join(sorted(kinds))}"
-            )
-
-
-def combinations(cfg: DictConfig) -> list[tuple[Any, str, str, str]]:
-    """The sweep's ``(features, activation, loss, dtype)`` combinations: every MLP of
-    ``architectures`` x activations x losses x dtypes, then every image network x
-    image_activations x image_losses x dtypes (a network whose factory takes no activation
-    once, at the first: its rows record the activation it has of its own, ``activation_used``)."""
-    architectures = [list(map(int, f)) for f in OmegaConf.to_container(cfg.architectures)]
-    return [
-        (features, activation, loss_name, dtype)
-        for features in architectures
-        for activation in cfg.activations
-        for loss_name in cfg.losses
-        for dtype in cfg.dtypes
-    ] + [
-        (spec, activation, loss_name, dtype)
-        for spec in OmegaConf.to_container(cfg.image_architectures)
-        for activation in (
-            cfg.image_activations
-            if _takes(spec["model"], "activation")
-            else cfg.image_activations[:1]
-        )
-        for loss_name in cfg.image_losses
-        for dtype in cfg.dtypes
-    ]
+from gradchecking.networks import (
+    ACTIVATION_KINDS,  # noqa: F401  (re-exported)
+    activation_used,
+    build_image_net,  # noqa: F401  (re-exported)
+    check_one,
+    inject_bug,  # noqa: F401  (re-exported)
+    injectable_kinds,
+    layer_kind,  # noqa: F401  (re-exported)
+    layers_within,  # noqa: F401  (re-exported)
+    make_inputs,  # noqa: F401  (re-exported)
+    make_targets,  # noqa: F401  (re-exported)
+    network,
+    own_activation,  # noqa: F401  (re-exported)
+    with_bug,  # noqa: F401  (re-exported)
+)
+from gradchecking.report import (
+    _architecture_name,
+    _describe,
+    _header,
+    _worst,
+    write_rows,
+)
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -561,5 +196,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def _pickle_parts_by_value() -> None:
+    """Has cloudpickle pickle ``experiments/gradchecking/`` by value, as it pickles this script's
+    ``main`` (``__main__``'s): submitit's launcher unpickles a job in a fresh interpreter, where
+    ``experiments/`` is not on ``sys.path``. (joblib's workers share this process's
+    ``sys.path``, and pickle with a cloudpickle of joblib's own: they import the modules.)"""
+    try:
+        import cloudpickle
+    except ImportError:  # without it, no launcher that would need it
+        return
+    cloudpickle.register_pickle_by_value(sys.modules["gradchecking"])
+
+
 if __name__ == "__main__":
+    _pickle_parts_by_value()
     main()
