@@ -10,6 +10,7 @@ others with ``bpjax.distributed.ProcessLost``.
 
 import contextlib
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -78,13 +79,21 @@ def _naming_lost_processes(manager: CheckpointManager | None):
         raise lost from e
 
 
-def _stopped_by(interrupts: distributed.Interrupts) -> str:
+# A KeyboardInterrupt of this process's own signal: deferred_interrupts' for a second signal,
+# _stopped_by's for a held one (else it names another process's, or none).
+_OWN_SIGNAL = re.compile(r"signal \d+")
+
+
+def _stopped_by(interrupts: distributed.Interrupts, agreed: bool | int = False) -> str:
     """The message of the ``KeyboardInterrupt`` that stops every process after the same chunk:
     ``signal N`` where this process received signal N (a caller's exit status follows it:
     128 + N, SIGTERM 143, Ctrl-C 130), as ``deferred_interrupts`` says a second one; a process
-    stopped by another's signal, none of its own, says so."""
+    stopped by another's signal (``agree``'s ``agreed``), none of its own, names that one, so
+    that every process of the job exits alike."""
     if interrupts.requested:
         return f"signal {interrupts.requested}"
+    if agreed is not True and agreed > 1:
+        return f"signal {agreed} (received by another process of the job)"
     return "interrupted (a signal to a process of the job)"
 
 
@@ -211,7 +220,7 @@ class _Epochs:
                     self.checkpoint(unfinished, **self.in_progress)
                 elif self.history and self.history[-1]["epoch"] != self.saved_epoch:
                     self.checkpoint(self.history[-1])
-                if interrupts.requested and not str(interrupt).startswith("signal "):
+                if interrupts.requested and not _OWN_SIGNAL.fullmatch(str(interrupt)):
                     # This process's own signal came (held) while it stopped for another's: the
                     # interrupt names it, as the exit status does (128 + it).
                     raise KeyboardInterrupt(_stopped_by(interrupts)) from None
@@ -233,7 +242,7 @@ class _Epochs:
             )
             # Process 0's metrics everywhere, and whether any process was interrupted.
             chunk_metrics, self.stop = distributed.agree(
-                distributed.host_copy(chunk_metrics), stop=bool(interrupts.requested)
+                distributed.host_copy(chunk_metrics), stop=interrupts.requested
             )
             if length in self.ran_lengths:  # its program was compiled before this chunk
                 timed_seconds += time.perf_counter() - t_chunk
@@ -261,7 +270,7 @@ class _Epochs:
             for callback in self.schedule.on_chunk:
                 callback(chunk_record)
             if self.stop and done < self.steps_per_epoch:  # every process, after the same chunk
-                raise KeyboardInterrupt(_stopped_by(interrupts))
+                raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
         seconds = time.perf_counter() - t0
         self.train_seconds += timed_seconds
         self.trained_examples += timed_examples
@@ -324,9 +333,9 @@ class _Epochs:
         # here, with the epoch whole (held until now: the state and the steps counted
         # always agree in a checkpoint). After the run's last epoch nothing is left to stop:
         # the run ends as it would have (its test metrics), not as one to resume.
-        _, self.stop = distributed.agree({}, stop=self.stop or bool(interrupts.requested))
+        _, self.stop = distributed.agree({}, stop=self.stop or interrupts.requested)
         if self.stop and epoch < schedule.epochs and not self.stopped_early:
-            raise KeyboardInterrupt(_stopped_by(interrupts))
+            raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
 
     def evaluate(self, record: dict[str, Any]) -> None:
         """Adds the evaluated splits' metrics to ``record`` and follows the best epoch."""

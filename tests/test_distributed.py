@@ -153,6 +153,9 @@ def test_one_process_is_trivial(tmp_path):
     np.testing.assert_array_equal(copied["a"], [0, 1, 2, 3])
     agreed, stop = distributed.agree(copied, stop=True)
     assert stop is True and agreed["b"][0] == 2.0
+    assert distributed.agree({}, stop=15)[1] == 15 and distributed.agree({})[1] is False
+    with pytest.raises(ValueError, match="stop must be a bool or a signal number 1-255"):
+        distributed.agree({}, stop=256)
     assert distributed.agree({"x": np.zeros(0)})[0]["x"].shape == (0,)
     assert distributed.all_texts("t", "only") == ["only"]
     distributed.check_same("same", {"a": 1})
@@ -287,6 +290,10 @@ out["host_copy"] = distributed.host_copy(sharded).tolist()
 agreed, stop = distributed.agree({"x": np.float32(index + 0.5), "n": np.arange(3) + index},
                                  stop=index == 1)
 out["agree"] = [float(agreed["x"]), agreed["n"].tolist(), stop]
+# a signal's number: every process learns the largest (each exits 128 + it)
+out["agree_signal"] = [distributed.agree({}, stop=(0, 15)[index])[1],
+                       distributed.agree({}, stop=(2, True)[index])[1],
+                       distributed.agree({}, stop=False)[1]]
 out["texts"] = distributed.all_texts("hello", f"from {index}")
 distributed.check_same("same", {"a": 1, "b": [1, 2]})
 try:
@@ -328,6 +335,7 @@ def test_library_across_processes(tmp_path):
         assert result["host_copy"] == list(range(8))  # a sharded array, gathered, everywhere
         # process 0's values everywhere, and the stop that only process 1 asked for
         assert result["agree"] == [0.5, [0, 1, 2], True]
+        assert result["agree_signal"] == [15, 2, False]
         assert result["texts"] == ["from 0", "from 1"]
         assert result["mismatch"] == (
             "the 2 processes do not run the same job (seed: 1 in process 1, 0 in process 0): "

@@ -38,7 +38,7 @@ from test_cli import strict_loads
 from test_logging import hparams_experiment
 
 import bpjax
-from bpjax import checkpoint, cli
+from bpjax import _fit_loop, checkpoint, cli, distributed
 from bpjax import data as data_lib
 from bpjax.grad import MODES
 from bpjax.layers import ACTIVATIONS
@@ -1481,8 +1481,17 @@ def test_interrupt_status_is_128_plus_the_signal_that_arrived(monkeypatch):
     assert train_script.interrupt_status(raised.value) == 143
     # held by the fit loop, then raised: the signal it names (bpjax._fit_loop._stopped_by)
     assert train_script.interrupt_status(KeyboardInterrupt("signal 2")) == 130
-    # an interrupt that names none (another process's signal): the last one received here
+    # an interrupt that names none: the last one received here
     assert train_script.interrupt_status(KeyboardInterrupt("interrupted (a signal...)")) == 143
+    # a process of a job that received none stops with the job's (a 2-process SIGTERM to both
+    # exited [143, 130] when one stopped before its own arrived): it exits as the others do
+    interrupted = _fit_loop._stopped_by(distributed.Interrupts(), 15)
+    assert interrupted == "signal 15 (received by another process of the job)"
+    assert train_script.interrupt_status(KeyboardInterrupt(interrupted)) == 143
+    own = distributed.Interrupts()
+    own.requested = 2
+    assert _fit_loop._stopped_by(own, 15) == "signal 2"  # its own first
+    assert _fit_loop._stopped_by(distributed.Interrupts(), True).startswith("interrupted")
 
 
 @pytest.mark.slow

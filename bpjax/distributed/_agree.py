@@ -59,34 +59,43 @@ def host_copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(leaf, tree)
 
 
-def agree(tree: Any, *, stop: bool = False) -> tuple[Any, bool]:
+def agree(tree: Any, *, stop: bool | int = False) -> tuple[Any, bool | int]:
     """Process 0's values of ``tree``, and whether any process asked to ``stop``.
 
     Every process calls it at the same point with a tree of the same structure, shapes and
     dtypes (host values: ``host_copy``'s); each gets back process 0's leaves, bit for bit, so
     that every decision taken from them (a diverged loss, early stopping) is the same
-    everywhere, and ``stop`` is True everywhere if it was True anywhere. One collective
-    (``process_allgather`` of the leaves' bytes); in one process, the tree as it is.
+    everywhere, and ``stop`` is true everywhere if it was true anywhere: the largest signal
+    number asked, so that every process can stop (and exit, 128 + it) as the one that received
+    it. One collective (``process_allgather`` of the leaves' bytes); in one process, the tree as
+    it is.
 
     Args:
         tree: a pytree of numpy arrays or scalars.
-        stop: this process's request to stop (an interrupt it received).
+        stop: this process's request to stop (an interrupt it received): True, or the number
+            of the signal it received (1-255).
 
     Returns:
-        ``(tree, any_stop)``: process 0's tree (numpy leaves) and the OR of every ``stop``.
+        ``(tree, any_stop)``: process 0's tree (numpy leaves) and the largest ``stop`` of any
+        process: a signal's number where one (> 1) was asked, else a bool.
+
+    Raises:
+        ValueError: ``stop`` outside 0-255.
     """
+    if not 0 <= int(stop) <= 255:
+        raise ValueError(f"agree: stop must be a bool or a signal number 1-255, got {stop!r}")
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     arrays = [np.asarray(x) for x in leaves]
     if jax.process_count() == 1:
-        return jax.tree_util.tree_unflatten(treedef, arrays), stop
+        return jax.tree_util.tree_unflatten(treedef, arrays), _stop_value(int(stop))
     from jax.experimental import multihost_utils
 
     data = b"".join(a.tobytes() for a in arrays)
-    payload = data + bytes([int(bool(stop))])
+    payload = data + bytes([int(stop)])
     payload += b"\0" * (-len(payload) % 4)  # whole uint32 words: no 64-bit types needed
     words = np.frombuffer(payload, np.uint32)
     gathered = np.asarray(multihost_utils.process_allgather(words))  # [processes, words]
-    any_stop = bool(np.any(gathered.view(np.uint8)[:, len(data)]))
+    any_stop = _stop_value(int(np.max(gathered.view(np.uint8)[:, len(data)])))
     first = gathered[0].tobytes()
     out, offset = [], 0
     for a in arrays:
@@ -94,6 +103,11 @@ def agree(tree: Any, *, stop: bool = False) -> tuple[Any, bool]:
         out.append(np.frombuffer(chunk, a.dtype).reshape(a.shape).copy())
         offset += a.nbytes
     return jax.tree_util.tree_unflatten(treedef, out), any_stop
+
+
+def _stop_value(stop: int) -> bool | int:
+    """A signal's number as it is, a plain request (0 or 1) as a bool."""
+    return stop if stop > 1 else bool(stop)
 
 
 class ProcessFailed(RuntimeError):

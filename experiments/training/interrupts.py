@@ -86,9 +86,11 @@ def _raise_interrupt(signum, frame):
 def interrupt_status(error: KeyboardInterrupt) -> int:
     """The exit status of a process stopped by ``error``: 128 + the number of the signal that
     arrived (the shell's convention: SIGTERM 143, Ctrl-C's SIGINT 130). The signal is the one
-    the interrupt names (``signal N``: ``_raise_interrupt``'s, or ``bpjax.distributed``'s held
-    one), else the last one recorded; Ctrl-C where neither says (Python's own handler)."""
-    named = re.fullmatch(r"signal (\d+)", str(error))
+    the interrupt names (``signal N``: ``_raise_interrupt``'s, or ``bpjax.fit``'s held one:
+    this process's own, or, where it received none, the one another process of the job
+    received, so that all exit alike), else the last one recorded; Ctrl-C where neither says
+    (Python's own handler)."""
+    named = re.match(r"signal (\d+)", str(error))
     if named:
         return 128 + int(named.group(1))
     return 128 + (_SIGNALS[-1] if _SIGNALS else signal.SIGINT)
