@@ -15,6 +15,10 @@
   can move float results in their last bits. The few tests that compare with data an optimized
   program wrote (the stored checkpoints) ask for ``optimized_compiler``; runs that train long
   enough to feel it run optimized (``run_as_a_user``).
+* For the same reason XLA:CPU emits fused loops with its older emitters, not its MLIR fusion
+  emitters (``SUITE_XLA_FLAGS``, in ``XLA_FLAGS``, inherited the same way; ``xla_flags`` gives a
+  child process them): the same fused HLO, compiled in well under half the time (summed test
+  time, quiet, -n 2: 1361 -> see the README). ``run_as_a_user`` runs without them.
 """
 
 import fcntl
@@ -37,6 +41,12 @@ if _OWN_CACHE:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# XLA:CPU's older loop emitters, not its MLIR fusion emitters: they generate the same fused HLO
+# program in well under half the compile time (a dozen small value_and_grad programs: 6.0 ->
+# 2.6 s of CPU). Set in XLA_FLAGS, which XLA reads once, when its backend starts.
+SUITE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402 (after the cache's environment)
 import jax.numpy as jnp  # noqa: E402 (after the cache's environment)
@@ -65,7 +75,8 @@ def optimized_compiler():
     """Compiles with XLA's optimizations on (as users do) for one test, which compares with data
     that an optimized program wrote: plainer code generation may differ in the last bits.
     jax's in-memory caches don't key on the setting, so they are cleared on the way in and out
-    (the persistent cache does key on it)."""
+    (the persistent cache does key on it). The emitters (``SUITE_XLA_FLAGS``) are the
+    process's: XLA reads them once."""
     flag = "jax_disable_most_optimizations"
     # as jax reads the variable (its bool_env); conftest set it before jax started
     before = os.environ[flag.upper()].lower() in ("y", "yes", "t", "true", "on", "1")
@@ -84,11 +95,18 @@ def dtype(request):
 
 
 def tree_cast(tree, dtype):
-    """Casts every floating leaf of a pytree to ``dtype``."""
-    return jax.tree_util.tree_map(
-        lambda a: a.astype(dtype) if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating) else a,
-        tree,
-    )
+    """Casts every floating leaf of a pytree to ``dtype``. Concrete leaves cast to float32 or
+    float64 are cast by numpy (the same rounding, to nearest even): eagerly, jax compiles a
+    conversion for every new shape."""
+
+    def cast(a):
+        if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating):
+            return a
+        if isinstance(a, jax.core.Tracer) or jnp.dtype(dtype) not in (jnp.float32, jnp.float64):
+            return a.astype(dtype)
+        return jnp.asarray(np.asarray(a).astype(dtype))
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def numpy_like(shapes, dtype=jnp.float64, *, seed: int = 0):
@@ -156,10 +174,28 @@ def trees_differ(a, b) -> bool:
     return any(not np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b), strict=True))
 
 
+# XLA's defaults, as overrides of one compilation: what a user's process compiles with (the
+# suite compiles plainer, for speed: see the module's docstring).
+USERS_COMPILER = {
+    "xla_cpu_use_fusion_emitters": True,
+    "xla_backend_optimization_level": 3,
+    "xla_llvm_disable_expensive_passes": False,
+}
+
+
+def compile_as_users(fn, *args):
+    """``jax.jit(fn)`` compiled for ``args`` as a user's process compiles it (XLA's default
+    emitters and optimizations: the same optimized HLO text), not as the suite does: for tests
+    of a compiled program's work, operations and layouts, which the emitters' fusion decisions
+    move (``tests/test_losses.py`` checks it against a user's process)."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=USERS_COMPILER)
+
+
 def xla_cost(fn, *args) -> dict[str, float]:
     """XLA's static cost analysis of ``jax.jit(fn)`` compiled for ``args``: exact counts of
-    ``flops``, ``transcendentals`` and ``bytes`` accessed (0 where XLA reports none)."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    ``flops``, ``transcendentals`` and ``bytes`` accessed (0 where XLA reports none), as a
+    user's process compiles it."""
+    analysis = compile_as_users(fn, *args).cost_analysis()
     if isinstance(analysis, list | tuple):  # one dict per program in older jax versions
         analysis = analysis[0]
     keys = {"flops": "flops", "transcendentals": "transcendentals", "bytes": "bytes accessed"}
@@ -174,15 +210,21 @@ def assert_no_more_work(ours: dict[str, float], theirs: dict[str, float], *, ext
     assert ours["flops"] <= theirs["flops"] + extra_flops, (ours, theirs)
 
 
+def xla_flags(n_devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a child process: the suite's compile-time flags (whatever else the
+    suite's process was started with is dropped), with XLA's host platform showing
+    ``n_devices`` CPU devices (None: XLA's default, one)."""
+    flags = [SUITE_XLA_FLAGS] if SUITE_XLA_FLAGS in os.environ.get("XLA_FLAGS", "") else []
+    if n_devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={n_devices}")
+    return " ".join(flags)
+
+
 def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> dict:
     """Runs ``code`` in a fresh interpreter whose CPU shows ``n_devices`` devices (XLA's host
     platform device count is fixed when jax starts, so it can't be set in this process), from
     the repository root, and returns the JSON object its last line of output prints."""
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = {**os.environ, "XLA_FLAGS": xla_flags(n_devices), "JAX_PLATFORMS": "cpu"}
     child = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
@@ -196,18 +238,21 @@ def run_on_host_devices(code: str, n_devices: int, *, timeout: float = 600) -> d
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def run_as_a_user(args: list[str], cwd: pathlib.Path, *, timeout: float = 600) -> str:
-    """Runs ``args`` (a Python command line) in a fresh interpreter as a user would: XLA
-    optimizing (for a run that trains long enough to feel the suite's setting), the suite's
-    compilation cache shared. Asserts it succeeded; returns its stdout."""
+def run_as_a_user(
+    args: list[str], cwd: pathlib.Path, *, optimized: bool = True, timeout: float = 600
+) -> str:
+    """Runs ``args`` (a Python command line) in a fresh interpreter as a user would, the suite's
+    compilation cache shared. ``optimized``: XLA optimizing with its default emitters, as for a
+    user (for a run that trains long enough to feel the suite's setting: the README's fit
+    example takes 20 s of CPU so, 41 s as the suite compiles); else compiled as the suite
+    compiles (for a run that mostly compiles: the benchmark's quick run, 77 -> 57 s of CPU).
+    Asserts it succeeded; returns its stdout."""
+    env = dict(os.environ)
+    if optimized:
+        env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(SUITE_XLA_FLAGS, "").strip()
     done = subprocess.run(
-        args,
-        cwd=cwd,
-        env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import xla_flags
 from omegaconf import OmegaConf
 
 from bpjax import _atomic, checkpoint
@@ -877,8 +878,7 @@ def processes(commands: list[list[str]], **popen: Any):
 @pytest.mark.slow
 def test_two_processes_save_and_restore_together(tmp_path):
     port, directory = _free_port(), tmp_path / "ckpts"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one device per process
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device each
     commands = [[sys.executable, "-c", _WORKER, str(port), str(i), str(directory)] for i in (0, 1)]
     with processes(commands, env=env) as procs:
         outputs = [proc.communicate(timeout=180) for proc in procs]

@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_no_more_work, assert_trees_close, numpy_init, tree_cast, xla_cost
+from conftest import (
+    assert_no_more_work,
+    assert_trees_close,
+    compile_as_users,
+    numpy_init,
+    tree_cast,
+    xla_cost,
+)
 from test_layers import autodiff, forward_backward, normal
 
 import bpjax
@@ -342,7 +349,7 @@ def test_params_of_another_layer_raise():
 
 def hlo_ops(fn, *args) -> collections.Counter:
     """Opcodes of the optimized HLO of ``jax.jit(fn)`` (every computation, fusions included)."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
+    text = compile_as_users(fn, *args).as_text()
     return collections.Counter(re.findall(r"= \S+ ([a-z][\w-]*)\(", text))
 
 
@@ -394,7 +401,7 @@ def test_backward_convolutions_stay_canonical_inside_a_loop():
 
         return jax.lax.fori_loop(0, 3, body, params)
 
-    text = jax.jit(loop).lower(params).compile().as_text()
+    text = compile_as_users(loop, params).as_text()
     labels = re.findall(r"convolution\([^\n]*?dim_labels=([\w>-]+)", text)
     assert len(labels) == 5  # forward and dw of both layers, dx of the second (the input's unused)
     assert set(labels) == {"b01f_01io->b01f"}, labels

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import once_per_session
+from conftest import once_per_session, xla_flags
 from test_checkpoint import _free_port, processes
 from test_experiments import SCRIPT, compose, train_script
 
@@ -255,12 +255,10 @@ def _compilation_cache(tmp_path_factory):
 
 def _cpu_env(devices_per_process: int = 1) -> dict[str, str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **_CACHE}
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags(devices_per_process if devices_per_process > 1 else None)
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES):
         env.pop(name, None)
     env.pop(distributed.ENV_PROCESS_ID, None)
-    if devices_per_process > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
     return env
 
 

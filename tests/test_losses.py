@@ -1,6 +1,9 @@
 """Losses: hand-written backward == jax.grad of forward, values == optax, errors are clear."""
 
+import collections
 import functools
+import re
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -9,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ATOL, RTOL, assert_no_more_work, assert_trees_close, xla_cost
+from conftest import (
+    ATOL,
+    RTOL,
+    assert_no_more_work,
+    assert_trees_close,
+    compile_as_users,
+    run_as_a_user,
+    xla_cost,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -172,6 +183,45 @@ def test_backward_does_no_more_work_than_autodiff(case):
     case_id = CASE_IDS[LOSS_CASES.index(case)]
     extra = EXTRA_FLOPS_PER_EXAMPLE.get(case_id, 0) * batch
     assert_no_more_work(ours, theirs, extra_flops=extra)
+
+
+# The suite compiles plainer than users do (tests/conftest.py); the costs above are of what a
+# user's process compiles (the same options; x64 as here), and must stay so.
+USERS_PROGRAM = """
+import jax, jax.numpy as jnp
+from bpjax import losses
+jax.config.update("jax_enable_x64", True)  # as in the suite's process
+loss = losses.softmax_cross_entropy()
+def manual(pred, target):
+    value, cache = loss.forward(pred, target)
+    return value, loss.backward(cache)
+pred = jnp.linspace(-1.0, 1.0, 2560, dtype=jnp.float32).reshape(256, 10)
+target = jnp.arange(256, dtype=jnp.int32) % 10
+print(jax.jit(manual).lower(pred, target).compile().as_text())
+"""
+
+
+def instructions(hlo_text: str) -> collections.Counter:
+    """An optimized HLO module's instructions, as (shape, opcode) counts: the program, whatever
+    its instructions are named and wherever its Python was written."""
+    return collections.Counter(re.findall(r"= (\S+) ([a-z][\w-]*)\(", hlo_text))
+
+
+def test_costs_are_of_the_program_a_user_compiles(tmp_path):
+    users = run_as_a_user([sys.executable, "-c", USERS_PROGRAM], tmp_path)
+    loss = losses.softmax_cross_entropy()
+
+    def manual(pred, target):
+        value, cache = loss.forward(pred, target)
+        return value, loss.backward(cache)
+
+    pred = jnp.linspace(-1.0, 1.0, 2560, dtype=jnp.float32).reshape(256, 10)
+    target = jnp.arange(256, dtype=jnp.int32) % 10
+    ours = instructions(compile_as_users(manual, pred, target).as_text())
+    assert sum(ours.values()) > 10 and ours == instructions(users)
+    # and it is not what the suite compiles: the override is what makes them equal
+    suites = jax.jit(manual).lower(pred, target).compile().as_text()
+    assert instructions(suites) != instructions(users)
 
 
 def test_quadratic_single_example_is_half_squared_norm():
