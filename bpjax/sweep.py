@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bpjax._atomic import atomic_write_text
 
-__all__ = ["SweepSummary", "collect", "format_table", "write_summary"]
+__all__ = ["SweepSummary", "collect", "format_table", "pickle_by_value", "write_summary"]
 
 _COLUMNS = (
     "objective",
@@ -235,3 +235,29 @@ class SweepSummary(Callback):
             # An error in what the jobs share (a missing path, say): fail as a single run does.
             print("error: every job of the sweep was invalid", file=sys.stderr, flush=True)
             sys.exit(2)
+
+
+def pickle_by_value(*module_names: str) -> None:
+    """Has cloudpickle pickle the named modules by value, as it pickles an entry script's
+    ``main`` (``__main__``'s): a Hydra launcher that unpickles each job in a fresh interpreter
+    (submitit's) can then run a script whose parts live in a package beside it
+    (``experiments/training/``), whose folder is not on that interpreter's ``sys.path``.
+    (joblib's workers share the launching process's ``sys.path`` and pickle with a cloudpickle
+    of joblib's own: they import the modules.) Without cloudpickle installed there is no
+    launcher that needs it, and nothing to do.
+
+    Args:
+        module_names: modules already imported (``sys.modules``' names), e.g. ``"training"``.
+
+    Raises:
+        ValueError: a module that is not imported.
+    """
+    missing = [name for name in module_names if name not in sys.modules]
+    if missing:
+        raise ValueError(f"pickle_by_value: not imported: {', '.join(missing)}")
+    try:
+        import cloudpickle
+    except ImportError:  # without it, no launcher that would need it
+        return
+    for name in module_names:
+        cloudpickle.register_pickle_by_value(sys.modules[name])

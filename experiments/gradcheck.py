@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from bpjax import sweep
 from bpjax.reporting import count
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # as a script, it is there
@@ -196,18 +197,6 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
-def _pickle_parts_by_value() -> None:
-    """Has cloudpickle pickle ``experiments/gradchecking/`` by value, as it pickles this script's
-    ``main`` (``__main__``'s): submitit's launcher unpickles a job in a fresh interpreter, where
-    ``experiments/`` is not on ``sys.path``. (joblib's workers share this process's
-    ``sys.path``, and pickle with a cloudpickle of joblib's own: they import the modules.)"""
-    try:
-        import cloudpickle
-    except ImportError:  # without it, no launcher that would need it
-        return
-    cloudpickle.register_pickle_by_value(sys.modules["gradchecking"])
-
-
 if __name__ == "__main__":
-    _pickle_parts_by_value()
+    sweep.pickle_by_value("gradchecking")  # for submitit's jobs
     main()

@@ -67,7 +67,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bpjax import cli, distributed
+from bpjax import cli, distributed, sweep
 from bpjax.reporting import Console, count
 from bpjax.trainer import ResumeError
 
@@ -334,18 +334,6 @@ def worst_objective() -> float:
     return {"minimize": math.inf, "maximize": -math.inf}.get(str(direction), math.nan)
 
 
-def _pickle_parts_by_value() -> None:
-    """Has cloudpickle pickle ``experiments/training/`` by value, as it pickles this script's
-    ``main`` (``__main__``'s): submitit's launcher unpickles a job in a fresh interpreter, where
-    ``experiments/`` is not on ``sys.path``. (joblib's workers share this process's
-    ``sys.path``, and pickle with a cloudpickle of joblib's own: they import the modules.)"""
-    try:
-        import cloudpickle
-    except ImportError:  # without it, no launcher that would need it
-        return
-    cloudpickle.register_pickle_by_value(sys.modules["training"])
-
-
 def run() -> None:
     """The command line: ``main``, with Hydra's refusals of the command line itself (a key
     that no config file holds, given without ``+``; an option that doesn't exist; bad override
@@ -354,7 +342,7 @@ def run() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing and exiting 1
     _handle_interrupts()
-    _pickle_parts_by_value()
+    sweep.pickle_by_value("training")  # for submitit's jobs
     try:
         main()
     except KeyboardInterrupt as e:  # before main's own handling: Hydra composing the config

@@ -8,6 +8,8 @@ import csv
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -19,6 +21,7 @@ TESTED = {
     "SweepSummary": "test_sweep_summary_callback",
     "collect": "test_collect_*",
     "format_table": "test_format_table",
+    "pickle_by_value": "test_pickle_by_value_reaches_a_fresh_interpreter",
     "write_summary": "test_write_summary",
 }
 
@@ -133,3 +136,39 @@ def test_sweep_summary_callback(tmp_path, capsys):
     missing = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "none")}}})
     sweep.SweepSummary().on_multirun_end(config=missing)
     assert not (tmp_path / "none").exists()
+
+
+# A fresh interpreter, as submitit's job is, without the package's folder on sys.path.
+_UNPICKLE = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())(20))"
+
+
+def test_pickle_by_value_reaches_a_fresh_interpreter(tmp_path, monkeypatch):
+    cloudpickle = pytest.importorskip("cloudpickle")
+    for package in ("parts_by_reference", "parts_by_value"):  # one of each: both fresh
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("def double(n):\n    return 2 * n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import parts_by_reference
+    import parts_by_value
+
+    sweep.pickle_by_value("parts_by_value")
+    try:
+
+        def unpickled(function) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-c", _UNPICKLE],
+                input=cloudpickle.dumps(function),
+                capture_output=True,
+                cwd=tmp_path.parent,
+                check=False,
+            )
+
+        assert unpickled(parts_by_value.double).stdout.strip() == b"40"
+        by_reference = unpickled(parts_by_reference.double)  # what the launcher did before
+        assert b"No module named 'parts_by_reference'" in by_reference.stderr
+    finally:
+        cloudpickle.unregister_pickle_by_value(parts_by_value)
+        for package in ("parts_by_reference", "parts_by_value"):
+            sys.modules.pop(package)
+    with pytest.raises(ValueError, match="pickle_by_value: not imported: parts_by_value"):
+        sweep.pickle_by_value("parts_by_value")

@@ -20,7 +20,7 @@ def _memoise(fn):
     """``functools.lru_cache(maxsize=8)`` as a plain function.
 
     submitit's launcher pickles ``main`` with everything it uses by value, these modules too
-    (train.py's ``_pickle_parts_by_value``), and an lru_cache object pickled by value can't be
+    (train.py's ``bpjax.sweep.pickle_by_value``), and an lru_cache object pickled by value can't be
     looked up by name in its workers.
     """
     cache: dict = {}
