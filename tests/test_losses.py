@@ -187,16 +187,21 @@ def test_backward_does_no_more_work_than_autodiff(case):
 
 # The suite compiles plainer than users do (tests/conftest.py); the costs above are of what a
 # user's process compiles (the same options; x64 as here), and must stay so.
-USERS_PROGRAM = """
+PROGRAM = """
 import jax, jax.numpy as jnp
 from bpjax import losses
-jax.config.update("jax_enable_x64", True)  # as in the suite's process
 loss = losses.softmax_cross_entropy()
 def manual(pred, target):
     value, cache = loss.forward(pred, target)
     return value, loss.backward(cache)
 pred = jnp.linspace(-1.0, 1.0, 2560, dtype=jnp.float32).reshape(256, 10)
 target = jnp.arange(256, dtype=jnp.int32) % 10
+"""
+# As in the suite's process (x64 on), compiled as a user's process compiles it.
+USERS_PROGRAM = f"""
+import jax
+jax.config.update("jax_enable_x64", True)
+{PROGRAM}
 print(jax.jit(manual).lower(pred, target).compile().as_text())
 """
 
@@ -208,20 +213,14 @@ def instructions(hlo_text: str) -> collections.Counter:
 
 
 def test_costs_are_of_the_program_a_user_compiles(tmp_path):
-    users = run_as_a_user([sys.executable, "-c", USERS_PROGRAM], tmp_path)
-    loss = losses.softmax_cross_entropy()
-
-    def manual(pred, target):
-        value, cache = loss.forward(pred, target)
-        return value, loss.backward(cache)
-
-    pred = jnp.linspace(-1.0, 1.0, 2560, dtype=jnp.float32).reshape(256, 10)
-    target = jnp.arange(256, dtype=jnp.int32) % 10
-    ours = instructions(compile_as_users(manual, pred, target).as_text())
-    assert sum(ours.values()) > 10 and ours == instructions(users)
+    users = instructions(run_as_a_user([sys.executable, "-c", USERS_PROGRAM], tmp_path))
+    here: dict = {}
+    exec(PROGRAM, here)  # the same program in this process
+    args = here["manual"], here["pred"], here["target"]
+    ours = instructions(compile_as_users(*args).as_text())
+    assert sum(ours.values()) > 10 and ours == users
     # and it is not what the suite compiles: the override is what makes them equal
-    suites = jax.jit(manual).lower(pred, target).compile().as_text()
-    assert instructions(suites) != instructions(users)
+    assert instructions(jax.jit(args[0]).lower(*args[1:]).compile().as_text()) != users
 
 
 def test_quadratic_single_example_is_half_squared_norm():
