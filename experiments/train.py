@@ -163,6 +163,27 @@ def train(
     trainer = cfg.trainer
     if trainer.distributed:
         _join(trainer)
+    if not _joined_several():
+        return _train_joined(cfg, callbacks, t_start, compilations_before)
+    # A signal to a process of the job before training starts is held, and stops every process
+    # at fit's first chunk, as one during training does (a SIGTERM while the job started up
+    # was lost to jax's preemption notifier, or stopped one process and left the others
+    # waiting). One after training ended is raised when the job's record is written.
+    with distributed.deferred_interrupts() as held:
+        metrics = _train_joined(cfg, callbacks, t_start, compilations_before)
+    if held.requested:
+        raise KeyboardInterrupt(f"signal {held.requested}")
+    return metrics
+
+
+def _train_joined(
+    cfg: DictConfig,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]],
+    t_start: float,
+    compilations_before: int,
+) -> dict[str, Any]:
+    """``train`` once this process is in its job (of one process, or several)."""
+    trainer = cfg.trainer
     primary = distributed.is_primary()
     _check_devices(trainer)
     run_dir = prepare_run_dir(cfg)

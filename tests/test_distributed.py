@@ -136,6 +136,18 @@ def test_interrupts_are_held_in_one_process_too():
             with pytest.raises(KeyboardInterrupt, match="signal"):
                 os.kill(os.getpid(), signal.SIGTERM)
         assert signal.getsignal(signal.SIGTERM) is interrupt
+        # Nested (a job's start-up, then fit): the inner context starts with the held signal,
+        # and stops at its first check (a SIGTERM while a 2-process job started up was lost).
+        with distributed.deferred_interrupts() as start_up:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert start_up.requested == signal.SIGTERM
+            with distributed.deferred_interrupts() as fitting:
+                assert fitting.requested == signal.SIGTERM
+                with pytest.raises(KeyboardInterrupt, match="signal"):  # a second: at once
+                    os.kill(os.getpid(), signal.SIGTERM)
+            assert signal.getsignal(signal.SIGTERM) is not interrupt  # the outer one holds
+        with distributed.deferred_interrupts() as after:
+            assert not after.requested  # nothing held once the outer context has ended
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         with distributed.deferred_interrupts():
             assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
@@ -263,18 +275,23 @@ def _cpu_env(devices_per_process: int = 1) -> dict[str, str]:
 
 
 _LIBRARY_WORKER = """
-import json, os, pathlib, sys
+import json, os, pathlib, signal, sys
 import numpy as np
 from bpjax import distributed
 
 port, index, directory = int(sys.argv[1]), int(sys.argv[2]), pathlib.Path(sys.argv[3])
 os.environ["JAX_PROCESS_ID"] = str(index)  # the id from the environment, the rest as arguments
+terms = []
+signal.signal(signal.SIGTERM, lambda signum, frame: terms.append(signum))
 joined = distributed.initialize(f"127.0.0.1:{port}", 2, initialization_timeout=60,
                                 heartbeat_timeout=15)
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 out = {"cluster": list(joined), "primary": distributed.is_primary()}
+# The process's own SIGTERM handler still gets SIGTERM (jax's preemption notifier took it)
+os.kill(os.getpid(), signal.SIGTERM)
+out["sigterm"] = [terms, jax.config.jax_enable_preemption_service]
 out["mesh_1"] = [(d.process_index, d.id) for d in distributed.mesh_devices(1)]
 out["mesh_all"] = [(d.process_index, d.id) for d in distributed.mesh_devices("all")]
 try:
@@ -334,6 +351,7 @@ def test_library_across_processes(tmp_path):
         # process 0's values everywhere, and the stop that only process 1 asked for
         assert result["agree"] == [0.5, [0, 1, 2], True]
         assert result["agree_signal"] == [15, 2, False]
+        assert result["sigterm"] == [[signal.SIGTERM], False]
         assert result["texts"] == ["from 0", "from 1"]
         assert result["mismatch"] == (
             "the 2 processes do not run the same job (seed: 1 in process 1, 0 in process 0): "

@@ -129,6 +129,10 @@ class Interrupts:
     requested: int = 0
 
 
+# The deferred_interrupts contexts open on the main thread, innermost last.
+_HOLDING: list[Interrupts] = []
+
+
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[Interrupts]:
     """Holds Ctrl-C (SIGINT) and SIGTERM back until every process can stop at the same point.
@@ -143,11 +147,16 @@ def deferred_interrupts() -> Iterator[Interrupts]:
     In one process it holds them too, so that an interrupt never lands between two statements
     that must go together (``bpjax.fit`` updates its state and its count of steps done, then
     checkpoints both). Off the main thread (where signals can't be handled) it does nothing.
+
+    Nested, an inner context starts with the signal its outer one holds (a job's start-up held
+    it; ``fit``'s context stops every process at its first chunk).
     """
     state = Interrupts()
     if threading.current_thread() is not threading.main_thread():
         yield state
         return
+    if _HOLDING:
+        state.requested = _HOLDING[-1].requested
 
     def hold(signum: int, frame: Any) -> None:
         del frame  # unused: only the signal matters
@@ -161,8 +170,10 @@ def deferred_interrupts() -> Iterator[Interrupts]:
         if callable(handler):  # a Python handler (SIG_DFL would end the process, SIG_IGN not)
             previous[signum] = handler
             signal.signal(signum, hold)
+    _HOLDING.append(state)
     try:
         yield state
     finally:
+        _HOLDING.pop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import sys
 import threading
@@ -186,6 +187,10 @@ def initialize(
     address, a process count that is too high, a process that never started), this process
     prints one ``error:`` line instead, just before, and exits with status 2.
 
+    jax's preemption service is turned off (``jax_enable_preemption_service``): its native
+    SIGTERM handler would replace the process's own, and bpjax agrees on interrupts itself
+    (``agree``'s ``stop``, ``deferred_interrupts``); the SIGTERM handler in place before stays.
+
     Must run before anything else uses jax's devices. Calling it again returns the job joined.
 
     Args:
@@ -214,6 +219,13 @@ def initialize(
     if index == 0 and address is not None and bind is None and _port_in_use(address):
         raise ValueError(_PORT_IN_USE.format(address=address))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's preemption service would take SIGTERM from the process's own handler (a native one
+    # that only marks a sync point nobody reads): a SIGTERM to a job that had joined but not yet
+    # started training was lost, and the job trained to its end. bpjax agrees on interrupts
+    # itself (agree's stop), so the service stays off and the handler in place is put back.
+    jax.config.update("jax_enable_preemption_service", False)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    sigterm_handler = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     watchdog = threading.Timer(
         max(0.5, initialization_timeout - 1.0),
         lambda: _give_up(_not_joined(index, address, count, initialization_timeout)),
@@ -233,6 +245,8 @@ def initialize(
         raise ValueError(_start_error(e, address, count, index)) from None
     finally:
         watchdog.cancel()
+        if sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
     joined = Cluster(
         jax.process_index(), jax.process_count(), address, initialization_timeout, heartbeat_timeout
     )
