@@ -82,6 +82,7 @@ from gradchecking.report import (
     _worst,
     write_rows,
 )
+from training.interrupts import _handle_interrupts, interrupt_status
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -191,12 +192,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     try:
         passed = run(cfg)["passed"]
-    except KeyboardInterrupt:  # run said what it kept
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # run said what it kept
+        sys.exit(interrupt_status(e))  # 128 + the signal: Ctrl-C 130, SIGTERM 143
     if not passed:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    sweep.pickle_by_value("gradchecking")  # for submitit's jobs
+    sweep.pickle_by_value("gradchecking", "training")  # for submitit's jobs
+    # SIGTERM stops it as Ctrl-C does, keeping the rows checked (it killed it, losing them)
+    _handle_interrupts()
     main()

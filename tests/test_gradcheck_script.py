@@ -487,6 +487,26 @@ def test_lists_of_the_wrong_shape_are_one_error_line(override, message):
         gradcheck.validate(compose([*SMALL, override]))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batch=-3", "batch must be a positive integer, got -3"),
+        ("batch=0", "batch must be a positive integer, got 0"),
+        ("n_in=abc", "n_in must be a positive integer, got 'abc'"),
+        ("seed=abc", "seed must be a non-negative integer, got 'abc'"),
+        ("+fd_eps.float64=abc", "fd_eps.float64 must be a positive number, got 'abc'"),
+        ("+fd_eps.float64=-1", "fd_eps.float64 must be a positive number, got -1"),
+        ("+fd_eps.float8=1e-3", "fd_eps: unknown dtype 'float8'; valid: float64, float32"),
+        ("fd_eps=3", r"fd_eps must map dtypes to steps, e.g. \+fd_eps.float32=1e-3; got 3"),
+    ],
+)
+def test_bad_numbers_are_one_error_line(override, message):
+    # a trial: tracebacks (batch=-3, seed=abc, n_in=abc, an fd_eps string), a run of nan
+    # differences (batch=0), or silently accepted (a negative step, an unknown dtype)
+    with pytest.raises(ValueError, match=message):
+        gradcheck.validate(compose([*SMALL, override]))
+
+
 def test_the_header_says_which_networks_run_once():
     cfg = compose([])  # the shipped sweep: conv-strided-groups takes no activation
     header = gradcheck._header(cfg, len(gradcheck.combinations(cfg)), {}).splitlines()[0]

@@ -3,6 +3,7 @@ and image networks), ``combinations`` and ``validate`` (every name in the sweep 
 anything is printed or compiled)."""
 
 import json
+import math
 from typing import Any
 
 import hydra
@@ -34,8 +35,26 @@ def validate(cfg: DictConfig) -> None:
 
     Raises:
       ValueError: an unknown activation, loss, dtype, ``x_dtype`` or ``inject_bug`` kind
-        (listing the valid ones), or an architecture that is not a list of positive sizes.
+        (listing the valid ones), an architecture that is not a list of positive sizes,
+        ``batch`` or ``n_in`` not a positive integer, ``seed`` not a non-negative integer, or
+        an ``fd_eps`` entry for an unknown dtype or not a positive number.
     """
+    for key, least in (("batch", 1), ("n_in", 1), ("seed", 0)):
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            kind = "a positive integer" if least else "a non-negative integer"
+            raise ValueError(f"{key} must be {kind}, got {value!r}")
+    fd_eps = cfg.get("fd_eps")
+    fd_eps = {} if fd_eps is None else fd_eps
+    if not isinstance(fd_eps, DictConfig | dict):
+        raise ValueError(
+            f"fd_eps must map dtypes to steps, e.g. +fd_eps.float32=1e-3; got {fd_eps!r}"
+        )
+    for name, eps in fd_eps.items():
+        if name not in DTYPES:
+            raise ValueError(f"fd_eps: unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+        if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 < eps < math.inf:
+            raise ValueError(f"fd_eps.{name} must be a positive number, got {eps!r}")
     examples = {"architectures": "[[8, 3], [16, 16, 3]]", "dtypes": "[float64, float32]"}
     for key in {k for keys in _GRIDS for k in keys}:
         if not isinstance(cfg[key], ListConfig):
