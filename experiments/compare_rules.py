@@ -54,7 +54,7 @@ import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import bpjax.cli  # (also registers the resolvers conf/config.yaml uses)
 from bpjax._atomic import atomic_write, atomic_write_text
@@ -83,7 +83,14 @@ class CompareConfigError(ValueError):
 
 
 def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
-    """``compare.rules`` and ``compare.seeds``, checked: known, distinct, non-empty."""
+    """``compare.rules`` and ``compare.seeds``, checked: lists, known, distinct, non-empty."""
+    for key in ("rules", "seeds"):  # a bare string would be read letter by letter
+        if not isinstance(cfg.compare[key], ListConfig):
+            example = "[manual,feedback_alignment]" if key == "rules" else "[0,1,2]"
+            raise CompareConfigError(
+                f"compare.{key} must be a list, e.g. compare.{key}={example}; "
+                f"got {cfg.compare[key]!r}"
+            )
     rules, seeds = list(cfg.compare.rules), list(cfg.compare.seeds)
     unknown = [r for r in rules if r not in MODES]
     if not rules or unknown or len(set(rules)) != len(rules):

@@ -189,6 +189,9 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
         ("compare.rules=[manual,manual]", "compare.rules must be distinct modes"),
         ("compare.rules=[]", "compare.rules"),
         ("compare.seeds=[-1]", "compare.seeds must be distinct non-negative integers"),
+        # a bare string was read letter by letter: got ['m', 'a', 'n', 'u', 'a', 'l'] (trial)
+        ("compare.rules=manual", r"compare.rules must be a list, e.g. compare.rules=\[manual,"),
+        ("compare.seeds=3", r"compare.seeds must be a list, e.g. compare.seeds=\[0,1,2\]; got 3"),
     ],
 )
 def test_bad_compare_settings_raise_before_any_run(override, match, tmp_path):
