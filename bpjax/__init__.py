@@ -4,6 +4,8 @@ Public names are re-exported here explicitly. The layer convention is documented
 ``bpjax.layers``; the loss convention in ``bpjax.losses``.
 """
 
+import importlib
+
 from bpjax import credit, data, initializers, losses
 from bpjax.grad import (
     GradCheckResult,
@@ -48,6 +50,21 @@ from bpjax.train import TrainState
 from bpjax.trainer import FitResult, TrainingDiverged, fit
 
 __version__ = "0.1.0"
+
+# The package's modules that ``import bpjax`` does not load itself (the README's table), loaded
+# when first named: ``bpjax.sweep`` and ``bpjax.cli`` import Hydra, which a library user need
+# not pay for.
+_MODULES = frozenset(
+    {"checkpoint", "cli", "distributed", "evaluate", "logging", "optim", "precision", "reporting"}
+    | {"sweep", "grad", "layers", "train", "trainer"}
+)
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"bpjax.{name}")
+    raise AttributeError(f"module 'bpjax' has no attribute {name!r}")
+
 
 __all__ = [
     "FitResult",

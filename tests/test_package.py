@@ -1,6 +1,9 @@
 """The top-level `bpjax` namespace: every re-export is the submodule's own object."""
 
 import pathlib
+import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -67,6 +70,26 @@ def test_reexport_is_the_submodule_object(name):
 def test_submodules_are_reachable():
     for name, module in SUBMODULES.items():
         assert getattr(bpjax, name) is module
+
+
+def test_every_module_of_the_readme_is_an_attribute_of_bpjax():
+    # A trial: bpjax.sweep and bpjax.cli raised AttributeError after `import bpjax` (the others
+    # of the README's table were loaded by some import). Loaded when named, in a fresh
+    # interpreter: `import bpjax` alone does not import Hydra.
+    code = (
+        "import sys, bpjax; hydra_first = 'hydra' in sys.modules; "
+        f"modules = [getattr(bpjax, m).__name__ for m in {sorted(bpjax._MODULES)!r}]; "
+        "print(hydra_first, modules == ['bpjax.' + m for m in sorted(bpjax._MODULES)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    named = set(re.findall(r"`bpjax\.(\w+)`", readme)) & {
+        p.stem for p in pathlib.Path(bpjax.__file__).parent.iterdir() if not p.stem.startswith("_")
+    }
+    assert named <= set(bpjax._MODULES) | set(SUBMODULES), named
+    with pytest.raises(AttributeError, match="module 'bpjax' has no attribute 'swep'"):
+        bpjax.swep  # noqa: B018 (the attribute access is the test)
 
 
 def test_every_activation_constructor_is_reexported():
