@@ -6,6 +6,8 @@ pickles refer to them there."""
 
 from typing import Any, NamedTuple
 
+from bpjax._summaries import tree_summary
+from bpjax.reporting import count
 from bpjax.train import TrainState
 
 
@@ -36,6 +38,17 @@ class FitResult(NamedTuple):
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     best_net_state: Any = ()
+
+    def __repr__(self) -> str:
+        # The metrics, and the arrays counted, not printed (the default repr printed them all)
+        state = self.state
+        if isinstance(state, TrainState):
+            state = f"TrainState(step {int(state.step)}, params: {tree_summary(state.params)})"
+        return (
+            f"FitResult(metrics={self.metrics!r}, history=[{count(len(self.history), 'epoch')}], "
+            f"state={state}, best_params: {tree_summary(self.best_params)}, "
+            f"best_net_state: {tree_summary(self.best_net_state)})"
+        )
 
 
 class ResumeError(ValueError):

@@ -643,6 +643,12 @@ def test_dataset_record_is_frozen_and_validated():
         data.Dataset(**{**fields, "y_val": ds.y_val.astype(np.int64)})
     assert "iris: classification, 3 classes; input (4,) float32" in ds.summary()
     assert "train 96, val 24, test 30" in ds.summary()
+    # arrays as dtype and shape (a trial: the repr printed every array, 3660 characters)
+    assert repr(ds) == (
+        "Dataset(name='iris', x_train=f32[96,4], y_train=i32[96], x_val=f32[24,4], "
+        "y_val=i32[24], x_test=f32[30,4], y_test=i32[30], task='classification', n_classes=3, "
+        "input_shape=(4,), target_scale=None)"
+    )
 
 
 def test_split_indices_exact_counts():

@@ -1127,6 +1127,18 @@ def test_fit_errors_are_named_and_pickled_as_bpjax_trainer_s():
     np.testing.assert_array_equal(diverged.result.best_params["w"], np.ones(2))
 
 
+def test_a_fit_result_s_repr_counts_its_arrays():
+    # A trial: repr(FitResult) was 11,666 characters of printed arrays
+    params = {"w": np.zeros((100, 250), np.float32), "b": np.zeros(250, np.float32)}
+    state = bpjax.TrainState(params, (), np.int32(780), None)
+    result = trainer.FitResult(state, params, {"test_accuracy": 0.97}, [{}, {}])
+    assert repr(result) == (
+        "FitResult(metrics={'test_accuracy': 0.97}, history=[2 epochs], state=TrainState(step "
+        "780, params: 25250 numbers in 2 arrays), best_params: 25250 numbers in 2 arrays, "
+        "best_net_state: 0 numbers in 0 arrays)"
+    )
+
+
 def test_damaged_checkpoint_warning_points_at_the_caller_of_fit(small, tmp_path):
     """It used to point at bpjax/_fit_resume.py (and print that line of bpjax's source)."""
     fit(NET, CE, ADAM, small, epochs=2, checkpoint_dir=str(tmp_path), **SMALL)

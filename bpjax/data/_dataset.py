@@ -26,6 +26,7 @@ import os
 import numpy as np
 import numpy.typing as npt
 
+from bpjax._summaries import array_summary
 from bpjax.data._checks import TASKS, check_split
 from bpjax.data._splits import (
     GENERATE,  # noqa: F401  (re-exported: used by the synthetic sets)
@@ -45,7 +46,7 @@ SCALES = ("none", "unit", "standardize")
 _MIN_STD = 1e-8
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
     """One dataset, split into train / validation / test and preprocessed.
 
@@ -76,6 +77,13 @@ class Dataset:
     n_classes: int | None
     input_shape: tuple[int, ...]
     target_scale: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        # Arrays as their dtype and shape (the default repr printed them all)
+        fields = ", ".join(
+            f"{f.name}={array_summary(getattr(self, f.name))}" for f in dataclasses.fields(self)
+        )
+        return f"Dataset({fields})"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
