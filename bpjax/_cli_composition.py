@@ -1,6 +1,7 @@
 """``bpjax.cli.composition_error``: Hydra's refusal of a command line (a key or an option that
-no config file provides) as one line naming the nearest valid choice (re-exported by
-``bpjax.cli``). ``composition_error.__module__`` is ``bpjax.cli``, where users import it from."""
+no config file provides) as one line naming the nearest valid choice, and
+``bpjax.cli.run_command_line``, which runs an entry script's ``@hydra.main`` with it (re-exported
+by ``bpjax.cli``; their ``__module__`` is ``bpjax.cli``, where users import them from)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import difflib
 import os
 import pathlib
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.errors import ConfigCompositionException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
 
 from bpjax._cli_keys import _INSTANTIATE_KEYS, _suggest, schema_from_conf, target_parameters
 
@@ -56,7 +60,11 @@ def _keys_a_group_takes(conf_dir: pathlib.Path, group: str, option: str | None =
 
 
 def composition_error(
-    error: Exception, conf_dir: str | os.PathLike, overrides: Sequence[str] = ()
+    error: Exception,
+    conf_dir: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    config_name: str = "config",
 ) -> str:
     """Hydra's refusal of a command line, as one line naming the nearest valid choice.
 
@@ -70,6 +78,7 @@ def composition_error(
         conf_dir: the config directory (``conf/``).
         overrides: the command line's overrides: a key is looked for in the group's option
             they choose (``model=cnn``), else in the default option.
+        config_name: the primary config file's name, without ``.yaml`` (``gradcheck``).
 
     Returns:
         The message, one line, without ``error:``.
@@ -80,14 +89,15 @@ def composition_error(
     if override and not override.group(1).startswith("hydra."):
         key = override.group(1)
         group, _, leaf = key.rpartition(".")
-        schema = schema_from_conf(conf_dir)
+        schema = schema_from_conf(conf_dir, config_name)
         if not group:
             valid = set(schema)
         elif (conf_dir / group.replace(".", "/")).is_dir():
             chosen = _chosen_option(conf_dir, group.replace(".", "/"), overrides)
             valid = _keys_a_group_takes(conf_dir, group.replace(".", "/"), chosen)
-        else:
-            valid = set()
+        else:  # a node of the primary file itself (compare_rules.yaml's compare)
+            node = OmegaConf.select(OmegaConf.load(conf_dir / f"{config_name}.yaml"), group)
+            valid = set(node) if isinstance(node, DictConfig) else set()
         if leaf in valid:
             return (
                 f"{key} is not in this config; to give it, add it: +{key}=... (a key that "
@@ -112,3 +122,38 @@ def composition_error(
 
 
 composition_error.__module__ = "bpjax.cli"  # re-exported there, its public home
+
+
+def run_command_line(
+    main: Callable[[], Any], conf_dir: str | os.PathLike, *, config_name: str = "config"
+) -> None:
+    """Runs an entry script's ``@hydra.main`` function with Hydra's refusals of the command line
+    itself (a key that no config file holds, given without ``+``; an option that doesn't
+    exist; bad override syntax) as one ``error:`` line naming the nearest valid choice
+    (``composition_error``), exit 2, like every other config error. Any other exception keeps
+    its traceback (``HYDRA_FULL_ERROR`` is set while it runs, then put back).
+
+    Args:
+        main: the decorated function, called without arguments (Hydra reads ``sys.argv``).
+        conf_dir, config_name: as ``composition_error``'s.
+
+    Raises:
+        SystemExit: 2, after the error line.
+    """
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing and exiting 1
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+        message = composition_error(e, conf_dir, overrides, config_name=config_name)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+
+
+run_command_line.__module__ = "bpjax.cli"

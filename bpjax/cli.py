@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from bpjax._cli_composition import composition_error
+from bpjax._cli_composition import composition_error, run_command_line
 from bpjax._cli_keys import (
     bool_parameters,
     check_bools,
@@ -51,6 +51,7 @@ __all__ = [
     "composition_error",
     "hydra_quote",
     "rerun_command",
+    "run_command_line",
     "schema_from_conf",
     "strict_json",
     "target_parameters",

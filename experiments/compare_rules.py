@@ -39,6 +39,7 @@ before anything trains. A run that diverges is recorded as such and the comparis
 """
 
 import csv
+import difflib
 import importlib.util
 import io
 import math
@@ -83,7 +84,16 @@ class CompareConfigError(ValueError):
 
 
 def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
-    """``compare.rules`` and ``compare.seeds``, checked: lists, known, distinct, non-empty."""
+    """``compare.rules`` and ``compare.seeds``, checked: lists, known, distinct, non-empty;
+    and no other ``compare`` key (``+compare.rulez=...`` was ignored)."""
+    for key in cfg.compare:
+        if key not in ("rules", "seeds"):
+            near = difflib.get_close_matches(str(key), ["rules", "seeds"], n=1)
+            hint = f": did you mean compare.{near[0]}?" if near else ""
+            raise CompareConfigError(
+                f"compare.{key} is not a setting{hint} (nothing reads it; compare takes rules "
+                f"and seeds)"
+            )
     for key in ("rules", "seeds"):  # a bare string would be read letter by letter
         if not isinstance(cfg.compare[key], ListConfig):
             example = "[manual,feedback_alignment]" if key == "rules" else "[0,1,2]"
@@ -357,4 +367,5 @@ def interrupted_message(run_dir: pathlib.Path) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's refusals of the command line (compare.rulez=..., trainer.epoch=1) as one line
+    bpjax.cli.run_command_line(main, ROOT / "conf", config_name="compare_rules")

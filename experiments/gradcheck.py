@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from bpjax import sweep
+from bpjax import cli, sweep
 from bpjax.reporting import count
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # as a script, it is there
@@ -55,6 +55,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # as a script, it is t
 
 from gradchecking.grid import (
     COMBINATION_KEYS,
+    CONF_DIR,
     DTYPES,  # noqa: F401  (re-exported)
     X_DTYPES,  # noqa: F401  (re-exported)
     combinations,
@@ -81,6 +82,7 @@ from gradchecking.report import (
     _header,
     _worst,
     write_rows,
+    write_status,
 )
 from training.interrupts import _handle_interrupts, interrupt_status
 
@@ -185,21 +187,36 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]
 
 @hydra.main(config_path="../conf", config_name="gradcheck", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # In a multirun every job runs and records its outcome; SweepOutcome (conf/gradcheck.yaml's
+    # callback) gives the sweep's exit status at its end. A single run exits with its own.
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    output_dir = HydraConfig.get().runtime.output_dir
     try:
         validate(cfg)
     except ValueError as e:  # one line, as train.py reports a bad config
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if not multirun:
+            sys.exit(2)
+        write_status(output_dir, "invalid", str(e))
+        return
     try:
         passed = run(cfg)["passed"]
     except KeyboardInterrupt as e:  # run said what it kept
         sys.exit(interrupt_status(e))  # 128 + the signal: Ctrl-C 130, SIGTERM 143
-    if not passed:
+    if multirun:
+        write_status(output_dir, "passed" if passed else "failed")
+    elif not passed:
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    sweep.pickle_by_value("gradchecking", "training")  # for submitit's jobs
-    # SIGTERM stops it as Ctrl-C does, keeping the rows checked (it killed it, losing them)
+def command_line() -> None:
+    """``main``, with Hydra's refusals of the command line itself as one ``error:`` line naming
+    the nearest valid key, exit 2 (``bpjax.cli.run_command_line``), as train.py does. SIGTERM
+    stops it as Ctrl-C does, keeping the rows checked (it killed it, losing them)."""
     _handle_interrupts()
-    main()
+    sweep.pickle_by_value("gradchecking", "training")  # for submitit's jobs
+    cli.run_command_line(main, CONF_DIR, config_name="gradcheck")
+
+
+if __name__ == "__main__":
+    command_line()

@@ -54,7 +54,6 @@ What a run says and records:
 
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -64,7 +63,6 @@ from typing import Any
 import hydra
 import jax
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bpjax import cli, distributed, sweep
@@ -356,30 +354,16 @@ def worst_objective() -> float:
 
 
 def run() -> None:
-    """The command line: ``main``, with Hydra's refusals of the command line itself (a key
-    that no config file holds, given without ``+``; an option that doesn't exist; bad override
-    syntax) as one ``error:`` line naming the nearest valid choice, exit 2, like every other
-    config error. Any other exception keeps its traceback."""
-    full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing and exiting 1
+    """The command line: ``main``, with Hydra's refusals of the command line itself as one
+    ``error:`` line naming the nearest valid choice, exit 2 (``bpjax.cli.run_command_line``),
+    like every other config error. Any other exception keeps its traceback."""
     _handle_interrupts()
     sweep.pickle_by_value("training")  # for submitit's jobs
     try:
-        main()
+        cli.run_command_line(main, CONF_DIR)
     except KeyboardInterrupt as e:  # before main's own handling: Hydra composing the config
         print("\ninterrupted before training started: nothing to resume", file=sys.stderr)
         sys.exit(interrupt_status(e))
-    except (ConfigCompositionException, OverrideParseException) as e:
-        overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
-        print(
-            f"error: {cli.composition_error(e, CONF_DIR, overrides)}", file=sys.stderr, flush=True
-        )
-        sys.exit(2)
-    finally:
-        if full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
 if __name__ == "__main__":

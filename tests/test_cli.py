@@ -30,6 +30,7 @@ TESTED = {
     "composition_error": "test_composition_error",
     "hydra_quote": "test_hydra_quote_round_trips",
     "rerun_command": "test_rerun_command_*",
+    "run_command_line": "test_run_command_line_*",
     "schema_from_conf": "test_schema_from_conf",
     "strict_json": "test_strict_json",
     "target_parameters": "test_target_parameters",
@@ -227,6 +228,52 @@ def test_composition_error(overrides, message):
     line = cli.composition_error(info.value, CONF, overrides)
     assert message in line
     assert "\n" not in line
+
+
+def test_composition_error_of_another_primary_config():
+    # gradcheck.yaml's keys, not config.yaml's (a trial: Hydra's raw error for batchsize=4)
+    overrides = ["batchsize=4"]
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as info:
+            hydra.compose("gradcheck", overrides=overrides)
+    line = cli.composition_error(info.value, CONF, overrides, config_name="gradcheck")
+    assert line == "batchsize is not a setting: did you mean batch? (nothing reads it)"
+    # a node of the primary file: compare_rules.yaml's compare
+    overrides = ["compare.rulez=[manual]"]
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as info:
+            hydra.compose("compare_rules", overrides=overrides)
+    line = cli.composition_error(info.value, CONF, overrides, config_name="compare_rules")
+    assert line == "compare.rulez is not a setting: did you mean compare.rules? (nothing reads it)"
+
+
+def _compose_main(overrides):
+    def main():
+        with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            hydra.compose("config", overrides=overrides)
+        assert os.environ["HYDRA_FULL_ERROR"] == "1"  # Hydra raises while it runs
+        raise RuntimeError("any other error keeps its traceback")
+
+    return main
+
+
+def test_run_command_line_says_a_refused_command_line_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["train.py", "-m", "trainer.epoch=3"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_command_line(_compose_main(["trainer.epoch=3"]), CONF)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: trainer.epoch is not a setting: did you mean trainer.epochs? (nothing reads it)\n"
+    )
+    assert "HYDRA_FULL_ERROR" not in os.environ  # put back as it was
+
+
+def test_run_command_line_lets_other_errors_through(monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with pytest.raises(RuntimeError, match="any other error keeps its traceback"):
+        cli.run_command_line(_compose_main([]), CONF)
+    assert os.environ["HYDRA_FULL_ERROR"] == "0"
 
 
 @pytest.mark.parametrize(

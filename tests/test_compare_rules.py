@@ -192,6 +192,8 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
         # a bare string was read letter by letter: got ['m', 'a', 'n', 'u', 'a', 'l'] (trial)
         ("compare.rules=manual", r"compare.rules must be a list, e.g. compare.rules=\[manual,"),
         ("compare.seeds=3", r"compare.seeds must be a list, e.g. compare.seeds=\[0,1,2\]; got 3"),
+        # a key that nothing reads was ignored (+compare.rulez ran all five rules)
+        ("+compare.rulez=[manual]", r"compare.rulez is not a setting: did you mean compare.rules"),
     ],
 )
 def test_bad_compare_settings_raise_before_any_run(override, match, tmp_path):

@@ -323,6 +323,15 @@ def test_script_reports_a_bad_name_in_one_line(tmp_path):
     assert len(errors) == 1 and "rleu" in errors[0] and "Traceback" not in proc.stderr
 
 
+def test_script_refuses_a_key_no_file_holds_in_one_line(tmp_path):
+    # A trial: Hydra's raw multi-line "Could not override 'batchsize'", exit 1
+    proc = _script(tmp_path, "batchsize=4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: batchsize is not a setting: did you mean batch? (nothing reads it)"
+    ]
+
+
 def _script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), *SMALL, *overrides, f"hydra.run.dir={tmp_path}"],
@@ -330,6 +339,28 @@ def _script(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_multirun_runs_every_job_and_exits_with_the_worst(tmp_path):
+    # A trial: the first failing (or invalid) job ended the sweep, and the jobs after it
+    # never ran. Job 0 is invalid (an unknown activation), job 1 fails (a wrong tanh backward).
+    sweep = ["activations=[tanhh],[tanh]", "inject_bug=tanh", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "-m", *SMALL[:2], "losses=[mse]", "dtypes=[float64]", *sweep],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    statuses = [json.loads((tmp_path / job / "gradcheck_status.json").read_text()) for job in "01"]
+    assert statuses[0]["status"] == "invalid" and "tanhh" in statuses[0]["message"]
+    assert statuses[1] == {"status": "failed", "message": ""}
+    assert (tmp_path / "1" / "gradcheck.csv").is_file()  # the job after the invalid one ran
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"gradcheck sweep {tmp_path}: 0 jobs passed, 1 job failed (1), 1 job invalid (0)"
     )
 
 
@@ -498,6 +529,9 @@ def test_lists_of_the_wrong_shape_are_one_error_line(override, message):
         ("+fd_eps.float64=-1", "fd_eps.float64 must be a positive number, got -1"),
         ("+fd_eps.float8=1e-3", "fd_eps: unknown dtype 'float8'; valid: float64, float32"),
         ("fd_eps=3", r"fd_eps must map dtypes to steps, e.g. \+fd_eps.float32=1e-3; got 3"),
+        # keys that nothing reads were accepted (+bogus=1 ran the default sweep)
+        ("+bogus=1", "bogus is not a setting"),
+        ("+batchsize=4", "batchsize is not a setting: did you mean batch"),
     ],
 )
 def test_bad_numbers_are_one_error_line(override, message):

@@ -4,13 +4,14 @@ anything is printed or compiled)."""
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import bpjax
-from bpjax import losses
+from bpjax import cli, losses
 from gradchecking.networks import _takes, injectable_kinds, network
 
 COMBINATION_KEYS = ("architecture", "activation", "loss", "dtype", "x_dtype")
@@ -22,6 +23,9 @@ def _key(features: Any) -> str:
     """A hashable key of ``combinations``' ``features`` (a list of sizes or an image spec)."""
     return json.dumps(features, sort_keys=True)
 
+
+# conf/, where gradcheck.yaml is
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # The two grids of the sweep: MLPs, and image networks (``combinations``).
 _GRIDS = (
@@ -39,6 +43,11 @@ def validate(cfg: DictConfig) -> None:
         ``batch`` or ``n_in`` not a positive integer, ``seed`` not a non-negative integer, or
         an ``fd_eps`` entry for an unknown dtype or not a positive number.
     """
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # Hydra checks its own
+    unread = cli.check_keys(config, cli.schema_from_conf(CONF_DIR, "gradcheck"))
+    if unread:  # a typo (+batchsize=4) would be ignored
+        raise ValueError("; ".join(unread))
     for key, least in (("batch", 1), ("n_in", 1), ("seed", 0)):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:

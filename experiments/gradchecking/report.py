@@ -6,10 +6,12 @@ import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bpjax._atomic import atomic_write_text
@@ -105,3 +107,35 @@ def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> tuple[Path, Path
     safe = [{k: _json_safe(v) for k, v in row.items()} for row in rows]
     atomic_write_text(json_path, json.dumps(safe, indent=1) + "\n")
     return csv_path, json_path
+
+
+# A multirun job's outcome, in its output directory, for SweepOutcome.
+STATUS_FILE = "gradcheck_status.json"
+
+
+def write_status(output_dir: str | Path, status: str, message: str = "") -> None:
+    """A multirun job's outcome (``passed``, ``failed`` or ``invalid``, and why), written
+    atomically to ``output_dir/gradcheck_status.json``."""
+    record = {"status": status, "message": message}
+    atomic_write_text(Path(output_dir) / STATUS_FILE, json.dumps(record) + "\n")
+
+
+class SweepOutcome(Callback):
+    """Hydra callback: after a multirun of gradcheck.py, one line of its jobs' outcomes, and
+    the sweep's exit status: 1 if a job failed, else 2 if a job was invalid, else 0. Every job
+    runs (a failed or invalid one no longer ends the sweep); each wrote ``STATUS_FILE``."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        outcomes: dict[str, list[str]] = {"passed": [], "failed": [], "invalid": []}
+        for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+            record = json.loads(path.read_text())
+            outcomes.setdefault(record["status"], []).append(path.parent.name)
+        said = ", ".join(
+            f"{count(len(jobs), 'job')} {status}" + (f" ({', '.join(jobs)})" if jobs else "")
+            for status, jobs in outcomes.items()
+            if jobs or status == "passed"
+        )
+        print(f"\ngradcheck sweep {sweep_dir}: {said}", flush=True)
+        if outcomes["failed"] or outcomes["invalid"]:
+            sys.exit(1 if outcomes["failed"] else 2)
