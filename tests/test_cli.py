@@ -230,21 +230,25 @@ def test_composition_error(overrides, message):
     assert "\n" not in line
 
 
-def test_composition_error_of_another_primary_config():
-    # gradcheck.yaml's keys, not config.yaml's (a trial: Hydra's raw error for batchsize=4)
-    overrides = ["batchsize=4"]
+@pytest.mark.parametrize(
+    ("config_name", "override", "message"),
+    [
+        # gradcheck.yaml's keys, not config.yaml's (a trial: Hydra's raw error for batchsize=4)
+        ("gradcheck", "batchsize=4", "batchsize is not a setting: did you mean batch?"),
+        # a node of the primary file itself: compare_rules.yaml's compare
+        (
+            "compare_rules",
+            "compare.rulez=[manual]",
+            "compare.rulez is not a setting: did you mean compare.rules?",
+        ),
+    ],
+)
+def test_composition_error_of_another_primary_config(config_name, override, message):
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         with pytest.raises(ConfigCompositionException) as info:
-            hydra.compose("gradcheck", overrides=overrides)
-    line = cli.composition_error(info.value, CONF, overrides, config_name="gradcheck")
-    assert line == "batchsize is not a setting: did you mean batch? (nothing reads it)"
-    # a node of the primary file: compare_rules.yaml's compare
-    overrides = ["compare.rulez=[manual]"]
-    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        with pytest.raises(ConfigCompositionException) as info:
-            hydra.compose("compare_rules", overrides=overrides)
-    line = cli.composition_error(info.value, CONF, overrides, config_name="compare_rules")
-    assert line == "compare.rulez is not a setting: did you mean compare.rules? (nothing reads it)"
+            hydra.compose(config_name, overrides=[override])
+    line = cli.composition_error(info.value, CONF, [override], config_name=config_name)
+    assert line == f"{message} (nothing reads it)"
 
 
 def _compose_main(overrides):
