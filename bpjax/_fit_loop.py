@@ -92,7 +92,7 @@ def _stopped_by(interrupts: distributed.Interrupts, agreed: bool | int = False) 
     that every process of the job exits alike."""
     if interrupts.requested:
         return f"signal {interrupts.requested}"
-    if agreed is not True and agreed > 1:
+    if agreed > 1:  # a signal's number (agree gives a bool for a plain request)
         return f"signal {agreed} (received by another process of the job)"
     return "interrupted (a signal to a process of the job)"
 

@@ -15,8 +15,7 @@ def array_summary(a: Any) -> str:
     if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
         return f"key<{jax.random.key_impl(a)}>[{','.join(map(str, a.shape))}]"
     dtype = np.dtype(a.dtype)
-    kinds = {"f": "f", "i": "i", "u": "u", "c": "c"}
-    name = f"{kinds[dtype.kind]}{dtype.itemsize * 8}" if dtype.kind in kinds else dtype.name
+    name = f"{dtype.kind}{dtype.itemsize * 8}" if dtype.kind in "fiuc" else dtype.name
     return f"{name}[{','.join(map(str, a.shape))}]"
 
 
