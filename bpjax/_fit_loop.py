@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpjax import distributed
+from bpjax._fit_parts import _concat, _is_better, _last_measured, _plan_from, _split_evaluator
 from bpjax._fit_result import FitResult, TrainingDiverged
 from bpjax._fit_resume import _Start
 from bpjax.checkpoint import CheckpointManager
@@ -28,39 +29,6 @@ from bpjax.train import updates_applied
 # The chunk lengths each compiled chunk function has run, in this process (fit's throughput
 # leaves out a chunk that compiled its program); weak: an evicted function is forgotten.
 _RAN_LENGTHS: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
-
-
-def _plan_from(plan: tuple[tuple[int, int], ...], done: int) -> list[tuple[int, int]]:
-    """The chunks of ``plan`` after the first ``done`` steps (a resumed epoch), starting with the
-    rest of a chunk when ``done`` falls inside one (a plan made with another chunk size)."""
-    rest = []
-    for start, length in plan:
-        if start + length <= done:
-            continue
-        if start < done:
-            rest.append((done, start + length - done))
-        else:
-            rest.append((start, length))
-    return rest
-
-
-def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-step metrics of an epoch's chunks, joined (empty arrays for a resumed epoch whose
-    steps were all done before the interrupt)."""
-    if not parts:
-        return {"loss": np.zeros((0,), np.float32)}
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _last_measured(step_metrics: dict[str, np.ndarray], prefix: str) -> dict[str, float]:
-    """The last finite value of each per-step metric named ``prefix...`` (NaN where the step
-    measured nothing)."""
-    last = {}
-    for name, values in step_metrics.items():
-        finite = np.flatnonzero(np.isfinite(values))
-        if name.startswith(prefix) and finite.size:
-            last[name] = float(values[finite[-1]])
-    return last
 
 
 @contextlib.contextmanager
@@ -95,25 +63,6 @@ def _stopped_by(interrupts: distributed.Interrupts, agreed: bool | int = False) 
     if agreed > 1:  # a signal's number (agree gives a bool for a plain request)
         return f"signal {agreed} (received by another process of the job)"
     return "interrupted (a signal to a process of the job)"
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if not math.isfinite(value):
-        return False
-    return best is None or (value < best if mode == "min" else value > best)
-
-
-def _split_evaluator(evaluate: Callable, eval_inputs: dict[str, Any]) -> Callable:
-    """``run_eval(params, net_state, split)``: ``split``'s metrics, ``{split}_{metric}``."""
-
-    def run_eval(params, net_state, split):
-        # Process 0's values everywhere, for the decisions taken from them (early stopping).
-        metrics, _ = distributed.agree(
-            distributed.host_copy(evaluate(params, *eval_inputs[split], net_state))
-        )
-        return {f"{split}_{k}": float(v) for k, v in metrics.items()}
-
-    return run_eval
 
 
 class _Schedule(NamedTuple):
