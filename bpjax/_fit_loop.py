@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,8 +27,9 @@ from bpjax._fit_resume import _Start
 from bpjax.checkpoint import CheckpointManager
 from bpjax.train import updates_applied
 
-# The chunk lengths each compiled chunk function has run, in this process (fit's throughput
-# leaves out a chunk that compiled its program); weak: an evicted function is forgotten.
+# The chunk lengths each compiled chunk function has dispatched (so compiled), in this process
+# (fit's throughput leaves out a chunk that compiled a program); weak: an evicted function is
+# forgotten.
 _RAN_LENGTHS: "weakref.WeakKeyDictionary[Any, set[int]]" = weakref.WeakKeyDictionary()
 
 
@@ -110,10 +112,10 @@ class _Epochs:
         self.last_alignment: dict[str, float] = {}  # the last measured angles (grad_check_every)
         # A run that stopped early stays stopped when resumed (unless patience was raised).
         self.stopped_early = schedule.patience is not None and self.bad_evals >= schedule.patience
-        # Training throughput is timed over the chunks whose program had already run in this
-        # process (a chunk's length picks its program; a sweep's later jobs reuse the earlier
-        # ones' programs): a chunk that compiled its program is left out, so that a short run's
-        # examples/s is not its compilation's.
+        # Training throughput is timed over the chunks whose program had already been compiled
+        # in this process (a chunk's length picks its program; a sweep's later jobs reuse the
+        # earlier ones' programs): a chunk in which a program compiled is left out, so that a
+        # short run's examples/s is not its compilation's.
         self.train_seconds, self.trained_examples = 0.0, 0
         self.ran_lengths = _RAN_LENGTHS.setdefault(self.chunk_fn, set())
         self.t_start = time.perf_counter()
@@ -182,44 +184,66 @@ class _Epochs:
         if epoch == self.start.epoch + 1:
             done, loss_sum = self.start.epoch_step, self.start.epoch_loss_sum
         order = self.order_fn(self.state, self.n_train, jnp.int32(epoch))
+        chunks = _plan_from(self.schedule.plan, done)
         parts, timed_seconds, timed_examples = [], 0.0, 0
-        for start, length in _plan_from(self.schedule.plan, done):
-            step_before = int(self.state.step)
-            t_chunk = time.perf_counter()
-            new_state, chunk_metrics = self.chunk_fn(
-                self.state, *self.train_data, order, jnp.int32(start), length=length
-            )
-            # Process 0's metrics everywhere, and whether any process was interrupted.
-            chunk_metrics, self.stop = distributed.agree(
-                distributed.host_copy(chunk_metrics), stop=interrupts.requested
-            )
-            if length in self.ran_lengths:  # its program was compiled before this chunk
-                timed_seconds += time.perf_counter() - t_chunk
-                timed_examples += length * self.schedule.batch_size
-            self.ran_lengths.add(length)
-            self.check_finite(chunk_metrics["loss"], epoch, start, step_before)
-            chunk_sum = loss_sum + float(np.sum(chunk_metrics["loss"], dtype=np.float64))
-            # One assignment, no call inside it: an interrupt (a second Ctrl-C, which is
-            # not held) can't land between the state and the steps counted.
-            self.state, done, loss_sum, self.in_progress = (
-                new_state,
-                start + length,
-                chunk_sum,
-                {"epoch_step": start + length, "epoch_loss_sum": chunk_sum},
-            )
-            parts.append(chunk_metrics)
-            chunk_record = {
-                "epoch": epoch,
-                "step": int(self.state.step),
-                "epoch_step": done,
-                "steps_per_epoch": self.steps_per_epoch,
-                "train_loss": loss_sum / done,
-                "step_metrics": chunk_metrics,
-            }
-            for callback in self.schedule.on_chunk:
-                callback(chunk_record)
-            if self.stop and done < self.steps_per_epoch:  # every process, after the same chunk
-                raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
+        # Chunk k + 1 is dispatched from chunk k's state (pending: jax dispatches asynchronously)
+        # before the host waits for chunk k's metrics, so that the device trains while the host
+        # reads, checks and reports them: one more state in flight. Not past the epoch's last
+        # chunk (its evaluation and checkpoint need the epoch's end).
+        # A chunk's time: from the previous chunk's metrics on the host (the first: from its
+        # dispatch) to its own; the times add up to the epoch's training, overlaps included. A
+        # chunk is timed when no program was compiled in it: neither its own (compiled at its
+        # dispatch) nor its successor's (dispatched within its time).
+        t_ready = time.perf_counter()
+        following = self.dispatch(self.state, order, *chunks[0]) if chunks else None
+        for k, (start, length) in enumerate(chunks):
+            (new_state, chunk_metrics), timed = following
+            following = None
+            try:
+                if k + 1 < len(chunks):
+                    following = self.dispatch(new_state, order, *chunks[k + 1])
+                    timed = timed and following[1]
+                step_before = int(self.state.step)
+                # Process 0's metrics everywhere, and whether any process was interrupted.
+                chunk_metrics, self.stop = distributed.agree(
+                    distributed.host_copy(chunk_metrics), stop=interrupts.requested
+                )
+                now = time.perf_counter()
+                if timed:
+                    timed_seconds += now - t_ready
+                    timed_examples += length * self.schedule.batch_size
+                t_ready = now
+                self.check_finite(chunk_metrics["loss"], epoch, start, step_before)
+                chunk_sum = loss_sum + float(np.sum(chunk_metrics["loss"], dtype=np.float64))
+                # One assignment, no call inside it: an interrupt (a second Ctrl-C, which is
+                # not held) can't land between the state and the steps counted.
+                self.state, done, loss_sum, self.in_progress = (
+                    new_state,
+                    start + length,
+                    chunk_sum,
+                    {"epoch_step": start + length, "epoch_loss_sum": chunk_sum},
+                )
+                parts.append(chunk_metrics)
+                chunk_record = {
+                    "epoch": epoch,
+                    "step": int(self.state.step),
+                    "epoch_step": done,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "train_loss": loss_sum / done,
+                    "step_metrics": chunk_metrics,
+                }
+                for callback in self.schedule.on_chunk:
+                    callback(chunk_record)
+                if self.stop and done < self.steps_per_epoch:  # every process, the same chunk
+                    raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
+            except BaseException:
+                # Chunk k + 1 is discarded (not counted, not saved), once it has run: no
+                # computation is left in flight when the process exits, and in a job every
+                # process has dispatched it (they stop after the same chunk k), so that its
+                # collectives complete. Its own error, if it has one, is the one raised.
+                if following is not None:
+                    jax.block_until_ready(following[0])
+                raise
         seconds = time.perf_counter() - t0
         self.train_seconds += timed_seconds
         self.trained_examples += timed_examples
@@ -230,7 +254,7 @@ class _Epochs:
             "step": int(self.state.step),
             "train_loss": loss_sum / self.steps_per_epoch,
             "epoch_seconds": seconds,
-            # as the run's: None for an epoch whose every chunk compiled its program
+            # as the run's: None for an epoch with no chunk timed (each compiled a program)
             "examples_per_second": (timed_examples / timed_seconds if timed_examples else None),
             "step_metrics": step_metrics,
             "params": self.state.params,
@@ -238,6 +262,15 @@ class _Epochs:
             "rule_state": self.state.rule_state,
             "evaluated": False,
         }
+
+    def dispatch(self, state, order, start: int, length: int):
+        """The chunk of ``length`` steps from ``start`` trained from ``state``, dispatched (its
+        ``(state, metrics)``, pending), and whether it reused a compiled program: a chunk of
+        that length was dispatched before, in this process (the first compiled it)."""
+        reused = length in self.ran_lengths
+        out = self.chunk_fn(state, *self.train_data, order, jnp.int32(start), length=length)
+        self.ran_lengths.add(length)
+        return out, reused
 
     def check_finite(self, losses: np.ndarray, epoch: int, start: int, step_before: int):
         """The divergence guard: raises ``TrainingDiverged`` on a chunk's non-finite loss."""

@@ -216,7 +216,9 @@ def fit(
         (``bpjax.train.chunk_plan``; None or 0: one scan per epoch). Between chunks ``fit``
         reports progress (``on_chunk``), checks the loss, and answers an interrupt: Ctrl-C (a
         ``KeyboardInterrupt``) checkpoints the steps done, mid-epoch, and a resume continues
-        from there with the same result as a run that never stopped.
+        from there with the same result as a run that never stopped. Within an epoch the next
+        chunk is dispatched before the host reads the last one's metrics, so that the device
+        trains meanwhile: one more training state in device memory, at most.
       on_chunk: called after every chunk with ``{"epoch", "step", "epoch_step",
         "steps_per_epoch", "train_loss" (the epoch's running mean), "step_metrics"}``.
       on_resume: called once a checkpoint has been accepted for a resume, before training,

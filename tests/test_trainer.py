@@ -22,7 +22,7 @@ import sklearn.metrics
 from conftest import assert_trees_equal, leaves, run_on_host_devices, trees_differ
 
 import bpjax
-from bpjax import checkpoint, losses, train, trainer
+from bpjax import checkpoint, distributed, losses, train, trainer
 from bpjax.data import load
 from bpjax.trainer import ResumeError, TrainingDiverged, default_monitor, fit, valid_monitors
 
@@ -467,6 +467,78 @@ def test_chunks_give_the_same_run_as_whole_epochs(small, reference):
     for a, b in zip(chunked.history, reference["dropout"].history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["step_metrics"]["loss"].shape == (8,)
+
+
+class ChunkEvents:
+    """Records, in order, each chunk's dispatch, the copy of its metrics to the host and a wait
+    for it (``jax.block_until_ready``), by the chunk's first step in its epoch; a chunk whose
+    metrics are copied at ``nan_at`` gets a non-finite loss (a divergence there)."""
+
+    def __init__(self, monkeypatch, nan_at: int | None = None):
+        self.events, self.starts, self.nan_at = [], {}, nan_at  # starts: id(metrics) -> start
+        compiled, host_copy, block = trainer._compiled, distributed.host_copy, jax.block_until_ready
+
+        def recording(*args, **kwargs):
+            order_fn, chunk_fn, evaluate_fn = compiled(*args, **kwargs)
+
+            def chunk(*a, length, **k):
+                start = int(a[-1])
+                state, metrics = chunk_fn(*a, length=length, **k)
+                self.events.append(("dispatch", start))
+                self.starts[id(metrics)] = (start, metrics)  # kept alive: no id reused
+                return state, metrics
+
+            return order_fn, chunk, evaluate_fn
+
+        def copying(tree):
+            start, _ = self.starts.get(id(tree), (None, None))
+            copied = host_copy(tree)
+            if start is not None:
+                self.events.append(("copy", start))
+                if start == self.nan_at:  # at the chunk's first step
+                    loss = np.array(copied["loss"])
+                    loss[0] = np.nan
+                    copied = {**copied, "loss": loss}
+            return copied
+
+        def waiting(tree):
+            if isinstance(tree, tuple) and len(tree) == 2 and id(tree[1]) in self.starts:
+                self.events.append(("wait", self.starts[id(tree[1])][0]))
+            return block(tree)
+
+        monkeypatch.setattr(trainer, "_compiled", recording)
+        monkeypatch.setattr(distributed, "host_copy", copying)
+        monkeypatch.setattr(jax, "block_until_ready", waiting)
+
+
+# One epoch of 8 steps in chunks of 2, when every chunk waits for the previous one's metrics.
+SERIAL = [("dispatch", 0), ("copy", 0), ("dispatch", 2), ("copy", 2), ("dispatch", 4), ("copy", 4),
+          ("dispatch", 6), ("copy", 6)]  # fmt: skip
+
+
+def test_the_next_chunk_is_dispatched_before_the_host_reads_the_last(small, tmp_path, monkeypatch):
+    # The device trains chunk k + 1 while the host reads and checks chunk k's metrics; an epoch's
+    # last chunk has no successor (its evaluation and checkpoint need the epoch's end).
+    pipelined = [("dispatch", 0), ("dispatch", 2), ("copy", 0), ("dispatch", 4), ("copy", 2),
+                 ("dispatch", 6), ("copy", 4), ("copy", 6)]  # fmt: skip
+    recorded = ChunkEvents(monkeypatch)
+    fit(NET, CE, ADAM, small, epochs=2, chunk_steps=2, **SMALL)
+    assert recorded.events == 2 * pipelined != 2 * SERIAL
+    # An interrupt after chunk 2-4 discards chunk 4-6, dispatched already, once it has run:
+    # the checkpoint is chunk 2-4's state.
+    recorded = ChunkEvents(monkeypatch)
+    options = {**SMALL, "checkpoint_dir": str(tmp_path), "chunk_steps": 2}
+    with pytest.raises(KeyboardInterrupt):
+        fit(NET, CE, ADAM, small, epochs=2, on_chunk=[InterruptAfterChunk(1, 4)], **options)
+    assert recorded.events == [*pipelined[:5], ("wait", 4)]
+    saved = checkpoint.load_metadata(checkpoint.CheckpointManager(tmp_path).latest())["metrics"]
+    assert (saved["epoch"], saved["epoch_step"], saved["step"]) == (1, 4, 4)
+    # So does a divergence found in chunk 2-4: the result is chunk 0-2's state.
+    recorded = ChunkEvents(monkeypatch, nan_at=2)
+    with pytest.raises(TrainingDiverged) as info:
+        fit(NET, CE, ADAM, small, epochs=2, chunk_steps=2, **SMALL)
+    assert recorded.events == [*pipelined[:5], ("wait", 4)]
+    assert (info.value.epoch, info.value.step, int(info.value.result.state.step)) == (1, 3, 2)
 
 
 @pytest.mark.parametrize("at", [(2, 2), (4, 6)], ids=["epoch2-step2", "epoch4-step6"])
