@@ -290,8 +290,10 @@ def main(cfg: DictConfig) -> float:
         sys.exit(2)
     except distributed.ProcessLost as e:
         print(f"{label}{_process_label()}error: {e}", file=sys.stderr, flush=True)
-        if distributed.is_primary() and _has_checkpoints(_run_dir(cfg) / "checkpoints"):
+        survivors = [i for i in range(e.num_processes) if i not in e.lost]
+        if e.process_id == min(survivors) and _has_checkpoints(_run_dir(cfg) / "checkpoints"):
             # the lost process's error names the last checkpoint; this, how to go on from it
+            # (said by process 0, or, where it was lost, by the first process left)
             print(f"{label}{_resume_every_process(cfg)}", file=sys.stderr, flush=True)
         distributed.exit_now(distributed.EXIT_LOST)  # a normal exit would wait for the lost one
     except (

@@ -26,6 +26,7 @@ from test_checkpoint import _free_port, processes
 from test_experiments import SCRIPT, compose, train_script
 
 from bpjax import checkpoint, distributed
+from bpjax.distributed import _service, _start
 from bpjax.reporting import Console
 
 # Each public name, and the test that checks it.
@@ -557,35 +558,43 @@ def test_sigterm_then_resume_is_bit_identical(jobs, tmp_path):
 
 # The lost process named: bpjax's message, or, where jax's heartbeat check came first (the
 # survivor was saving a checkpoint), jax's own, which names the task by its id.
-_NAMES_LOST_1 = re.compile(
-    r"process 1 of 2 was lost|Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b"
-)
+def _names_lost(lost: int) -> re.Pattern:
+    return re.compile(
+        rf"process {lost}( \(the coordinator\))? of 2 was lost|Task {lost} heartbeat timeout"
+        rf"|stopped sending heartbeats\):\s*{lost}\b"
+    )
 
 
 @pytest.mark.slow
-def test_kill_9_stops_the_other_process(tmp_path):
+@pytest.mark.parametrize("lost", [1, 0])
+def test_kill_9_stops_the_other_process(tmp_path, lost):
+    # Process 0 hosts the job's coordinator; its coordination service runs in a process of its
+    # own (bpjax.distributed._service), so losing process 0 is named like losing another.
     # A 6 s heartbeat: the survivor waits a third of it (2 s) for the lost process to answer,
     # well before jax's own verdict (6 s), which would end it with jax's message.
     run_dir = tmp_path / "run"
     commands = _commands(
         run_dir, 2, "trainer.devices=1", "logger=none", "trainer.heartbeat_timeout=6"
     )
+    survivor = 1 - lost
     with processes(commands, env=_cpu_env(), cwd=tmp_path) as procs:
         _wait_for_checkpoint(run_dir, 1, procs)
         saved = _finished_steps(run_dir)
-        procs[1].kill()
+        procs[lost].kill()
         killed = time.monotonic()
-        _, err = procs[0].communicate(timeout=90)
+        _, err = procs[survivor].communicate(timeout=90)
         seconds = time.monotonic() - killed
-        procs[1].communicate()
-    assert procs[0].returncode != 0 and seconds < 60, (procs[0].returncode, seconds, err[-3000:])
-    assert _NAMES_LOST_1.search(err), err[-3000:]
+        procs[lost].communicate()
+    status = procs[survivor].returncode
+    assert status != 0 and seconds < 60, (status, seconds, err[-3000:])
+    assert _names_lost(lost).search(err), err[-3000:]
     if "was lost" in err:  # bpjax's own: one line, labelled, and its exit status
-        assert procs[0].returncode == distributed.EXIT_LOST
+        assert status == distributed.EXIT_LOST
         (line,) = [x for x in err.splitlines() if "was lost" in x]
-        assert line.startswith("[process 0] error: process 1 of 2 was lost")
+        assert line.startswith(f"[process {survivor}] error: process {lost}")
         assert "start all 2 processes again" in line and "Traceback" not in err
         assert f"trainer.resume=true trainer.run_dir={run_dir}" in err  # and how
+        assert f"(process {survivor}'s: " in err
     # Nothing checkpointed is lost: every checkpoint saved before the kill is still there, and
     # the latest reads back whole (resuming from one is test_sigterm_then_resume_is_bit_identical).
     assert set(saved) <= set(_finished_steps(run_dir))
@@ -676,3 +685,85 @@ def test_coordinator_port_in_use_is_one_error_line(tmp_path):
     (line,) = [x for x in err.splitlines() if x.strip()]
     assert line.startswith("error: trainer.distributed=true: jax.distributed.initialize()")
     assert f"127.0.0.1:{port}: its port is in use on this host" in line
+
+
+def test_coordination_service_runs_in_a_process_of_its_own():
+    # What process 0's initialize starts in place of jax's in-process service: it listens,
+    # ignores the job's signals (the processes stop together through it), and stops when
+    # process 0's jax shuts it down, freeing the port.
+    port = _free_port()
+    service = _service.start_service(f"[::]:{port}", 2, heartbeat_timeout=6)
+    try:
+        assert _start._reachable(f"127.0.0.1:{port}")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            service.process.send_signal(signum)
+        time.sleep(0.5)
+        assert service.process.poll() is None
+    finally:
+        service.shutdown()
+    assert service.process.returncode == 0
+    assert not _service._port_in_use(f"127.0.0.1:{port}")
+    assert not _service.pid_file(port).exists()  # said stop: no linger
+
+
+def test_a_service_that_cannot_listen_says_why():
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(RuntimeError, match=r"Failed to start RPC server.*in use"):
+            _service.start_service(f"[::]:{port}", 2)
+        # and initialize's message for it
+        message = _start._start_error(
+            RuntimeError("UNKNOWN: Failed to start RPC server"), f"127.0.0.1:{port}", 2, 0
+        )
+        assert "its port is in use on this host" in message
+
+
+def test_a_service_outlives_a_lost_process_0_then_frees_its_port():
+    # Process 0 gone without a word (its end of the pipe closed): the service stays for the
+    # survivors to find out who is lost (alive_wait), then ends; a job started again at once
+    # waits for it instead of finding the port taken.
+    port = _free_port()
+    service = _service.start_service(f"[::]:{port}", 2, heartbeat_timeout=3)
+    linger = _service.alive_wait(3) + _service._LINGER_MARGIN
+    assert linger == 6.0
+    started = time.monotonic()
+    service.process.stdin.close()
+    deadline = time.monotonic() + 10
+    while not _service.pid_file(port).exists():
+        assert time.monotonic() < deadline, "the service did not say it lingers"
+        time.sleep(0.05)
+    assert service.process.poll() is None and _service._port_in_use(f"127.0.0.1:{port}")
+    _service.wait_for_lingering_service(f"127.0.0.1:{port}")
+    waited = time.monotonic() - started
+    service.process.wait(timeout=10)
+    service.process.stdout.close()
+    assert linger - 1 <= waited <= linger + 5, waited
+    assert not _service.pid_file(port).exists()
+    assert not _service._port_in_use(f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(("heartbeat", "expected"), [(1, 1.0), (6, 2.0), (30, 10.0), (300, 10.0)])
+def test_alive_wait_is_a_third_of_the_heartbeat_within_1_to_10_s(heartbeat, expected):
+    assert _service.alive_wait(heartbeat) == expected
+
+
+def test_initialize_puts_its_service_in_jax_s_place_for_the_call_only(monkeypatch):
+    # jax.distributed.initialize calls jaxlib's get_distributed_runtime_service on process 0:
+    # during initialize it is start_service; before and after, jax's own.
+    from jax._src import distributed as jax_distributed
+
+    original = jax_distributed._jax.get_distributed_runtime_service
+    seen = []
+
+    def fake_initialize(**kwargs):
+        seen.append(jax_distributed._jax.get_distributed_runtime_service)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake_initialize)
+    monkeypatch.setattr(_start, "_joined", [])
+    with pytest.raises(ValueError, match="stop here"):
+        distributed.initialize(f"127.0.0.1:{_free_port()}", 1, 0)
+    assert seen == [_service.start_service]
+    assert jax_distributed._jax.get_distributed_runtime_service is original

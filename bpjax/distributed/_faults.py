@@ -17,6 +17,7 @@ import jax
 
 from bpjax._errors import first_line
 from bpjax.distributed._agree import _client, _exchanges
+from bpjax.distributed._service import alive_wait
 from bpjax.distributed._start import cluster
 
 # Exit status of a process whose job lost another process (EX_TEMPFAIL: "try again later"):
@@ -67,7 +68,7 @@ def _lost_after(error: BaseException) -> tuple[int, ...] | None:
     count, me = jax.process_count(), jax.process_index()
     _exchanges["alive"] += 1
     directory = f"bpjax/alive/{_exchanges['alive']}/"
-    wait = min(10.0, max(1.0, cluster().heartbeat_timeout / 3))
+    wait = alive_wait(cluster().heartbeat_timeout)
     try:
         client = _client()
         client.key_value_set(f"{directory}{me}", "1")

@@ -3,16 +3,24 @@ before jax's runtime starts, and jax's failures at start-up turned into one clea
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
+from jax._src import distributed as jax_distributed
+
+from bpjax.distributed._service import (
+    ServiceProcess,
+    _port_in_use,
+    start_service,
+    wait_for_lingering_service,
+)
 
 # What jax.distributed.initialize reads itself (the coordinator), and what it does not (the count
 # and the id), under the names the issue and jax's own documentation use.
@@ -141,22 +149,6 @@ def _reachable(address: str) -> bool:
         return False
 
 
-def _port_in_use(address: str) -> bool:
-    """Whether another program listens on ``address``'s port here, where process 0 is to serve
-    the coordinator on every interface (as jax binds it, address reuse allowed)."""
-    port = int(address.rpartition(":")[2])
-    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((host, port))
-                return False
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                return True
-    return False
-
-
 def _give_up(message: str) -> None:
     """Ends the process with ``message``: jax would abort it a moment later with a stack trace."""
     print(message, file=sys.stderr, flush=True)
@@ -181,6 +173,11 @@ def initialize(
     its heartbeat; the service then stops every other process (``bpjax.trainer.fit`` names the
     lost process sooner where a collective fails first: see ``ProcessLost``). Processes that
     end normally wait up to ``heartbeat_timeout`` seconds for each other at exit.
+
+    On process 0, jax's coordination service runs in a small process of its own
+    (``bpjax.distributed._service``), not inside process 0 as jax would run it: losing process
+    0 is then named like losing any other (``ProcessLost``), instead of aborting every other
+    process at once. It ends with process 0 (a few seconds later where process 0 was lost).
 
     Where jax itself would abort the process with a stack trace, after ``initialization_timeout``
     seconds in which not every process joined (a coordinator that nobody serves, a wrong
@@ -216,8 +213,10 @@ def initialize(
             raise ValueError(f"{name} must be a whole number of seconds >= 1, got {value!r}")
     address, count, index = resolve(coordinator_address, num_processes, process_id)
     bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS")
-    if index == 0 and address is not None and bind is None and _port_in_use(address):
-        raise ValueError(_PORT_IN_USE.format(address=address))
+    if index == 0 and address is not None and bind is None:
+        wait_for_lingering_service(address)  # a job started again just after its end
+        if _port_in_use(address):
+            raise ValueError(_PORT_IN_USE.format(address=address))
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # jax's preemption service would take SIGTERM from the process's own handler (a native one
     # that only marks a sync point nobody reads): a SIGTERM to a job that had joined but not yet
@@ -233,14 +232,15 @@ def initialize(
     watchdog.daemon = True
     watchdog.start()
     try:
-        jax.distributed.initialize(
-            coordinator_address=address,
-            num_processes=count,
-            process_id=index,
-            initialization_timeout=initialization_timeout,
-            heartbeat_timeout_seconds=heartbeat_timeout,
-            shutdown_timeout_seconds=heartbeat_timeout,
-        )
+        with _service_in_its_own_process():
+            jax.distributed.initialize(
+                coordinator_address=address,
+                num_processes=count,
+                process_id=index,
+                initialization_timeout=initialization_timeout,
+                heartbeat_timeout_seconds=heartbeat_timeout,
+                shutdown_timeout_seconds=heartbeat_timeout,
+            )
     except (ValueError, RuntimeError) as e:
         raise ValueError(_start_error(e, address, count, index)) from None
     finally:
@@ -252,6 +252,32 @@ def initialize(
     )
     _joined.append(joined)
     return joined
+
+
+@contextlib.contextmanager
+def _service_in_its_own_process() -> Iterator[None]:
+    """Has ``jax.distributed.initialize`` serve process 0's coordination service from a process
+    of its own (``bpjax.distributed._service``: so that losing process 0 stops the others with
+    bpjax's line, not jax's abort), by putting ``start_service`` in the place of the jaxlib
+    function it calls; jax's own where its internals differ from those this was written for
+    (jax 0.10)."""
+    internals = getattr(jax_distributed, "_jax", None)
+    original = getattr(internals, "get_distributed_runtime_service", None)
+    if original is None or not hasattr(jax_distributed, "global_state"):
+        yield
+        return
+    internals.get_distributed_runtime_service = start_service
+    try:
+        yield
+    except BaseException:
+        # The client did not join: stop the service process that was started for it.
+        service = jax_distributed.global_state.service
+        if isinstance(service, ServiceProcess):
+            service.shutdown()
+            jax_distributed.global_state.service = None
+        raise
+    finally:
+        internals.get_distributed_runtime_service = original
 
 
 def _not_joined(index: int | None, address: str | None, count: int | None, timeout: int) -> str:

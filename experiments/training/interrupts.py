@@ -67,7 +67,8 @@ def _resume_every_process(cfg: DictConfig) -> str:
     return (
         f"resume by starting all {jax.process_count()} processes again, each with its own "
         f"command plus trainer.resume=true trainer.run_dir="
-        f"{cli.hydra_quote(str(_run_dir(cfg)))} (process 0's: {resume_command(cfg)})"
+        f"{cli.hydra_quote(str(_run_dir(cfg)))} (process {jax.process_index()}'s: "
+        f"{resume_command(cfg)})"
     )
 
 
