@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bpjax._atomic import atomic_write_text
+
 # Seconds a survivor waits for the others to say they are alive (bpjax.distributed.process_lost).
 _MAX_ALIVE_WAIT = 10.0
 # Seconds the service outlives process 0 beyond that wait: a survivor's failed collective may
@@ -180,7 +182,7 @@ def _serve(settings: dict[str, Any]) -> int:
     path = pid_file(_port(settings["address"]))
     if told.strip() != "stop":
         with contextlib.suppress(OSError):
-            path.write_text(f"{os.getpid()} {time.time() + settings['linger']}\n")
+            atomic_write_text(path, f"{os.getpid()} {time.time() + settings['linger']}\n")
         time.sleep(settings["linger"])
     service.shutdown()
     with contextlib.suppress(OSError):

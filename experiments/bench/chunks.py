@@ -4,8 +4,10 @@ signal on against off.
 ``fit`` (``bpjax.trainer``) runs an epoch as ``make_chunk``'s order function and, for each
 ``(start, length)`` of ``chunk_plan(steps, chunk_steps)``, one jitted chunk (a ``lax.scan`` of
 ``length`` steps) followed by ``jax.device_get`` of that chunk's per-step metrics, a finiteness
-check and the loss sum (and it reads the step count before each chunk): progress, Ctrl-C and
-checkpoints act between chunks. ``fit_epoch`` does exactly that, without the callbacks. The
+check and the loss sum (and it reads the last state's step count): progress, Ctrl-C and
+checkpoints act between chunks. Within an epoch it dispatches the next chunk before it fetches
+a chunk's metrics (the device trains while the host reads them). ``fit_epoch`` does exactly
+that, without the callbacks. The
 whole-epoch scan (``make_epoch``) is one call with the same steps; it fetches its metrics the
 same way once, so the two differ by the chunking only.
 
@@ -89,12 +91,19 @@ def fit_epoch(
         info = info or chunk_info  # the longest chunk's
     info = {**info, "order_compile_s": order_info["compile_s"], "chunk_executables": len(chunks)}
 
+    def dispatch(state, order, k):
+        start, length = plan[k]
+        return chunks[length](state, x, y, order, jnp.int32(start))
+
     def run(state):
         order = order_c(state, epoch_index)
         parts, loss_sum, finite = [], 0.0, True
-        for start, length in plan:
-            int(state.step)  # fit reads the step count before each chunk (its error messages)
-            state, metrics = chunks[length](state, x, y, order, jnp.int32(start))
+        following = dispatch(state, order, 0)
+        for k in range(len(plan)):
+            before, (state, metrics) = state, following
+            # fit dispatches the next chunk before it fetches this one's metrics
+            following = dispatch(state, order, k + 1) if k + 1 < len(plan) else None
+            int(before.step)  # fit reads the last state's step count (its error messages)
             losses, chunk_sum, chunk_finite = _fetch(metrics)
             parts.append(losses)
             loss_sum, finite = loss_sum + chunk_sum, finite and chunk_finite
