@@ -10,7 +10,6 @@ others with ``bpjax.distributed.ProcessLost``.
 
 import contextlib
 import math
-import re
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -49,22 +48,18 @@ def _naming_lost_processes(manager: CheckpointManager | None):
         raise lost from e
 
 
-# A KeyboardInterrupt of this process's own signal: deferred_interrupts' for a second signal,
-# _stopped_by's for a held one (else it names another process's, or none).
-_OWN_SIGNAL = re.compile(r"signal \d+")
-
-
-def _stopped_by(interrupts: distributed.Interrupts, agreed: bool | int = False) -> str:
-    """The message of the ``KeyboardInterrupt`` that stops every process after the same chunk:
-    ``signal N`` where this process received signal N (a caller's exit status follows it:
-    128 + N, SIGTERM 143, Ctrl-C 130), as ``deferred_interrupts`` says a second one; a process
-    stopped by another's signal (``agree``'s ``agreed``), none of its own, names that one, so
-    that every process of the job exits alike."""
+def _stopped_by(
+    interrupts: distributed.Interrupts, agreed: bool | int = False
+) -> distributed.Interrupted:
+    """The interrupt that stops every process after the same chunk: this process's own signal
+    where it received one (held: ``interrupts``), else the one another process received
+    (``agree``'s ``agreed``: a signal's number, or a bool for a plain request), so that every
+    process of the job exits alike (128 + the signal)."""
     if interrupts.requested:
-        return f"signal {interrupts.requested}"
+        return distributed.Interrupted(interrupts.requested)
     if agreed > 1:  # a signal's number (agree gives a bool for a plain request)
-        return f"signal {agreed} (received by another process of the job)"
-    return "interrupted (a signal to a process of the job)"
+        return distributed.Interrupted(agreed, own=False)
+    return distributed.Interrupted()
 
 
 class _Schedule(NamedTuple):
@@ -171,10 +166,12 @@ class _Epochs:
                     self.checkpoint(unfinished, **self.in_progress)
                 elif self.history and self.history[-1]["epoch"] != self.saved_epoch:
                     self.checkpoint(self.history[-1])
-                if interrupts.requested and not _OWN_SIGNAL.fullmatch(str(interrupt)):
+                if interrupts.requested and not (
+                    isinstance(interrupt, distributed.Interrupted) and interrupt.own
+                ):
                     # This process's own signal came (held) while it stopped for another's: the
                     # interrupt names it, as the exit status does (128 + it).
-                    raise KeyboardInterrupt(_stopped_by(interrupts)) from None
+                    raise _stopped_by(interrupts) from None
                 raise
 
     def train_epoch(self, epoch: int, interrupts: distributed.Interrupts) -> dict[str, Any]:
@@ -235,7 +232,7 @@ class _Epochs:
                 for callback in self.schedule.on_chunk:
                     callback(chunk_record)
                 if self.stop and done < self.steps_per_epoch:  # every process, the same chunk
-                    raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
+                    raise _stopped_by(interrupts, self.stop)
             except BaseException:
                 # Chunk k + 1 is discarded (not counted, not saved), once it has run: no
                 # computation is left in flight when the process exits, and in a job every
@@ -317,7 +314,7 @@ class _Epochs:
         # the run ends as it would have (its test metrics), not as one to resume.
         _, self.stop = distributed.agree({}, stop=self.stop or interrupts.requested)
         if self.stop and epoch < schedule.epochs and not self.stopped_early:
-            raise KeyboardInterrupt(_stopped_by(interrupts, self.stop))
+            raise _stopped_by(interrupts, self.stop)
 
     def evaluate(self, record: dict[str, Any]) -> None:
         """Adds the evaluated splits' metrics to ``record`` and follows the best epoch."""

@@ -170,7 +170,7 @@ def train(
     with distributed.deferred_interrupts() as held:
         metrics = _train_joined(cfg, callbacks, t_start, compilations_before)
     if held.requested:
-        raise KeyboardInterrupt(f"signal {held.requested}")
+        raise distributed.Interrupted(held.requested)
     return metrics
 
 

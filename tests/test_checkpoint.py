@@ -27,7 +27,7 @@ import pytest
 from conftest import xla_flags
 from omegaconf import OmegaConf
 
-from bpjax import _atomic, checkpoint
+from bpjax import _atomic, checkpoint, distributed
 
 DATA = pathlib.Path(__file__).parent / "data" / "legacy_npz"
 
@@ -429,7 +429,7 @@ def test_an_interrupt_during_a_save_waits_for_it(tmp_path, monkeypatch, replace)
         await write_json(self, item, directory)
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise distributed.Interrupted(signum)
 
     manager = checkpoint.CheckpointManager(tmp_path, keep=2)
     if replace:

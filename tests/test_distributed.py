@@ -37,6 +37,7 @@ TESTED = {
     "EXIT_LOST": "test_kill_9_stops_the_other_process",
     "EXIT_NOT_STARTED": "test_unreachable_coordinator_is_one_error_line",
     "Cluster": "test_one_process_is_trivial",
+    "Interrupted": "test_interrupts_are_held_in_one_process_too",
     "Interrupts": "test_one_process_is_trivial",
     "JobMismatch": "test_library_across_processes",
     "ProcessFailed": "test_library_across_processes",
@@ -126,7 +127,7 @@ def test_interrupts_are_held_in_one_process_too():
     # One process holds a signal too (bpjax.fit checks it where its state and count of steps
     # agree); a second interrupts at once; the handlers are put back; SIG_DFL/SIG_IGN are left.
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise distributed.Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -134,8 +135,10 @@ def test_interrupts_are_held_in_one_process_too():
             assert isinstance(interrupts, distributed.Interrupts) and not interrupts.requested
             os.kill(os.getpid(), signal.SIGTERM)
             assert interrupts.requested == signal.SIGTERM  # held, not raised
-            with pytest.raises(KeyboardInterrupt, match="signal"):
+            with pytest.raises(distributed.Interrupted) as second:
                 os.kill(os.getpid(), signal.SIGTERM)
+            assert (second.value.signum, second.value.own) == (signal.SIGTERM, True)
+            assert str(second.value) == f"signal {signal.SIGTERM}"
         assert signal.getsignal(signal.SIGTERM) is interrupt
         # Nested (a job's start-up, then fit): the inner context starts with the held signal,
         # and stops at its first check (a SIGTERM while a 2-process job started up was lost).
@@ -767,3 +770,26 @@ def test_initialize_puts_its_service_in_jax_s_place_for_the_call_only(monkeypatc
         distributed.initialize(f"127.0.0.1:{_free_port()}", 1, 0)
     assert seen == [_service.start_service]
     assert jax_distributed._jax.get_distributed_runtime_service is original
+
+
+@pytest.mark.parametrize(
+    ("last_checkpoint", "expected"),
+    [
+        ("/runs/a/checkpoints/ckpt_000003", "resuming, to continue"),
+        (None, "no checkpoint was written yet; start all 1 processes again to run it from"),
+    ],
+)
+def test_a_lost_process_message_says_how_to_go_on(monkeypatch, last_checkpoint, expected):
+    # With nothing checkpointed it said "resuming" (a trial): there is nothing to resume.
+    from bpjax.distributed import _faults
+
+    monkeypatch.setattr(_faults, "_lost_after", lambda error: (0,))
+    lost = distributed.process_lost(
+        ValueError("Gloo AllGather failed: Connection reset by peer"),
+        last_checkpoint=last_checkpoint,
+    )
+    assert isinstance(lost, distributed.ProcessLost) and lost.lost == (0,)
+    text = str(lost)
+    assert text.startswith("process 0 (the coordinator) of 1 was lost") and expected in text
+    assert ("resuming" in text) == (last_checkpoint is not None)
+    assert "Gloo AllGather failed" in text

@@ -1445,8 +1445,8 @@ def test_an_interrupt_that_a_library_swallowed_is_raised_again(monkeypatch):
     ("interrupt", "status"),
     [
         (KeyboardInterrupt(), 130),  # Python's own Ctrl-C handler
-        (KeyboardInterrupt("signal 2"), 130),  # Ctrl-C through _raise_interrupt
-        (KeyboardInterrupt("signal 15"), 143),  # SIGTERM (it was 130, Ctrl-C's)
+        (distributed.Interrupted(2), 130),  # Ctrl-C through _raise_interrupt
+        (distributed.Interrupted(15), 143),  # SIGTERM (it was 130, Ctrl-C's)
     ],
 )
 def test_an_interrupt_while_hydra_starts_is_one_line_and_exit_128_plus_signal(
@@ -1479,19 +1479,39 @@ def test_interrupt_status_is_128_plus_the_signal_that_arrived(monkeypatch):
     with pytest.raises(KeyboardInterrupt) as raised:
         train_script._raise_interrupt(signal.SIGTERM, None)
     assert train_script.interrupt_status(raised.value) == 143
-    # held by the fit loop, then raised: the signal it names (bpjax._fit_loop._stopped_by)
-    assert train_script.interrupt_status(KeyboardInterrupt("signal 2")) == 130
-    # an interrupt that names none: the last one received here
-    assert train_script.interrupt_status(KeyboardInterrupt("interrupted (a signal...)")) == 143
+    # held by the fit loop, then raised: the signal it carries (bpjax._fit_loop._stopped_by)
+    assert train_script.interrupt_status(distributed.Interrupted(2)) == 130
+    # an interrupt that carries none: the last one received here
+    assert train_script.interrupt_status(distributed.Interrupted()) == 143
+    # text is not read: a plain KeyboardInterrupt naming a signal is Python's own Ctrl-C
+    monkeypatch.setattr(interrupts, "_SIGNALS", [])
+    assert train_script.interrupt_status(KeyboardInterrupt("signal 15")) == 130
     # a process of a job that received none stops with the job's (a 2-process SIGTERM to both
     # exited [143, 130] when one stopped before its own arrived): it exits as the others do
     interrupted = _fit_loop._stopped_by(distributed.Interrupts(), 15)
-    assert interrupted == "signal 15 (received by another process of the job)"
-    assert train_script.interrupt_status(KeyboardInterrupt(interrupted)) == 143
+    assert (interrupted.signum, interrupted.own) == (15, False)
+    assert str(interrupted) == "signal 15 (received by another process of the job)"
+    assert train_script.interrupt_status(interrupted) == 143
     own = distributed.Interrupts()
     own.requested = 2
-    assert _fit_loop._stopped_by(own, 15) == "signal 2"  # its own first
-    assert _fit_loop._stopped_by(distributed.Interrupts(), True).startswith("interrupted")
+    assert (_fit_loop._stopped_by(own, 15).signum, _fit_loop._stopped_by(own, 15).own) == (2, True)
+    assert str(_fit_loop._stopped_by(own, 15)) == "signal 2"  # its own first
+    plain = _fit_loop._stopped_by(distributed.Interrupts(), True)
+    assert plain.signum == 0 and str(plain).startswith("interrupted")
+
+
+@pytest.mark.parametrize("interrupt", [
+    distributed.Interrupted(15), distributed.Interrupted(2, own=False), distributed.Interrupted()
+])  # fmt: skip
+def test_interrupted_carries_its_signal_through_pickling(interrupt):
+    # A sweep's launcher (joblib, submitit) may pickle the exception back to its parent.
+    import pickle
+
+    again = pickle.loads(pickle.dumps(interrupt))
+    assert isinstance(again, KeyboardInterrupt) and isinstance(again, distributed.Interrupted)
+    assert (again.signum, again.own, str(again)) == (
+        interrupt.signum, interrupt.own, str(interrupt)
+    )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -586,7 +586,7 @@ class SignalAfterChunk(InterruptAfterChunk):
 @pytest.fixture
 def sigterm_interrupts():
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise distributed.Interrupted(signum)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     yield

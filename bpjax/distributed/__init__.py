@@ -37,6 +37,7 @@ from bpjax.distributed._agree import (
 )
 from bpjax.distributed._faults import (
     EXIT_LOST,
+    Interrupted,
     Interrupts,
     ProcessLost,
     deferred_interrupts,
@@ -60,6 +61,7 @@ __all__ = [
     "ENV_NUM_PROCESSES",
     "ENV_PROCESS_ID",
     "EXIT_LOST",
+    "Interrupted",
     "EXIT_NOT_STARTED",
     "Cluster",
     "Interrupts",

@@ -100,15 +100,15 @@ def process_lost(error: BaseException, *, last_checkpoint: Any = None) -> Proces
     names = ", ".join(str(i) for i in lost)
     role = " (the coordinator)" if lost == (0,) else ""
     first = first_line(error, 200) or type(error).__name__
-    kept = (
-        f"the last checkpoint, {last_checkpoint}, is complete"
-        if last_checkpoint is not None
-        else "no checkpoint was written yet"
-    )
+    if last_checkpoint is not None:
+        kept = f"the last checkpoint, {last_checkpoint}, is complete"
+        again = f"start all {count} processes again, resuming, to continue"
+    else:
+        kept = "no checkpoint was written yet"
+        again = f"start all {count} processes again to run it from the start"
     return ProcessLost(
         f"process {names}{role} of {count} was lost (it stopped answering after a collective "
-        f"failed: {first}); this process ({me}) stops too: {kept}; start all {count} "
-        f"processes again, resuming, to continue",
+        f"failed: {first}); this process ({me}) stops too: {kept}; {again}",
         lost=lost,
         process_id=me,
         num_processes=count,
@@ -122,6 +122,36 @@ def exit_now(status: int) -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(status)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A ``KeyboardInterrupt`` that knows the signal behind it, for the exit status (128 + the
+    signal: SIGTERM 143, Ctrl-C's SIGINT 130).
+
+    Attributes:
+        signum: the signal's number; 0 where no process is known to have received one.
+        own: whether this process received it, or another process of the job did (``fit``
+            stops every process after the same chunk, and each exits as the others do).
+
+    Its text is ``signal N``, with ``(received by another process of the job)`` where not own.
+    """
+
+    def __init__(self, signum: int = 0, *, own: bool = True):
+        self.signum, self.own = int(signum), bool(own)
+        if not self.signum:
+            text = "interrupted (a signal to a process of the job)"
+        elif self.own:
+            text = f"signal {self.signum}"
+        else:
+            text = f"signal {self.signum} (received by another process of the job)"
+        super().__init__(text)
+
+    def __reduce__(self):  # pickled (a sweep's launcher): rebuilt from its fields, not its text
+        return _interrupted, (type(self), self.signum, self.own)
+
+
+def _interrupted(cls: type[Interrupted], signum: int, own: bool) -> Interrupted:
+    return cls(signum, own=own)
 
 
 class Interrupts:
@@ -162,7 +192,7 @@ def deferred_interrupts() -> Iterator[Interrupts]:
     def hold(signum: int, frame: Any) -> None:
         del frame  # unused: only the signal matters
         if state.requested:
-            raise KeyboardInterrupt(f"signal {signum}")
+            raise Interrupted(signum)
         state.requested = signum
 
     previous = {}

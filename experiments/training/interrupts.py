@@ -3,14 +3,13 @@ swallowed it), and what an interrupted run says: where its last checkpoint is an
 that resumes it (every process's, in a job of several)."""
 
 import pathlib
-import re
 import signal
 from typing import Any
 
 import jax
 from omegaconf import DictConfig
 
-from bpjax import cli
+from bpjax import cli, distributed
 from bpjax.checkpoint import CheckpointManager, load_metadata
 from bpjax.reporting import count
 from training.config import ROOT, SCRIPT
@@ -81,26 +80,25 @@ _SIGNALS: list[int] = []
 def _raise_interrupt(signum, frame):
     del frame  # unused
     _SIGNALS.append(signum)
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise distributed.Interrupted(signum)
 
 
 def interrupt_status(error: KeyboardInterrupt) -> int:
     """The exit status of a process stopped by ``error``: 128 + the number of the signal that
     arrived (the shell's convention: SIGTERM 143, Ctrl-C's SIGINT 130). The signal is the one
-    the interrupt names (``signal N``: ``_raise_interrupt``'s, or ``bpjax.fit``'s held one:
-    this process's own, or, where it received none, the one another process of the job
-    received, so that all exit alike), else the last one recorded; Ctrl-C where neither says
-    (Python's own handler)."""
-    named = re.match(r"signal (\d+)", str(error))
-    if named:
-        return 128 + int(named.group(1))
+    the interrupt carries (``bpjax.distributed.Interrupted``'s ``signum``: ``_raise_interrupt``'s,
+    or ``bpjax.fit``'s held one: this process's own, or, where it received none, the one another
+    process of the job received, so that all exit alike), else the last one recorded; Ctrl-C
+    where neither says (Python's own handler: a plain ``KeyboardInterrupt``)."""
+    if isinstance(error, distributed.Interrupted) and error.signum:
+        return 128 + error.signum
     return 128 + (_SIGNALS[-1] if _SIGNALS else signal.SIGINT)
 
 
 def _stop_if_interrupted(*_: Any) -> None:
     """Raises ``KeyboardInterrupt`` again if a signal came and its interrupt was swallowed."""
     if _SIGNALS:
-        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
+        raise distributed.Interrupted(_SIGNALS[-1])
 
 
 def _handle_interrupts() -> None:
