@@ -104,7 +104,7 @@ def composition_error(
                 f"the config's files don't set needs the +)"
             )
         prefix = f"{group}." if group else ""
-        near = _suggest(leaf, valid, prefix).strip()
+        near = _suggest(leaf, valid, prefix)
         return f"{key} is not a setting{': ' + near if near else ''} (nothing reads it)"
     options = getattr(error, "options", None)
     missing = getattr(error, "missing_cfg_file", None)

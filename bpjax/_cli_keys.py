@@ -122,7 +122,13 @@ def check_bools(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[
 
 def _suggest(key: str, valid: Collection[str], prefix: str) -> str:
     near = difflib.get_close_matches(key, sorted(valid), n=1)
-    return f"did you mean {prefix}{near[0]}? " if near else ""
+    return f"did you mean {prefix}{near[0]}?" if near else ""
+
+
+def _unknown(head: str, key: str, valid: Collection[str], prefix: str, listing: str) -> str:
+    """``head: did you mean ...? (listing)``, or ``head (listing)`` where nothing is near."""
+    near = _suggest(key, valid, prefix)
+    return f"{head}: {near} ({listing})" if near else f"{head} ({listing})"
 
 
 def _check_target(node: dict, where: str, supplied: Collection[str], problems: list[str]) -> None:
@@ -144,8 +150,13 @@ def _check_target(node: dict, where: str, supplied: Collection[str], problems: l
         elif key not in names and not takes_any:
             valid = [n for n in names if n not in supplied]
             problems.append(
-                f"{prefix}{key} is not a parameter of {target}: {_suggest(key, valid, prefix)}"
-                f"({target} takes {', '.join(valid) or 'nothing'})"
+                _unknown(
+                    f"{prefix}{key} is not a parameter of {target}",
+                    key,
+                    valid,
+                    prefix,
+                    f"{target} takes {', '.join(valid) or 'nothing'}",
+                )
             )
     # A misspelt parameter also leaves the real one missing: the misspelling says it all.
     if len(problems) == reported and not node.get("_partial_", False) and "_args_" not in node:
@@ -235,8 +246,9 @@ def check_keys(
         if key not in schema:
             valid = [k for k in schema if k != "hydra"]
             problems.append(
-                f"{key} is not a setting: {_suggest(key, valid, '')}"
-                f"(top-level keys: {', '.join(valid)})"
+                _unknown(
+                    f"{key} is not a setting", key, valid, "", f"top-level keys: {', '.join(valid)}"
+                )
             )
         elif isinstance(value, dict) and "_target_" in value:
             _check_target(value, key, supplied.get(key, ()), problems)
@@ -244,9 +256,13 @@ def check_keys(
             for sub in value:
                 if sub not in schema[key]:
                     problems.append(
-                        f"{key}.{sub} is not a setting, and nothing reads it: "
-                        f"{_suggest(sub, schema[key], f'{key}.')}"
-                        f"({key} settings: {', '.join(schema[key])})"
+                        _unknown(
+                            f"{key}.{sub} is not a setting, and nothing reads it",
+                            sub,
+                            schema[key],
+                            f"{key}.",
+                            f"{key} settings: {', '.join(schema[key])}",
+                        )
                     )
             for sub, child in value.items():
                 _check_values(child, f"{key}.{sub}", problems)

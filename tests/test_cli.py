@@ -136,7 +136,16 @@ KEY_CASES = {
     ),
     "trainer": ({"trainer": {"epoch": 3}}, ["trainer.epoch", "trainer.epochs?"]),
     "top level": ({"sed": 1}, ["sed is not a setting", "did you mean seed?"]),
-    "no near key": ({"trainer": {"zzzzzz": 1}}, ["trainer.zzzzzz", "trainer settings: epochs"]),
+    # nothing near: no dangling colon before the list ("bogus is not a setting: (top-level")
+    "no near key": (
+        {"trainer": {"zzzzzz": 1}},
+        ["trainer.zzzzzz is not a setting, and nothing reads it (trainer settings: epochs"],
+    ),
+    "no near top-level key": ({"zzzzzz": 1}, ["zzzzzz is not a setting (top-level keys: seed"]),
+    "no near parameter": (
+        {"optimizer": {"qqqq": 1}},
+        ["optimizer.qqqq is not a parameter of optax.sgd (optax.sgd takes learning_rate"],
+    ),
     "supplied": ({"dataset": {"seed": 3}}, ["dataset.seed is set by the script itself"]),
     "unknown target": (
         {"model": {"_target_": "bpjax.mlpp"}},
