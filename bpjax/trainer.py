@@ -28,7 +28,7 @@ import optax
 
 from bpjax import credit, distributed
 from bpjax._fit_loop import _RAN_LENGTHS as _RAN_LENGTHS  # reachable here too, its first home
-from bpjax._fit_loop import _Epochs, _Schedule
+from bpjax._fit_loop import _Epochs, _naming_lost_processes, _Schedule
 from bpjax._fit_result import FitResult, ResumeError, TrainingDiverged
 from bpjax._fit_resume import _open_checkpoints, _start
 from bpjax._fit_setup import (
@@ -290,58 +290,61 @@ def fit(
         resume=resume,
         run_info=run_info,
     )
-    _check_same_job(  # before anything is compiled: the same job everywhere
-        data,
-        manager,
-        checkpoint_dir,
-        seed=seed,
-        batch_size=batch_size,
-        epochs=epochs,
-        grad_mode=grad_mode,
-        loss=loss_name,
-        monitor=monitor,
-        patience=patience,
-        eval_every=eval_every,
-        chunk_steps=chunk_steps,
-        devices=n_devices,
-    )
+    # A process lost from here on (the first collectives: the data and the state placed on the
+    # mesh) stops the others with its name, as in training (ProcessLost).
+    with _naming_lost_processes(manager):
+        _check_same_job(  # before anything is compiled: the same job everywhere
+            data,
+            manager,
+            checkpoint_dir,
+            seed=seed,
+            batch_size=batch_size,
+            epochs=epochs,
+            grad_mode=grad_mode,
+            loss=loss_name,
+            monitor=monitor,
+            patience=patience,
+            eval_every=eval_every,
+            chunk_steps=chunk_steps,
+            devices=n_devices,
+        )
 
-    # The data on the devices, the compiled functions, and the state to start from.
-    placed = _place_data(
-        data, mesh, loss_name=loss_name, n_outputs=n_outputs, eval_batch_size=eval_batch_size
-    )
-    compiled = _compiled(
-        net,
-        loss_fn,
-        optimizer,
-        batch_size=batch_size,
-        grad_mode=grad_mode,
-        compute_dtype=None if compute_dtype is None else compute_dtype.name,
-        batch_sharding=placed.batch_sharding,
-        grad_check_every=grad_check_every,
-        with_layer_stats=layer_stats,
-        task=data.task,
-        loss_name=loss_name,
-        rule_options=tuple(sorted(rule_options.items())),
-    )
-    state = init_state(
-        net,
-        optimizer,
-        jax.random.PRNGKey(seed),
-        (batch_size, *data.input_shape),
-        grad_mode=grad_mode,
-        rule_options=rule_options,
-    )
-    start = _start(
-        jax.device_put(state, placed.replicated),
-        manager,
-        resume_from,
-        replicated=placed.replicated,
-        run_info=run_info,
-        epochs=epochs,
-        steps_per_epoch=data.n_train // batch_size,
-        on_resume=on_resume,
-    )
+        # The data on the devices, the compiled functions, and the state to start from.
+        placed = _place_data(
+            data, mesh, loss_name=loss_name, n_outputs=n_outputs, eval_batch_size=eval_batch_size
+        )
+        compiled = _compiled(
+            net,
+            loss_fn,
+            optimizer,
+            batch_size=batch_size,
+            grad_mode=grad_mode,
+            compute_dtype=None if compute_dtype is None else compute_dtype.name,
+            batch_sharding=placed.batch_sharding,
+            grad_check_every=grad_check_every,
+            with_layer_stats=layer_stats,
+            task=data.task,
+            loss_name=loss_name,
+            rule_options=tuple(sorted(rule_options.items())),
+        )
+        state = init_state(
+            net,
+            optimizer,
+            jax.random.PRNGKey(seed),
+            (batch_size, *data.input_shape),
+            grad_mode=grad_mode,
+            rule_options=rule_options,
+        )
+        start = _start(
+            jax.device_put(state, placed.replicated),
+            manager,
+            resume_from,
+            replicated=placed.replicated,
+            run_info=run_info,
+            epochs=epochs,
+            steps_per_epoch=data.n_train // batch_size,
+            on_resume=on_resume,
+        )
     schedule = _Schedule(
         epochs=epochs,
         batch_size=batch_size,

@@ -688,6 +688,7 @@ def test_coordinator_port_in_use_is_one_error_line(tmp_path):
     (line,) = [x for x in err.splitlines() if x.strip()]
     assert line.startswith("error: trainer.distributed=true: jax.distributed.initialize()")
     assert f"127.0.0.1:{port}: its port is in use on this host" in line
+    assert "stop this job's other processes now" in line  # a trial: they would end that job
 
 
 def test_coordination_service_runs_in_a_process_of_its_own():

@@ -1221,3 +1221,25 @@ def test_damaged_checkpoint_warning_points_at_the_caller_of_fit(small, tmp_path)
     assert len(damaged) == 1
     assert damaged[0].filename == __file__  # this test, fit's caller
     assert pathlib.Path(bpjax.__file__).parent not in pathlib.Path(damaged[0].filename).parents
+
+
+@pytest.mark.parametrize("where", ["_place_data", "_start"])
+def test_a_process_lost_while_fit_starts_is_named(small, monkeypatch, tmp_path, where):
+    # A trial: process 0 killed while the job placed its first state on the mesh (a collective)
+    # left process 1 with a traceback and jax's abort; training's collectives were covered,
+    # fit's first ones were not. Here a failed collective in fit's set-up becomes ProcessLost.
+    failure = RuntimeError("UNKNOWN: Gloo AllGather failed: Connection closed by peer")
+
+    def fails(*args, **kwargs):
+        raise failure
+
+    def lost(error, *, last_checkpoint=None):
+        assert error is failure and last_checkpoint is None  # nothing saved yet
+        return distributed.ProcessLost("process 0 was lost", lost=(0,), process_id=1,
+                                       num_processes=2)  # fmt: skip
+
+    monkeypatch.setattr(trainer, where, fails)
+    monkeypatch.setattr(distributed, "process_lost", lost)
+    with pytest.raises(distributed.ProcessLost, match="process 0 was lost") as info:
+        fit(NET, CE, ADAM, small, epochs=1, checkpoint_dir=str(tmp_path), **SMALL)
+    assert info.value.__cause__ is failure

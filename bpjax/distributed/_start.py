@@ -299,7 +299,8 @@ def _not_joined(index: int | None, address: str | None, count: int | None, timeo
 
 _PORT_IN_USE = (
     "process 0 could not serve the coordinator at {address}: its port is in use on this host "
-    "(choose another port)"
+    "(choose another port for every process of this job; if another job's coordinator serves "
+    "it, stop this job's other processes now: joining that coordinator ends that job)"
 )
 
 
