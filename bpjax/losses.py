@@ -133,6 +133,22 @@ def _check_label_range(labels: jax.Array, n_classes: int) -> None:
         )
 
 
+def _one_hot_scattered(labels: jax.Array, n_classes: int, dtype: Any) -> jax.Array:
+    """``jax.nn.one_hot(labels, n_classes)`` for labels in range, built as a scatter of ones
+    into zeros (as autodiff's gradient of picking the labels' log-probabilities is).
+
+    The values are the same; the program is not. A scatter depends on the labels alone and
+    XLA:CPU doesn't fuse it, so the backward has a source independent of the forward pass, as
+    autodiff's has. Without one, a plain ``jax.jit`` of ``value_and_grad(..., mode="manual")``
+    and an optax update ran 7-22% slower than the same step in autodiff mode, kernel for kernel
+    the same (issue 10 #18; docs/benchmarks.md: XLA's runtime runs a program whose every
+    instruction depends on the one before differently).
+    """
+    flat = labels.reshape(-1)
+    ones = jnp.zeros((flat.shape[0], n_classes), dtype).at[jnp.arange(flat.shape[0]), flat].set(1)
+    return ones.reshape(*labels.shape, n_classes)
+
+
 def softmax_cross_entropy() -> Loss:
     """Cross-entropy of ``softmax(pred)`` against the targets, mean over examples.
 
@@ -174,7 +190,7 @@ def softmax_cross_entropy() -> Loss:
             nan_if_invalid = jnp.where(valid, 1, jnp.nan).astype(pred.dtype)
             picked = jnp.take_along_axis(log_probs, in_range[..., None], axis=-1)[..., 0]
             nll = -picked * nan_if_invalid
-            p_target = jax.nn.one_hot(in_range, n_classes, dtype=pred.dtype)
+            p_target = _one_hot_scattered(in_range, n_classes, pred.dtype)
             total = nan_if_invalid[..., None]  # a one-hot row sums to 1 (NaN: no valid label)
         else:
             if target.shape != pred.shape:

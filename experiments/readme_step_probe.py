@@ -1,4 +1,8 @@
-"""Why the README's plain training step is slower in manual mode (issue 10 #18): a probe.
+"""Why the README's plain training step was slower in manual mode (issue 10 #18): a probe.
+
+Fixed since (``softmax_cross_entropy`` builds its labels' one-hot as a scatter, a source of
+its own, as autodiff's program has): the probe now shows the README's manual step at parity;
+docs/benchmarks.md has both its runs, before and after.
 
 Times, interleaved in one process, the README's step (``jax.jit`` of ``bpjax.value_and_grad``
 followed by an optax SGD update) in manual and autodiff mode, the same manual step carrying an

@@ -443,3 +443,28 @@ def test_resolve():
         with pytest.raises(TypeError, match=r"must be a bpjax\.losses\.Loss or a loss") as info:
             losses.resolve(other, "f: loss")
         assert "call it" not in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (3, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_one_hot_scattered_is_one_hot(shape, dtype):
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 5, shape), jnp.int32)
+    got = losses._one_hot_scattered(labels, 5, dtype)
+    expected = jax.nn.one_hot(labels, 5, dtype=dtype)
+    assert got.dtype == expected.dtype and got.shape == expected.shape == (*shape, 5)
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(expected, np.float64))
+
+
+def test_the_manual_cross_entropy_backward_has_a_source_of_its_own():
+    # Issue 10 #18: a plain jax.jit of value_and_grad(mode="manual") + an update ran 7-22%
+    # slower than autodiff's, the same kernels: XLA:CPU's runtime runs a program whose every
+    # instruction depends on the one before differently. The labels' one-hot, a scatter (as in
+    # autodiff's program) rather than a fused one_hot, gives the backward an independent source
+    # (experiments/readme_step_probe.py times it; docs/benchmarks.md).
+    net = bpjax.mlp([16, 10])
+    _, params = net.init(jax.random.key(0), (32, 8))
+    x, y = jnp.ones((32, 8)), jnp.arange(32) % 10
+    for mode in ("manual", "autodiff"):
+        grad_fn = bpjax.value_and_grad(net, losses.softmax_cross_entropy(), mode=mode)
+        hlo = compile_as_users(grad_fn, params, x, y).as_text()
+        assert re.search(r"= \S+ scatter\(", hlo), mode
