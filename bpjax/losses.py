@@ -133,20 +133,25 @@ def _check_label_range(labels: jax.Array, n_classes: int) -> None:
         )
 
 
-def _one_hot_scattered(labels: jax.Array, n_classes: int, dtype: Any) -> jax.Array:
-    """``jax.nn.one_hot(labels, n_classes)`` for labels in range, built as a scatter of ones
-    into zeros (as autodiff's gradient of picking the labels' log-probabilities is).
+def _one_hot_scattered(
+    labels: jax.Array, n_classes: int, dtype: Any, scale: float = 1.0
+) -> jax.Array:
+    """``scale * jax.nn.one_hot(labels, n_classes)`` for labels in range, built as a scatter of
+    ``scale`` into zeros (as autodiff's gradient of picking the labels' log-probabilities is).
 
     The values are the same; the program is not. A scatter depends on the labels alone and
     XLA:CPU doesn't fuse it, so the backward has a source independent of the forward pass, as
     autodiff's has. Without one, a plain ``jax.jit`` of ``value_and_grad(..., mode="manual")``
     and an optax update ran 7-22% slower than the same step in autodiff mode, kernel for kernel
     the same (issue 10 #18; docs/benchmarks.md: XLA's runtime runs a program whose every
-    instruction depends on the one before differently).
+    instruction depends on the one before differently). Scattering the backward's ``1/batch``
+    itself, not ones then multiplied, leaves no product for XLA to contract with the
+    softmax's into a fused multiply-add: the float64 gradient stays bit for bit autodiff's.
     """
     flat = labels.reshape(-1)
-    ones = jnp.zeros((flat.shape[0], n_classes), dtype).at[jnp.arange(flat.shape[0]), flat].set(1)
-    return ones.reshape(*labels.shape, n_classes)
+    rows = jnp.arange(flat.shape[0])
+    hot = jnp.zeros((flat.shape[0], n_classes), dtype).at[rows, flat].set(scale)
+    return hot.reshape(*labels.shape, n_classes)
 
 
 def softmax_cross_entropy() -> Loss:
@@ -190,7 +195,10 @@ def softmax_cross_entropy() -> Loss:
             nan_if_invalid = jnp.where(valid, 1, jnp.nan).astype(pred.dtype)
             picked = jnp.take_along_axis(log_probs, in_range[..., None], axis=-1)[..., 0]
             nll = -picked * nan_if_invalid
-            p_target = _one_hot_scattered(in_range, n_classes, pred.dtype)
+            # the backward's p_target / batch, scattered (see _one_hot_scattered)
+            target_term = _one_hot_scattered(
+                in_range, n_classes, pred.dtype, scale=1.0 / _batch_count(pred.shape)
+            )
             total = nan_if_invalid[..., None]  # a one-hot row sums to 1 (NaN: no valid label)
         else:
             if target.shape != pred.shape:
@@ -202,7 +210,8 @@ def softmax_cross_entropy() -> Loss:
             p_target = target.astype(pred.dtype)
             nll = -jnp.sum(p_target * log_probs, axis=-1)
             total = jnp.sum(p_target, axis=-1, keepdims=True)
-        return jnp.mean(nll), (exps, sums, p_target, total)
+            target_term = p_target * (1.0 / _batch_count(pred.shape))
+        return jnp.mean(nll), (exps, sums, target_term, total)
 
     def backward(cache):
         """``dpred = (softmax(pred) * sum(p_target) - p_target) / batch``.
@@ -212,10 +221,10 @@ def softmax_cross_entropy() -> Loss:
         out-of-range label, as its value). ``softmax(pred)`` is the forward pass's exps over
         their row sums, scaled per row rather than per element.
         """
-        exps, sums, p_target, total = cache
+        exps, sums, target_term, total = cache  # target_term: p_target / batch
         inv_batch = 1.0 / _batch_count(exps.shape)
         row_scale = inv_batch / sums if total is None else total * inv_batch / sums
-        return exps * row_scale - p_target * inv_batch
+        return exps * row_scale - target_term
 
     return Loss(forward, backward, "softmax_cross_entropy")
 
