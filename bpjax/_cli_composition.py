@@ -16,7 +16,7 @@ from typing import Any
 from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from bpjax._cli_keys import _INSTANTIATE_KEYS, _suggest, schema_from_conf, target_parameters
+from bpjax._cli_keys import _INSTANTIATE_KEYS, _unknown, schema_from_conf, target_parameters
 
 
 def _chosen_option(conf_dir: pathlib.Path, group: str, overrides: Sequence[str]) -> str | None:
@@ -104,8 +104,7 @@ def composition_error(
                 f"the config's files don't set needs the +)"
             )
         prefix = f"{group}." if group else ""
-        near = _suggest(leaf, valid, prefix)
-        return f"{key} is not a setting{': ' + near if near else ''} (nothing reads it)"
+        return _unknown(f"{key} is not a setting", leaf, valid, prefix, "nothing reads it")
     options = getattr(error, "options", None)
     missing = getattr(error, "missing_cfg_file", None)
     if options and missing:

@@ -93,7 +93,7 @@ def _close_pipes(process: subprocess.Popen) -> None:
 def _port_in_use(address: str) -> bool:
     """Whether another program listens on ``address``'s port here, where process 0 is to serve
     the coordinator on every interface (as jax binds it, address reuse allowed)."""
-    port = int(address.rpartition(":")[2])
+    port = int(_port(address))
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
         try:
             with socket.socket(family, socket.SOCK_STREAM) as probe:
