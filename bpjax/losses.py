@@ -223,8 +223,7 @@ def softmax_cross_entropy() -> Loss:
         """
         exps, sums, target_term, total = cache  # target_term: p_target / batch
         inv_batch = 1.0 / _batch_count(exps.shape)
-        row_scale = inv_batch / sums if total is None else total * inv_batch / sums
-        return exps * row_scale - target_term
+        return exps * (total * inv_batch / sums) - target_term
 
     return Loss(forward, backward, "softmax_cross_entropy")
 

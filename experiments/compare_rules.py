@@ -39,7 +39,6 @@ before anything trains. A run that diverges is recorded as such and the comparis
 """
 
 import csv
-import difflib
 import importlib.util
 import io
 import math
@@ -86,14 +85,12 @@ class CompareConfigError(ValueError):
 def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
     """``compare.rules`` and ``compare.seeds``, checked: lists, known, distinct, non-empty;
     and no other ``compare`` key (``+compare.rulez=...`` was ignored)."""
-    for key in cfg.compare:
-        if key not in ("rules", "seeds"):
-            near = difflib.get_close_matches(str(key), ["rules", "seeds"], n=1)
-            hint = f": did you mean compare.{near[0]}?" if near else ""
-            raise CompareConfigError(
-                f"compare.{key} is not a setting{hint} (nothing reads it; compare takes rules "
-                f"and seeds)"
-            )
+    problems = bpjax.cli.check_keys(
+        {"compare": OmegaConf.to_container(cfg.compare, resolve=False)},
+        {"compare": ["rules", "seeds"]},
+    )
+    if problems:
+        raise CompareConfigError(problems[0])
     for key in ("rules", "seeds"):  # a bare string would be read letter by letter
         if not isinstance(cfg.compare[key], ListConfig):
             example = "[manual,feedback_alignment]" if key == "rules" else "[0,1,2]"

@@ -193,7 +193,16 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
         ("compare.rules=manual", r"compare.rules must be a list, e.g. compare.rules=\[manual,"),
         ("compare.seeds=3", r"compare.seeds must be a list, e.g. compare.seeds=\[0,1,2\]; got 3"),
         # a key that nothing reads was ignored (+compare.rulez ran all five rules)
-        ("+compare.rulez=[manual]", r"compare.rulez is not a setting: did you mean compare.rules"),
+        (
+            "+compare.rulez=[manual]",
+            r"^compare.rulez is not a setting, and nothing reads it: did you mean compare.rules\? "
+            r"\(compare settings: rules, seeds\)$",
+        ),
+        (
+            "+compare.zzzz=1",
+            r"^compare.zzzz is not a setting, and nothing reads it "
+            r"\(compare settings: rules, seeds\)$",
+        ),
     ],
 )
 def test_bad_compare_settings_raise_before_any_run(override, match, tmp_path):
