@@ -76,7 +76,7 @@ from bench.points import MODES, Point, apply_quick, build, epoch_examples, synth
 from bench.report import format_tables, plain
 from bench.results import step_results
 from bench.rules import rule_epoch_results, rule_epochs, rule_results, rule_steps
-from bench.steps import point_steps, profile, write_hlo
+from bench.steps import point_steps, profile, profile_programs, write_hlo
 from bench.targets import control_summary, targets
 from bench.timing import ms, round_robin
 
@@ -133,6 +133,7 @@ def _time_steps(cfg: DictConfig, built: dict[str, Point], grid: list[dict]) -> t
     points = {name: step_results(point, steps[name], peak) for name, point in built.items()}
     for name, point in points.items():
         point["rules"] = rule_results(ruled[name]) if name in ruled else None
+        steps[name]["rule_steps"] = ruled.get(name)  # profiled with the point's steps
     return {"points": points, "matmul_reference": peak}, steps
 
 
@@ -144,17 +145,29 @@ def _dump_and_profile(cfg: DictConfig, points: dict, steps: dict, run_dir: Path 
         for path, r in p["paths"].items():
             r["hlo_files"] = files and files[path]
         p["profile"] = None
+        if p.get("rules") is not None:
+            p["rules"]["profile"] = None
         if name not in profiled:
             continue
         calls = int(cfg.profile_calls)
         print(f"profiling {name}: {calls} calls per mode", flush=True)
-        if run_dir is not None:
-            p["profile"] = profile(name, steps[name], calls, run_dir / "profile")
-        else:  # nowhere to keep the traces: summarise them, then let them go
-            with tempfile.TemporaryDirectory() as scratch:
-                p["profile"] = profile(name, steps[name], calls, Path(scratch))
-            for mode in MODES:
-                p["profile"][mode]["trace_dir"] = None
+        ruled = steps[name].get("rule_steps")
+        with tempfile.TemporaryDirectory() as scratch:  # nowhere to keep the traces: let them go
+            directory = run_dir / "profile" if run_dir is not None else Path(scratch)
+            p["profile"] = profile(name, steps[name], calls, directory)
+            if ruled is not None:  # the rule steps, manual's beside them
+                programs = {
+                    mode: (ruled["variants"][mode], ruled["executables"][mode])
+                    for mode in ruled["variants"]
+                    if mode != "control"
+                }
+                p["rules"]["profile"] = profile_programs(
+                    programs, calls, directory / name / "rules"
+                )
+        if run_dir is None:
+            for prof in (p["profile"], (p["rules"] or {}).get("profile")):
+                for mode in (m for m in prof or {} if m != "calls"):
+                    prof[mode]["trace_dir"] = None
 
 
 def _time_epochs(cfg: DictConfig, built: dict[str, Point], grid: list[dict], points: dict) -> None:

@@ -36,6 +36,7 @@ EPOCH_VARIANTS = (
     "scan_control",
 )
 PROFILED = "mlp-30"
+RULE_PAIR = ("manual", "sign_symmetry")
 ESTIMATOR_SUFFIX = {"paired": "_paired", "medians": "", "cpu": "_cpu"}
 EPOCH_RATIOS = ("scan_ratio", "scan_ratio_paired", "scan_ratio_cpu", "scan_control_ratio_paired")
 ENVIRONMENT_FIELDS = ("device_kind", "device_count", "jax", "jaxlib", "cpu_count", "platform")
@@ -333,6 +334,19 @@ def test_quick_run_profiles_and_dumps_hlo(quick_run):
         )
         # Every traced op is an instruction of that mode's step, with its opcode.
         assert any(op["opcode"] == "dot" or op["library"] for op in ops), ops
+    # The point's learning-rule steps are profiled too, manual's beside them (issue 12: where a
+    # rule's step spends its time), their traces under the point's own.
+    rules = result["points"][PROFILED]["rules"]
+    ruled = rules["profile"]
+    assert ruled["calls"] == profile["calls"]
+    assert [m for m in ruled if m != "calls"] == ["manual", *rules["vs_manual"]]
+    for mode, prof in ((m, p) for m, p in ruled.items() if m != "calls"):
+        assert prof["ops"] and 0 < prof["busy_us_per_call"] <= prof["op_us_per_call"] + 1e-9
+        assert Path(prof["trace_dir"]) == out / "profile" / PROFILED / "rules" / mode
+        assert any(op["opcode"] == "dot" or op["library"] for op in prof["ops"]), mode
+    for name, point in result["points"].items():
+        if name != PROFILED and point["rules"] is not None:
+            assert point["rules"]["profile"] is None, name
 
 
 def test_quick_run_reports_the_aa_control(quick_run):
@@ -356,6 +370,7 @@ def test_quick_run_prints_every_table(quick_run):
         "whole epochs (make_epoch: one lax.scan)",
         "optimized HLO of each step",
         f"profile of {PROFILED}",
+        f"profile of {PROFILED}'s rule steps",
         "learning rules: make_step(grad_mode=rule) against the manual step (state donated):",
         "learning rules as fit trains them:",
         "the alignment signal's cost:",
@@ -429,11 +444,14 @@ def test_without_control_every_section_runs_and_reports_no_aa_ratio():
 
 
 def test_profile_without_an_output_directory_summarises_and_keeps_no_traces():
-    cfg = quick_config(f"profile=[{PROFILED}]", *MINIMAL)
-    profile = benchmark.run(cfg)["points"][PROFILED]["profile"]
-    for mode in MODES:
-        assert profile[mode]["trace_dir"] is None
-        assert profile[mode]["ops"] and profile[mode]["op_us_per_call"] > 0
+    minimal = [o for o in MINIMAL if not o.startswith("quick_settings.rules.")]
+    rules = ("rules.modes=[sign_symmetry]", "rules.epochs=false")
+    cfg = quick_config(f"profile=[{PROFILED}]", *rules, *minimal)
+    point = benchmark.run(cfg)["points"][PROFILED]
+    for profile, modes in ((point["profile"], MODES), (point["rules"]["profile"], RULE_PAIR)):
+        for mode in modes:
+            assert profile[mode]["trace_dir"] is None
+            assert profile[mode]["ops"] and profile[mode]["op_us_per_call"] > 0
 
 
 @pytest.mark.slow

@@ -183,6 +183,24 @@ def test_trace_ops_sums_this_modules_ops_per_call(tmp_path):
     assert traced["concurrent_us_per_call"] == 40.5 - 15.0
 
 
+def test_trace_ops_sums_each_kind_of_op(tmp_path):
+    # A second copy (copy.2): the kinds table adds the ops its name shares without the ".<n>".
+    hlo = FAKE_HLO.replace("  %gemm", "  %copy.2 = f32[3,4]{1,0} copy(%copy.1)\n  %gemm")
+    events = [
+        _op_event("copy.1", 4.0),
+        _op_event("copy.2", 6.0),
+        _op_event("lib_fusion", 3.0),
+        _op_event("dot_general.2", 20.0),
+    ]
+    _write_trace(tmp_path, events)
+    kinds = measure.trace_ops(tmp_path, hlo, calls=2)["kinds"]
+    assert kinds == [
+        {"kind": "dot_general", "ops": 1, "us_per_call": 10.0},
+        {"kind": "copy", "ops": 2, "us_per_call": 5.0},
+        {"kind": "lib_fusion", "ops": 1, "us_per_call": 1.5},
+    ]
+
+
 def test_busy_time_is_the_union_of_intervals():
     assert measure.busy_time([]) == 0.0
     assert measure.busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0

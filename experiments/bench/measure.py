@@ -124,6 +124,8 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> dict[str, Any
     Returns:
       ``ops``: one row per op, slowest first: ``op``, ``opcode``, ``library`` (a library
       fusion's kind, e.g. ``__ynn_fusion``, else None), ``us_per_call``, ``events_per_call``.
+      ``kinds``: the same summed by kind (the op's name without its ``.<n>``: every ``copy``,
+      every ``ynn_fusion``), slowest first: ``kind``, ``ops``, ``us_per_call``.
       ``op_us_per_call``: the rows' sum. ``busy_us_per_call``: the time at least one op ran
       (the union of their intervals); runtimes that run independent ops concurrently (XLA's CPU
       thunk executor does) make it shorter than the sum, by ``concurrent_us_per_call``.
@@ -162,8 +164,16 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> dict[str, Any
         for op, total in time_us.items()
     ]
     op_us, busy_us = sum(time_us.values()) / calls, busy_time(intervals) / calls
+    kinds: dict[str, list] = {}
+    for row in rows:  # XLA names an op <kind>.<n> (``copy.3``, ``multiply_add_fusion.12``)
+        kind = kinds.setdefault(re.sub(r"\.\d+$", "", row["op"]), [0, 0.0])
+        kind[0], kind[1] = kind[0] + 1, kind[1] + row["us_per_call"]
     return {
         "ops": sorted(rows, key=lambda row: -row["us_per_call"]),
+        "kinds": [
+            {"kind": kind, "ops": n, "us_per_call": us}
+            for kind, (n, us) in sorted(kinds.items(), key=lambda item: -item[1][1])
+        ],
         "op_us_per_call": op_us,
         "busy_us_per_call": busy_us,
         "concurrent_us_per_call": op_us - busy_us,

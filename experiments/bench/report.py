@@ -180,33 +180,57 @@ def _hlo_table(result: dict[str, Any]) -> list[str]:
 
 def _profile_tables(result: dict[str, Any]) -> list[str]:
     lines = []
+    top = result["config"]["profile_top"]
     for name, p in result["points"].items():
-        if not p.get("profile"):
-            continue
-        prof = p["profile"]
-        rows = [("mode", "op", "opcode", "library", "us/call", "% of call")]
-        for mode in MODES:
-            wall = prof[mode]["wall_us_per_call"]
-            for op in prof[mode]["ops"][: result["config"]["profile_top"]]:
-                rows.append(
-                    (
-                        mode,
-                        op["op"],
-                        op["opcode"],
-                        op["library"] or "",
-                        f"{op['us_per_call']:.1f}",
-                        f"{100 * op['us_per_call'] / wall:.1f}",
-                    )
-                )
-        calls = prof["calls"]
-        walls = "; ".join(
-            f"{m} {prof[m]['wall_us_per_call']:.1f} us wall, ops {prof[m]['op_us_per_call']:.1f}"
-            f" us, busy {prof[m]['busy_us_per_call']:.1f} us"
-            for m in MODES
-        )
-        lines += ["", f"profile of {name} ({calls} traced calls; per call: {walls}):"]
-        lines += columns(rows)
+        if p.get("profile"):
+            lines += _profile_table(f"profile of {name}", p["profile"], top)
+        if (p.get("rules") or {}).get("profile"):
+            lines += _profile_table(f"profile of {name}'s rule steps", p["rules"]["profile"], top)
     return lines
+
+
+def _profile_table(title: str, prof: dict[str, Any], top: int) -> list[str]:
+    """One profile's table: each mode's ``top`` slowest ops (``bench.steps.profile_programs``)."""
+    modes = [mode for mode in prof if mode != "calls"]
+    rows = [("mode", "op", "opcode", "library", "us/call", "% of call")]
+    for mode in modes:
+        wall = prof[mode]["wall_us_per_call"]
+        for op in prof[mode]["ops"][:top]:
+            rows.append(
+                (
+                    mode,
+                    op["op"],
+                    op["opcode"],
+                    op["library"] or "",
+                    f"{op['us_per_call']:.1f}",
+                    f"{100 * op['us_per_call'] / wall:.1f}",
+                )
+            )
+    walls = "; ".join(
+        f"{m} {prof[m]['wall_us_per_call']:.1f} us wall, ops {prof[m]['op_us_per_call']:.1f}"
+        f" us, busy {prof[m]['busy_us_per_call']:.1f} us"
+        for m in modes
+    )
+    kinds = [("mode", "kind", "ops", "us/call", "% of call")]
+    for mode in modes:
+        wall = prof[mode]["wall_us_per_call"]
+        kinds += [
+            (
+                mode,
+                k["kind"],
+                str(k["ops"]),
+                f"{k['us_per_call']:.1f}",
+                f"{100 * k['us_per_call'] / wall:.1f}",
+            )
+            for k in prof[mode]["kinds"][:top]
+        ]
+    return [
+        "",
+        f"{title} ({prof['calls']} traced calls; per call: {walls}):",
+        *columns(rows),
+        f"by kind (the op's name without its .<n>), the {top} slowest per mode:",
+        *columns(kinds),
+    ]
 
 
 def _targets_table(result: dict[str, Any]) -> list[str]:

@@ -41,13 +41,13 @@ def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> di
       rules: the learning rules to time.
 
     Returns:
-      ``variants`` (``manual``, each rule, ``control``: the same calls per sample), ``info``
-      and ``groups``.
+      ``variants`` (``manual``, each rule, ``control``: the same calls per sample), their
+      compiled ``executables`` (for profiles), ``info`` and ``groups``.
     """
     x, y = synthetic_data(cfg, point.example_shape, point.n_outputs, point.batch, seed)
     options = rule_options(cfg)
     names = ["manual", *rules, *(["control"] if cfg.control else [])]
-    variants, info = {}, {}
+    variants, info, executables = {}, {}, {}
     for name in names:
         mode = "manual" if name == "control" else name
         state = state_for(point, mode, options)
@@ -57,12 +57,18 @@ def rule_steps(cfg: DictConfig, point: Point, seed: int, rules: list[str]) -> di
         if cfg.rules.donate:  # each variant's own copy: a donated state is consumed by the call
             step, state = jax.jit(step, donate_argnums=0), jax.tree_util.tree_map(jnp.copy, state)
         compiled, info[name] = compile_timed(step, state, x, y)
+        executables[name] = compiled
         variants[name] = Variant(
             lambda s, c=compiled: c(s, x, y)[0], state, warmup=cfg.warmup, block=cfg.block_seconds
         )
     print(f"  compiled {point.name} rule steps: {', '.join(rules)}", flush=True)
     equalize_calls(list(variants.values()))
-    return {"variants": variants, "info": info, "groups": [[variants[n] for n in names]]}
+    return {
+        "variants": variants,
+        "executables": executables,
+        "info": info,
+        "groups": [[variants[n] for n in names]],
+    }
 
 
 def rule_results(built: dict[str, Any]) -> dict[str, Any]:

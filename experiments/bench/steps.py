@@ -88,11 +88,21 @@ def profile(name: str, built: dict, calls: int, directory: Path) -> dict[str, An
     plugin or Perfetto); the summary is ``trace_ops``'s table per mode, plus the wall time per
     call while tracing (the profiler adds overhead, so compare it only with the other mode).
     """
+    timed = built["paths"]["make_step"]
+    programs = {mode: (timed["variants"][mode], timed["executables"][mode]) for mode in MODES}
+    return profile_programs(programs, calls, directory / name)
+
+
+def profile_programs(
+    programs: dict[str, tuple[Variant, Any]], calls: int, directory: Path
+) -> dict[str, Any]:
+    """``profile`` for any named (variant, compiled program) pairs, e.g. a point's learning-rule
+    steps (``bench.rules.rule_steps``' variants and ``executables``): ``calls`` chained calls of
+    each traced into ``directory/<name>``; ``{"calls": calls, <name>: trace_ops' table, the
+    wall time per call and the trace's directory}``."""
     out: dict[str, Any] = {"calls": calls}
-    for mode in MODES:
-        timed = built["paths"]["make_step"]
-        variant, compiled = timed["variants"][mode], timed["executables"][mode]
-        trace_dir = directory / name / mode
+    for mode, (variant, compiled) in programs.items():
+        trace_dir = directory / mode
         carry = variant.carry
         jax.block_until_ready(carry)
         with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
@@ -101,6 +111,7 @@ def profile(name: str, built: dict, calls: int, directory: Path) -> dict[str, An
                 carry = variant.call(carry)
             jax.block_until_ready(carry)
             wall = time.perf_counter() - start
+        variant.carry = carry  # a donated carry is consumed by the call
         out[mode] = {
             "trace_dir": str(trace_dir),
             "wall_us_per_call": 1e6 * wall / calls,
