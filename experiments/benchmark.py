@@ -47,7 +47,8 @@ Convention (the method):
   (``grad_check``, ``chunked``, ``bench.chunks``): epochs as ``fit`` runs them, in chunks.
 * ``max_isa`` caps XLA's CPU code generation (``XLA_FLAGS=--xla_cpu_max_isa``) for the run, so
   an AVX-512 host runs as if on an older ISA; the environment records the ISA used
-  (``bench.env``). ``dump_hlo`` writes the HLO text, ``profile`` traces chosen points.
+  (``bench.env``). ``dump_hlo`` writes the HLO text, ``profile`` traces chosen points (and
+  their rule steps, where they are ``rules`` points).
 
 This file is the entry point; ``experiments/bench/`` holds the parts; the math is ``bpjax``'s.
 """
