@@ -82,6 +82,9 @@ from bench.targets import control_summary, targets
 from bench.timing import ms, round_robin
 
 from bpjax._atomic import atomic_write_text
+from bpjax.cli import check_keys, run_command_line
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _matmul_reference(references: list) -> dict[str, Any]:
@@ -221,6 +224,39 @@ def _time_epochs(cfg: DictConfig, built: dict[str, Point], grid: list[dict], poi
         p["rule_epochs"] = rule_epoch_results(ruled[name]) if name in ruled else None
 
 
+class BenchmarkConfigError(ValueError):
+    """A setting the benchmark refuses, before anything compiles (the script: one line, exit 2)."""
+
+
+def _schema() -> dict[str, Any]:
+    """``conf/benchmark.yaml``'s keys, and the keys of each of its sections (``rules``,
+    ``targets``, ``quick_settings``, ...), for ``bpjax.cli.check_keys``."""
+    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "benchmark.yaml"), resolve=False)
+    conf.pop("hydra", None)
+    return {key: list(value) if isinstance(value, dict) else None for key, value in conf.items()}
+
+
+def _checked(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig, list[dict]]:
+    """The config to run (``quick_settings`` applied) and its grid, every setting checked.
+
+    Raises:
+      ValueError: a key nothing reads (a typo: ``+profil=[mlp-30]``), then as ``run``.
+    """
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # Hydra checks its own
+    unread = check_keys(config, _schema())
+    if unread:
+        raise ValueError("; ".join(unread))
+    request_max_isa(cfg.get("max_isa"))  # before anything starts XLA's backend
+    if cfg.quick:
+        cfg = apply_quick(cfg)
+    grid = OmegaConf.to_container(cfg.grid, resolve=True)
+    check_config(cfg, grid)
+    if cfg.get("dump_hlo") and output_dir is None:
+        raise ValueError("dump_hlo=true needs an output directory to write the HLO into")
+    return cfg, grid
+
+
 def run(
     cfg: DictConfig, output_dir: str | Path | None = None, *, command: str | None = None
 ) -> dict[str, Any]:
@@ -239,17 +275,14 @@ def run(
       ``runtime_s``.
 
     Raises:
-      ValueError: any bad setting (``bench.config.check_config``, ``max_isa``), before any
-        compilation.
+      BenchmarkConfigError (a ValueError): any bad setting (a key nothing reads,
+        ``bench.config.check_config``, ``max_isa``), before any compilation.
     """
     start = time.perf_counter()
-    request_max_isa(cfg.get("max_isa"))  # before anything starts XLA's backend
-    if cfg.quick:
-        cfg = apply_quick(cfg)
-    grid = OmegaConf.to_container(cfg.grid, resolve=True)
-    check_config(cfg, grid)
-    if cfg.get("dump_hlo") and output_dir is None:
-        raise ValueError("dump_hlo=true needs an output directory to write the HLO into")
+    try:
+        cfg, grid = _checked(cfg, output_dir)
+    except ValueError as e:
+        raise BenchmarkConfigError(str(e)) from e
     env = environment()
     print(f"benchmark: {len(grid)} grid points on {env['device_kind']} (jax {env['jax']})")
     if cfg.quick:
@@ -283,10 +316,16 @@ def run(
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Runs the benchmark; ``benchmark.json`` lands in Hydra's run directory."""
+    """Runs the benchmark; ``benchmark.json`` lands in Hydra's run directory. A bad setting is
+    one ``error:`` line, exit 2, before anything compiles."""
     command = shlex.join(["python", "experiments/benchmark.py", *sys.argv[1:]])
-    run(cfg, output_dir=HydraConfig.get().runtime.output_dir, command=command)
+    try:
+        run(cfg, output_dir=HydraConfig.get().runtime.output_dir, command=command)
+    except BenchmarkConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    # Hydra's own refusals of the command line (bad syntax, a key without its +): one line too.
+    run_command_line(main, ROOT / "conf", config_name="benchmark")

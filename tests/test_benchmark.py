@@ -499,6 +499,14 @@ def test_script_writes_json_to_the_hydra_run_dir_and_caps_the_isa(tmp_path):
         (("chunked.mode=backprop",), r"chunked.mode: unknown mode 'backprop'"),
         (("quick_settings.chunked.chunk_steps=-1",), r"chunk_steps must be .*, got -1"),
         (("max_isa=AVX3",), r"max_isa: unknown ISA 'AVX3' \(XLA would only log"),
+        (("profile=[mlp-30]", "profile_calls=0"), r"profile_calls must be a positive integer"),
+        (("profile=[mlp-30]", "profile_top=-1"), r"profile_top must be a positive integer"),
+        # a key nothing reads was ignored: +profil=[mlp-30] ran without profiling (trial)
+        (("+profil=[mlp-30]",), r"^profil is not a setting: did you mean profile\? \(top-level"),
+        (
+            ("+rules.pointz=[mlp-30]",),
+            r"^rules.pointz is not a setting, .*did you mean rules\.points",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else v[0],
 )
@@ -506,6 +514,27 @@ def test_a_bad_setting_is_one_error_before_anything_compiles(overrides, message,
     with pytest.raises(ValueError, match=message):
         benchmark.run(quick_config(*overrides))
     assert "compiled" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("profile=[mlp-3o]", "error: profile: unknown grid points ['mlp-3o']"),
+        ("+profil=[mlp-30]", "error: profil is not a setting: did you mean profile?"),
+        ("profil=[mlp-30]", "error: profil is not a setting: did you mean profile?"),  # Hydra's
+    ],
+)
+def test_the_script_says_a_bad_setting_in_one_line(override, line, tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "quick=true", override, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith(line) and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr and not (tmp_path / "benchmark.json").exists()
 
 
 def test_max_isa_in_a_process_whose_backend_started_says_how_to_run_it():

@@ -201,6 +201,16 @@ def test_trace_ops_sums_each_kind_of_op(tmp_path):
     ]
 
 
+def test_trace_ops_without_overlap_reports_no_concurrency(tmp_path):
+    # One after another: the busy time is the ops' sum, up to rounding (these durations' sum
+    # and their intervals' union differ by -1.1e-16), which must not read as negative overlap.
+    timed = [("copy.1", 0.3, 0.1), ("dot_general.2", 0.6, 0.4), ("lib_fusion", 0.1, 1.0)]
+    _write_trace(tmp_path, [{**_op_event(op, dur), "ts": ts} for op, dur, ts in timed])
+    traced = measure.trace_ops(tmp_path, FAKE_HLO, calls=1)
+    assert traced["op_us_per_call"] < traced["busy_us_per_call"]  # the rounding, as said
+    assert traced["concurrent_us_per_call"] == 0.0
+
+
 def test_busy_time_is_the_union_of_intervals():
     assert measure.busy_time([]) == 0.0
     assert measure.busy_time([(0, 10), (5, 15), (20, 25), (21, 22), (30, 30)]) == 20.0

@@ -65,7 +65,8 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
       ValueError: a bad grid (``points.check_grid``); an unknown ``targets.ratio``; ``paths``
         empty, repeated, unknown or without ``make_step`` (the points' headline figures);
         unknown points in ``profile``, ``rules.points``, ``grad_check.point`` or
-        ``chunked.points``; a rule point that is not an MLP; an unknown rule or mode; rule
+        ``chunked.points``; ``profile_calls`` or ``profile_top`` below 1 where ``profile``
+        names a point; a rule point that is not an MLP; an unknown rule or mode; rule
         options ``bpjax.train.check_rule`` refuses, or a rule that can't apply to its point;
         ``grad_check.every`` below 1; ``chunked.chunk_steps`` below 0.
     """
@@ -84,6 +85,12 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
             f"(the points' headline figures are its), got {paths}"
         )
     _known("profile", names_of(cfg.get("profile")), names)
+    for key in ("profile_calls", "profile_top"):  # 0 calls would trace nothing, silently
+        value = cfg.get(key)
+        if names_of(cfg.get("profile")) and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{key} must be a positive integer to profile, got {value!r}")
     options = rule_options(cfg) or {}
     rule_names = rule_points(cfg, grid)
     _known("rules.points", rule_names, names)

@@ -176,7 +176,7 @@ def trace_ops(trace_dir: str | Path, hlo_text: str, calls: int) -> dict[str, Any
         ],
         "op_us_per_call": op_us,
         "busy_us_per_call": busy_us,
-        "concurrent_us_per_call": op_us - busy_us,
+        "concurrent_us_per_call": max(0.0, op_us - busy_us),  # not -3e-14 for none
     }
 
 

@@ -228,7 +228,7 @@ def _profile_table(title: str, prof: dict[str, Any], top: int) -> list[str]:
         "",
         f"{title} ({prof['calls']} traced calls; per call: {walls}):",
         *columns(rows),
-        f"by kind (the op's name without its .<n>), the {top} slowest per mode:",
+        f"{title}, by kind (the op's name without its .<n>), the {top} slowest per mode:",
         *columns(kinds),
     ]
 
