@@ -12,8 +12,9 @@ to every rule; ``compare.rules`` (default: backprop, ``manual``, and the four ru
 ``experiments/train.py``'s ``train(cfg)`` with ``trainer.grad_mode=<rule> seed=<seed>`` in
 ``<run dir>/<rule>/seed<seed>/`` (its ``metrics.json``, TensorBoard events and checkpoints:
 ``tensorboard --logdir <run dir>`` shows the rules side by side, and ``hydra.run.dir=<run dir>
-trainer.resume=true`` continues an interrupted comparison, whose plot then shows the epochs run
-after the resume; Ctrl-C or SIGTERM stops it checkpointed, with that command, exit 130 or 143).
+trainer.resume=true`` continues an interrupted comparison, whose plot still shows every epoch
+(each run keeps its curves in ``curves.json``) and whose table marks the resumed runs' timings;
+Ctrl-C or SIGTERM stops it checkpointed, with that command, exit 130 or 143).
 The run directory gets:
 
 * ``comparison.csv``: one row per rule and seed: status (``completed``, ``diverged`` or
@@ -41,6 +42,7 @@ before anything trains. A run that diverges is recorded as such and the comparis
 import csv
 import importlib.util
 import io
+import json
 import math
 import pathlib
 import signal
@@ -99,8 +101,10 @@ def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
                 f"got {cfg.compare[key]!r}"
             )
     rules, seeds = list(cfg.compare.rules), list(cfg.compare.seeds)
+    if not rules:
+        raise CompareConfigError(f"compare.rules is empty: name at least one of {', '.join(MODES)}")
     unknown = [r for r in rules if r not in MODES]
-    if not rules or unknown or len(set(rules)) != len(rules):
+    if unknown or len(set(rules)) != len(rules):
         raise CompareConfigError(
             f"compare.rules must be distinct modes of {', '.join(MODES)}, got {rules}"
         )
@@ -140,21 +144,43 @@ def rule_config(cfg: DictConfig, rule: str, seed: int, run_dir: pathlib.Path) ->
 
 class Curves:
     """A ``fit`` callback: the test metric per epoch, and the total angle at each step that
-    measured it, at ``step / steps_per_epoch`` (step 0: before the first update)."""
+    measured it, at ``step / steps_per_epoch`` (step 0: before the first update).
 
-    def __init__(self, metric: str, steps_per_epoch: int):
-        self.metric, self.steps_per_epoch = metric, steps_per_epoch
-        self.epochs: list[tuple[int, float]] = []
-        self.angles: list[tuple[float, float]] = []  # (fractional epoch, degrees)
+    With ``path``, the curves are kept in that JSON file, rewritten (atomically) after every
+    record and read back by a resumed run, so a comparison continued with
+    ``trainer.resume=true`` plots every epoch, not only those run after the resume. Points are
+    keyed by epoch and step: a chunk that ran before an interrupt and runs again after the
+    resume (from the checkpoint before it) gives the same point once.
+    """
+
+    def __init__(self, metric: str, steps_per_epoch: int, path: pathlib.Path | None = None):
+        self.metric, self.steps_per_epoch, self.path = metric, steps_per_epoch, path
+        self._epochs: dict[int, float] = {}
+        self._angles: dict[float, float] = {}  # fractional epoch -> degrees
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            self._epochs = {int(e): float(v) for e, v in saved["epochs"]}
+            self._angles = {float(x): float(v) for x, v in saved["angles"]}
+
+    @property
+    def epochs(self) -> list[tuple[int, float]]:
+        return sorted(self._epochs.items())
+
+    @property
+    def angles(self) -> list[tuple[float, float]]:
+        return sorted(self._angles.items())
 
     def __call__(self, record: dict[str, Any]) -> None:
         step_metrics = record["step_metrics"]
         if f"test_{self.metric}" in record:
-            self.epochs.append((record["epoch"], float(record[f"test_{self.metric}"])))
+            self._epochs[int(record["epoch"])] = float(record[f"test_{self.metric}"])
         angles = np.asarray(step_metrics.get("alignment/total/angle", []))
         first = record["step"] - len(step_metrics["loss"])  # the epoch's first step
         for j in np.flatnonzero(np.isfinite(angles)):
-            self.angles.append(((first + j) / self.steps_per_epoch, float(angles[j])))
+            self._angles[(first + j) / self.steps_per_epoch] = float(angles[j])
+        if self.path is not None:
+            curves = {"epochs": self.epochs, "angles": self.angles}
+            atomic_write_text(self.path, json.dumps(curves, allow_nan=False))
 
 
 def _layer_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -205,13 +231,29 @@ def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: s
             ", ".join(str(r["best_epoch"]) for r in done if r.get("best_epoch") is not None) or "—",
             _summary([r.get("alignment/total/angle") for r in done], 2),
             *(_summary([r.get(n) for r in done], 2) for n in layers),
-            _summary([r.get("examples_per_second") for r in done], 0),
-            _summary([r.get("wall_seconds") for r in done], 1),
+            _summary([r.get("examples_per_second") for r in done], 0) + _resumed_mark(done),
+            _summary([r.get("wall_seconds") for r in done], 1) + _resumed_mark(done),
             str(len(done)),
             "; ".join(notes).replace("|", "/").replace("\n", " "),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(_resumed_mark([r]) for r in rows if r["status"] == "completed"):
+        lines.append(
+            "\n† resumed: examples/s and wall time count the part run after the resume "
+            "only (a run found already finished counts none)."
+        )
     return "\n".join(lines)
+
+
+def _resumed_mark(runs: Sequence[dict[str, Any]]) -> str:
+    """`` †`` where a run was resumed (its ``epochs_this_call`` short of its ``epochs``)."""
+    resumed = any(
+        isinstance(r.get("epochs_this_call"), int | float)
+        and isinstance(r.get("epochs"), int | float)
+        and r["epochs_this_call"] != r["epochs"]
+        for r in runs
+    )
+    return " †" if resumed else ""
 
 
 def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -> None:
@@ -290,6 +332,9 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
     net = instantiate(cfg.model, _convert_="all")
     batch_size = min(cfg.trainer.batch_size, data.n_train)  # train() refuses a larger one
     skipped = skipped_rules(rules, net, (batch_size, *data.input_shape))
+    if len(skipped) == len(rules):  # nothing would train: a comparison of nothing
+        reasons = "; ".join(f"{rule}: {why}" for rule, why in skipped.items())
+        raise CompareConfigError(f"no rule of compare.rules applies to this network ({reasons})")
     task_metric = "accuracy" if data.task == "classification" else "rmse"
     steps_per_epoch = data.n_train // batch_size
     title = f"{data.name}: {net.name}, seeds {', '.join(map(str, seeds))}"
@@ -303,7 +348,10 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
                 rows.append(row)
                 continue
             directory = run_dir / rule / f"seed{seed}"
-            curve = Curves(task_metric, steps_per_epoch)
+            curves_file = directory / "curves.json"
+            if not cfg.trainer.resume:  # a fresh run's curve starts empty
+                curves_file.unlink(missing_ok=True)
+            curve = Curves(task_metric, steps_per_epoch, curves_file)
             print(f"compare_rules: {rule}, seed {seed} -> {directory}", flush=True)
             metrics = script.train(rule_config(cfg, rule, seed, directory), callbacks=[curve])
             row.update(

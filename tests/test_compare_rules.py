@@ -187,7 +187,7 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
     [
         ("compare.rules=[manual,backprop]", "compare.rules must be distinct modes"),
         ("compare.rules=[manual,manual]", "compare.rules must be distinct modes"),
-        ("compare.rules=[]", "compare.rules"),
+        ("compare.rules=[]", r"^compare.rules is empty: name at least one of manual, autodiff, "),
         ("compare.seeds=[-1]", "compare.seeds must be distinct non-negative integers"),
         # a bare string was read letter by letter: got ['m', 'a', 'n', 'u', 'a', 'l'] (trial)
         ("compare.rules=manual", r"compare.rules must be a list, e.g. compare.rules=\[manual,"),
@@ -208,6 +208,19 @@ def test_the_runs_log_the_angles_to_tensorboard(comparison):
 def test_bad_compare_settings_raise_before_any_run(override, match, tmp_path):
     with pytest.raises(compare_rules.CompareConfigError, match=match):
         compare_rules.compare(compose(*TINY, override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_comparison_where_no_rule_applies_raises_before_any_run(tmp_path):
+    # It trained nothing, exited 0 and warned about angles measured at step 0 (trial).
+    cfg = compose(*TINY, RESIDUAL_TANH, "compare.rules=[direct_feedback_alignment]")
+    with pytest.raises(compare_rules.CompareConfigError) as raised:
+        compare_rules.compare(cfg, tmp_path / "run")
+    assert str(raised.value).startswith(
+        "no rule of compare.rules applies to this network (direct_feedback_alignment: "
+        "direct_feedback_alignment can't apply to this network: layer 1 (residual(tanh)) is a "
+        "residual block"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -346,3 +359,36 @@ def test_script_interrupted_says_how_to_continue_and_continues(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [r["status"] for r in read_csv(run_dir / "comparison.csv")] == ["completed"]
+    # The plot's curve has the epochs run before the interrupt too (a trial: it had only those
+    # after the resume, and none for a run found finished), and the table says whose timings
+    # cover only the part after the resume.
+    curves = json.loads((run_dir / "manual" / "seed0" / "curves.json").read_text())
+    assert {1, 2} <= {epoch for epoch, _ in curves["epochs"]}
+    table = (run_dir / "comparison.md").read_text()
+    manual = next(line for line in table.splitlines() if line.startswith("| manual |"))
+    assert manual.count(" †") == 2, manual  # examples/s and wall time
+    assert "† resumed: examples/s and wall time count the part run after the resume" in table
+
+
+def test_curves_persist_and_a_chunk_run_again_counts_once(tmp_path):
+    path = tmp_path / "curves.json"
+
+    def record(epoch, step, angles, test=None):
+        out = {"epoch": epoch, "step": step, "step_metrics": {
+            "loss": np.zeros(len(angles)), "alignment/total/angle": np.array(angles)}}  # fmt: skip
+        return out if test is None else {**out, "test_accuracy": test}
+
+    first = compare_rules.Curves("accuracy", steps_per_epoch=4, path=path)
+    first(record(1, 2, [80.0, np.nan]))  # steps 0-1 of epoch 1: step 0 measured
+    first(record(1, 4, [np.nan, 60.0], test=0.5))
+    # Resumed from a checkpoint before the second chunk: it runs again, then epoch 2.
+    again = compare_rules.Curves("accuracy", steps_per_epoch=4, path=path)
+    assert again.epochs == [(1, 0.5)] and again.angles == [(0.0, 80.0), (0.75, 60.0)]
+    again(record(1, 4, [np.nan, 60.0], test=0.5))
+    again(record(2, 8, [np.nan, 40.0, np.nan, np.nan], test=0.7))
+    assert again.epochs == [(1, 0.5), (2, 0.7)]
+    assert again.angles == [(0.0, 80.0), (0.75, 60.0), (1.25, 40.0)]
+    saved = json.loads(path.read_text())
+    assert saved == {"epochs": [[1, 0.5], [2, 0.7]], "angles": [[0.0, 80.0], [0.75, 60.0],
+                                                                 [1.25, 40.0]]}  # fmt: skip
+    assert compare_rules.Curves("accuracy", 4).epochs == []  # no path: nothing read

@@ -59,7 +59,7 @@ def check_network(net: Layer) -> None:
         if layer.combinator is not None or layer.sublayers:
             kind = layer.combinator or "combinator"
             raise ValueError(
-                f"direct_feedback_alignment can't apply to {net.name}: {_where(path, layer)} is "
+                f"direct_feedback_alignment can't apply to this network: {_where(path, layer)} is "
                 f"a {kind} block, and DFA is defined for a serial network only (each hidden "
                 f"layer's output is where the output error is injected; a branch has no single "
                 f"such place). feedback_alignment, sign_symmetry and kolen_pollack work through "
