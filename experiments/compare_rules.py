@@ -119,6 +119,27 @@ def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
     return rules, seeds
 
 
+# What compare_rules sets for each run itself, and where to say it instead.
+PER_RUN = {"seed": "compare.seeds", "trainer.grad_mode": "compare.rules"}
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuses a command line that sets what each run's config gets from ``compare``
+    (``seed=5`` ran seed 0, ``trainer.grad_mode=kolen_pollack`` the listed rules: silently).
+
+    Raises:
+      CompareConfigError: ``seed`` or ``trainer.grad_mode`` among ``overrides`` (Hydra's, as
+        given: ``seed=5``, ``+seed=5``, ``~seed``).
+    """
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in PER_RUN:
+            raise CompareConfigError(
+                f"{override}: compare_rules sets {key} for each run; give {PER_RUN[key]}="
+                f"[...] instead"
+            )
+
+
 def skipped_rules(rules: Sequence[str], net: Any, in_shape: tuple[int, ...]) -> dict[str, str]:
     """The rules that can't apply to ``net``, with the reason (``bpjax.train.check_rule``)."""
     reasons = {}
@@ -389,6 +410,7 @@ def main(cfg: DictConfig) -> None:
     # fit loop holds either until its state is checkpointed.
     signal.signal(signal.SIGTERM, script._raise_interrupt)
     try:
+        check_overrides(HydraConfig.get().overrides.task)
         compare(cfg, run_dir)
     except (CompareConfigError, script.ConfigError, script.ResumeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

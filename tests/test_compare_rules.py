@@ -224,6 +224,25 @@ def test_a_comparison_where_no_rule_applies_raises_before_any_run(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("override", "instead"),
+    [
+        ("seed=5", "compare.seeds"),
+        ("+seed=5", "compare.seeds"),
+        ("trainer.grad_mode=kolen_pollack", "compare.rules"),
+    ],
+)
+def test_what_each_run_gets_from_compare_is_refused_on_the_command_line(override, instead):
+    # seed=5 ran seed 0, and trainer.grad_mode=... the listed rules, silently (trial).
+    with pytest.raises(compare_rules.CompareConfigError) as raised:
+        compare_rules.check_overrides(["dataset=digits", override])
+    key = override.lstrip("+").split("=")[0]
+    assert str(raised.value) == (
+        f"{override}: compare_rules sets {key} for each run; give {instead}=[...] instead"
+    )
+    compare_rules.check_overrides(["dataset=digits", "compare.seeds=[5]", "trainer.epochs=1"])
+
+
 def test_a_bad_train_setting_raises_before_any_run(tmp_path):
     script = compare_rules.train_script()
     with pytest.raises(script.ConfigError, match="learning_rate"):
