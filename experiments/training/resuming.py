@@ -19,6 +19,11 @@ from training.run_dir import _has_checkpoints
 
 # Settings a resume is expected to change; every other difference is reported.
 _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
+# Settings a resumed run reads only at its start: a change is reported with why it does nothing.
+_READ_AT_START = {
+    "trainer.feedback_distribution": "no effect: the feedback weights are the checkpoint's",
+    "trainer.feedback_scale": "no effect: the feedback weights are the checkpoint's",
+}
 
 
 def changed_settings(
@@ -26,8 +31,9 @@ def changed_settings(
 ) -> list[str]:
     """``key: saved -> now`` for each setting that differs from the config of checkpoint
     ``path`` (default: the latest in ``checkpoint_dir``); a longer ``trainer.epochs``, say, also
-    stretches a schedule fitted to the run's length. Empty without a checkpoint, or if it
-    can't be read: the resume itself then reports it."""
+    stretches a schedule fitted to the run's length. The feedback weights' draw options say
+    that they have no effect (the feedback is the checkpoint's). Empty without a checkpoint,
+    or if it can't be read: the resume itself then reports it."""
     if path is None and not _has_checkpoints(checkpoint_dir):
         return []
     try:
@@ -41,6 +47,7 @@ def changed_settings(
     missing = "<unset>"
     return [
         f"{k}: {before.get(k, missing)} -> {now.get(k, missing)}"
+        + (f" ({_READ_AT_START[k]})" if k in _READ_AT_START else "")
         for k in keys
         if before.get(k, missing) != now.get(k, missing)
     ]
