@@ -315,7 +315,7 @@ def test_script_multirun_writes_one_comparison_per_job(tmp_path):
             "trainer.epochs=1",
             "logger=none",
             "compare.rules=[manual,sign_symmetry]",
-            "seed=0,1",
+            "trainer.batch_size=16,32",  # (seed=0,1 swept nothing: each run's is compare's)
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
