@@ -39,29 +39,36 @@ unchanged, with nothing to forward), the epoch records that the plot needs come 
 before anything trains. A run that diverges is recorded as such and the comparison goes on.
 """
 
-import csv
 import importlib.util
-import io
-import json
-import math
 import pathlib
 import signal
-import statistics
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import hydra
-import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import bpjax.cli  # (also registers the resolvers conf/config.yaml uses)
-from bpjax._atomic import atomic_write, atomic_write_text
+from bpjax import sweep
+from bpjax._atomic import atomic_write_text
 from bpjax.grad import MODES
 from bpjax.train import check_rule
+
+if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # as a script, it is there
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from comparing.report import (
+    Curves,
+    format_table,
+    plot,
+    write_csv,
+)
+
+__all__ = ["Curves", "format_table", "plot", "write_csv"]  # re-exported: the script's parts
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TRAIN_SCRIPT: list[Any] = []
@@ -161,173 +168,6 @@ def rule_config(cfg: DictConfig, rule: str, seed: int, run_dir: pathlib.Path) ->
         one.trainer.run_dir = str(run_dir)
         one.seed = seed
     return one
-
-
-class Curves:
-    """A ``fit`` callback: the test metric per epoch, and the total angle at each step that
-    measured it, at ``step / steps_per_epoch`` (step 0: before the first update).
-
-    With ``path``, the curves are kept in that JSON file, rewritten (atomically) after every
-    record and read back by a resumed run, so a comparison continued with
-    ``trainer.resume=true`` plots every epoch, not only those run after the resume. Points are
-    keyed by epoch and step: a chunk that ran before an interrupt and runs again after the
-    resume (from the checkpoint before it) gives the same point once.
-    """
-
-    def __init__(self, metric: str, steps_per_epoch: int, path: pathlib.Path | None = None):
-        self.metric, self.steps_per_epoch, self.path = metric, steps_per_epoch, path
-        self._epochs: dict[int, float] = {}
-        self._angles: dict[float, float] = {}  # fractional epoch -> degrees
-        if path is not None and path.exists():
-            saved = json.loads(path.read_text())
-            self._epochs = {int(e): float(v) for e, v in saved["epochs"]}
-            self._angles = {float(x): float(v) for x, v in saved["angles"]}
-
-    @property
-    def epochs(self) -> list[tuple[int, float]]:
-        return sorted(self._epochs.items())
-
-    @property
-    def angles(self) -> list[tuple[float, float]]:
-        return sorted(self._angles.items())
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        step_metrics = record["step_metrics"]
-        if f"test_{self.metric}" in record:
-            self._epochs[int(record["epoch"])] = float(record[f"test_{self.metric}"])
-        angles = np.asarray(step_metrics.get("alignment/total/angle", []))
-        first = record["step"] - len(step_metrics["loss"])  # the epoch's first step
-        for j in np.flatnonzero(np.isfinite(angles)):
-            self._angles[(first + j) / self.steps_per_epoch] = float(angles[j])
-        if self.path is not None:
-            curves = {"epochs": self.epochs, "angles": self.angles}
-            atomic_write_text(self.path, json.dumps(curves, allow_nan=False))
-
-
-def _layer_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    names = {k for row in rows for k in row if k.startswith("alignment/layer")}
-    return sorted(
-        (n for n in names if n.endswith("/angle")),
-        key=lambda n: int(n.split("/")[1].removeprefix("layer")),
-    )
-
-
-def _summary(values: list[float], digits: int) -> str:
-    values = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
-    if not values:
-        return "—"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: str) -> str:
-    """The Markdown table: one line per rule, the mean (± sd) over its seeds."""
-    layers = _layer_columns(rows)
-    header = [
-        "rule",
-        # not the best of the plot's curve: the test metric of the best epoch's parameters
-        f"test {metric} (best epoch)",
-        "best epoch",
-        "total angle (°)",
-        *(f"{n.split('/')[1]} angle (°)" for n in layers),
-        # a seed's run may compile its programs and another reuse them: its wall time can't
-        # be averaged with theirs (it was 3.8 ± 4.8 s); examples/s leaves compilation out
-        "train examples/s (no compilation)",
-        "wall time (s, compilation included)",
-        "seeds",
-        "note",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for rule in rules:
-        runs = [r for r in rows if r["rule"] == rule]
-        done = [r for r in runs if r["status"] == "completed"]
-        notes = sorted(
-            {f"{r['status']}: {r['reason']}" for r in runs if r["status"] != "completed"}
-        )
-        cells = [
-            rule,
-            _summary([r.get(f"test_{metric}") for r in done], 4),
-            ", ".join(str(r["best_epoch"]) for r in done if r.get("best_epoch") is not None) or "—",
-            _summary([r.get("alignment/total/angle") for r in done], 2),
-            *(_summary([r.get(n) for r in done], 2) for n in layers),
-            _summary([r.get("examples_per_second") for r in done], 0) + _resumed_mark(done),
-            _summary([r.get("wall_seconds") for r in done], 1) + _resumed_mark(done),
-            str(len(done)),
-            "; ".join(notes).replace("|", "/").replace("\n", " "),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    if any(_resumed_mark([r]) for r in rows if r["status"] == "completed"):
-        lines.append(
-            "\n† resumed: examples/s and wall time count the part run after the resume "
-            "only (a run found already finished counts none)."
-        )
-    return "\n".join(lines)
-
-
-def _resumed_mark(runs: Sequence[dict[str, Any]]) -> str:
-    """`` †`` where a run was resumed (its ``epochs_this_call`` short of its ``epochs``)."""
-    resumed = any(
-        isinstance(r.get("epochs_this_call"), int | float)
-        and isinstance(r.get("epochs"), int | float)
-        and r["epochs_this_call"] != r["epochs"]
-        for r in runs
-    )
-    return " †" if resumed else ""
-
-
-def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -> None:
-    fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "best_epoch",
-             "alignment/total/angle"]  # fmt: skip
-    angles = sorted({k for row in rows for k in row if k.startswith("alignment/")} - set(fixed))
-    timing = ["examples_per_second", "wall_seconds", "compilations"]
-    columns = [*fixed, *angles, *timing, "run_dir"]
-    with io.StringIO(newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, f.getvalue())
-
-
-def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title: str) -> None:
-    """Test metric and total alignment angle vs epoch, one line per rule (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-    from matplotlib import pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for rule, runs in curves.items():
-        epochs = sorted({e for run in runs for e, _ in run.epochs})
-        if epochs:
-            means = [
-                statistics.fmean([v for run in runs for e, v in run.epochs if e == epoch])
-                for epoch in epochs
-            ]
-            left.plot(epochs, means, marker="o", markersize=3, label=rule)
-        points = sorted({x for run in runs for x, _ in run.angles})
-        if points:
-            means = [
-                statistics.fmean([v for run in runs for x, v in run.angles if x == point])
-                for point in points
-            ]
-            right.plot(points, means, marker="o", markersize=3, label=rule)
-    # every epoch's parameters, where the table has the best epoch's: said in the title
-    left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric} after every epoch")
-    right.set(
-        xlabel="epoch",
-        ylabel="angle to the true gradient (°)",
-        title="alignment: all parameters",
-        ylim=(0, 95),
-    )
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format=path.suffix[1:]))
-    plt.close(figure)
 
 
 def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
@@ -434,5 +274,6 @@ def interrupted_message(run_dir: pathlib.Path) -> str:
 
 
 if __name__ == "__main__":
+    sweep.pickle_by_value("comparing")  # for submitit's jobs
     # Hydra's refusals of the command line (compare.rulez=..., trainer.epoch=1) as one line
     bpjax.cli.run_command_line(main, ROOT / "conf", config_name="compare_rules")
