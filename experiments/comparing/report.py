@@ -142,6 +142,12 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -
         atomic_write_text(path, f.getvalue())
 
 
+def _mean_over_seeds(curves: list[list[tuple[float, float]]]) -> tuple[list, list[float]]:
+    """Every x any seed's curve has, and the mean of the seeds' values there."""
+    xs = sorted({x for curve in curves for x, _ in curve})
+    return xs, [statistics.fmean([v for c in curves for x, v in c if x == at]) for at in xs]
+
+
 def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title: str) -> None:
     """Test metric and total alignment angle vs epoch, one line per rule (mean over seeds)."""
     import matplotlib
@@ -151,20 +157,13 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for rule, runs in curves.items():
-        epochs = sorted({e for run in runs for e, _ in run.epochs})
-        if epochs:
-            means = [
-                statistics.fmean([v for run in runs for e, v in run.epochs if e == epoch])
-                for epoch in epochs
-            ]
-            left.plot(epochs, means, marker="o", markersize=3, label=rule)
-        points = sorted({x for run in runs for x, _ in run.angles})
-        if points:
-            means = [
-                statistics.fmean([v for run in runs for x, v in run.angles if x == point])
-                for point in points
-            ]
-            right.plot(points, means, marker="o", markersize=3, label=rule)
+        for axis, curve in (
+            (left, [run.epochs for run in runs]),
+            (right, [r.angles for r in runs]),
+        ):
+            xs, means = _mean_over_seeds(curve)
+            if xs:
+                axis.plot(xs, means, marker="o", markersize=3, label=rule)
     # every epoch's parameters, where the table has the best epoch's: said in the title
     left.set(xlabel="epoch", ylabel=f"test {metric}", title=f"test {metric} after every epoch")
     right.set(
