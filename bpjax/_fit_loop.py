@@ -22,7 +22,7 @@ import numpy as np
 from bpjax import distributed
 from bpjax._fit_parts import _concat, _is_better, _last_measured, _plan_from, _split_evaluator
 from bpjax._fit_result import FitResult, TrainingDiverged
-from bpjax._fit_resume import _Start
+from bpjax._fit_resume import LAST, _Start
 from bpjax.checkpoint import CheckpointManager
 from bpjax.train import updates_applied
 
@@ -104,7 +104,8 @@ class _Epochs:
         self.best, self.best_epoch, self.bad_evals = start.best, start.best_epoch, start.bad_evals
         self.best_params, self.best_net_state = start.best_params, start.best_net_state
         self.history: list[dict[str, Any]] = []
-        self.last_alignment: dict[str, float] = {}  # the last measured angles (grad_check_every)
+        # the last measured angles (grad_check_every), kept in checkpoints
+        self.last_alignment: dict[str, float] = dict(start.last_alignment)
         # A run that stopped early stays stopped when resumed (unless patience was raised).
         self.stopped_early = schedule.patience is not None and self.bad_evals >= schedule.patience
         # Training throughput is timed over the chunks whose program had already been compiled
@@ -137,6 +138,7 @@ class _Epochs:
                 "best_epoch": self.best_epoch,
                 "bad_evals": self.bad_evals,
                 **{k: v for k, v in record.items() if isinstance(v, int | float)},
+                **{LAST + name: value for name, value in self.last_alignment.items()},
                 **in_progress,
             },
             config=self.schedule.config,
@@ -221,6 +223,8 @@ class _Epochs:
                     {"epoch_step": start + length, "epoch_loss_sum": chunk_sum},
                 )
                 parts.append(chunk_metrics)
+                # per chunk: a checkpoint mid-epoch has the angles measured before it
+                self.last_alignment.update(_last_measured(chunk_metrics, "alignment/"))
                 chunk_record = {
                     "epoch": epoch,
                     "step": int(self.state.step),
@@ -245,7 +249,6 @@ class _Epochs:
         self.train_seconds += timed_seconds
         self.trained_examples += timed_examples
         step_metrics = _concat(parts)
-        self.last_alignment.update(_last_measured(step_metrics, "alignment/"))
         return {
             "epoch": epoch,
             "step": int(self.state.step),

@@ -25,7 +25,8 @@ class FitResult(NamedTuple):
         compiled its program, e.g. a single epoch in one chunk), ``steps`` (minibatch steps taken)
         and ``updates`` (optimizer updates applied: fewer than ``steps`` under gradient
         accumulation, ``optax.MultiSteps``); with
-        ``grad_check_every``, the last measured alignment of this call,
+        ``grad_check_every``, the run's last measured alignment (a resumed run's from before
+        its checkpoint, until it measures again),
         ``alignment/layer{i}/angle``, ``alignment/layer{i}/weight_angle`` (feedback rules) and
         ``alignment/total/angle``, in degrees (see ``bpjax.train.make_epoch``).
       history: one record per epoch run by this call.

@@ -102,6 +102,10 @@ def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
         ) from None
 
 
+# A checkpoint's metrics name the run's last measured angles "last_alignment/...".
+LAST = "last_"
+
+
 class _Start(NamedTuple):
     """Where ``fit``'s epochs start: a fresh state, or what a resume restored."""
 
@@ -114,6 +118,9 @@ class _Start(NamedTuple):
     best: float | None = None  # the best monitored value so far (None: none yet)
     best_epoch: int = -1
     bad_evals: int = 0  # evaluations without improvement since the best
+    # the last measured angles, (name, degrees) pairs: a measurement made before the
+    # checkpoint stays the run's last until the resumed run measures again
+    last_alignment: tuple[tuple[str, float], ...] = ()
 
 
 def _start(
@@ -232,6 +239,11 @@ def _resumed(
         best,
         best_epoch,
         bad_evals,
+        tuple(
+            (name.removeprefix(LAST), float(value))
+            for name, value in saved.items()
+            if name.startswith(LAST + "alignment/")
+        ),
     )
     return _with_best_kept(resumed, manager, replicated)
 

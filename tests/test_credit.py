@@ -1227,6 +1227,20 @@ def test_fit_resumes_a_rule_bit_identically(mode, rule_runs, digits_small, tmp_p
         )  # fmt: skip
 
 
+def test_a_resumed_run_keeps_the_angles_measured_before_its_checkpoint(digits_small, tmp_path):
+    # Measured at step 0 only, before the checkpoint: the resumed call measured nothing, and
+    # its metrics (metrics.json, compare_rules' table) had no angles at all (a trial).
+    options = {**FIT, "grad_mode": "feedback_alignment", "grad_check_every": 1000}
+    whole = trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=2, **options)
+    angles = {k: v for k, v in whole.metrics.items() if k.startswith("alignment/")}
+    assert "alignment/total/angle" in angles and "alignment/layer0/weight_angle" in angles
+    options["checkpoint_dir"] = str(tmp_path)
+    trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=1, **options)
+    resumed = trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=2, resume=True, **options)
+    assert [r["epoch"] for r in resumed.history] == [2]
+    assert {k: v for k, v in resumed.metrics.items() if k.startswith("alignment/")} == angles
+
+
 def forbid_compiling(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("compiled or initialised before validating the arguments")
