@@ -98,6 +98,11 @@ def composition_error(
         else:  # a node of the primary file itself (compare_rules.yaml's compare)
             node = OmegaConf.select(OmegaConf.load(conf_dir / f"{config_name}.yaml"), group)
             valid = set(node) if isinstance(node, DictConfig) else set()
+            if isinstance(node, DictConfig) and not node:  # {}: its keys are the user's
+                return (
+                    f"{key} is not in this config; to give it, add it: +{key}=... ({group} "
+                    f"is empty by default: every key given to it needs the +)"
+                )
         if leaf in valid:
             return (
                 f"{key} is not in this config; to give it, add it: +{key}=... (a key that "

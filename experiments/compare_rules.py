@@ -194,8 +194,8 @@ def compare(cfg: DictConfig, run_dir: pathlib.Path) -> list[dict[str, Any]]:
     batch_size = min(cfg.trainer.batch_size, data.n_train)  # train() refuses a larger one
     skipped = skipped_rules(rules, net, (batch_size, *data.input_shape))
     if len(skipped) == len(rules):  # nothing would train: a comparison of nothing
-        reasons = "; ".join(f"{rule}: {why}" for rule, why in skipped.items())
-        raise CompareConfigError(f"no rule of compare.rules applies to this network ({reasons})")
+        reasons = "; ".join(skipped.values())  # each names its rule
+        raise CompareConfigError(f"no rule of compare.rules applies to this network: {reasons}")
     task_metric = "accuracy" if data.task == "classification" else "rmse"
     steps_per_epoch = data.n_train // batch_size
     title = f"{data.name}: {net.name}, seeds {', '.join(map(str, seeds))}"

@@ -260,6 +260,21 @@ def test_composition_error_of_another_primary_config(config_name, override, mess
     assert line == f"{message} (nothing reads it)"
 
 
+def test_composition_error_of_a_key_of_an_empty_mapping_says_add_it():
+    # benchmark.yaml's rules.options is {}: "rules.options.kp_decay is not a setting (nothing
+    # reads it)" said that a key the benchmark reads does not exist (a trial).
+    override = "rules.options.kp_decay=0.001"
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as info:
+            hydra.compose("benchmark", overrides=[override])
+    line = cli.composition_error(info.value, CONF, [override], config_name="benchmark")
+    assert line == (
+        "rules.options.kp_decay is not in this config; to give it, add it: "
+        "+rules.options.kp_decay=... (rules.options is empty by default: every key given to it "
+        "needs the +)"
+    )
+
+
 def _compose_main(overrides):
     def main():
         with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -93,6 +93,7 @@ def test_the_csv_has_a_row_per_rule_and_seed(comparison):
             assert float(row[key]) == pytest.approx(metrics[key], rel=1e-12), key
         assert int(row["best_epoch"]) == metrics["best_epoch"]
         assert int(row["compilations"]) == metrics["compilations"]
+        assert float(row["epochs_this_call"]) == metrics["epochs"]  # not resumed: every epoch
         assert float(row["test_accuracy"]) > 0.3  # 10 classes: chance is 0.1
         angles = {k for k in row if k.startswith("alignment/") and row[k] != ""}
         assert angles == {k for k in metrics if k.startswith("alignment/")}
@@ -217,9 +218,8 @@ def test_a_comparison_where_no_rule_applies_raises_before_any_run(tmp_path):
     with pytest.raises(compare_rules.CompareConfigError) as raised:
         compare_rules.compare(cfg, tmp_path / "run")
     assert str(raised.value).startswith(
-        "no rule of compare.rules applies to this network (direct_feedback_alignment: "
-        "direct_feedback_alignment can't apply to this network: layer 1 (residual(tanh)) is a "
-        "residual block"
+        "no rule of compare.rules applies to this network: direct_feedback_alignment can't "
+        "apply to this network: layer 1 (residual(tanh)) is a residual block"
     )
     assert not (tmp_path / "run").exists()
 

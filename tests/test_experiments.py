@@ -731,7 +731,7 @@ def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
     cfg = compose(*DIGITS_RUN, "trainer.feedback_scale=0.5", f"trainer.run_dir={run_dir}")
     changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
     assert changed == [
-        "trainer.feedback_scale: fan_avg -> 0.5 (no effect: the feedback weights are the "
+        "trainer.feedback_scale: fan_avg -> 0.5 (no effect: a rule's feedback weights are the "
         "checkpoint's)"
     ]
     assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say

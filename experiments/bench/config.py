@@ -20,10 +20,14 @@ def names_of(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _known(what: str, names: list[str], grid: list[str]) -> None:
+def _known(what: str, names: list[str], grid: list[str], quick: bool = False) -> None:
     unknown = [name for name in names if name not in grid]
     if unknown:
-        raise ValueError(f"{what}: unknown grid points {unknown}; the grid has {grid}")
+        shrunk = " (quick=true keeps quick_settings.points only)" if quick else ""
+        raise ValueError(f"{what}: unknown grid points {unknown}; the grid has {grid}{shrunk}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{what}: each grid point at most once, got {repeated} more than once")
 
 
 def rule_options(cfg: DictConfig) -> dict[str, Any] | None:
@@ -34,7 +38,8 @@ def rule_options(cfg: DictConfig) -> dict[str, Any] | None:
 def _check_rule(rule: str, spec: dict[str, Any], options: dict[str, Any], where: str) -> None:
     """The rule exists, takes these options and applies to the point's network."""
     if rule not in credit.RULES:
-        raise ValueError(f"{where}: unknown learning rule {rule!r}; valid: {credit.RULES}")
+        valid = ", ".join(credit.RULES)
+        raise ValueError(f"{where}: unknown learning rule {rule!r}; valid: {valid}")
     if is_mlp(spec):
         net = layers.mlp(list(spec["features"][1:]), activation=spec["activation"])
         in_shape = (spec["batch"], spec["features"][0])
@@ -72,6 +77,7 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
     """
     check_grid(grid)
     names = [spec["name"] for spec in grid]
+    quick = bool(cfg.get("quick"))
     specs = {spec["name"]: spec for spec in grid}
     if cfg.targets.ratio not in ESTIMATORS:
         raise ValueError(
@@ -84,7 +90,7 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
             f"paths must name each of {', '.join(PATHS)} at most once, make_step included "
             f"(the points' headline figures are its), got {paths}"
         )
-    _known("profile", names_of(cfg.get("profile")), names)
+    _known("profile", names_of(cfg.get("profile")), names, quick)
     for key in ("profile_calls", "profile_top"):  # 0 calls would trace nothing, silently
         value = cfg.get(key)
         if names_of(cfg.get("profile")) and (
@@ -93,7 +99,7 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
             raise ValueError(f"{key} must be a positive integer to profile, got {value!r}")
     options = rule_options(cfg) or {}
     rule_names = rule_points(cfg, grid)
-    _known("rules.points", rule_names, names)
+    _known("rules.points", rule_names, names, quick)
     not_mlp = [name for name in rule_names if not is_mlp(specs[name])]
     if not_mlp:
         raise ValueError(f"rules.points: the rules are timed on MLP points; {not_mlp} are not")
@@ -101,12 +107,12 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
         for name in rule_names:
             _check_rule(rule, specs[name], options, f"rules.modes ({name})")
     if cfg.grad_check.point is not None:
-        _known("grad_check.point", [cfg.grad_check.point], names)
+        _known("grad_check.point", [cfg.grad_check.point], names, quick)
         if int(cfg.grad_check.every) < 1:
             raise ValueError(f"grad_check.every must be >= 1, got {cfg.grad_check.every}")
         spec = specs[cfg.grad_check.point]
         _check_rule(cfg.grad_check.rule, spec, options, "grad_check.rule")
-    _known("chunked.points", names_of(cfg.chunked.points), names)
+    _known("chunked.points", names_of(cfg.chunked.points), names, quick)
     if cfg.chunked.mode not in GRAD_MODES:
         raise ValueError(
             f"chunked.mode: unknown mode {cfg.chunked.mode!r}; valid: {', '.join(GRAD_MODES)}"

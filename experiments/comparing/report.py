@@ -112,8 +112,8 @@ def format_table(rows: Sequence[dict[str, Any]], rules: Sequence[str], metric: s
         lines.append("| " + " | ".join(cells) + " |")
     if any(_resumed_mark([r]) for r in rows if r["status"] == "completed"):
         lines.append(
-            "\n† resumed: examples/s and wall time count the part run after the resume "
-            "only (a run found already finished counts none)."
+            "\n† resumed: examples/s and wall time count the part run after the resume only "
+            "(comparison.csv's epochs_this_call says how much)."
         )
     return "\n".join(lines)
 
@@ -133,7 +133,7 @@ def write_csv(path: pathlib.Path, rows: Sequence[dict[str, Any]], metric: str) -
     fixed = ["rule", "seed", "status", "reason", f"test_{metric}", "best_epoch",
              "alignment/total/angle"]  # fmt: skip
     angles = sorted({k for row in rows for k in row if k.startswith("alignment/")} - set(fixed))
-    timing = ["examples_per_second", "wall_seconds", "compilations"]
+    timing = ["examples_per_second", "wall_seconds", "compilations", "epochs_this_call"]
     columns = [*fixed, *angles, *timing, "run_dir"]
     with io.StringIO(newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -154,6 +154,7 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for rule, runs in curves.items():
@@ -173,6 +174,7 @@ def plot(path: pathlib.Path, curves: dict[str, list[Curves]], metric: str, title
         ylim=(0, 95),
     )
     for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 1.25 ticks
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.suptitle(title)

@@ -21,8 +21,8 @@ from training.run_dir import _has_checkpoints
 _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
 # Settings a resumed run reads only at its start: a change is reported with why it does nothing.
 _READ_AT_START = {
-    "trainer.feedback_distribution": "no effect: the feedback weights are the checkpoint's",
-    "trainer.feedback_scale": "no effect: the feedback weights are the checkpoint's",
+    "trainer.feedback_distribution": "no effect: a rule's feedback weights are the checkpoint's",
+    "trainer.feedback_scale": "no effect: a rule's feedback weights are the checkpoint's",
 }
 
 
