@@ -191,17 +191,23 @@ def schema_from_conf(conf_dir: str | os.PathLike, config_name: str = "config") -
         config_name: the primary config file's name, without ``.yaml``.
 
     Returns:
-        ``{key: None}`` for each top-level key of the primary file, and ``{group: keys}`` for
-        each config group of its defaults list (``- trainer: default``): the keys of that
-        default option's file, or ``None`` where the option has a ``_target_`` (its
-        signature is the schema) or where the group is a ``# @package _global_`` preset.
+        For each top-level key of the primary file: its keys where it holds a non-empty mapping
+        (a section of settings: compare_rules.yaml's ``compare``), else ``None`` (a value, or
+        ``{}``: a mapping whose keys are the user's). And ``{group: keys}`` for each config
+        group of its defaults list (``- trainer: default``): the keys of that default option's
+        file, or ``None`` where the option has a ``_target_`` (its signature is the schema) or
+        where the group is a ``# @package _global_`` preset.
 
     Raises:
         FileNotFoundError: a file of the defaults list is missing.
     """
     conf_dir = pathlib.Path(conf_dir)
     primary = OmegaConf.to_container(OmegaConf.load(conf_dir / f"{config_name}.yaml"))
-    schema: dict[str, Any] = {k: None for k in primary if k not in ("defaults", "hydra")}
+    schema: dict[str, Any] = {
+        k: list(v) if isinstance(v, dict) and v else None
+        for k, v in primary.items()
+        if k not in ("defaults", "hydra")
+    }
     for entry in primary.get("defaults", []):
         if not isinstance(entry, dict):  # _self_
             continue

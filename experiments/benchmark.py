@@ -82,7 +82,7 @@ from bench.targets import control_summary, targets
 from bench.timing import ms, round_robin
 
 from bpjax._atomic import atomic_write_text
-from bpjax.cli import check_keys, run_command_line
+from bpjax.cli import check_keys, run_command_line, schema_from_conf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,14 +228,6 @@ class BenchmarkConfigError(ValueError):
     """A setting the benchmark refuses, before anything compiles (the script: one line, exit 2)."""
 
 
-def _schema() -> dict[str, Any]:
-    """``conf/benchmark.yaml``'s keys, and the keys of each of its sections (``rules``,
-    ``targets``, ``quick_settings``, ...), for ``bpjax.cli.check_keys``."""
-    conf = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "benchmark.yaml"), resolve=False)
-    conf.pop("hydra", None)
-    return {key: list(value) if isinstance(value, dict) else None for key, value in conf.items()}
-
-
 def _checked(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig, list[dict]]:
     """The config to run (``quick_settings`` applied) and its grid, every setting checked.
 
@@ -244,7 +236,7 @@ def _checked(cfg: DictConfig, output_dir: str | Path | None) -> tuple[DictConfig
     """
     config = OmegaConf.to_container(cfg, resolve=False)
     config.pop("hydra", None)  # Hydra checks its own
-    unread = check_keys(config, _schema())
+    unread = check_keys(config, schema_from_conf(ROOT / "conf", "benchmark"))
     if unread:
         raise ValueError("; ".join(unread))
     request_max_isa(cfg.get("max_isa"))  # before anything starts XLA's backend

@@ -96,7 +96,7 @@ def check_compare(cfg: DictConfig) -> tuple[list[str], list[int]]:
     and no other ``compare`` key (``+compare.rulez=...`` was ignored)."""
     problems = bpjax.cli.check_keys(
         {"compare": OmegaConf.to_container(cfg.compare, resolve=False)},
-        {"compare": ["rules", "seeds"]},
+        bpjax.cli.schema_from_conf(ROOT / "conf", "compare_rules"),
     )
     if problems:
         raise CompareConfigError(problems[0])

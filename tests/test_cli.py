@@ -115,6 +115,18 @@ def test_schema_from_conf():
     }
 
 
+def test_schema_from_conf_lists_a_section_of_the_primary_file():
+    # compare_rules.yaml's compare and benchmark.yaml's sections: their keys, not None; an
+    # empty mapping (benchmark.yaml's rules.options is nested; gradcheck.yaml's fd_eps: {})
+    # and a list (gradcheck.yaml's image_architectures) take any keys.
+    assert cli.schema_from_conf(CONF, "compare_rules")["compare"] == ["rules", "seeds"]
+    bench = cli.schema_from_conf(CONF, "benchmark")
+    assert bench["rules"] == ["points", "modes", "options", "epochs", "donate"]
+    assert bench["profile"] is None and bench["grid"] is None
+    gradcheck = cli.schema_from_conf(CONF, "gradcheck")
+    assert gradcheck["fd_eps"] is None and gradcheck["image_architectures"] is None
+
+
 SCHEMA = cli.schema_from_conf(CONF)
 SUPPLIED = {"dataset": ["seed"]}
 

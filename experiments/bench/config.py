@@ -90,12 +90,11 @@ def check_config(cfg: DictConfig, grid: list[dict[str, Any]]) -> None:
             f"paths must name each of {', '.join(PATHS)} at most once, make_step included "
             f"(the points' headline figures are its), got {paths}"
         )
-    _known("profile", names_of(cfg.get("profile")), names, quick)
-    for key in ("profile_calls", "profile_top"):  # 0 calls would trace nothing, silently
+    profiled = names_of(cfg.get("profile"))
+    _known("profile", profiled, names, quick)
+    for key in ("profile_calls", "profile_top") if profiled else ():  # 0 calls: none traced
         value = cfg.get(key)
-        if names_of(cfg.get("profile")) and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer to profile, got {value!r}")
     options = rule_options(cfg) or {}
     rule_names = rule_points(cfg, grid)
