@@ -133,22 +133,22 @@ def test_interrupts_are_held_in_one_process_too():
     try:
         with distributed.deferred_interrupts() as interrupts:
             assert isinstance(interrupts, distributed.Interrupts) and not interrupts.requested
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             assert interrupts.requested == signal.SIGTERM  # held, not raised
             with pytest.raises(distributed.Interrupted) as second:
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
             assert (second.value.signum, second.value.own) == (signal.SIGTERM, True)
             assert str(second.value) == f"signal {signal.SIGTERM}"
         assert signal.getsignal(signal.SIGTERM) is interrupt
         # Nested (a job's start-up, then fit): the inner context starts with the held signal,
         # and stops at its first check (a SIGTERM while a 2-process job started up was lost).
         with distributed.deferred_interrupts() as start_up:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
             assert start_up.requested == signal.SIGTERM
             with distributed.deferred_interrupts() as fitting:
                 assert fitting.requested == signal.SIGTERM
                 with pytest.raises(KeyboardInterrupt, match="signal"):  # a second: at once
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    signal.raise_signal(signal.SIGTERM)
             assert signal.getsignal(signal.SIGTERM) is not interrupt  # the outer one holds
         with distributed.deferred_interrupts() as after:
             assert not after.requested  # nothing held once the outer context has ended
@@ -294,7 +294,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 out = {"cluster": list(joined), "primary": distributed.is_primary()}
 # The process's own SIGTERM handler still gets SIGTERM (jax's preemption notifier took it)
-os.kill(os.getpid(), signal.SIGTERM)
+signal.raise_signal(signal.SIGTERM)
 out["sigterm"] = [terms, jax.config.jax_enable_preemption_service]
 out["mesh_1"] = [(d.process_index, d.id) for d in distributed.mesh_devices(1)]
 out["mesh_all"] = [(d.process_index, d.id) for d in distributed.mesh_devices("all")]

@@ -1645,7 +1645,7 @@ def test_an_interrupt_in_the_runs_last_chunk_lets_the_run_end(tmp_path, capsys, 
     # done; the resume then wrote a record without timings. The run ends as it would have.
     def ctrl_c_in_the_last_chunk(record=None):
         if record and record["epoch"] == 2 and record["epoch_step"] == record["steps_per_epoch"]:
-            os.kill(os.getpid(), signal.SIGINT)  # held by fit until every process can stop
+            signal.raise_signal(signal.SIGINT)  # held by fit until every process can stop
 
     monkeypatch.setattr(fitting, "_stop_if_interrupted", ctrl_c_in_the_last_chunk)
     metrics = run_train(tmp_path, *TINY, "trainer.chunk_steps=10", "logger=none")
@@ -1655,7 +1655,7 @@ def test_an_interrupt_in_the_runs_last_chunk_lets_the_run_end(tmp_path, capsys, 
     # In an earlier epoch it stops, with that epoch whole.
     def ctrl_c_in_epoch_1(record=None):
         if record and record["epoch"] == 1 and record["epoch_step"] == record["steps_per_epoch"]:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(fitting, "_stop_if_interrupted", ctrl_c_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
@@ -1668,7 +1668,7 @@ def test_a_sigterm_held_by_fit_exits_143(tmp_path, monkeypatch):
     # interrupt naming it, whose exit status is 128 + 15.
     def sigterm_in_epoch_1(record=None):
         if record and record["epoch"] == 1 and record["epoch_step"] == 10:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(interrupts, "_SIGNALS", [])
     monkeypatch.setattr(fitting, "_stop_if_interrupted", sigterm_in_epoch_1)

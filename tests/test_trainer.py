@@ -580,7 +580,7 @@ class SignalAfterChunk(InterruptAfterChunk):
         self.records.append(record)
         if (record["epoch"], record["epoch_step"]) == self.at:
             for _ in range(self.count):
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
 
 
 @pytest.fixture
