@@ -29,6 +29,7 @@ import math
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,13 @@ import pytest  # noqa: E402 (after the cache's environment)
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Ctrl-C as at a terminal, however the suite was started. A shell starts a background job
+# (`pytest ... &`) with SIGINT ignored, which Python keeps and its subprocesses inherit; the
+# tests of Ctrl-C (held by fit, then an interrupt) would then see a signal that never arrives
+# (test_an_interrupt_in_the_runs_last_chunk_lets_the_run_end: DID NOT RAISE).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tolerances for backward-vs-autodiff comparisons, by dtype.
 RTOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
