@@ -315,6 +315,24 @@ def test_model_config(name):
     assert output_shape(net, (2, *in_shape)) == (2, n_out)
 
 
+@pytest.mark.parametrize("name", sorted(name for name in MODELS if name != "stack"))
+def test_model_output_w_init_starts_the_output_layer_alone(name):
+    # The feedback rules' zero start (README, learning rules): every factory's config has it.
+    params = {}
+    for init in ("null", "zeros"):
+        net = hydra.utils.instantiate(
+            compose(f"model={name}", f"model.output_w_init={init}").model, _convert_="all"
+        )
+        params[init] = list(net.init(jax.random.PRNGKey(0), (2, *MODELS[name][0]))[1])
+    out = max(i for i, p in enumerate(params["null"]) if p)  # the last layer with weights
+    assert bool(jnp.all(params["zeros"][out]["w"] == 0))
+    assert bool(jnp.any(params["null"][out]["w"] != 0))
+    params["zeros"][out]["w"] = params["null"][out]["w"]  # the rest drawn as without it
+    assert jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), *params.values())
+    )
+
+
 def test_an_image_model_on_flattened_images_is_one_error_line(tmp_path):
     cfg = compose(
         "model=cnn", "dataset=digits", "dataset.flatten=true", f"trainer.run_dir={tmp_path}"

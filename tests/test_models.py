@@ -127,11 +127,40 @@ def test_manual_gradient_of_each_model_equals_autodiff(net):
         (lambda: layers.cnn(hidden=(0,)), "hidden"),
         (lambda: layers.resnet((8, 16), [1, 2, 3]), "3 entries for 2 stages"),
         (lambda: layers.resnet((8,), 0), "blocks_per_stage"),
+        (lambda: layers.cnn(output_w_init="zero"), r"unknown initializer 'zero'; valid names"),
+        (lambda: layers.mlp([4, 2], output_w_init="nope"), "unknown initializer 'nope'"),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+OUTPUT_INIT_BUILDERS = {
+    "mlp": lambda **kw: layers.mlp([5, 4], **kw),
+    "lenet5": lambda **kw: layers.lenet5(4, **kw),
+    "cnn": lambda **kw: layers.cnn((3,), convs_per_stage=1, hidden=(5,), n_classes=4, **kw),
+    "resnet": lambda **kw: layers.resnet((2,), 1, n_classes=4, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUTPUT_INIT_BUILDERS))
+def test_output_w_init_sets_the_output_layer_alone(name):
+    """``output_w_init`` (the feedback rules' zero start) replaces the output layer's weight
+    initializer and nothing else: every other leaf is drawn as without it, bit for bit."""
+    build = OUTPUT_INIT_BUILDERS[name]
+    in_shape = (2, 6) if name == "mlp" else (2, 28, 28, 1)
+    _, default = build().init(KEY, in_shape)
+    _, zeroed = build(output_w_init="zeros").init(KEY, in_shape)
+    _, constant = build(output_w_init=jax.nn.initializers.constant(0.5)).init(KEY, in_shape)
+    out_w = lambda params: params[-1]["w"]
+    assert out_w(default).shape[-1] == 4 and jnp.any(out_w(default) != 0)
+    assert jnp.all(out_w(zeroed) == 0) and jnp.all(out_w(constant) == 0.5)
+    for params in (zeroed, constant):
+        rest = [*jax.tree_util.tree_leaves(params[:-1]), params[-1]["b"]]
+        same = [*jax.tree_util.tree_leaves(default[:-1]), default[-1]["b"]]
+        for a, b in zip(rest, same, strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_lenet5_on_flattened_images_names_the_input_it_needs():

@@ -7,7 +7,6 @@ network, loss and optimizer objects, so the tests share module-level objects (``
 """
 
 import math
-import os
 import pathlib
 import shutil
 import signal

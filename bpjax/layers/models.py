@@ -4,7 +4,9 @@ stacks) and ``resnet`` (small pre-activation ResNets).
 Each factory returns a ``serial`` Layer; nothing here has a backward of its own. Image networks
 take NHWC images ``[batch, height, width, channels]`` (load data with ``flatten=False``) and
 return logits ``[batch, n_classes]``. Weights default to the initializer that suits the
-activation (He for the ReLU family, Glorot otherwise; the output layer Glorot).
+activation (He for the ReLU family, Glorot otherwise; the image networks' output layer Glorot);
+``output_w_init`` sets the output layer's on its own (``"zeros"`` suits the feedback rules of
+``bpjax.credit``: see ``mlp``).
 """
 
 import numbers
@@ -33,6 +35,7 @@ def mlp(
     w_init: str | Callable | None = None,
     b_init: str | Callable = "zeros",
     dropout_rate: float = 0.0,
+    output_w_init: str | Callable | None = None,
     dtype: Any = jnp.float32,
 ) -> Layer:
     """A multi-layer perceptron: dense layers of the given output sizes, activations between.
@@ -46,7 +49,18 @@ def mlp(
         tanh/sigmoid and the rest).
       b_init: bias initializer.
       dropout_rate: if > 0, a ``dropout(dropout_rate)`` after every hidden activation.
+      output_w_init: the output layer's weight initializer (a name or a callable), in place of
+        ``w_init`` (None: ``w_init``'s). ``"zeros"`` is the start that feedback alignment
+        and its relatives (``bpjax.credit``) train from best with Adam: the rule's feedback
+        matrices carry the error back from the start, while the output weights grow toward
+        their feedback from zero (Lillicrap et al. 2016, who start the weights near zero;
+        Nøkland 2016, from a zero initial condition). Backprop trains from it too, slower at
+        first: its error reaches the hidden layers through the output weights.
       dtype: parameter dtype.
+
+    Raises:
+      ValueError: an empty or non-positive ``features``, an unknown activation or initializer
+        name, a dropout rate outside [0, 1).
     """
     features = list(features)
     if not features:
@@ -60,9 +74,11 @@ def mlp(
     if w_init is None:
         w_init = default_w_init(hidden)
     layers: list[Layer] = []
+    last = len(features) - 1
     for i, n_out in enumerate(features):
-        layers.append(dense(int(n_out), w_init=w_init, b_init=b_init, dtype=dtype))
-        if i < len(features) - 1:
+        init = _output_init(output_w_init, w_init) if i == last else w_init
+        layers.append(dense(int(n_out), w_init=init, b_init=b_init, dtype=dtype))
+        if i < last:
             layers.append(hidden)
             if dropout_rate > 0:
                 layers.append(dropout(dropout_rate))
@@ -97,11 +113,17 @@ def _rate(name: str, dropout_rate: float) -> float:
     return float(dropout_rate)
 
 
+def _output_init(output_w_init: str | Callable | None, default: str | Callable):
+    """The output layer's initializer: ``output_w_init``, or ``default`` when it is None."""
+    return default if output_w_init is None else output_w_init
+
+
 def lenet5(
     n_classes: int = 10,
     *,
     activation: str | Layer = "relu",
     pooling: str = "max",
+    output_w_init: str | Callable | None = None,
     dtype: Any = jnp.float32,
 ) -> Layer:
     """LeNet-5 (LeCun et al. 1998): conv 5x5x6 -> pool -> conv 5x5x16 -> pool -> 120 -> 84 -> n.
@@ -117,6 +139,7 @@ def lenet5(
       n_classes: outputs (logits).
       activation: hidden activation, a name from ``ACTIVATIONS`` or a Layer.
       pooling: ``"max"`` or ``"avg"`` (2x2, stride 2).
+      output_w_init: the output layer's weight initializer in place of Glorot's (see ``mlp``).
       dtype: parameter dtype.
 
     Returns:
@@ -124,7 +147,7 @@ def lenet5(
       whose S4 output is at least 1x1 works; the dense layers adapt to it).
 
     Raises:
-      ValueError: a bad ``n_classes``, activation or pooling.
+      ValueError: a bad ``n_classes``, activation, pooling or initializer name.
 
     References:
       LeCun, Bottou, Bengio & Haffner, "Gradient-based learning applied to document
@@ -146,7 +169,7 @@ def lenet5(
         act,
         dense(84, w_init=w_init, dtype=dtype),
         act,
-        dense(n_classes, w_init=default_w_init(None), dtype=dtype),
+        dense(n_classes, w_init=_output_init(output_w_init, default_w_init(None)), dtype=dtype),
     )
 
 
@@ -161,6 +184,7 @@ def cnn(
     pooling: str = "max",
     batch_norm: bool = False,
     dropout_rate: float = 0.0,
+    output_w_init: str | Callable | None = None,
     dtype: Any = jnp.float32,
 ) -> Layer:
     """A VGG-style stack (Simonyan & Zisserman 2015): stages of 3x3 convolutions, each stage
@@ -182,14 +206,15 @@ def cnn(
       pooling: ``"max"`` or ``"avg"`` (2x2, stride 2).
       batch_norm: a ``batch_norm()`` after every convolution.
       dropout_rate: if > 0, dropout before each dense layer.
+      output_w_init: the output layer's weight initializer in place of Glorot's (see ``mlp``).
       dtype: parameter dtype.
 
     Returns:
       A ``serial`` Layer mapping ``[batch, h, w, c]`` to ``[batch, n_classes]``.
 
     Raises:
-      ValueError: non-positive sizes, an unknown activation or pooling, a dropout rate outside
-        [0, 1).
+      ValueError: non-positive sizes, an unknown activation, pooling or initializer name, a
+        dropout rate outside [0, 1).
 
     References:
       Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
@@ -222,7 +247,8 @@ def cnn(
         layers += [dense(width, w_init=w_init, dtype=dtype), act]
     if rate:
         layers.append(dropout(rate))
-    layers.append(dense(n_classes, w_init=default_w_init(None), dtype=dtype))
+    out_init = _output_init(output_w_init, default_w_init(None))
+    layers.append(dense(n_classes, w_init=out_init, dtype=dtype))
     return serial(*layers)
 
 
@@ -232,6 +258,7 @@ def resnet(
     *,
     n_classes: int = 10,
     activation: str | Layer = "relu",
+    output_w_init: str | Callable | None = None,
     dtype: Any = jnp.float32,
 ) -> Layer:
     """A small pre-activation ResNet (He et al. 2016b) for 28x28 or 32x32 images.
@@ -250,6 +277,7 @@ def resnet(
       blocks_per_stage: residual blocks in each stage (an int, or one per stage).
       n_classes: outputs (logits).
       activation: the activation, a name from ``ACTIVATIONS`` or a Layer.
+      output_w_init: the output layer's weight initializer in place of Glorot's (see ``mlp``).
       dtype: parameter dtype.
 
     Returns:
@@ -257,7 +285,8 @@ def resnet(
       ``[batch, h, w, c]`` to ``[batch, n_classes]``.
 
     Raises:
-      ValueError: non-positive sizes, or a ``blocks_per_stage`` list of another length.
+      ValueError: non-positive sizes, a ``blocks_per_stage`` list of another length, an
+        unknown initializer name.
 
     References:
       He, Zhang, Ren & Sun, "Identity Mappings in Deep Residual Networks", ECCV 2016.
@@ -298,6 +327,6 @@ def resnet(
         _batch_norm(dtype=dtype),
         act,
         global_avg_pool(),
-        dense(n_classes, w_init=default_w_init(None), dtype=dtype),
+        dense(n_classes, w_init=_output_init(output_w_init, default_w_init(None)), dtype=dtype),
     ]
     return serial(*layers)
