@@ -46,7 +46,8 @@ def get(spec: str | Initializer, **kwargs: Any) -> Initializer:
         ``"variance_scaling"``.
 
     Raises:
-      ValueError: unknown name (the message lists the valid ones).
+      ValueError: unknown name (the message lists the valid ones); a name whose factory
+        needs arguments (``constant``, ``variance_scaling``) given none, or wrong ones.
     """
     if callable(spec):
         if kwargs:
@@ -56,4 +57,11 @@ def get(spec: str | Initializer, **kwargs: Any) -> Initializer:
         raise ValueError(
             f"unknown initializer {spec!r}; valid names: {', '.join(sorted(INITIALIZERS))}"
         )
-    return INITIALIZERS[spec](**kwargs)
+    try:
+        return INITIALIZERS[spec](**kwargs)
+    except TypeError as e:  # constant needs its value, variance_scaling its scale, mode, ...
+        raise ValueError(
+            f"initializer {spec!r} needs arguments ({e}); pass them "
+            f"(initializers.get({spec!r}, ...)) or a callable, e.g. "
+            f"jax.nn.initializers.{spec}(...)"
+        ) from None

@@ -752,6 +752,12 @@ def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
         "trainer.feedback_scale: fan_avg -> 0.5 (no effect: a rule's feedback weights are the "
         "checkpoint's)"
     ]
+    # So is the init's (a trial: "model.output_w_init: zeros -> None", as if it took).
+    cfg = compose(*DIGITS_RUN, "model.output_w_init=zeros", f"trainer.run_dir={run_dir}")
+    changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
+    assert changed == [
+        "model.output_w_init: null -> zeros (no effect: the weights are the checkpoint's)"
+    ]
     assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say
 
 

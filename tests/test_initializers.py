@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpjax import initializers
+from bpjax import initializers, layers
 
 # Name -> the factory arguments it needs (most need none).
 INIT_KWARGS = {name: {} for name in initializers.INITIALIZERS}
@@ -61,3 +61,17 @@ def test_unknown_name_lists_valid_ones(spec):
 def test_kwargs_with_a_callable_raise():
     with pytest.raises(ValueError, match="stddev"):
         initializers.get(jax.nn.initializers.normal(), stddev=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("constant", {}), ("variance_scaling", {}), ("normal", {"scale": 2.0})],
+)
+def test_a_name_without_the_arguments_it_needs_is_one_value_error(name, kwargs):
+    # A trial: mlp(..., output_w_init="constant") was a TypeError from jax ("missing 1 required
+    # positional argument: 'value'"), and the command line said nothing of how to give it.
+    with pytest.raises(ValueError, match=rf"initializer '{name}' needs arguments \(.*callable"):
+        initializers.get(name, **kwargs)
+    if not kwargs:  # where a model takes it by name
+        with pytest.raises(ValueError, match=rf"initializer '{name}' needs arguments"):
+            layers.mlp([3, 2], output_w_init=name)

@@ -23,7 +23,14 @@ _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
 _READ_AT_START = {
     "trainer.feedback_distribution": "no effect: a rule's feedback weights are the checkpoint's",
     "trainer.feedback_scale": "no effect: a rule's feedback weights are the checkpoint's",
+    "model.w_init": "no effect: the weights are the checkpoint's",
+    "model.output_w_init": "no effect: the weights are the checkpoint's",
 }
+
+
+def _shown(value: Any) -> Any:
+    """A setting's value as the command line writes it (null, not Python's None)."""
+    return "null" if value in (None, "None") else value
 
 
 def changed_settings(
@@ -31,8 +38,9 @@ def changed_settings(
 ) -> list[str]:
     """``key: saved -> now`` for each setting that differs from the config of checkpoint
     ``path`` (default: the latest in ``checkpoint_dir``); a longer ``trainer.epochs``, say, also
-    stretches a schedule fitted to the run's length. The feedback weights' draw options say
-    that they have no effect (the feedback is the checkpoint's). Empty without a checkpoint,
+    stretches a schedule fitted to the run's length. The options read only at the start (the
+    feedback weights' draw, the weights' initializers) say that they have no effect (the
+    checkpoint's are used); null is written null. Empty without a checkpoint,
     or if it can't be read: the resume itself then reports it."""
     if path is None and not _has_checkpoints(checkpoint_dir):
         return []
@@ -46,7 +54,7 @@ def changed_settings(
     keys = sorted((before.keys() | now.keys()) - set(_RESUME_KEYS))
     missing = "<unset>"
     return [
-        f"{k}: {before.get(k, missing)} -> {now.get(k, missing)}"
+        f"{k}: {_shown(before.get(k, missing))} -> {_shown(now.get(k, missing))}"
         + (f" ({_READ_AT_START[k]})" if k in _READ_AT_START else "")
         for k in keys
         if before.get(k, missing) != now.get(k, missing)
