@@ -6,7 +6,9 @@ Resume is exact: the epoch's shuffle and every dropout draw are functions of the
 the epoch/step counters stored in the checkpoint, so an interrupted and resumed run ends with the
 same parameters as one that never stopped (bit-identical on CPU). A learning rule's state (its
 feedback weights, ``bpjax.credit``) is part of the checkpointed ``TrainState``, so it resumes
-exactly too, Kolen-Pollack's evolving feedback included.
+exactly too, Kolen-Pollack's evolving feedback included. A Kolen-Pollack checkpoint written
+before the trainer held ``B`` as a ``bpjax.credit.KolenPollackState`` (it stored ``B`` itself)
+is read as it was written and converted (``kolen_pollack_state``: the same ``B``).
 """
 
 import warnings
@@ -15,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from bpjax import credit
 from bpjax._fit_result import ResumeError
 from bpjax.checkpoint import (
     CheckpointManager,
@@ -83,6 +86,23 @@ def _check_run(path: Any, saved: dict[str, Any] | None, run: dict[str, Any]) -> 
             )
 
 
+def _restore(restore: Callable, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """``restore(like)``; for Kolen-Pollack, a checkpoint that holds ``B`` itself (written
+    before ``KolenPollackState``) is read as such and converted to it. Any other mismatch
+    raises ``restore``'s own error."""
+    try:
+        return restore(like)
+    except ValueError as error:
+        if not isinstance(like.rule_state, credit.KolenPollackState):
+            raise
+        try:  # B itself has the offset's structure, shapes and dtypes
+            state, meta = restore(like._replace(rule_state=like.rule_state.offset))
+        except ValueError:
+            raise error from None
+    held = credit.kolen_pollack_state(state.params, state.rule_state)
+    return state._replace(rule_state=held), meta
+
+
 def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
     """The checkpoint of whole epoch ``epoch`` (``restore``'s ``(state, meta)``), for a resume
     whose latest checkpoint is ``saved["epoch_step"]`` steps past it, beyond ``epochs``.
@@ -92,7 +112,7 @@ def _restore_whole_epoch(manager, like, epoch: int, saved: dict, epochs: int):
     """
     path = manager.path_for(epoch)
     try:
-        return checkpoint_restore(path, like)
+        return _restore(lambda like: checkpoint_restore(path, like), like)
     except (FileNotFoundError, UnreadableCheckpoint) as e:
         raise ResumeError(
             f"cannot resume with trainer.epochs={epochs}: the run's latest checkpoint is "
@@ -199,7 +219,7 @@ def _resumed(
 ) -> _Start:
     """``_start``'s resume: the state, epoch and best so far restored from ``manager``."""
     try:  # the latest readable checkpoint: a damaged one is renamed aside, with a warning
-        state, meta = manager.restore_latest(state)
+        state, meta = _restore(manager.restore_latest, state)
     except ValueError as e:
         raise ResumeError(f"cannot resume: {e}{_what_differs(str(e))}") from e
     _check_run(manager.path_for(int(meta["step"])), meta.get("run"), run_info)
@@ -254,7 +274,7 @@ def _with_best_kept(
     """``resumed`` with the best parameters of the run's best checkpoint, when one is kept."""
     if manager.best() is None or resumed.best_epoch < 0:
         return resumed
-    best_state, best_meta = manager.restore_best(resumed.state)
+    best_state, best_meta = _restore(manager.restore_best, resumed.state)
     best_state = jax.device_put(best_state, replicated)
     resumed = resumed._replace(best_params=best_state.params, best_net_state=best_state.net_state)
     kept = best_meta["metrics"]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from bpjax import credit
 from bpjax._rule_wiring import (
     draw_rule_state,
     gradient_step,
@@ -64,7 +65,9 @@ def init_state(
       in_shape: a batch input shape, e.g. ``(batch, 784)``.
       grad_mode: the mode the state will be trained with: a learning rule
         (``bpjax.credit.RULES``) gets its ``rule_state`` (``bpjax.credit.init_rule_state``;
-        ``()`` for backprop and sign symmetry).
+        ``()`` for backprop and sign symmetry; for Kolen-Pollack its draw of ``B`` held as a
+        ``bpjax.credit.KolenPollackState``, ``B = w + scale * (B - w)``, see
+        ``bpjax.credit.kolen_pollack_state``).
       rule_options: how the feedback is drawn (see ``check_rule``).
 
     Raises:
@@ -78,6 +81,8 @@ def init_state(
         grad_mode, net, in_shape, jax.random.fold_in(key, FEEDBACK), options
     )
     _, params = net.init(jax.random.fold_in(key, INIT), in_shape)
+    if grad_mode == "kolen_pollack":  # B held as w + scale * (B - w): see KolenPollackState
+        rule_state = credit.kolen_pollack_state(params, rule_state)
     step = jnp.zeros((), jnp.int32)
     net_state = init_net_state(net, in_shape)
     return TrainState(params, optimizer.init(params), step, key, net_state, rule_state)

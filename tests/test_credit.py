@@ -39,12 +39,14 @@ TOL = {jnp.float64: {"rtol": 1e-10, "atol": 1e-12}, jnp.float32: {"rtol": 1e-4, 
 TESTED = {
     "DISTRIBUTIONS": "test_init_scale_is_the_documented_one",
     "KP_DECAY": "test_kolen_pollack_update_is_eqs_16_17",
+    "KolenPollackState": "test_kolen_pollack_state_*",
     "RULES": "test_every_rule_is_a_gradient_mode",
     "SCALES": "test_init_scale_is_the_documented_one",
     "alignment": "test_alignment_*",
     "angle": "test_angle_*",
     "feedback_params": "test_feedback_params_*",
     "init_rule_state": "test_init_*",
+    "kolen_pollack_state": "test_kolen_pollack_state_*",
     "kolen_pollack_update": "test_kolen_pollack_*",
     "update_rule_state": "test_update_rule_state_*",
 }
@@ -73,6 +75,20 @@ def numpy_draw(mode, net, in_shape, seed=1, dtype=jnp.float64):
         lambda: credit.init_rule_state(mode, net, in_shape, key=jax.random.key(seed))
     )
     return numpy_like(shapes, dtype, seed=seed)
+
+
+def kp_feedback(params, rule_state):
+    """Kolen-Pollack's ``B`` per layer, however the rule state holds it, in the structure of
+    ``init_rule_state`` (``B`` per ``"w"``, ``()`` elsewhere)."""
+    backward = credit.feedback_params("kolen_pollack", params, rule_state)
+    layout = rule_state.offset if isinstance(rule_state, credit.KolenPollackState) else rule_state
+
+    def empty(node):
+        return isinstance(node, tuple) and not node
+
+    return jax.tree_util.tree_map(
+        lambda fb, b: fb if empty(fb) else b, layout, backward, is_leaf=empty
+    )
 
 
 def feedback_kwargs(mode, feedback):
@@ -750,6 +766,70 @@ def test_update_rule_state_only_changes_kolen_pollack(mode):
         assert got[0] is updates and got[1] is state
 
 
+def test_kolen_pollack_state_holds_b_as_w_plus_scale_times_offset():
+    net, params, x, _ = mlp_setup()
+    feedback = draw("kolen_pollack", net, x.shape)
+    held = credit.kolen_pollack_state(params, feedback)
+    assert isinstance(held, credit.KolenPollackState)
+    assert float(held.scale) == 1.0 and held.scale.dtype == jnp.float64  # the offset's, if wider
+    for i in (0, 2, 4):
+        np.testing.assert_array_equal(held.offset[i]["w"], feedback[i]["w"] - params[i]["w"])
+        assert held.offset[i]["b"] == ()
+    assert_trees_close(kp_feedback(params, held), feedback, rtol=1e-14, atol=1e-16)
+    halved = held._replace(scale=jnp.asarray(0.5, jnp.float64))
+    for i in (0, 2, 4):  # B = w + scale * offset
+        np.testing.assert_allclose(
+            kp_feedback(params, halved)[i]["w"],
+            params[i]["w"] + 0.5 * (feedback[i]["w"] - params[i]["w"]),
+            rtol=1e-14,
+        )
+    f32 = credit.kolen_pollack_state(
+        tree_cast(params, jnp.float32), tree_cast(feedback, jnp.float32)
+    )
+    assert f32.scale.dtype == jnp.float32
+    with pytest.raises(ValueError, match="feedback matrix has shape"):
+        credit.kolen_pollack_state(params, draw("kolen_pollack", net, (BATCH, N_IN + 1)))
+    with pytest.raises(ValueError, match="no parameter named 'w'"):
+        credit.kolen_pollack_state({"scale": jnp.ones(3)}, ())
+
+
+def test_kolen_pollack_state_trains_as_the_per_step_update():
+    """Twenty Adam steps of ``make_step`` (``init_state`` holds ``B`` as a ``KolenPollackState``)
+    against the same steps with ``B`` itself updated by eqs. 16-17 each step: the same params
+    and the same ``B`` (float64, up to rounding)."""
+    optimizer, options = optax.adam(1e-2), {"kp_decay": 0.05}
+    net, state = train_state("kolen_pollack", optimizer=optimizer, rule_options=options)
+    assert isinstance(state.rule_state, credit.KolenPollackState)
+    x, y = train_data()
+    rule = grad.value_and_grad(net, CE, mode="kolen_pollack")
+    steps = 20
+
+    def reference(params, opt_state, feedback):
+        for t in range(steps):
+            xb, yb = x[t % 4 * STEP_BATCH :][:STEP_BATCH], y[t % 4 * STEP_BATCH :][:STEP_BATCH]
+            _, grads = rule(params, xb, yb, feedback=feedback)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates, feedback = credit.kolen_pollack_update(feedback, params, updates, decay=0.05)
+            params = optax.apply_updates(params, updates)
+        return params, feedback
+
+    step = jax.jit(
+        train.make_step(net, CE, optimizer, grad_mode="kolen_pollack", rule_options=options)
+    )
+    held = state
+    for t in range(steps):
+        held, _ = step(
+            held, x[t % 4 * STEP_BATCH :][:STEP_BATCH], y[t % 4 * STEP_BATCH :][:STEP_BATCH]
+        )
+    params, feedback = jax.jit(reference)(
+        state.params, state.opt_state, kp_feedback(state.params, state.rule_state)
+    )
+    assert_trees_close(held.params, params, rtol=1e-9, atol=1e-12)
+    assert_trees_close(kp_feedback(held.params, held.rule_state), feedback, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(float(held.rule_state.scale), 0.95**steps, rtol=1e-12)
+    assert trees_differ(feedback, kp_feedback(state.params, state.rule_state))
+
+
 def test_kolen_pollack_aligns_w_and_b():
     """Plain SGD on a toy regression for 300 steps: ||w - B|| falls as (1 - decay)^steps
     exactly, and the feedback comes to align with w (the angle falls from ~90°), so the hidden
@@ -982,7 +1062,13 @@ def test_init_state_draws_the_rule_state_from_its_own_stream(mode):
     expected = credit.init_rule_state(
         mode, net, (STEP_BATCH, N_IN), key=jax.random.fold_in(key, train.FEEDBACK)
     )
-    assert_trees_equal(state.rule_state, expected)
+    if mode == "kolen_pollack":  # held as B - w and a scale: the same B, up to rounding
+        assert_trees_equal(state.rule_state, credit.kolen_pollack_state(state.params, expected))
+        assert_trees_close(  # float32: B = w + (B - w) rounds
+            kp_feedback(state.params, state.rule_state), expected, rtol=1e-6, atol=1e-7
+        )
+    else:
+        assert_trees_equal(state.rule_state, expected)
     if mode not in NEEDS_FEEDBACK:
         assert state.rule_state == ()
     backprop = train.init_state(net, SGD, key, (STEP_BATCH, N_IN))
@@ -992,7 +1078,14 @@ def test_init_state_draws_the_rule_state_from_its_own_stream(mode):
         other = credit.init_rule_state(
             mode, net, (STEP_BATCH, N_IN), key=jax.random.fold_in(key, 0)
         )
-        assert trees_differ(state.rule_state, other)
+        drawn = (
+            kp_feedback(state.params, state.rule_state)
+            if mode == "kolen_pollack"
+            else state.rule_state
+        )
+        assert trees_differ(
+            drawn, other if mode != "kolen_pollack" else kp_feedback(state.params, other)
+        )
 
 
 def test_rule_options_reach_the_draw_and_the_step():
@@ -1007,7 +1100,7 @@ def test_rule_options_reach_the_draw_and_the_step():
         key=jax.random.fold_in(jax.random.PRNGKey(3), train.FEEDBACK),
         distribution="normal", scale=0.3,
     )  # fmt: skip
-    assert_trees_equal(state.rule_state, expected)
+    assert_trees_equal(state.rule_state, credit.kolen_pollack_state(state.params, expected))
     assert train.RULE_OPTIONS == {
         "distribution": "uniform",
         "scale": "fan_avg",
@@ -1022,10 +1115,15 @@ def test_rule_options_reach_the_draw_and_the_step():
     _, state = train_state("kolen_pollack", rule_options=options)
     step = jax.jit(train.make_step(net, CE, SGD, grad_mode="kolen_pollack", rule_options=options))
     new, _ = step(state, x[:STEP_BATCH], y[:STEP_BATCH])
+    assert float(new.rule_state.scale) == 0.95 * float(state.rule_state.scale)
+    before, after = (
+        kp_feedback(state.params, state.rule_state),
+        kp_feedback(new.params, new.rule_state),
+    )
     for i in (0, 2, 4):
         np.testing.assert_allclose(
-            new.params[i]["w"] - new.rule_state[i]["w"],
-            0.95 * (state.params[i]["w"] - state.rule_state[i]["w"]),
+            new.params[i]["w"] - after[i]["w"],
+            0.95 * (state.params[i]["w"] - before[i]["w"]),
             rtol=1e-10,
         )
 
@@ -1081,13 +1179,17 @@ def test_kolen_pollack_under_gradient_accumulation_moves_with_the_updates():
     assert_trees_equal(first.rule_state, state.rule_state)
     second, _ = step(first, x[STEP_BATCH : 2 * STEP_BATCH], y[STEP_BATCH : 2 * STEP_BATCH])
     assert int(train.updates_applied(second)) == 1
+    before, after = (
+        kp_feedback(state.params, state.rule_state),
+        kp_feedback(second.params, second.rule_state),
+    )
     for i in (0, 2, 4):
         np.testing.assert_allclose(
-            second.params[i]["w"] - second.rule_state[i]["w"],
-            0.95 * (state.params[i]["w"] - state.rule_state[i]["w"]),
+            second.params[i]["w"] - after[i]["w"],
+            0.95 * (state.params[i]["w"] - before[i]["w"]),
             rtol=1e-10,
         )
-    assert trees_differ(second.rule_state, state.rule_state)
+        assert not np.allclose(after[i]["w"], before[i]["w"])
 
 
 @pytest.mark.parametrize("mode", ["manual", "autodiff", *credit.RULES])
@@ -1225,6 +1327,35 @@ def test_fit_resumes_a_rule_bit_identically(mode, rule_runs, digits_small, tmp_p
             FIT_NET, CE, FIT_ADAM, digits_small, epochs=9, resume=True,
             **{**options, "grad_mode": "sign_symmetry"},
         )  # fmt: skip
+
+
+def test_fit_resumes_a_kolen_pollack_checkpoint_that_holds_b_itself(
+    digits_small, tmp_path, monkeypatch
+):
+    """Before ``KolenPollackState`` the trainer kept ``B`` itself in the state and its
+    checkpoints: such a checkpoint is read and converted (the same ``B``), and the run goes on
+    as the uninterrupted one does (float32 rounding apart)."""
+    options = {"grad_mode": "kolen_pollack", **FIT}
+    with monkeypatch.context() as m:  # the trainer as it was: B itself, updated every step
+        m.setattr(credit, "kolen_pollack_state", lambda params, feedback: feedback)
+        old = trainer.fit(
+            FIT_NET, CE, FIT_ADAM, digits_small, epochs=3, checkpoint_dir=str(tmp_path), **options
+        )
+        whole = trainer.fit(FIT_NET, CE, FIT_ADAM, digits_small, epochs=5, **options)
+    assert not isinstance(old.state.rule_state, credit.KolenPollackState)
+    resumed = trainer.fit(
+        FIT_NET, CE, FIT_ADAM, digits_small, epochs=5, resume=True,
+        checkpoint_dir=str(tmp_path), **options,
+    )  # fmt: skip
+    assert [r["epoch"] for r in resumed.history] == [4, 5]
+    assert isinstance(resumed.state.rule_state, credit.KolenPollackState)
+    assert_trees_close(resumed.state.params, whole.state.params, rtol=1e-4, atol=1e-5)
+    assert_trees_close(
+        kp_feedback(resumed.state.params, resumed.state.rule_state),
+        whole.state.rule_state,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_a_resumed_run_keeps_the_angles_measured_before_its_checkpoint(digits_small, tmp_path):

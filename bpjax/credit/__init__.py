@@ -21,7 +21,9 @@ the rules exist, as long as its weight is the parameter leaf named ``"w"`` and e
   optimizer (``update_rule_state``). It is a pytree of arrays a checkpoint saves: for the
   feedback rules it has the params' structure with each ``"w"`` leaf replaced by its feedback
   matrix and every other leaf by ``()``; for DFA see ``init_rule_state``; ``()`` for backprop
-  and sign symmetry (which reads the current ``w`` at every step).
+  and sign symmetry (which reads the current ``w`` at every step). The trainer holds
+  Kolen-Pollack's ``B`` as a ``KolenPollackState`` (``B = w + scale * offset``: ``w - B`` only
+  decays, so a step updates one scalar instead of a second weight-sized matrix per layer).
 * **The signal** (``alignment``): per layer, the angle in degrees between a rule's update and
   the true gradient, and between each ``w`` and its feedback.
 
@@ -29,7 +31,7 @@ Gradients from a rule come from ``bpjax.grad.value_and_grad(net, loss, mode=<rul
 """
 
 from bpjax.credit._angles import alignment, angle
-from bpjax.credit._common import RULES, feedback_params
+from bpjax.credit._common import RULES, KolenPollackState, feedback_params, kolen_pollack_state
 from bpjax.credit._rules import rule_value_and_grad  # noqa: F401  (used by bpjax.grad)
 from bpjax.credit._state import (
     DISTRIBUTIONS,
@@ -43,12 +45,14 @@ from bpjax.credit._state import (
 __all__ = [
     "DISTRIBUTIONS",
     "KP_DECAY",
+    "KolenPollackState",
     "RULES",
     "SCALES",
     "alignment",
     "angle",
     "feedback_params",
     "init_rule_state",
+    "kolen_pollack_state",
     "kolen_pollack_update",
     "update_rule_state",
 ]

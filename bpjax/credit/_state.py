@@ -8,6 +8,7 @@ import jax
 from bpjax.credit import _dfa
 from bpjax.credit._common import (
     BACKPROP,
+    KolenPollackState,
     check_mode,
     feedback_params,
     is_weight,
@@ -164,8 +165,14 @@ def kolen_pollack_update(
     optimizer applies itself (``make_optimizer(weight_decay=...)``) is inside ``u``, so it
     reaches ``B`` too and leaves ``w - B`` as it is.
 
+    The feedback may be held either way: as ``B`` itself (``init_rule_state``'s draw), whose
+    leaves are updated as above, or as a ``KolenPollackState`` (what ``bpjax.train.init_state``
+    keeps), ``B = w + scale * offset``, whose ``scale`` is multiplied by ``1 - lam``: the same
+    ``B_next`` (up to rounding), without a second weight-sized update per step.
+
     Args:
-      feedback: the rule state (``init_rule_state("kolen_pollack", ...)``).
+      feedback: the rule state: ``init_rule_state("kolen_pollack", ...)``, or a
+        ``KolenPollackState`` (``kolen_pollack_state``).
       params: the params before the step.
       updates: the optimizer's updates (the params' structure).
       decay: ``lam`` in ``[0, 1)``, per step. The default, 1e-4, shrinks ``w - B`` by a factor
@@ -184,17 +191,21 @@ def kolen_pollack_update(
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"kolen_pollack_update: decay must be in [0, 1), got {decay!r}")
     feedback_params("kolen_pollack", params, feedback)  # checks the feedback's layout
+    held = isinstance(feedback, KolenPollackState)
+    layout = feedback.offset if held else feedback
 
     def weight_update(p, u, fb):
         return u if isinstance(fb, tuple) else (u - decay * p).astype(u.dtype)
 
+    new_updates = jax.tree_util.tree_map(weight_update, params, updates, layout)
+    if held:  # B - w only decays: B_next = w_next + scale * (1 - lam) * offset
+        scale = (feedback.scale * (1 - decay)).astype(feedback.scale.dtype)
+        return new_updates, KolenPollackState(feedback.offset, scale)
+
     def feedback_update(p, u, fb):
         return fb if isinstance(fb, tuple) else (fb + u - decay * fb).astype(fb.dtype)
 
-    return (
-        jax.tree_util.tree_map(weight_update, params, updates, feedback),
-        jax.tree_util.tree_map(feedback_update, params, updates, feedback),
-    )
+    return new_updates, jax.tree_util.tree_map(feedback_update, params, updates, feedback)
 
 
 def update_rule_state(
