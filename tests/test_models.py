@@ -127,8 +127,24 @@ def test_manual_gradient_of_each_model_equals_autodiff(net):
         (lambda: layers.cnn(hidden=(0,)), "hidden"),
         (lambda: layers.resnet((8, 16), [1, 2, 3]), "3 entries for 2 stages"),
         (lambda: layers.resnet((8,), 0), "blocks_per_stage"),
-        (lambda: layers.cnn(output_w_init="zero"), r"unknown initializer 'zero'; valid names"),
-        (lambda: layers.mlp([4, 2], output_w_init="nope"), "unknown initializer 'nope'"),
+        (
+            lambda: layers.cnn(output_w_init="zero"),
+            r"^output_w_init: unknown initializer 'zero'; valid names",
+        ),
+        (
+            lambda: layers.mlp([4, 2], output_w_init="nope"),
+            "^output_w_init: unknown initializer 'nope'",
+        ),
+        (lambda: layers.lenet5(output_w_init="nope"), "^output_w_init: unknown initializer 'nope'"),
+        (
+            lambda: layers.resnet((8,), 1, output_w_init="nope"),
+            "^output_w_init: unknown initializer",
+        ),
+        (lambda: layers.mlp([4, 2], w_init="he"), "^w_init: unknown initializer 'he'"),
+        (
+            lambda: layers.mlp([4, 2], w_init="constant"),
+            "^w_init: initializer 'constant' needs arguments",
+        ),
     ],
 )
 def test_bad_arguments_raise_one_clear_error(build, match):

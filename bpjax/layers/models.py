@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from bpjax import initializers
 from bpjax.layers._core import Layer
 from bpjax.layers.activations import activation as _activation_layer
 from bpjax.layers.activations import default_w_init
@@ -71,8 +72,7 @@ def mlp(
     dropout_rate = _rate("mlp", dropout_rate)
     hidden = _activation_layer(activation)
     out = None if output_activation is None else _activation_layer(output_activation)
-    if w_init is None:
-        w_init = default_w_init(hidden)
+    w_init = default_w_init(hidden) if w_init is None else _named_init("w_init", w_init)
     layers: list[Layer] = []
     last = len(features) - 1
     for i, n_out in enumerate(features):
@@ -113,9 +113,18 @@ def _rate(name: str, dropout_rate: float) -> float:
     return float(dropout_rate)
 
 
+def _named_init(key: str, spec: str | Callable) -> str | Callable:
+    """``spec``, checked by ``initializers.get``: a bad one's error names the argument ``key``."""
+    try:
+        initializers.get(spec)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+    return spec
+
+
 def _output_init(output_w_init: str | Callable | None, default: str | Callable):
     """The output layer's initializer: ``output_w_init``, or ``default`` when it is None."""
-    return default if output_w_init is None else output_w_init
+    return default if output_w_init is None else _named_init("output_w_init", output_w_init)
 
 
 def lenet5(

@@ -135,7 +135,7 @@ def validate(cfg: DictConfig) -> None:
             instantiate(node, _convert_="all")
         except (ValueError, InstantiationException) as e:
             # Hydra wraps the factory's error; its own message is the one that names it.
-            raise ConfigError(f"{group}: {e.__cause__ or e}") from None
+            raise ConfigError(_named(group, node, str(e.__cause__ or e))) from None
     if str(cfg.objective).startswith("test"):
         raise ConfigError(
             f"objective={cfg.objective} would tune on the test set; use a best_val_* metric"
@@ -146,6 +146,15 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.compute_dtype must be null, bfloat16, float16 or float32, "
             f"got {trainer.compute_dtype}"
         )
+
+
+def _named(group: str, node: Any, message: str) -> str:
+    """``group: message``, or ``group.key: rest`` where the message starts with one of the
+    node's own keys (a factory naming its argument: ``output_w_init: unknown initializer``)."""
+    key, sep, rest = message.partition(": ")
+    if sep and key in node:
+        return f"{group}.{key}: {rest}"
+    return f"{group}: {message}"
 
 
 def resolve_monitor_and_objective(cfg: DictConfig, data: Any) -> tuple[str, str]:
