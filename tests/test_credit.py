@@ -46,6 +46,7 @@ TESTED = {
     "angle": "test_angle_*",
     "feedback_params": "test_feedback_params_*",
     "init_rule_state": "test_init_*",
+    "kolen_pollack_feedback": "test_kolen_pollack_state_*",
     "kolen_pollack_state": "test_kolen_pollack_state_*",
     "kolen_pollack_update": "test_kolen_pollack_*",
     "update_rule_state": "test_update_rule_state_*",
@@ -78,17 +79,8 @@ def numpy_draw(mode, net, in_shape, seed=1, dtype=jnp.float64):
 
 
 def kp_feedback(params, rule_state):
-    """Kolen-Pollack's ``B`` per layer, however the rule state holds it, in the structure of
-    ``init_rule_state`` (``B`` per ``"w"``, ``()`` elsewhere)."""
-    backward = credit.feedback_params("kolen_pollack", params, rule_state)
-    layout = rule_state.offset if isinstance(rule_state, credit.KolenPollackState) else rule_state
-
-    def empty(node):
-        return isinstance(node, tuple) and not node
-
-    return jax.tree_util.tree_map(
-        lambda fb, b: fb if empty(fb) else b, layout, backward, is_leaf=empty
-    )
+    """Kolen-Pollack's ``B`` per layer, however the rule state holds it."""
+    return credit.kolen_pollack_feedback(params, rule_state)
 
 
 def feedback_kwargs(mode, feedback):
@@ -787,10 +779,58 @@ def test_kolen_pollack_state_holds_b_as_w_plus_scale_times_offset():
         tree_cast(params, jnp.float32), tree_cast(feedback, jnp.float32)
     )
     assert f32.scale.dtype == jnp.float32
-    with pytest.raises(ValueError, match="feedback matrix has shape"):
+    with pytest.raises(ValueError, match=r"feedback at \[0\]\[.w.\] has shape"):
         credit.kolen_pollack_state(params, draw("kolen_pollack", net, (BATCH, N_IN + 1)))
     with pytest.raises(ValueError, match="no parameter named 'w'"):
         credit.kolen_pollack_state({"scale": jnp.ones(3)}, ())
+
+
+def test_kolen_pollack_state_refuses_what_is_not_its_own():
+    net, params, x, labels = mlp_setup()
+    feedback = draw("kolen_pollack", net, x.shape)
+    held = credit.kolen_pollack_state(params, feedback)
+    assert_trees_equal(credit.kolen_pollack_feedback(params, feedback), feedback)  # B: as it is
+    with pytest.raises(ValueError, match="KolenPollackState already; pass B itself"):
+        credit.kolen_pollack_state(params, held)
+    for mode in ("feedback_alignment", "direct_feedback_alignment"):
+        fb = held if mode == "feedback_alignment" else draw(mode, net, x.shape)
+        if mode == "direct_feedback_alignment":
+            fb = credit.KolenPollackState(fb, jnp.ones(()))
+        with pytest.raises(ValueError, match=f"^{mode}: feedback is a KolenPollackState"):
+            grad.value_and_grad(net, CE, mode=mode)(params, x, labels, feedback=fb)
+    short = credit.kolen_pollack_state(params, feedback)._replace(
+        offset=draw("kolen_pollack", net, (BATCH, N_IN + 1))
+    )
+    with pytest.raises(ValueError, match=r"offset \(B - w\) at \[0\]\['w'\] has shape \(7, 5\)"):
+        credit.feedback_params("kolen_pollack", params, short)
+    updates = jax.tree_util.tree_map(jnp.zeros_like, params)
+    plain = held._replace(scale=1.0)  # a Python float is a scalar too
+    assert_trees_close(kp_feedback(params, plain), kp_feedback(params, held), rtol=1e-6)
+    for bad in (None, 1, jnp.ones((), jnp.int32), jnp.ones(3)):
+        with pytest.raises(ValueError, match="scale must be a floating-point scalar"):
+            credit.kolen_pollack_update(held._replace(scale=bad), params, updates)
+
+
+def test_kolen_pollack_state_is_tied_to_its_params():
+    """Replacing a held state's params moves ``B`` with them (the documented caveat); holding
+    ``B`` again against the new params (``KolenPollackState``'s recipe) keeps it."""
+    net, params, x, _ = mlp_setup()
+    feedback = draw("kolen_pollack", net, x.shape)
+    held = credit.kolen_pollack_state(params, feedback)
+    new = jax.tree_util.tree_map(lambda p: 3 * p, params)
+    assert trees_differ(kp_feedback(new, held), feedback)
+    again = credit.kolen_pollack_state(new, kp_feedback(params, held))
+    assert_trees_close(kp_feedback(new, again), feedback, rtol=1e-14, atol=1e-15)
+
+
+def test_kolen_pollack_update_takes_a_traced_decay():
+    net, params, x, _ = mlp_setup()
+    held = credit.kolen_pollack_state(params, draw("kolen_pollack", net, x.shape))
+    updates = jax.tree_util.tree_map(jnp.zeros_like, params)
+    traced = jax.jit(lambda d: credit.kolen_pollack_update(held, params, updates, decay=d))
+    eager = credit.kolen_pollack_update(held, params, updates, decay=0.25)
+    assert_trees_close(traced(0.25), eager, rtol=1e-15)
+    assert float(traced(0.25)[1].scale) == 0.75
 
 
 def test_kolen_pollack_state_trains_as_the_per_step_update():

@@ -31,7 +31,13 @@ Gradients from a rule come from ``bpjax.grad.value_and_grad(net, loss, mode=<rul
 """
 
 from bpjax.credit._angles import alignment, angle
-from bpjax.credit._common import RULES, KolenPollackState, feedback_params, kolen_pollack_state
+from bpjax.credit._common import (
+    RULES,
+    KolenPollackState,
+    feedback_params,
+    kolen_pollack_feedback,
+    kolen_pollack_state,
+)
 from bpjax.credit._rules import rule_value_and_grad  # noqa: F401  (used by bpjax.grad)
 from bpjax.credit._state import (
     DISTRIBUTIONS,
@@ -52,6 +58,7 @@ __all__ = [
     "angle",
     "feedback_params",
     "init_rule_state",
+    "kolen_pollack_feedback",
     "kolen_pollack_state",
     "kolen_pollack_update",
     "update_rule_state",

@@ -18,13 +18,24 @@ class KolenPollackState(NamedTuple):
     as that difference, fixed, and the scalar it has shrunk by, so a step reads ``w`` and the
     offset (XLA fuses ``w + scale * offset`` into the backward's dot) instead of reading,
     updating and writing a second weight-sized matrix per layer. ``B`` is the same as the
-    per-step update's up to rounding; ``feedback_params`` forms it.
+    per-step update's up to rounding; ``feedback_params`` forms it in the params' structure,
+    ``kolen_pollack_feedback`` in ``init_rule_state``'s.
+
+    ``B`` is tied to the params it is held against: a state whose params are replaced (loaded
+    weights, a copy from another run) moves ``B`` with them. To keep ``B``, re-hold it::
+
+        B = kolen_pollack_feedback(state.params, state.rule_state)
+        state = state._replace(params=new, rule_state=kolen_pollack_state(new, B))
+
+    A checkpoint written before this form (bpjax up to 2026-11-30) holds ``B`` itself: restore
+    it into ``like._replace(rule_state=like.rule_state.offset)`` and convert with
+    ``kolen_pollack_state`` (``bpjax.trainer.fit``'s resume does so).
 
     Attributes:
       offset: the params' structure, each ``"w"`` leaf ``B - w`` at the start (``w``'s shape
         and dtype), every other leaf ``()``.
-      scale: a scalar (float32, or the offset's dtype if wider): ``(1 - decay)`` to the power
-        of the updates applied since the start, where it is 1.
+      scale: a floating-point scalar (float32, or the offset's dtype if wider): ``(1 - decay)``
+        to the power of the updates applied since the start, where it is 1.
     """
 
     offset: Any
@@ -36,8 +47,14 @@ def kolen_pollack_state(params: Any, feedback: Any) -> KolenPollackState:
     held as a ``KolenPollackState`` for ``params``: ``offset = B - w``, ``scale = 1``.
 
     Raises:
-      ValueError: params without a ``"w"``; feedback of the wrong structure or shapes.
+      ValueError: params without a ``"w"``; feedback of the wrong structure or shapes, or one
+        held already.
     """
+    if isinstance(feedback, KolenPollackState):
+        raise ValueError(
+            "kolen_pollack_state: feedback is a KolenPollackState already; pass B itself "
+            "(bpjax.credit.kolen_pollack_feedback(params, state))"
+        )
     expected = _expected_feedback("kolen_pollack", params)
     check_feedback("kolen_pollack", expected, feedback)
     offset = jax.tree_util.tree_map(
@@ -47,6 +64,40 @@ def kolen_pollack_state(params: Any, feedback: Any) -> KolenPollackState:
     )
     dtypes = [jnp.float32] + [leaf.dtype for leaf in jax.tree_util.tree_leaves(offset)]
     return KolenPollackState(offset, jnp.ones((), jnp.result_type(*dtypes)))
+
+
+def kolen_pollack_feedback(params: Any, feedback: Any) -> Any:
+    """Kolen-Pollack's ``B`` itself, in ``init_rule_state``'s structure (``B`` per ``"w"``,
+    ``()`` elsewhere), from a ``KolenPollackState`` held for ``params`` (or ``B`` itself,
+    returned as it is).
+
+    Raises:
+      ValueError, TypeError: as ``feedback_params``.
+    """
+    backward = feedback_params("kolen_pollack", params, feedback)
+    layout = feedback.offset if isinstance(feedback, KolenPollackState) else feedback
+    return jax.tree_util.tree_map(
+        lambda fb, b: fb if _is_unit(fb) else b, layout, backward, is_leaf=_is_unit
+    )
+
+
+def _is_unit(node: Any) -> bool:
+    return isinstance(node, tuple) and not node
+
+
+def _held_scale(feedback: KolenPollackState) -> jax.Array:
+    """The state's ``scale`` as an array, or one error if it is not a floating-point scalar."""
+    scale = feedback.scale
+    dtype = getattr(scale, "dtype", None)
+    if isinstance(scale, float) and not isinstance(scale, bool):
+        return jnp.asarray(scale, jnp.float32)
+    if dtype is None or jnp.ndim(scale) != 0 or not jnp.issubdtype(dtype, jnp.floating):
+        shown = f"{dtype}{list(jnp.shape(scale))}" if dtype is not None else repr(scale)
+        raise ValueError(
+            f"kolen_pollack: KolenPollackState.scale must be a floating-point scalar "
+            f"((1 - decay) ** updates; 1.0 at the start), got {shown}"
+        )
+    return scale
 
 
 def is_empty(feedback: Any) -> bool:
@@ -77,21 +128,33 @@ def require_weights(mode: str, params: Any) -> None:
         )
 
 
-def check_feedback(mode: str, expected: Any, feedback: Any) -> None:
+def check_feedback(mode: str, expected: Any, feedback: Any, *, what: str = "feedback") -> None:
     """``feedback`` has the structure and shapes of ``expected`` (``jax.ShapeDtypeStruct``
-    leaves and ``()``), or one error that says how to make it."""
+    leaves and ``()``), or one error that says how to make it; ``what`` names it
+    (``"feedback"``, or a held state's ``"offset (B - w)"``)."""
     hint = f"draw it with bpjax.credit.init_rule_state({mode!r}, net, in_shape, key=...)"
+    if what != "feedback":
+        hint = (
+            "hold B as bpjax.credit.kolen_pollack_state(params, B), B drawn by "
+            "bpjax.credit.init_rule_state('kolen_pollack', net, in_shape, key=...)"
+        )
     if feedback is None:
         raise TypeError(f"{mode} needs feedback= (its rule state): {hint}")
+    if isinstance(feedback, KolenPollackState):
+        raise ValueError(
+            f"{mode}: feedback is a KolenPollackState, Kolen-Pollack's B held as w + scale * "
+            f"offset, which only kolen_pollack reads; {hint}"
+        )
     want = jax.tree_util.tree_structure(expected)
     got = jax.tree_util.tree_structure(feedback)
     if want != got:
-        raise ValueError(f"{mode}: feedback has structure {got}, the network needs {want}; {hint}")
-    for spec, fb in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(feedback)):
+        raise ValueError(f"{mode}: {what} has structure {got}, the network needs {want}; {hint}")
+    specs = jax.tree_util.tree_flatten_with_path(expected)[0]
+    for (path, spec), fb in zip(specs, jax.tree_util.tree_leaves(feedback)):
         if tuple(jnp.shape(fb)) != tuple(spec.shape):
             raise ValueError(
-                f"{mode}: a feedback matrix has shape {jnp.shape(fb)}, the network needs "
-                f"{spec.shape}; {hint}"
+                f"{mode}: {what} at {jax.tree_util.keystr(path)} has shape {jnp.shape(fb)}, "
+                f"the network needs {spec.shape}; {hint}"
             )
 
 
@@ -117,8 +180,8 @@ def feedback_params(mode: str, params: Any, feedback: Any = None) -> Any:
         )
     expected = _expected_feedback(mode, params)
     if mode == "kolen_pollack" and isinstance(feedback, KolenPollackState):
-        check_feedback(mode, expected, feedback.offset)
-        scale = feedback.scale
+        check_feedback(mode, expected, feedback.offset, what="offset (B - w)")
+        scale = _held_scale(feedback)
 
         def substitute(p, off):
             if isinstance(off, tuple):

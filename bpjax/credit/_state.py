@@ -9,6 +9,7 @@ from bpjax.credit import _dfa
 from bpjax.credit._common import (
     BACKPROP,
     KolenPollackState,
+    _held_scale,
     check_mode,
     feedback_params,
     is_weight,
@@ -175,8 +176,9 @@ def kolen_pollack_update(
         ``KolenPollackState`` (``kolen_pollack_state``).
       params: the params before the step.
       updates: the optimizer's updates (the params' structure).
-      decay: ``lam`` in ``[0, 1)``, per step. The default, 1e-4, shrinks ``w - B`` by a factor
-        ``e`` every 10,000 steps; larger aligns faster and decays ``w`` harder.
+      decay: ``lam`` in ``[0, 1)``, per step (a traced value is not checked). The default,
+        1e-4, shrinks ``w - B`` by a factor ``e`` every 10,000 steps; larger aligns faster and
+        decays ``w`` harder.
 
     Returns:
       ``(updates, feedback)``: the updates to apply to the params and the next feedback.
@@ -188,7 +190,7 @@ def kolen_pollack_update(
       Kolen & Pollack, "Backpropagation without weight transport", IEEE ICNN 1994.
       Akrout et al., "Deep Learning without Weight Transport", NeurIPS 2019, eqs. 16-17.
     """
-    if not 0.0 <= decay < 1.0:
+    if not isinstance(decay, jax.core.Tracer) and not 0.0 <= decay < 1.0:
         raise ValueError(f"kolen_pollack_update: decay must be in [0, 1), got {decay!r}")
     feedback_params("kolen_pollack", params, feedback)  # checks the feedback's layout
     held = isinstance(feedback, KolenPollackState)
@@ -199,8 +201,10 @@ def kolen_pollack_update(
 
     new_updates = jax.tree_util.tree_map(weight_update, params, updates, layout)
     if held:  # B - w only decays: B_next = w_next + scale * (1 - lam) * offset
-        scale = (feedback.scale * (1 - decay)).astype(feedback.scale.dtype)
-        return new_updates, KolenPollackState(feedback.offset, scale)
+        scale = _held_scale(feedback)
+        return new_updates, KolenPollackState(
+            feedback.offset, (scale * (1 - decay)).astype(scale.dtype)
+        )
 
     def feedback_update(p, u, fb):
         return fb if isinstance(fb, tuple) else (fb + u - decay * fb).astype(fb.dtype)

@@ -24,7 +24,7 @@ import optax
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bpjax import layers, losses
+from bpjax import credit, layers, losses
 from bpjax.train import SHUFFLE, TrainState, encode_targets, init_state
 
 MODES = ("manual", "autodiff")
@@ -245,11 +245,12 @@ def build(cfg: DictConfig, spec: dict[str, Any]) -> Point:
 def state_for(point: Point, mode: str, rule_options: dict[str, Any] | None = None) -> TrainState:
     """The point's starting state for ``mode``: for a learning rule, its rule state (feedback
     weights) drawn by ``init_state(..., grad_mode=mode, rule_options=...)`` in one jitted call,
-    beside the point's params; the point's state as it is for backprop."""
+    beside the point's params (Kolen-Pollack's drawn ``B`` held against them: its
+    ``KolenPollackState`` is tied to the params); the point's state as it is for backprop."""
     if mode in MODES:
         return point.state
 
-    def draw(key):
+    def draw(key, params):
         state = init_state(
             point.net,
             point.optimizer,
@@ -258,9 +259,12 @@ def state_for(point: Point, mode: str, rule_options: dict[str, Any] | None = Non
             grad_mode=mode,
             rule_options=rule_options,
         )
-        return state.rule_state
+        if not isinstance(state.rule_state, credit.KolenPollackState):
+            return state.rule_state
+        drawn = credit.kolen_pollack_feedback(state.params, state.rule_state)
+        return credit.kolen_pollack_state(params, drawn)
 
-    return point.state._replace(rule_state=jax.jit(draw)(point.state.key))
+    return point.state._replace(rule_state=jax.jit(draw)(point.state.key, point.state.params))
 
 
 def epoch_examples(cfg: DictConfig, point: Point) -> int:

@@ -19,12 +19,14 @@ from training.run_dir import _has_checkpoints
 
 # Settings a resume is expected to change; every other difference is reported.
 _RESUME_KEYS = ("trainer.resume", "trainer.run_dir")
-# Settings a resumed run reads only at its start: a change is reported with why it does nothing.
-_READ_AT_START = {
+# What a changed setting does on resume, said beside it: those a run reads only at its start
+# have no effect.
+_ON_RESUME = {
     "trainer.feedback_distribution": "no effect: a rule's feedback weights are the checkpoint's",
     "trainer.feedback_scale": "no effect: a rule's feedback weights are the checkpoint's",
     "model.w_init": "no effect: the weights are the checkpoint's",
     "model.output_w_init": "no effect: the weights are the checkpoint's",
+    "trainer.kp_decay": "applies from the resumed step on; the decay so far is the checkpoint's",
 }
 
 
@@ -40,7 +42,8 @@ def changed_settings(
     ``path`` (default: the latest in ``checkpoint_dir``); a longer ``trainer.epochs``, say, also
     stretches a schedule fitted to the run's length. The options read only at the start (the
     feedback weights' draw, the weights' initializers) say that they have no effect (the
-    checkpoint's are used); null is written null. Empty without a checkpoint,
+    checkpoint's are used), and Kolen-Pollack's decay that it applies from then on; null is
+    written null. Empty without a checkpoint,
     or if it can't be read: the resume itself then reports it."""
     if path is None and not _has_checkpoints(checkpoint_dir):
         return []
@@ -55,7 +58,7 @@ def changed_settings(
     missing = "<unset>"
     return [
         f"{k}: {_shown(before.get(k, missing))} -> {_shown(now.get(k, missing))}"
-        + (f" ({_READ_AT_START[k]})" if k in _READ_AT_START else "")
+        + (f" ({_ON_RESUME[k]})" if k in _ON_RESUME else "")
         for k in keys
         if before.get(k, missing) != now.get(k, missing)
     ]
