@@ -35,7 +35,8 @@ class TrainState(NamedTuple):
     ``net_state`` is the network's state that is not a parameter (batch norm's running
     statistics; ``()`` for a network without): updated by the training-mode forward pass, never
     by the optimizer. ``rule_state`` is the learning rule's (``bpjax.credit``: feedback
-    weights; ``()`` for backprop). Both are checkpointed with the params.
+    weights, for Kolen-Pollack held as a ``bpjax.credit.KolenPollackState`` tied to
+    ``params``; ``()`` for backprop). Both are checkpointed with the params.
     """
 
     params: Any

@@ -758,6 +758,13 @@ def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
     assert changed == [
         "model.output_w_init: null -> zeros (no effect: the weights are the checkpoint's)"
     ]
+    # Kolen-Pollack's decay does take: from the resumed step on (a trial: said without why).
+    cfg = compose(*DIGITS_RUN, "trainer.kp_decay=0.01", f"trainer.run_dir={run_dir}")
+    changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
+    assert changed == [
+        "trainer.kp_decay: 0.0001 -> 0.01 (applies from the resumed step on; the decay so far "
+        "is the checkpoint's)"
+    ]
     assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say
 
 
@@ -1313,6 +1320,9 @@ BAD_INPUTS = {
     "model.features=[]": ["model.features"],
     "trainer.batch_size=100000": ["trainer.batch_size", "100000", "digits"],
     "model.activation=relux": ["relux", *ACTIVATIONS],
+    # An initializer's error names its key (it said "model:").
+    "model.output_w_init=zero": ["model.output_w_init: unknown initializer 'zero'", "zeros"],
+    "model.w_init=he": ["model.w_init: unknown initializer 'he'", "he_normal"],
     "trainer.grad_mode=manaul": ["trainer.grad_mode", "manaul", *MODES],
     "dataset=npz dataset.path=/does/not/exist": ["/does/not/exist", "does not exist"],
     "dataset=npz": ["dataset.path"],
