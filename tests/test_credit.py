@@ -741,9 +741,13 @@ def test_kolen_pollack_update_is_eqs_16_17():
     default = credit.kolen_pollack_update(feedback, params, updates)
     explicit = credit.kolen_pollack_update(feedback, params, updates, decay=credit.KP_DECAY)
     assert_trees_equal(default, explicit)
-    for decay in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="decay"):
+    for decay in (-0.1, 1.0, "0.1", None, True, jnp.array([0.1, 0.2]), 0.1j):
+        with pytest.raises(ValueError, match="decay must be a number in"):
             credit.kolen_pollack_update(feedback, params, updates, decay=decay)
+    assert_trees_equal(  # a 0-d array is a number
+        credit.kolen_pollack_update(feedback, params, updates, decay=jnp.float32(0.05)),
+        credit.kolen_pollack_update(feedback, params, updates, decay=np.float32(0.05)),
+    )
 
 
 @pytest.mark.parametrize("mode", ["manual", "autodiff", *credit.RULES])
@@ -809,6 +813,19 @@ def test_kolen_pollack_state_refuses_what_is_not_its_own():
     for bad in (None, 1, jnp.ones((), jnp.int32), jnp.ones(3)):
         with pytest.raises(ValueError, match="scale must be a floating-point scalar"):
             credit.kolen_pollack_update(held._replace(scale=bad), params, updates)
+    # float16/bfloat16 scales are carried in float32: there 1 - 1e-4 rounds to 1 (a trial)
+    half = held._replace(scale=jnp.ones((), jnp.bfloat16))
+    for _ in range(2):
+        _, half = credit.kolen_pollack_update(half, params, updates)
+    assert half.scale.dtype == jnp.float32 and float(half.scale) == np.float32(1 - 1e-4) ** 2
+    # an integer offset or B: refused, naming the leaf (B came out as int(w) + int(B - w))
+    ints = jax.tree_util.tree_map(lambda a: a.astype(jnp.int32), feedback)
+    with pytest.raises(ValueError, match=r"feedback at \[0\]\['w'\] has dtype int32"):
+        credit.kolen_pollack_state(params, ints)
+    with pytest.raises(ValueError, match=r"offset \(B - w\) at \[0\]\['w'\] has dtype int32"):
+        credit.kolen_pollack_feedback(params, held._replace(offset=ints))
+    with pytest.raises(ValueError, match="update_rule_state: feedback_alignment was given a Kol"):
+        credit.update_rule_state("feedback_alignment", held, params, updates)
 
 
 def test_kolen_pollack_state_is_tied_to_its_params():

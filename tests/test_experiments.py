@@ -758,12 +758,21 @@ def test_changed_settings_on_resume_are_listed(digits_run, tmp_path):
     assert changed == [
         "model.output_w_init: null -> zeros (no effect: the weights are the checkpoint's)"
     ]
-    # Kolen-Pollack's decay does take: from the resumed step on (a trial: said without why).
+    # Kolen-Pollack's decay takes from the resumed step on (a trial: said without why); in a
+    # run of another rule nothing reads it (a second trial: it said it applied).
     cfg = compose(*DIGITS_RUN, "trainer.kp_decay=0.01", f"trainer.run_dir={run_dir}")
     changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
     assert changed == [
+        "trainer.kp_decay: 0.0001 -> 0.01 (no effect: only trainer.grad_mode=kolen_pollack "
+        "reads it)"
+    ]
+    cfg = compose(*DIGITS_RUN, "trainer.kp_decay=0.01", "trainer.grad_mode=kolen_pollack",
+                  f"trainer.run_dir={run_dir}")  # fmt: skip
+    changed = train_script.changed_settings(run_dir / "checkpoints", train_script._container(cfg))
+    assert changed == [
+        "trainer.grad_mode: manual -> kolen_pollack",
         "trainer.kp_decay: 0.0001 -> 0.01 (applies from the resumed step on; the decay so far "
-        "is the checkpoint's)"
+        "is the checkpoint's)",
     ]
     assert train_script.changed_settings(tmp_path, same) == []  # nothing saved: nothing to say
 

@@ -68,8 +68,8 @@ def kolen_pollack_state(params: Any, feedback: Any) -> KolenPollackState:
 
 def kolen_pollack_feedback(params: Any, feedback: Any) -> Any:
     """Kolen-Pollack's ``B`` itself, in ``init_rule_state``'s structure (``B`` per ``"w"``,
-    ``()`` elsewhere), from a ``KolenPollackState`` held for ``params`` (or ``B`` itself,
-    returned as it is).
+    ``()`` elsewhere), from a ``KolenPollackState`` held for ``params`` (or ``B`` itself); in
+    the dtypes of the params' ``w``, as the backward reads it.
 
     Raises:
       ValueError, TypeError: as ``feedback_params``.
@@ -97,7 +97,8 @@ def _held_scale(feedback: KolenPollackState) -> jax.Array:
             f"kolen_pollack: KolenPollackState.scale must be a floating-point scalar "
             f"((1 - decay) ** updates; 1.0 at the start), got {shown}"
         )
-    return scale
+    # at least float32: in float16 or bfloat16, 1 - 1e-4 rounds to 1 and the decay is lost
+    return jnp.asarray(scale, jnp.promote_types(dtype, jnp.float32))
 
 
 def is_empty(feedback: Any) -> bool:
@@ -151,10 +152,14 @@ def check_feedback(mode: str, expected: Any, feedback: Any, *, what: str = "feed
         raise ValueError(f"{mode}: {what} has structure {got}, the network needs {want}; {hint}")
     specs = jax.tree_util.tree_flatten_with_path(expected)[0]
     for (path, spec), fb in zip(specs, jax.tree_util.tree_leaves(feedback)):
+        where = f"{mode}: {what} at {jax.tree_util.keystr(path)}"
         if tuple(jnp.shape(fb)) != tuple(spec.shape):
             raise ValueError(
-                f"{mode}: {what} at {jax.tree_util.keystr(path)} has shape {jnp.shape(fb)}, "
-                f"the network needs {spec.shape}; {hint}"
+                f"{where} has shape {jnp.shape(fb)}, the network needs {spec.shape}; {hint}"
+            )
+        if not jnp.issubdtype(jnp.result_type(fb), jnp.floating):
+            raise ValueError(
+                f"{where} has dtype {jnp.result_type(fb)}: it must be floating-point; {hint}"
             )
 
 

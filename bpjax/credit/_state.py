@@ -1,6 +1,7 @@
 """Rule state: feedback weights drawn from a key, and Kolen-Pollack's update after the optimizer."""
 
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -146,6 +147,20 @@ def init_rule_state(
     )
 
 
+def _check_decay(decay: Any) -> None:
+    """A concrete decay is a number in [0, 1); a traced one (under jit or vmap) is not checked."""
+    if isinstance(decay, jax.core.Tracer):
+        return
+    number = isinstance(decay, numbers.Real) and not isinstance(decay, bool)
+    scalar = getattr(decay, "shape", None) == () and getattr(decay, "dtype", None) is not None
+    try:
+        ok = (number or scalar) and 0.0 <= float(decay) < 1.0
+    except (TypeError, ValueError):  # a complex or non-numeric array
+        ok = False
+    if not ok:
+        raise ValueError(f"kolen_pollack_update: decay must be a number in [0, 1), got {decay!r}")
+
+
 def kolen_pollack_update(
     feedback: Any, params: Any, updates: Any, *, decay: float = KP_DECAY
 ) -> tuple[Any, Any]:
@@ -190,8 +205,7 @@ def kolen_pollack_update(
       Kolen & Pollack, "Backpropagation without weight transport", IEEE ICNN 1994.
       Akrout et al., "Deep Learning without Weight Transport", NeurIPS 2019, eqs. 16-17.
     """
-    if not isinstance(decay, jax.core.Tracer) and not 0.0 <= decay < 1.0:
-        raise ValueError(f"kolen_pollack_update: decay must be in [0, 1), got {decay!r}")
+    _check_decay(decay)
     feedback_params("kolen_pollack", params, feedback)  # checks the feedback's layout
     held = isinstance(feedback, KolenPollackState)
     layout = feedback.offset if held else feedback
@@ -219,6 +233,11 @@ def update_rule_state(
     ``kolen_pollack``, both unchanged for every other mode (their feedback is fixed, or, for
     sign symmetry, read from the weights)."""
     check_mode(mode, "update_rule_state")
+    if mode != "kolen_pollack" and isinstance(rule_state, KolenPollackState):
+        raise ValueError(
+            f"update_rule_state: {mode} was given a KolenPollackState, Kolen-Pollack's held "
+            f"feedback; pass {mode}'s own rule state (bpjax.credit.init_rule_state)"
+        )
     if mode != "kolen_pollack":
         return updates, rule_state
     return kolen_pollack_update(rule_state, params, updates, decay=decay)

@@ -56,9 +56,12 @@ def changed_settings(
     now = flatten_hparams(json.loads(json.dumps(config, default=str)))
     keys = sorted((before.keys() | now.keys()) - set(_RESUME_KEYS))
     missing = "<unset>"
+    notes = dict(_ON_RESUME)
+    if now.get("trainer.grad_mode") != "kolen_pollack":  # only Kolen-Pollack reads it
+        notes["trainer.kp_decay"] = "no effect: only trainer.grad_mode=kolen_pollack reads it"
     return [
         f"{k}: {_shown(before.get(k, missing))} -> {_shown(now.get(k, missing))}"
-        + (f" ({_ON_RESUME[k]})" if k in _ON_RESUME else "")
+        + (f" ({notes[k]})" if k in notes else "")
         for k in keys
         if before.get(k, missing) != now.get(k, missing)
     ]
