@@ -15,11 +15,12 @@ class KolenPollackState(NamedTuple):
 
     Kolen-Pollack gives ``w`` and ``B`` the same update and decay (``kolen_pollack_update``), so
     their difference only decays: ``B_t - w_t = (1 - decay)^t (B_0 - w_0)``. This holds ``B``
-    as that difference, fixed, and the scalar it has shrunk by, so a step reads ``w`` and the
-    offset (XLA fuses ``w + scale * offset`` into the backward's dot) instead of reading,
-    updating and writing a second weight-sized matrix per layer. ``B`` is the same as the
-    per-step update's up to rounding; ``feedback_params`` forms it in the params' structure,
-    ``kolen_pollack_feedback`` in ``init_rule_state``'s.
+    as that difference, fixed, and the scalar it has shrunk by. A step forms
+    ``B = w + scale * offset`` from its inputs alone (nothing of the step waits for it before
+    the backward, so XLA:CPU runs it beside the forward pass) and updates one scalar, instead
+    of updating a second weight-sized matrix per layer after the optimizer and writing it back.
+    ``B`` is the same as the per-step update's up to rounding; ``feedback_params`` forms it in
+    the params' structure, ``kolen_pollack_feedback`` in ``init_rule_state``'s.
 
     ``B`` is tied to the params it is held against: a state whose params are replaced (loaded
     weights, a copy from another run) moves ``B`` with them. To keep ``B``, re-hold it::
