@@ -78,11 +78,6 @@ def numpy_draw(mode, net, in_shape, seed=1, dtype=jnp.float64):
     return numpy_like(shapes, dtype, seed=seed)
 
 
-def kp_feedback(params, rule_state):
-    """Kolen-Pollack's ``B`` per layer, however the rule state holds it."""
-    return credit.kolen_pollack_feedback(params, rule_state)
-
-
 def feedback_kwargs(mode, feedback):
     return {"feedback": feedback} if mode in NEEDS_FEEDBACK else {}
 
@@ -771,11 +766,13 @@ def test_kolen_pollack_state_holds_b_as_w_plus_scale_times_offset():
     for i in (0, 2, 4):
         np.testing.assert_array_equal(held.offset[i]["w"], feedback[i]["w"] - params[i]["w"])
         assert held.offset[i]["b"] == ()
-    assert_trees_close(kp_feedback(params, held), feedback, rtol=1e-14, atol=1e-16)
+    assert_trees_close(
+        credit.kolen_pollack_feedback(params, held), feedback, rtol=1e-14, atol=1e-16
+    )
     halved = held._replace(scale=jnp.asarray(0.5, jnp.float64))
     for i in (0, 2, 4):  # B = w + scale * offset
         np.testing.assert_allclose(
-            kp_feedback(params, halved)[i]["w"],
+            credit.kolen_pollack_feedback(params, halved)[i]["w"],
             params[i]["w"] + 0.5 * (feedback[i]["w"] - params[i]["w"]),
             rtol=1e-14,
         )
@@ -809,7 +806,11 @@ def test_kolen_pollack_state_refuses_what_is_not_its_own():
         credit.feedback_params("kolen_pollack", params, short)
     updates = jax.tree_util.tree_map(jnp.zeros_like, params)
     plain = held._replace(scale=1.0)  # a Python float is a scalar too
-    assert_trees_close(kp_feedback(params, plain), kp_feedback(params, held), rtol=1e-6)
+    assert_trees_close(
+        credit.kolen_pollack_feedback(params, plain),
+        credit.kolen_pollack_feedback(params, held),
+        rtol=1e-6,
+    )
     for bad in (None, 1, jnp.ones((), jnp.int32), jnp.ones(3)):
         with pytest.raises(ValueError, match="scale must be a floating-point scalar"):
             credit.kolen_pollack_update(held._replace(scale=bad), params, updates)
@@ -835,9 +836,9 @@ def test_kolen_pollack_state_is_tied_to_its_params():
     feedback = draw("kolen_pollack", net, x.shape)
     held = credit.kolen_pollack_state(params, feedback)
     new = jax.tree_util.tree_map(lambda p: 3 * p, params)
-    assert trees_differ(kp_feedback(new, held), feedback)
-    again = credit.kolen_pollack_state(new, kp_feedback(params, held))
-    assert_trees_close(kp_feedback(new, again), feedback, rtol=1e-14, atol=1e-15)
+    assert trees_differ(credit.kolen_pollack_feedback(new, held), feedback)
+    again = credit.kolen_pollack_state(new, credit.kolen_pollack_feedback(params, held))
+    assert_trees_close(credit.kolen_pollack_feedback(new, again), feedback, rtol=1e-14, atol=1e-15)
 
 
 def test_kolen_pollack_update_takes_a_traced_decay():
@@ -879,12 +880,14 @@ def test_kolen_pollack_state_trains_as_the_per_step_update():
             held, x[t % 4 * STEP_BATCH :][:STEP_BATCH], y[t % 4 * STEP_BATCH :][:STEP_BATCH]
         )
     params, feedback = jax.jit(reference)(
-        state.params, state.opt_state, kp_feedback(state.params, state.rule_state)
+        state.params, state.opt_state, credit.kolen_pollack_feedback(state.params, state.rule_state)
     )
     assert_trees_close(held.params, params, rtol=1e-9, atol=1e-12)
-    assert_trees_close(kp_feedback(held.params, held.rule_state), feedback, rtol=1e-9, atol=1e-12)
+    assert_trees_close(
+        credit.kolen_pollack_feedback(held.params, held.rule_state), feedback, rtol=1e-9, atol=1e-12
+    )
     np.testing.assert_allclose(float(held.rule_state.scale), 0.95**steps, rtol=1e-12)
-    assert trees_differ(feedback, kp_feedback(state.params, state.rule_state))
+    assert trees_differ(feedback, credit.kolen_pollack_feedback(state.params, state.rule_state))
 
 
 def test_kolen_pollack_aligns_w_and_b():
@@ -1122,7 +1125,10 @@ def test_init_state_draws_the_rule_state_from_its_own_stream(mode):
     if mode == "kolen_pollack":  # held as B - w and a scale: the same B, up to rounding
         assert_trees_equal(state.rule_state, credit.kolen_pollack_state(state.params, expected))
         assert_trees_close(  # float32: B = w + (B - w) rounds
-            kp_feedback(state.params, state.rule_state), expected, rtol=1e-6, atol=1e-7
+            credit.kolen_pollack_feedback(state.params, state.rule_state),
+            expected,
+            rtol=1e-6,
+            atol=1e-7,
         )
     else:
         assert_trees_equal(state.rule_state, expected)
@@ -1136,12 +1142,15 @@ def test_init_state_draws_the_rule_state_from_its_own_stream(mode):
             mode, net, (STEP_BATCH, N_IN), key=jax.random.fold_in(key, 0)
         )
         drawn = (
-            kp_feedback(state.params, state.rule_state)
+            credit.kolen_pollack_feedback(state.params, state.rule_state)
             if mode == "kolen_pollack"
             else state.rule_state
         )
         assert trees_differ(
-            drawn, other if mode != "kolen_pollack" else kp_feedback(state.params, other)
+            drawn,
+            other
+            if mode != "kolen_pollack"
+            else credit.kolen_pollack_feedback(state.params, other),
         )
 
 
@@ -1174,8 +1183,8 @@ def test_rule_options_reach_the_draw_and_the_step():
     new, _ = step(state, x[:STEP_BATCH], y[:STEP_BATCH])
     assert float(new.rule_state.scale) == 0.95 * float(state.rule_state.scale)
     before, after = (
-        kp_feedback(state.params, state.rule_state),
-        kp_feedback(new.params, new.rule_state),
+        credit.kolen_pollack_feedback(state.params, state.rule_state),
+        credit.kolen_pollack_feedback(new.params, new.rule_state),
     )
     for i in (0, 2, 4):
         np.testing.assert_allclose(
@@ -1237,8 +1246,8 @@ def test_kolen_pollack_under_gradient_accumulation_moves_with_the_updates():
     second, _ = step(first, x[STEP_BATCH : 2 * STEP_BATCH], y[STEP_BATCH : 2 * STEP_BATCH])
     assert int(train.updates_applied(second)) == 1
     before, after = (
-        kp_feedback(state.params, state.rule_state),
-        kp_feedback(second.params, second.rule_state),
+        credit.kolen_pollack_feedback(state.params, state.rule_state),
+        credit.kolen_pollack_feedback(second.params, second.rule_state),
     )
     for i in (0, 2, 4):
         np.testing.assert_allclose(
@@ -1408,7 +1417,7 @@ def test_fit_resumes_a_kolen_pollack_checkpoint_that_holds_b_itself(
     assert isinstance(resumed.state.rule_state, credit.KolenPollackState)
     assert_trees_close(resumed.state.params, whole.state.params, rtol=1e-4, atol=1e-5)
     assert_trees_close(
-        kp_feedback(resumed.state.params, resumed.state.rule_state),
+        credit.kolen_pollack_feedback(resumed.state.params, resumed.state.rule_state),
         whole.state.rule_state,
         rtol=1e-4,
         atol=1e-5,

@@ -56,7 +56,8 @@ def kolen_pollack_state(params: Any, feedback: Any) -> KolenPollackState:
             "kolen_pollack_state: feedback is a KolenPollackState already; pass B itself "
             "(bpjax.credit.kolen_pollack_feedback(params, state))"
         )
-    expected = _expected_feedback("kolen_pollack", params)
+    require_weights("kolen_pollack", params)
+    expected = expected_feedback(params)
     check_feedback("kolen_pollack", expected, feedback)
     offset = jax.tree_util.tree_map(
         lambda p, fb: fb if isinstance(fb, tuple) else (fb - p.astype(fb.dtype)),
@@ -78,19 +79,15 @@ def kolen_pollack_feedback(params: Any, feedback: Any) -> Any:
     backward = feedback_params("kolen_pollack", params, feedback)
     layout = feedback.offset if isinstance(feedback, KolenPollackState) else feedback
     return jax.tree_util.tree_map(
-        lambda fb, b: fb if _is_unit(fb) else b, layout, backward, is_leaf=_is_unit
+        lambda fb, b: fb if is_empty(fb) else b, layout, backward, is_leaf=is_empty
     )
-
-
-def _is_unit(node: Any) -> bool:
-    return isinstance(node, tuple) and not node
 
 
 def _held_scale(feedback: KolenPollackState) -> jax.Array:
     """The state's ``scale`` as an array, or one error if it is not a floating-point scalar."""
     scale = feedback.scale
     dtype = getattr(scale, "dtype", None)
-    if isinstance(scale, float) and not isinstance(scale, bool):
+    if isinstance(scale, float):
         return jnp.asarray(scale, jnp.float32)
     if dtype is None or jnp.ndim(scale) != 0 or not jnp.issubdtype(dtype, jnp.floating):
         shown = f"{dtype}{list(jnp.shape(scale))}" if dtype is not None else repr(scale)
@@ -184,7 +181,7 @@ def feedback_params(mode: str, params: Any, feedback: Any = None) -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda path, p: jnp.sign(p) if is_weight(path) else p, params
         )
-    expected = _expected_feedback(mode, params)
+    expected = expected_feedback(params)
     if mode == "kolen_pollack" and isinstance(feedback, KolenPollackState):
         check_feedback(mode, expected, feedback.offset, what="offset (B - w)")
         scale = _held_scale(feedback)
@@ -201,9 +198,8 @@ def feedback_params(mode: str, params: Any, feedback: Any = None) -> Any:
     )
 
 
-def _expected_feedback(mode: str, params: Any) -> Any:
+def expected_feedback(params: Any) -> Any:
     """The feedback a substituting rule needs: ``w``'s spec per ``"w"`` leaf, else ``()``."""
-    require_weights(mode, params)
     return jax.tree_util.tree_map_with_path(
         lambda path, p: jax.ShapeDtypeStruct(p.shape, p.dtype) if is_weight(path) else (), params
     )

@@ -12,8 +12,8 @@ from bpjax.credit._common import (
     KolenPollackState,
     _held_scale,
     check_mode,
+    expected_feedback,
     feedback_params,
-    is_weight,
     require_weights,
 )
 from bpjax.layers import Layer, check_layer
@@ -136,10 +136,7 @@ def init_rule_state(
         require_weights(mode, params)
         if mode == "sign_symmetry":
             return ()
-        expected = jax.tree_util.tree_map_with_path(
-            lambda path, p: jax.ShapeDtypeStruct(p.shape, p.dtype) if is_weight(path) else (),
-            params,
-        )
+        expected = expected_feedback(params)
     specs, treedef = jax.tree_util.tree_flatten(expected)
     keys = jax.random.split(key, max(len(specs), 1))
     return jax.tree_util.tree_unflatten(
